@@ -112,7 +112,7 @@ class DMADConfig:
         if name == "offline":
             return DMADConfig(
                 backbone=BackboneConfig(
-                    name="efficientnet_lite0", layers=(2, 3), image_size=256, feature_dim=256
+                    name="efficientnet_lite0", layers=(2, 3), image_size=256, feature_dim=152
                 ),
                 mapper=MapperConfig(hidden_dim=512),
             )

@@ -1,9 +1,246 @@
-"""Subcommands of this area (registered by app.cli)."""
+"""`dmad labelstudio start|stop|status|push|sync` and `dmad webhook`: the inspectors' side of the loop.
+
+`start` also makes sure the home's project and its webhook exist, so inspectors can begin at once;
+`push` sends the active model's highest-scoring pool images with their heat map as a pre-annotation;
+`webhook` runs the receiver (annotations in, images out) in the foreground; `sync` pulls whatever the
+receiver missed.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import logging
+import secrets
+from dataclasses import asdict
+from typing import Any
+
+import numpy as np
+
+from app.errors import UserError
+from app.home import DEFAULT_HOME, Home
+
+log = logging.getLogger(__name__)
+
+WEBHOOK_SECRET = "webhook_secret"
+PIXEL_THRESHOLD_KEY = "pixel_threshold"  # in a model version's config: heat-map value that marks a defect
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Adds this area's subcommands; each sets handler via set_defaults."""
+    ls = sub.add_parser("labelstudio", help="run Label Studio and exchange tasks and annotations with it")
+    ls_sub = ls.add_subparsers(dest="labelstudio_command", required=True, metavar="ACTION")
+
+    p = ls_sub.add_parser("start", help="start Label Studio (detached) and set up the project and webhook")
+    _common(p)
+    p.add_argument("--port", type=int, default=None, help="port on 127.0.0.1 (default: the home's setting)")
+    p.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for it to answer")
+    p.set_defaults(handler=cmd_start)
+
+    p = ls_sub.add_parser("stop", help="stop the home's Label Studio")
+    _common(p)
+    p.set_defaults(handler=cmd_stop)
+
+    p = ls_sub.add_parser("status", help="is Label Studio running and answering?")
+    _common(p)
+    p.set_defaults(handler=cmd_status)
+
+    p = ls_sub.add_parser("push", help="send the active model's top pool images as tasks with pre-annotations")
+    _common(p)
+    p.add_argument("--limit", type=int, default=50, help="how many of the highest-scoring images (default 50)")
+    p.add_argument("--category", default=None, help="only this product class")
+    p.add_argument("--min-score", type=float, default=None, help="only images scoring at least this")
+    p.set_defaults(handler=cmd_push)
+
+    p = ls_sub.add_parser("sync", help="pull every annotation from Label Studio (what webhooks missed)")
+    _common(p)
+    p.set_defaults(handler=cmd_sync)
+
+    p = sub.add_parser("webhook", help="run the annotation receiver and image server in the foreground")
+    p.add_argument("--home", default=str(DEFAULT_HOME), help="home folder (default ./dmad-home)")
+    p.add_argument("--port", type=int, default=None, help="port (default: the home's webhook_port)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.set_defaults(handler=cmd_webhook)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--home", default=str(DEFAULT_HOME), help="home folder (default ./dmad-home)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def _print(args: argparse.Namespace, result: dict[str, Any], text: str) -> None:
+    print(json.dumps(result, default=str) if args.json else text)
+
+
+def webhook_secret(home: Home) -> str:
+    """The secret Label Studio sends in X-DMAD-Secret; created (0600) on first use."""
+    secret = home.read_secret(WEBHOOK_SECRET)
+    if not secret:
+        secret = secrets.token_hex(20)
+        home.write_secret(WEBHOOK_SECRET, secret)
+    return secret
+
+
+def webhook_base_url(home: Home) -> str:
+    return f"http://127.0.0.1:{home.load_settings().webhook_port}"
+
+
+def _server(home: Home, port: int | None = None) -> Any:
+    from annotation.server import LabelStudioServer
+
+    return LabelStudioServer(home, port=port)
+
+
+def _project(home: Home, server: Any) -> tuple[Any, int]:
+    """(client, project id), with the project's config and webhook brought up to date."""
+    from annotation.project import DEFAULT_TITLE, STATE_FILE, ensure_project, ensure_webhook
+
+    if not server.healthy():
+        raise UserError(f"Label Studio is not answering at {server.url}; start it with "
+                        f"`dmad labelstudio start --home {home.root}`")
+    client = server.client()
+    settings = home.load_settings()
+    project_id = ensure_project(client, DEFAULT_TITLE, settings.defect_labels,
+                                state_path=home.labelstudio_dir / STATE_FILE)
+    ensure_webhook(client, project_id, f"{webhook_base_url(home)}/webhook", webhook_secret(home))
+    return client, project_id
+
+
+def _database(home: Home) -> Any:
+    """A session factory on the home's database, upgraded to the newest schema."""
+    from db.engine import cached_engine, session_factory, upgrade_to_head
+
+    if home.load_settings().db_url is None and not home.db_path.exists():
+        raise UserError(f"no database in {home.root}; create the home with `dmad init --home {home.root}`")
+    upgrade_to_head(home.db_url())
+    return session_factory(cached_engine(home.db_url()))
+
+
+# -- start / stop / status ------------------------------------------------------------------------
+def cmd_start(args: argparse.Namespace) -> int:
+    home = Home.at(args.home)
+    server = _server(home, args.port)
+    if not args.json:
+        print(f"starting Label Studio at {server.url} (the first start takes about a minute) ...")
+    status = server.start(timeout=args.timeout)
+    _client, project_id = _project(home, server)
+    result = {**asdict(status), "project_id": project_id, "log": str(server.log_path)}
+    _print(args, result, f"Label Studio is running at {status.url} (pid {status.pid}), project {project_id}.\n"
+                         f"Sign in as admin@dmad.local; the password is in {home.secrets_dir / 'labelstudio_password'}.\n"
+                         f"Run `dmad webhook --home {home.root}` so annotations arrive and images show.")
+    return 0
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    home = Home.at(args.home)
+    stopped = _server(home).stop()
+    _print(args, {"stopped": stopped}, "Label Studio stopped." if stopped else "Label Studio was not running.")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    import requests
+
+    from annotation.project import STATE_FILE, read_state
+
+    home = Home.at(args.home)
+    status = _server(home).status()
+    receiver = webhook_base_url(home)
+    try:
+        receiver_ok = requests.get(f"{receiver}/health", timeout=2).status_code == 200
+    except requests.RequestException:
+        receiver_ok = False
+    project_id = read_state(home.labelstudio_dir / STATE_FILE).get("project_id")
+    result = {**asdict(status), "project_id": project_id, "webhook_url": receiver, "webhook_healthy": receiver_ok}
+    state = "running" if status.running else "not running"
+    health = " and answering" if status.healthy else (" but not answering" if status.running else "")
+    _print(args, result, f"Label Studio: {state}{health} at {status.url}"
+                         + (f" (pid {status.pid})" if status.pid else "")
+                         + f"; project {project_id}; webhook receiver at {receiver}: "
+                         + ("answering" if receiver_ok else "not answering"))
+    return 0 if status.running else 3
+
+
+# -- push / sync / webhook ------------------------------------------------------------------------
+def heatmap_mask(patch_map: np.ndarray, height: int, width: int, threshold: float) -> np.ndarray:
+    """The patch-grid score map resized to the image (bilinear; the backbone sees the whole image
+    resized to a square, so the grid covers it all) and thresholded."""
+    import PIL.Image
+
+    grid = np.asarray(patch_map, dtype=np.float32)
+    resized = np.asarray(PIL.Image.fromarray(grid).resize((width, height), PIL.Image.BILINEAR))
+    return resized >= threshold
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    from annotation.project import TaskItem, image_url_for, push_tasks
+    from app.services.versions import active_version
+    from db.repositories import top_pool_scores
+
+    home = Home.at(args.home)
+    sessions = _database(home)
+    client, project_id = _project(home, _server(home))
+    base = webhook_base_url(home)
+    with sessions() as session:
+        version = active_version(session)
+        if version is None:
+            raise UserError("no active model version; train one first (`dmad train`)")
+        threshold = (version.config or {}).get(PIXEL_THRESHOLD_KEY)
+        rows = top_pool_scores(session, version.id, limit=args.limit, category=args.category,
+                               min_score=args.min_score)
+        if not rows:
+            raise UserError(f"model {version.name} has no pool scores; score the pool first")
+        items = [
+            TaskItem(
+                image_id=row.image.id, content_hash=row.image.content_hash, category=row.image.category.name,
+                image_url=image_url_for(base, row.image.content_hash), width=row.image.width,
+                height=row.image.height, score=float(row.score), model_version=version.name,
+                heatmap_mask=None if threshold is None else heatmap_mask(
+                    row.patch_map_array(), row.image.height, row.image.width, float(threshold)),
+            )
+            for row in rows
+        ]
+    label = home.load_settings().defect_labels[0]
+    result = push_tasks(client, project_id, items, label=label)
+    note = "" if threshold is not None else (
+        f" (model {version.name} records no {PIXEL_THRESHOLD_KEY}: tasks carry the score, not a mask)")
+    _print(args, {**asdict(result), "project_id": project_id, "model_version": version.name,
+                  "pre_annotation_masks": threshold is not None},
+           f"pushed {result.created} new tasks to project {project_id}, "
+           f"{result.skipped_existing} already there{note}")
+    return 0
+
+
+def cmd_sync(args: argparse.Namespace) -> int:
+    from annotation.sink import DatabaseSink
+    from annotation.sync import sync_annotations
+
+    home = Home.at(args.home)
+    sessions = _database(home)
+    client, project_id = _project(home, _server(home))
+    report = sync_annotations(client, project_id, DatabaseSink(home, sessions))
+    text = (f"sync of project {project_id}: {report.created} created, {report.updated} updated, "
+            f"{report.unchanged} unchanged, {report.deleted} deleted")
+    if report.failed:
+        text += f", {len(report.failed)} could not be stored:\n  " + "\n  ".join(report.failed)
+    _print(args, {**asdict(report), "project_id": project_id}, text)
+    return 0 if not report.failed else 1
+
+
+def cmd_webhook(args: argparse.Namespace) -> int:
+    from annotation.sink import DatabaseSink
+    from annotation.webhook import make_webhook_server
+
+    home = Home.at(args.home)
+    port = args.port if args.port is not None else home.load_settings().webhook_port
+    sink = DatabaseSink(home, _database(home))
+    server = make_webhook_server(args.host, port, sink, webhook_secret(home), image_path=sink.image_path)
+    print(f"receiving Label Studio webhooks at {server.url}/webhook and serving images at {server.url}/images/ "
+          "(Ctrl-C to stop)", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0

@@ -1,0 +1,391 @@
+"""The Label Studio server process: found, started detached, checked, and stopped by the project.
+
+Label Studio lives in its own virtual environment (its pins clash with ours), so we only ever run its
+``label-studio`` executable, bound to 127.0.0.1. Facts this module is built around:
+
+* Credentials are given through environment variables on the *first* start (no database yet): the
+  admin user, its password and a legacy API token we generate, so we know the token without scraping
+  output. They never go on a command line (visible in ``ps``) nor into a log line we write.
+* A busy port makes Label Studio silently move to the next one, so we check the port before starting
+  and, after the start, that it answers on the port we asked for.
+* Webhooks to 127.0.0.1 are refused unless ``SSRF_PROTECTION_ENABLED=false``; our receiver runs there.
+
+Example::
+
+    server = LabelStudioServer(Home.at("dmad-home"))
+    server.start()            # about 50 s the first time (migrations), 10 s later
+    client = server.client()  # label_studio_sdk.LabelStudio with our token
+    server.stop()
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import requests
+
+from app.errors import UserError
+from app.home import Home
+
+if TYPE_CHECKING:
+    from label_studio_sdk import LabelStudio
+
+log = logging.getLogger(__name__)
+
+BIN_ENV = "DMAD_LABEL_STUDIO_BIN"
+TOKEN_SECRET = "labelstudio_token"
+PASSWORD_SECRET = "labelstudio_password"
+ADMIN_EMAIL = "admin@dmad.local"
+HOST = "127.0.0.1"
+_PID_FILE = "labelstudio.pid"
+_PORT_FILE = "labelstudio.port"
+_LOG_FILE = "labelstudio.log"
+_DB_FILE = "label_studio.sqlite3"
+_REPO_ROOT = Path(__file__).resolve().parents[1]
+_INSTALL_HINT = (
+    "Label Studio is not installed. Run scripts/setup.sh (it creates .venv-labelstudio), or install it "
+    "into a separate virtual environment (`python -m venv ~/ls && ~/ls/bin/pip install label-studio`) "
+    f"and set {BIN_ENV}=~/ls/bin/label-studio."
+)
+
+
+def find_label_studio_bin(explicit: str | os.PathLike[str] | None = None) -> Path:
+    """The ``label-studio`` executable: the explicit argument, ``$DMAD_LABEL_STUDIO_BIN``,
+    ``<repo>/.venv-labelstudio/bin/label-studio``, then ``label-studio`` on PATH.
+
+    An explicit choice that does not exist is an error rather than a silent fallback.
+    """
+    for origin, value in (("the given path", explicit), (BIN_ENV, os.environ.get(BIN_ENV))):
+        if value:
+            path = Path(value).expanduser()
+            if not (path.is_file() and os.access(path, os.X_OK)):
+                raise UserError(f"{origin} names {path}, which is not an executable label-studio")
+            return path
+    in_repo = _REPO_ROOT / ".venv-labelstudio" / "bin" / "label-studio"
+    if in_repo.is_file() and os.access(in_repo, os.X_OK):
+        return in_repo
+    on_path = shutil.which("label-studio")
+    if on_path:
+        return Path(on_path)
+    raise UserError(_INSTALL_HINT)
+
+
+def redact(text: str, secret_values: list[str]) -> str:
+    """``text`` with every secret replaced by ``***`` (for log lines and error messages)."""
+    for value in secret_values:
+        if value:
+            text = text.replace(value, "***")
+    return text
+
+
+def port_in_use(port: int, host: str = HOST) -> bool:
+    """True when something listens on host:port (a connect succeeds, or a bind fails)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.settimeout(1.0)
+        if s.connect_ex((host, port)) == 0:
+            return True
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            return exc.errno == errno.EADDRINUSE
+    return False
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else: not ours
+        return False
+    stat = Path(f"/proc/{pid}/stat")
+    if stat.exists():
+        try:
+            state = stat.read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            return True
+        return state != "Z"
+    return True
+
+
+def _is_label_studio(pid: int) -> bool:
+    """Guards against a stale pid file whose pid now belongs to another program."""
+    cmdline = Path(f"/proc/{pid}/cmdline")
+    if not cmdline.exists():
+        return _pid_alive(pid)
+    try:
+        return b"label-studio" in cmdline.read_bytes() or b"label_studio" in cmdline.read_bytes()
+    except OSError:
+        return False
+
+
+@dataclass(frozen=True)
+class ServerStatus:
+    """What `dmad labelstudio status` reports."""
+
+    running: bool
+    pid: int | None
+    url: str
+    healthy: bool
+
+
+class LabelStudioServer:
+    """Starts, checks and stops the Label Studio of one home folder.
+
+    ``port`` defaults to the port of the running server of this home, else the home's
+    ``label_studio_port`` setting; ``bin`` defaults to :func:`find_label_studio_bin`.
+    """
+
+    def __init__(self, home: Home, port: int | None = None, bin: str | os.PathLike[str] | None = None) -> None:
+        self.home = home
+        self._bin = bin
+        self._proc: subprocess.Popen[bytes] | None = None
+        self.port = int(port) if port is not None else self._running_port() or home.load_settings().label_studio_port
+
+    def _running_port(self) -> int | None:
+        """The port recorded by the start of the server that is running now, if any."""
+        if self.pid() is None:
+            return None
+        try:
+            return int(self.port_path.read_text().strip())
+        except (OSError, ValueError):
+            return None
+
+    # -- where things are -------------------------------------------------------------------------
+    @property
+    def url(self) -> str:
+        return f"http://{HOST}:{self.port}"
+
+    @property
+    def pid_path(self) -> Path:
+        return self.home.run_dir / _PID_FILE
+
+    @property
+    def port_path(self) -> Path:
+        return self.home.run_dir / _PORT_FILE
+
+    @property
+    def log_path(self) -> Path:
+        return self.home.logs_dir / _LOG_FILE
+
+    @property
+    def database_path(self) -> Path:
+        return self.home.labelstudio_dir / _DB_FILE
+
+    def token(self) -> str:
+        """The admin's API token (send as ``Authorization: Token <token>``)."""
+        token = self.home.read_secret(TOKEN_SECRET)
+        if not token:
+            raise UserError(
+                f"no Label Studio token in {self.home.secrets_dir}: start it once with "
+                f"`dmad labelstudio start --home {self.home.root}`"
+            )
+        return token
+
+    def client(self) -> LabelStudio:
+        """An SDK client for this server, authenticated with our token."""
+        from label_studio_sdk import LabelStudio
+
+        return LabelStudio(base_url=self.url, api_key=self.token())
+
+    # -- state ------------------------------------------------------------------------------------
+    def pid(self) -> int | None:
+        """The pid of our running Label Studio, or None (a stale pid file counts as none)."""
+        if self._proc is not None and self._proc.poll() is None:
+            return self._proc.pid
+        try:
+            pid = int(self.pid_path.read_text().strip())
+        except (OSError, ValueError):
+            return None
+        return pid if _pid_alive(pid) and _is_label_studio(pid) else None
+
+    def healthy(self, timeout: float = 2.0) -> bool:
+        try:
+            response = requests.get(f"{self.url}/health", timeout=timeout)
+        except requests.RequestException:
+            return False
+        return response.status_code == 200
+
+    def status(self) -> ServerStatus:
+        pid = self.pid()
+        return ServerStatus(running=pid is not None, pid=pid, url=self.url,
+                            healthy=pid is not None and self.healthy())
+
+    # -- start / stop -----------------------------------------------------------------------------
+    def start(self, timeout: float = 180.0) -> ServerStatus:
+        """Starts Label Studio detached (own process group) and waits until it answers on ``self.port``.
+
+        Does nothing when our server is already running. Raises ``UserError`` when the port is taken by
+        another process, when the server exits, or when it does not answer within ``timeout`` seconds.
+        """
+        self.home.create()
+        if self.pid() is not None:
+            running_port = self._running_port()
+            if running_port is not None and running_port != self.port:
+                raise UserError(f"Label Studio of {self.home.root} already runs on port {running_port}; "
+                                "stop it first to move it to another port")
+            log.info("Label Studio already running (pid %s) at %s", self.pid(), self.url)
+            return self.status()
+        if port_in_use(self.port):
+            raise UserError(
+                f"port {self.port} on {HOST} is already in use by another process; stop it or choose "
+                f"another port (label_studio_port in {self.home.settings_path})"
+            )
+        executable = find_label_studio_bin(self._bin)
+        first_start = not self.database_path.exists()
+        env = self._environment(first_start)
+        secret_values = [env.get("LABEL_STUDIO_USER_TOKEN", ""), env.get("LABEL_STUDIO_PASSWORD", "")]
+        cmd = [str(executable), "start", "--no-browser", "--internal-host", HOST, "--port", str(self.port)]
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as logfile:
+            offset = logfile.tell()
+            note = f"dmad: starting {' '.join(cmd)} (first start: {first_start})\n"
+            logfile.write(redact(note, secret_values).encode())
+            logfile.flush()
+            self._proc = subprocess.Popen(
+                cmd, env=env, cwd=self.home.labelstudio_dir, stdin=subprocess.DEVNULL,
+                stdout=logfile, stderr=subprocess.STDOUT, start_new_session=True,
+            )
+        self.pid_path.parent.mkdir(parents=True, exist_ok=True)
+        self.pid_path.write_text(f"{self._proc.pid}\n")
+        self.port_path.write_text(f"{self.port}\n")
+        log.info("Label Studio starting (pid %s) at %s; log: %s", self._proc.pid, self.url, self.log_path)
+        try:
+            self._wait_until_up(timeout, offset)
+        except BaseException:
+            self.stop()
+            raise
+        return self.status()
+
+    def _environment(self, first_start: bool) -> dict[str, str]:
+        """The server's environment. Credentials are generated, stored 0600 and passed only on the first
+        start: Label Studio applies them when it creates its database and ignores them afterwards."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("LABEL_STUDIO_", "HEARTEX_"))}
+        env.update({
+            "LABEL_STUDIO_BASE_DATA_DIR": str(self.home.labelstudio_dir),
+            "SSRF_PROTECTION_ENABLED": "false",  # our webhook receiver is on 127.0.0.1
+            "LABEL_STUDIO_LOCAL_FILES_SERVING_ENABLED": "false",  # images come from our receiver
+            "LABEL_STUDIO_DISABLE_SIGNUP_WITHOUT_LINK": "true",
+            "LATEST_VERSION_CHECK": "false",
+            "COLLECT_ANALYTICS": "false",
+            "CONVERTER_DOWNLOAD_RESOURCES": "false",
+            "PYTHONUNBUFFERED": "1",
+        })
+        for name in ("PORT", "HOST", "USERNAME", "PASSWORD", "USER_TOKEN", "DATABASE_NAME"):
+            env.pop(name, None)  # get_env() would also read the bare names
+        if first_start:
+            token = secrets.token_hex(20)
+            password = secrets.token_urlsafe(18)
+            self.home.write_secret(TOKEN_SECRET, token)
+            self.home.write_secret(PASSWORD_SECRET, password)
+            env.update({
+                "LABEL_STUDIO_USERNAME": ADMIN_EMAIL,
+                "LABEL_STUDIO_PASSWORD": password,
+                "LABEL_STUDIO_USER_TOKEN": token,
+                "LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN": "true",
+            })
+        elif not self.home.read_secret(TOKEN_SECRET):
+            raise UserError(
+                f"Label Studio's database exists ({self.database_path}) but its API token is missing from "
+                f"{self.home.secrets_dir}; delete {self.home.labelstudio_dir} to start over"
+            )
+        return env
+
+    def _wait_until_up(self, timeout: float, log_offset: int) -> None:
+        assert self._proc is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                raise UserError(
+                    f"Label Studio exited with code {self._proc.returncode} while starting; "
+                    f"last lines of {self.log_path}:\n{self._log_tail(log_offset)}"
+                )
+            moved = self._moved_port(log_offset)
+            if moved is not None:
+                raise UserError(
+                    f"port {self.port} was taken while Label Studio started (it moved to {moved}); "
+                    "stop the other process or choose another port"
+                )
+            if self.healthy(timeout=1.0) and self._proc.poll() is None:
+                return
+            time.sleep(0.5)
+        raise UserError(
+            f"Label Studio did not answer on {self.url} within {timeout:.0f} s; "
+            f"last lines of {self.log_path}:\n{self._log_tail(log_offset)}"
+        )
+
+    def _log_since(self, offset: int) -> str:
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(offset)
+                return f.read().decode(errors="replace")
+        except OSError:
+            return ""
+
+    def _log_tail(self, offset: int, lines: int = 20) -> str:
+        secret_values = [self.home.read_secret(TOKEN_SECRET) or "", self.home.read_secret(PASSWORD_SECRET) or ""]
+        return redact("\n".join(self._log_since(offset).splitlines()[-lines:]), secret_values)
+
+    def _moved_port(self, offset: int) -> int | None:
+        """The port Django says it serves on, when that is not ours (Label Studio moved on a busy port)."""
+        marker = "Starting development server at http://"
+        for line in self._log_since(offset).splitlines():
+            if marker in line:
+                address = line.split(marker, 1)[1].strip().rstrip("/")
+                try:
+                    port = int(address.rsplit(":", 1)[1])
+                except (IndexError, ValueError):
+                    return None
+                return port if port != self.port else None
+        return None
+
+    def stop(self, timeout: float = 20.0) -> bool:
+        """SIGTERM to the server's process group, SIGKILL after ``timeout``; True if one was running."""
+        pid = self.pid()
+        if pid is None:
+            self.pid_path.unlink(missing_ok=True)
+            self.port_path.unlink(missing_ok=True)
+            return False
+        self._signal_group(pid, signal.SIGTERM)
+        if not self._wait_exit(pid, timeout):
+            log.warning("Label Studio (pid %s) ignored SIGTERM for %.0f s; killing it", pid, timeout)
+            self._signal_group(pid, signal.SIGKILL)
+            self._wait_exit(pid, 10.0)
+        self.pid_path.unlink(missing_ok=True)
+        self.port_path.unlink(missing_ok=True)
+        self._proc = None
+        log.info("Label Studio stopped (pid %s)", pid)
+        return True
+
+    @staticmethod
+    def _signal_group(pid: int, sig: signal.Signals) -> None:
+        try:
+            os.killpg(pid, sig)  # started with start_new_session: its pgid is its pid
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            os.kill(pid, sig)
+
+    def _wait_exit(self, pid: int, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._proc is not None and self._proc.pid == pid:
+                if self._proc.poll() is not None:
+                    return True
+            elif not _pid_alive(pid):
+                return True
+            time.sleep(0.2)
+        return False

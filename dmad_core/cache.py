@@ -1,0 +1,69 @@
+"""On-disk feature cache: no image goes through the backbone twice for the same extractor configuration.
+
+Each image's patch features are one float16 ``.npy`` file (memory-mapped on read), keyed by the SHA-256 of
+the image file's bytes and the extractor configuration's key:
+``<root>/<config key>/<hash[:2]>/<hash>.npy``. Files are written to a temporary name and renamed, so a
+killed process never leaves a half-written entry that a later read would trust.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+
+def content_hash(path: str | os.PathLike[str]) -> str:
+    """SHA-256 of the file's bytes: the identity of an image everywhere in the product."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass
+class CacheStats:
+    hits: int = 0
+    misses: int = 0
+
+
+@dataclass
+class FeatureCache:
+    root: Path
+    config_key: str
+    stats: CacheStats = field(default_factory=CacheStats)
+
+    def __post_init__(self) -> None:
+        self.root = Path(self.root)
+
+    def path_for(self, image_hash: str) -> Path:
+        return self.root / self.config_key / image_hash[:2] / f"{image_hash}.npy"
+
+    def get(self, image_hash: str) -> np.ndarray | None:
+        """The cached (gh, gw, C) float16 features, memory-mapped, or None (counted as a miss)."""
+        path = self.path_for(image_hash)
+        if not path.exists():
+            self.stats.misses += 1
+            return None
+        try:
+            arr = np.load(path, mmap_mode="r")
+        except (ValueError, OSError):  # unreadable entry: treat as missing, it will be rewritten
+            self.stats.misses += 1
+            return None
+        self.stats.hits += 1
+        return arr
+
+    def put(self, image_hash: str, features: np.ndarray) -> None:
+        path = self.path_for(image_hash)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex}.tmp.npy")
+        np.save(tmp, np.asarray(features, dtype=np.float16))
+        os.replace(tmp, path)
+
+    def __contains__(self, image_hash: str) -> bool:
+        return self.path_for(image_hash).exists()

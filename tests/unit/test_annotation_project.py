@@ -1,0 +1,82 @@
+"""The project helpers that need no server: labelling config, task payloads, image URLs, heat maps."""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+
+import numpy as np
+import pytest
+
+from annotation.project import BRUSH_NAME, IMAGE_NAME, VERDICT_NAME, TaskItem, image_url_for, label_config, task_payload
+from annotation.rle import rle_to_mask
+from app.commands.labelstudio import heatmap_mask
+from app.errors import UserError
+
+
+def test_label_config_structure() -> None:
+    root = ET.fromstring(label_config(["scratch", 'odd "name" <&>']))
+    image = root.find("Image")
+    assert image is not None and image.get("name") == IMAGE_NAME and image.get("value") == "$image"
+    assert image.get("zoom") == "true"
+    brush = root.find("BrushLabels")
+    assert brush is not None and brush.get("name") == BRUSH_NAME and brush.get("toName") == IMAGE_NAME
+    assert [label.get("value") for label in brush.findall("Label")] == ["scratch", 'odd "name" <&>']
+    verdict = root.find("Choices")
+    assert verdict is not None and verdict.get("name") == VERDICT_NAME and verdict.get("choice") == "single"
+    assert [c.get("value") for c in verdict.findall("Choice")] == ["normal", "defect"]
+    shown = " ".join(h.get("value", "") for h in root.findall("Header"))
+    for field in ("$image_id", "$content_hash", "$category", "$score", "$model_version"):
+        assert field in shown
+
+
+@pytest.mark.parametrize("labels", [[], ["a", "a"], ["a", " "]])
+def test_bad_labels_are_refused(labels: list[str]) -> None:
+    with pytest.raises(UserError):
+        label_config(labels)
+
+
+def test_image_url_only_from_a_content_hash() -> None:
+    assert image_url_for("http://127.0.0.1:8765/", "ab" * 32) == f"http://127.0.0.1:8765/images/{'ab' * 32}"
+    for bad in ("../etc/passwd", "AB" * 32, "ab/cd" * 4, ""):
+        with pytest.raises(ValueError):
+            image_url_for("http://127.0.0.1:8765", bad)
+
+
+def _item(mask: np.ndarray | None, height: int = 20, width: int = 33) -> TaskItem:
+    return TaskItem(image_id=3, content_hash="ab" * 32, category="bottle", image_url="http://x/images/ab",
+                    width=width, height=height, score=0.87654321, model_version="v0002", heatmap_mask=mask)
+
+
+def test_task_payload_carries_ids_and_the_mask_as_a_prediction() -> None:
+    mask = np.zeros((20, 33), dtype=bool)
+    mask[4:9, 10:30] = True
+    payload = task_payload(_item(mask), label="scratch")
+    assert payload["data"] == {"image": "http://x/images/ab", "image_id": 3, "content_hash": "ab" * 32,
+                               "category": "bottle", "score": 0.876543, "model_version": "v0002"}
+    (prediction,) = payload["predictions"]
+    assert prediction["model_version"] == "v0002" and prediction["score"] == pytest.approx(0.87654321)
+    (result,) = prediction["result"]
+    assert result["value"]["brushlabels"] == ["scratch"]
+    assert np.array_equal(rle_to_mask(result["value"]["rle"], 20, 33), mask)
+
+
+def test_task_payload_without_mask_or_with_an_empty_one() -> None:
+    assert task_payload(_item(None))["predictions"][0]["result"] == []
+    assert task_payload(_item(np.zeros((20, 33), dtype=bool)))["predictions"][0]["result"] == []
+
+
+def test_task_payload_refuses_unthresholded_or_misfitting_maps() -> None:
+    with pytest.raises(ValueError, match="thresholded"):
+        task_payload(_item(np.random.default_rng(0).random((20, 33))))
+    with pytest.raises(ValueError, match="mask is 20x33 but the image is 33x20"):
+        task_payload(_item(np.ones((33, 20), dtype=bool)))
+
+
+def test_heatmap_mask_covers_the_whole_image() -> None:
+    grid = np.zeros((4, 4), dtype=np.float16)
+    grid[0, 0] = 1.0  # top-left patch
+    mask = heatmap_mask(grid, 120, 200, 0.5)
+    assert mask.shape == (120, 200)
+    ys, xs = np.nonzero(mask)
+    assert ys.max() < 120 // 4 + 2 and xs.max() < 200 // 4 + 2 and mask[0, 0]
+    assert not heatmap_mask(np.zeros((4, 4)), 120, 200, 0.5).any()
