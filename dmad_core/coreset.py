@@ -1,7 +1,9 @@
 """Approximate greedy coreset (k-center) selection, as in PatchCore.
 
-Distances are computed on a fixed random projection of the features (cheap, and distances are approximately
-preserved), and the greedy loop keeps, for every point, its distance to the nearest selected centre.
+Distances are computed on a fixed random projection of the features (distances are approximately
+preserved, and each greedy step is one matrix-vector product). On a CPU the greedy loop costs
+``n_candidates x projection_dim`` per selected point, so candidates are capped by a seeded random
+subsample (``max_candidates``); measured here: 100k x 64 takes about 2 ms a step.
 """
 
 from __future__ import annotations
@@ -22,33 +24,41 @@ def _project(features: np.ndarray, dim: int, seed: int) -> torch.Tensor:
 def greedy_coreset(
     features: np.ndarray,
     n_select: int,
-    projection_dim: int = 128,
+    projection_dim: int = 64,
     seed: int = 0,
     initial: np.ndarray | None = None,
+    max_candidates: int = 100_000,
 ) -> np.ndarray:
-    """Indices of ``n_select`` points chosen by farthest-point (k-center) greedy selection.
+    """Indices (into ``features``) of ``n_select`` points chosen by farthest-point greedy selection.
 
     ``initial``: features of centres that already exist (e.g. the current bank when new normal images are
-    added); the selection then continues from them instead of starting from a random point.
+    added); selection then continues from them instead of starting from a random point.
     """
     n = len(features)
     n_select = int(min(max(n_select, 1), n))
-    x = _project(features, projection_dim, seed)
+    rng = np.random.default_rng(seed)
+    candidates = np.arange(n)
+    if n > max_candidates:
+        candidates = np.sort(rng.choice(n, size=max_candidates, replace=False))
+        n_select = min(n_select, max_candidates)
+    x = _project(np.asarray(features)[candidates], projection_dim, seed)
+    sq = (x * x).sum(dim=1)
     if initial is not None and len(initial):
         c = _project(initial, projection_dim, seed)
-        min_d = torch.cdist(x, c).min(dim=1).values
+        min_d = torch.cdist(x, c).min(dim=1).values.square()
         first = int(torch.argmax(min_d))
     else:
-        min_d = torch.full((n,), float("inf"))
-        first = int(np.random.default_rng(seed).integers(n))
+        min_d = torch.full((len(x),), float("inf"))
+        first = int(rng.integers(len(x)))
     selected = np.empty(n_select, dtype=np.int64)
     idx = first
     for i in range(n_select):
         selected[i] = idx
-        d = torch.linalg.vector_norm(x - x[idx], dim=1)
-        min_d = torch.minimum(min_d, d)
+        d = sq - 2.0 * (x @ x[idx]) + sq[idx]
+        torch.minimum(min_d, d, out=min_d)
+        min_d[idx] = -1.0  # never pick the same point twice (rounding can leave it slightly positive)
         idx = int(torch.argmax(min_d))
-    return selected
+    return candidates[selected]
 
 
 def coreset_size(n_points: int, ratio: float, minimum: int = 1) -> int:

@@ -1,0 +1,171 @@
+"""Memory banks on faiss: the normal bank Mn and the abnormal bank Ma with its parts kept apart.
+
+Every bank entry carries its provenance: the part it belongs to, the category it came from and the image
+it came from (``source``: the first 60 bits of the image's SHA-256, or -1 for synthetic entries such as
+anomaly-centre perturbations). The source lets training exclude self-matches: a training patch never
+takes its nearest neighbour from its own image, so its distances look like a test patch's.
+
+The faiss index is built once per bank and saved next to it; nothing rebuilds it at prediction time.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from dmad_core.config import BankConfig
+
+NORMAL = "normal"
+OUTLIER = "outlier"  # Mo: outlier textures fused with normal features
+SEEN = "seen"  # Mas: filtered features of annotated defects (mask-covered patches)
+WEAK = "weak"  # defects annotated without a mask: the image's highest-scoring patches (weaker evidence)
+CENTRE = "centre"  # Mp: anomaly-centre perturbations
+ABNORMAL_PARTS = (OUTLIER, SEEN, WEAK, CENTRE)
+
+
+def source_id(image_hash: str) -> int:
+    """A compact integer identity of an image for bank provenance (collisions need 2^30 images)."""
+    return int(image_hash[:15], 16)
+
+
+@dataclass
+class BankPart:
+    """Vectors of one part with their provenance, row for row."""
+
+    vectors: np.ndarray  # (M, C) float32
+    sources: np.ndarray  # (M,) int64, -1 when synthetic
+    categories: np.ndarray  # (M,) str
+
+    @staticmethod
+    def empty(dim: int) -> BankPart:
+        return BankPart(np.zeros((0, dim), np.float32), np.zeros(0, np.int64), np.zeros(0, dtype="<U64"))
+
+    def __len__(self) -> int:
+        return len(self.vectors)
+
+    @staticmethod
+    def concat(parts: list[BankPart], dim: int) -> BankPart:
+        parts = [p for p in parts if len(p)]
+        if not parts:
+            return BankPart.empty(dim)
+        return BankPart(
+            np.concatenate([p.vectors for p in parts]).astype(np.float32),
+            np.concatenate([p.sources for p in parts]).astype(np.int64),
+            np.concatenate([p.categories.astype("<U64") for p in parts]),
+        )
+
+
+@dataclass
+class MemoryBank:
+    """A union of named parts searched through one faiss index.
+
+    Example:
+        >>> bank = MemoryBank(dim=4)
+        >>> bank.set_part("normal", BankPart(np.eye(4, dtype=np.float32), np.arange(4), np.array(["a"] * 4)))
+        >>> bank.build_index(BankConfig(index="flat"))
+        >>> dist, idx = bank.search(np.eye(4, dtype=np.float32)[:1])
+        >>> int(idx[0])
+        0
+    """
+
+    dim: int
+    parts: dict[str, BankPart] = field(default_factory=dict)
+    index_: faiss.Index | None = None
+    union_: BankPart | None = None
+    part_of_: np.ndarray | None = None  # (M,) index into part names, row for row with union_
+
+    def set_part(self, name: str, part: BankPart) -> None:
+        if part.vectors.ndim != 2 or part.vectors.shape[1] != self.dim:
+            raise ValueError(f"part {name!r} has shape {part.vectors.shape}, bank dim is {self.dim}")
+        self.parts[name] = part
+        self.index_ = None  # stale: must be rebuilt once before the next search
+
+    def part_sizes(self) -> dict[str, int]:
+        return {name: len(p) for name, p in self.parts.items()}
+
+    def __len__(self) -> int:
+        return sum(len(p) for p in self.parts.values())
+
+    @property
+    def vectors(self) -> np.ndarray:
+        assert self.union_ is not None, "build_index() first"
+        return self.union_.vectors
+
+    def build_index(self, config: BankConfig) -> None:
+        names = list(self.parts)
+        self.union_ = BankPart.concat([self.parts[n] for n in names], self.dim)
+        self.part_of_ = np.concatenate(
+            [np.full(len(self.parts[n]), i, np.int16) for i, n in enumerate(names)] or [np.zeros(0, np.int16)]
+        )
+        self._part_names = names
+        if config.index == "hnsw" and len(self.union_) > 2048:
+            index = faiss.IndexHNSWFlat(self.dim, config.hnsw_m)
+            index.hnsw.efConstruction = 64
+            index.hnsw.efSearch = 64
+        else:
+            index = faiss.IndexFlatL2(self.dim)
+        if len(self.union_):
+            index.add(np.ascontiguousarray(self.union_.vectors, dtype=np.float32))
+        self.index_ = index
+
+    def part_names_of(self, idx: np.ndarray) -> np.ndarray:
+        return np.asarray(self._part_names)[self.part_of_[idx]]
+
+    def search(
+        self, queries: np.ndarray, exclude_sources: np.ndarray | None = None, k_exclude: int = 16
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Nearest entry for each query: (squared distances (n,), indices (n,)).
+
+        ``exclude_sources`` (n,): each query's own image id; entries of that image are skipped (the first of
+        ``k_exclude`` neighbours from another image is taken; if all come from the same image, the last).
+        """
+        if self.index_ is None:
+            raise RuntimeError("bank index not built: call build_index() once after changing parts")
+        if len(self.union_) == 0:
+            raise RuntimeError("bank is empty")
+        q = np.ascontiguousarray(queries, dtype=np.float32)
+        if exclude_sources is None:
+            d, i = self.index_.search(q, 1)
+            return d[:, 0], i[:, 0]
+        k = int(min(k_exclude, len(self.union_)))
+        d, i = self.index_.search(q, k)
+        i_safe = np.where(i < 0, 0, i)
+        ok = (self.union_.sources[i_safe] != exclude_sources[:, None]) & (i >= 0)
+        first = np.where(ok.any(axis=1), ok.argmax(axis=1), k - 1)
+        rows = np.arange(len(q))
+        return d[rows, first], i_safe[rows, first]
+
+    # -- persistence: parts as .npz, the index as a faiss file, all under one folder ---------------------
+    def save(self, folder: Path, name: str) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        for part_name, part in self.parts.items():
+            np.savez(folder / f"{name}.{part_name}.npz", vectors=part.vectors.astype(np.float32),
+                     sources=part.sources, categories=part.categories.astype("<U64"))
+        (folder / f"{name}.json").write_text(json.dumps({"dim": self.dim, "parts": list(self.parts),
+                                                         "sizes": self.part_sizes()}))
+        if self.index_ is not None:
+            faiss.write_index(self.index_, str(folder / f"{name}.faiss"))
+
+    @staticmethod
+    def load(folder: Path, name: str, config: BankConfig) -> MemoryBank:
+        meta = json.loads((folder / f"{name}.json").read_text())
+        bank = MemoryBank(dim=meta["dim"])
+        for part_name in meta["parts"]:
+            z = np.load(folder / f"{name}.{part_name}.npz")
+            bank.parts[part_name] = BankPart(z["vectors"].astype(np.float32), z["sources"], z["categories"])
+        index_path = folder / f"{name}.faiss"
+        names = list(bank.parts)
+        bank.union_ = BankPart.concat([bank.parts[n] for n in names], bank.dim)
+        bank.part_of_ = np.concatenate(
+            [np.full(len(bank.parts[n]), i, np.int16) for i, n in enumerate(names)] or [np.zeros(0, np.int16)]
+        )
+        bank._part_names = names
+        if index_path.exists():
+            bank.index_ = faiss.read_index(str(index_path))
+        else:
+            bank.build_index(config)
+        return bank
