@@ -176,7 +176,7 @@ class FeatureExtractor(nn.Module):
         s = self.config.image_size
         batch = []
         for img in images:
-            t = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float().unsqueeze(0) / 255.0
+            t = torch.from_numpy(np.array(img, dtype=np.uint8, copy=True)).permute(2, 0, 1).float().unsqueeze(0) / 255.0
             if t.shape[-2:] != (s, s):
                 t = F.interpolate(t, size=(s, s), mode="bilinear", align_corners=False, antialias=True)
             batch.append(t)

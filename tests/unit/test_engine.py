@@ -1,0 +1,228 @@
+"""Unit tests of the engine's parts on synthetic data: coreset, banks and their parts, mask filtering,
+knowledge, loss, feature cache, self-match exclusion, save/load, weights resolution."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from dmad_core import banks as B
+from dmad_core.backbone import FeatureExtractor, WeightsUnavailableError, load_backbone
+from dmad_core.cache import FeatureCache, content_hash
+from dmad_core.config import BackboneConfig, BankConfig, DMADConfig, MapperConfig
+from dmad_core.coreset import coreset_size, greedy_coreset
+from dmad_core.data import load_mask, make_outlier_textures, make_synthetic_category, read_category
+from dmad_core.metrics import compute_class_metrics
+from dmad_core.model import DMAD, DefectAnnotation, FeatureStore, ImageItem, top_k_mean
+from dmad_core.modules import DMADNet, KnowledgeEnhancer, hinge_loss, smooth_maps
+
+
+# ------------------------------------------------------------------------------------------- coreset
+def test_coreset_covers_every_cluster():
+    rng = np.random.default_rng(0)
+    centres = rng.normal(0, 50, size=(8, 16))
+    sizes = [500, 500, 500, 500, 500, 500, 500, 3]  # one rare pattern: random sampling would likely miss it
+    x = np.concatenate([c + rng.normal(0, 0.1, size=(n, 16)) for c, n in zip(centres, sizes)]).astype(np.float32)
+    sel = greedy_coreset(x, 8, projection_dim=0)
+    labels = np.concatenate([np.full(n, i) for i, n in enumerate(sizes)])
+    assert sorted(set(labels[sel])) == list(range(8))
+    assert len(set(sel.tolist())) == 8
+
+
+def test_coreset_continues_from_existing_centres():
+    rng = np.random.default_rng(1)
+    old = rng.normal(0, 1, size=(200, 8)).astype(np.float32)
+    new = np.concatenate([old[:50] + 0.01, rng.normal(20, 1, size=(5, 8))]).astype(np.float32)
+    sel = greedy_coreset(new, 1, projection_dim=0, initial=old)
+    assert sel[0] >= 50  # the far-away new pattern, not a near-duplicate of the bank
+
+
+def test_coreset_candidate_cap_and_size():
+    x = np.random.default_rng(2).normal(size=(5000, 8)).astype(np.float32)
+    sel = greedy_coreset(x, 100, max_candidates=1000)
+    assert len(sel) == 100 and sel.max() < 5000 and len(set(sel.tolist())) == 100
+    assert coreset_size(1000, 0.02) == 20 and coreset_size(10, 0.02) == 1
+
+
+# --------------------------------------------------------------------------------------------- banks
+def _part(vectors, source, cat="a"):
+    v = np.asarray(vectors, np.float32)
+    return B.BankPart(v, np.full(len(v), source, np.int64), np.full(len(v), cat))
+
+
+@pytest.mark.parametrize("index", ["flat", "hnsw"])
+def test_bank_search_excludes_own_image(index):
+    bank = B.MemoryBank(dim=2)
+    bank.set_part(B.NORMAL, B.BankPart.concat([_part([[0, 0], [0.1, 0]], 7), _part([[5, 5]], 9)], 2))
+    bank.build_index(BankConfig(index=index))
+    d, i = bank.search(np.array([[0, 0]], np.float32))
+    assert i[0] == 0 and d[0] == 0
+    d, i = bank.search(np.array([[0, 0]], np.float32), exclude_sources=np.array([7]))
+    assert i[0] == 2 and d[0] == pytest.approx(50.0)  # the other image's entry, not its own
+
+
+def test_bank_parts_provenance_and_persistence(tmp_path):
+    bank = B.MemoryBank(dim=3)
+    bank.set_part(B.OUTLIER, _part(np.eye(3), 1, "tire"))
+    bank.set_part(B.SEEN, _part([[9, 9, 9]], 2, "bottle"))
+    bank.set_part(B.CENTRE, _part([[8, 8, 8]], -1, "bottle"))
+    with pytest.raises(RuntimeError):
+        bank.search(np.zeros((1, 3), np.float32))  # index must be built explicitly, once
+    bank.build_index(BankConfig(index="flat"))
+    _, i = bank.search(np.array([[9, 9, 8.9]], np.float32))
+    assert bank.part_names_of(i)[0] == B.SEEN and bank.union_.categories[i[0]] == "bottle"
+    bank.save(tmp_path, "abnormal")
+    assert (tmp_path / "abnormal.faiss").exists()
+    loaded = B.MemoryBank.load(tmp_path, "abnormal", BankConfig(index="flat"))
+    assert loaded.part_sizes() == {B.OUTLIER: 3, B.SEEN: 1, B.CENTRE: 1}
+    assert np.array_equal(loaded.search(np.array([[9, 9, 8.9]], np.float32))[1], i)
+    with pytest.raises(ValueError):
+        bank.set_part(B.WEAK, _part(np.zeros((1, 4)), 3))
+
+
+# ------------------------------------------------------------------------------------- modules/loss
+def test_hinge_loss_hand_computed():
+    n = torch.tensor([0.5, 0.0])  # second normal patch is inside the margin: loss 0.5
+    p = torch.tensor([-0.5, 0.5])  # second pseudo patch is on the wrong side: loss 1.0
+    a = torch.tensor([0.0])  # annotated at 0: loss 0.5
+    assert float(hinge_loss(n, p, None, 0.5, 1.0, 0.0)) == pytest.approx(0.25 + 0.5)
+    assert float(hinge_loss(n, p, a, 0.5, 0.5, 15.0)) == pytest.approx(0.25 + 0.25 + 7.5)
+
+
+def test_knowledge_distance_mode_is_residual_only():
+    torch.manual_seed(0)
+    enh = KnowledgeEnhancer(4, 2, use_attention=False)
+    q, nn_n, nn_a = torch.randn(1, 3, 4), torch.randn(1, 3, 4), torch.randn(1, 3, 4)
+    o = enh(q, nn_n, nn_a, q)
+    assert o.shape == (1, 3, 12)
+    assert torch.allclose(o[..., 4:8], enh.projection(q - nn_n))
+    enh.use_attention = True
+    assert not torch.allclose(enh(q, nn_n, nn_a, q)[..., 4:8], enh.projection(q - nn_n))
+
+
+def test_mapper_eval_mode_is_batch_independent():
+    net = DMADNet(4, 2, 8, 4, True).eval()
+    x = torch.randn(2, 5, 4)
+    full = net(x, x, x, x)
+    single = net(x[:1], x[:1], x[:1], x[:1])
+    assert torch.allclose(full[:1], single, atol=1e-6)
+
+
+def test_smoothing_preserves_mass_and_top_k():
+    m = torch.zeros(1, 32, 32)
+    m[0, 16, 16] = 1.0
+    s = smooth_maps(m, 4.0)
+    assert float(s.sum()) == pytest.approx(1.0, abs=1e-3) and float(s.max()) < 0.02
+    assert top_k_mean(np.array([[1, 2], [3, 10]]), 2) == pytest.approx(6.5)
+
+
+# ------------------------------------------------------------------------------------ cache/weights
+def test_feature_cache_roundtrip_and_stats(tmp_path):
+    cache = FeatureCache(tmp_path, "cfg")
+    assert cache.get("ab" * 32) is None and cache.stats.misses == 1
+    cache.put("ab" * 32, np.ones((2, 2, 3), np.float32))
+    got = cache.get("ab" * 32)
+    assert got.dtype == np.float16 and isinstance(got, np.memmap) and cache.stats.hits == 1
+    assert not list(tmp_path.rglob("*.tmp.npy"))
+
+
+def test_weights_resolution_is_explicit(tmp_path):
+    with pytest.raises(WeightsUnavailableError, match="three ways|--weights"):
+        load_backbone(BackboneConfig(name="resnet18", weights="file", weights_path=str(tmp_path / "none.pth")))
+    with pytest.raises(WeightsUnavailableError, match="test"):
+        load_backbone(BackboneConfig(name="resnet18", weights="random"))
+    with pytest.raises(WeightsUnavailableError, match="only provides efficientnet_lite0"):
+        load_backbone(BackboneConfig(name="resnet18", weights="package"))
+    model = load_backbone(BackboneConfig(name="resnet18", weights="random"), allow_random_weights=True)
+    torch.save(model.state_dict(), tmp_path / "w.pth")
+    loaded = load_backbone(BackboneConfig(name="resnet18", weights="file", weights_path=str(tmp_path / "w.pth")))
+    assert torch.equal(loaded.state_dict()["fc.weight"], model.state_dict()["fc.weight"])
+
+
+def test_offline_backbone_has_genuine_imagenet_weights():
+    """The packaged EfficientNet-Lite0 weights classify: a smooth image and its noise differ in output,
+    and batch-norm running statistics are not the fresh-initialisation values (0 mean, 1 var)."""
+    model = load_backbone(DMADConfig.preset("offline").backbone)
+    bn = model.state_dict()["bn1.running_var"]
+    assert not torch.allclose(bn, torch.ones_like(bn))
+    fe = FeatureExtractor(DMADConfig.preset("offline").backbone)
+    feats = fe(fe.preprocess([np.zeros((100, 140, 3), np.uint8)]))
+    assert feats.shape == (1, 32, 32, 152) and fe.grid_size == (32, 32)
+
+
+# ------------------------------------------------------------------------------------ whole model
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("engine")
+    roots = [make_synthetic_category(tmp / "data", name, texture=tex, n_train=12, n_test_good=4, n_test_defect=6,
+                                     seed=i) for i, (name, tex) in enumerate([("grid", "grid"), ("dots", "dots")])]
+    cfg = DMADConfig.preset("offline")
+    cfg = dataclasses.replace(cfg, mapper=dataclasses.replace(cfg.mapper, epochs=3, steps_per_epoch=4))
+    store = FeatureStore(cfg, tmp / "features")
+    dss = [read_category(r) for r in roots]
+    normal = [ImageItem.from_path(r.path, d.name) for d in dss for r in d.train]
+    outliers = [ImageItem.from_array(a, "outlier") for a in make_outlier_textures(6, 128)]
+    model = DMAD(cfg, store).fit(normal, outliers)
+    return model, dss, store, tmp
+
+
+def test_fit_builds_banks_and_never_reruns_backbone(fitted):
+    model, dss, store, _ = fitted
+    assert model.normal_bank_.part_sizes()[B.NORMAL] > 0
+    assert model.abnormal_bank_.part_sizes()[B.OUTLIER] > 0 and model.abnormal_bank_.part_sizes()[B.SEEN] == 0
+    assert len(model.validation_items_) >= 2 and not ({i.hash for i in model.validation_items_}
+                                                      & {i.hash for i in model.normal_items_})
+    misses = store.cache.stats.misses
+    model.predict([ImageItem.from_path(r.path, dss[0].name) for r in dss[0].train[:3]])
+    assert store.cache.stats.misses == misses  # training images come from the cache
+    assert model.pixel_threshold_ is not None
+    assert not model.net_.training
+
+
+def test_filtered_seen_part_only_keeps_masked_patches(fitted):
+    model, dss, _, _ = fitted
+    ds = dss[0]
+    rec = next(r for r in ds.test if r.label == 1)
+    mask = load_mask(rec.mask_path)
+    item = ImageItem.from_path(rec.path, ds.name)
+    idx, weak = model._annotated_patches(DefectAnnotation(item, mask), model._get([item])[0])
+    gh, gw = model.features.extractor.grid_size
+    cover = torch.nn.functional.interpolate(torch.from_numpy(mask.astype(np.float32))[None, None], size=(gh, gw),
+                                            mode="bilinear").reshape(-1).numpy()
+    assert not weak and 0 < len(idx) < gh * gw // 10  # a defect is a small part of its image
+    assert cover[idx].min() > 0
+    idx_weak, weak = model._annotated_patches(DefectAnnotation(item, None), model._get([item])[0])
+    assert weak and len(idx_weak) == model.config.bank.weak_patches_per_image
+
+
+def test_update_rebuilds_abnormal_parts_and_switches_to_semi(fitted, tmp_path):
+    model, dss, store, _ = fitted
+    ds = dss[0]
+    defects = [r for r in ds.test if r.label == 1][:2]
+    anns = [DefectAnnotation(ImageItem.from_path(r.path, ds.name), load_mask(r.mask_path)) for r in defects]
+    weak = [DefectAnnotation(ImageItem.from_path(r.path, ds.name), None) for r in [r for r in ds.test if r.label][2:3]]
+    before = model.abnormal_bank_.part_sizes()[B.OUTLIER]
+    model.update(anns + weak, epochs=1)
+    sizes = model.abnormal_bank_.part_sizes()
+    assert sizes[B.OUTLIER] == before and sizes[B.SEEN] > 0 and sizes[B.WEAK] == 8
+    assert sizes[B.CENTRE] == model.config.bank.perturbations_per_centre  # one category has evidence
+    assert model.mapper_config_.lambda_annotated == 15.0 and model.mapper_config_.knowledge == "distance"
+    model.update([], epochs=1)  # deletions are honoured: the full set is passed each time
+    assert model.abnormal_bank_.part_sizes()[B.SEEN] == 0
+    model.save(tmp_path / "m")
+    loaded = DMAD.load(tmp_path / "m", store)
+    items = [ImageItem.from_path(r.path, ds.name) for r in ds.test]
+    a = np.array([p.image_score for p in model.predict(items)])
+    b = np.array([p.image_score for p in loaded.predict(items)])
+    assert np.allclose(a, b, atol=1e-5) and not loaded.net_.training
+
+
+def test_knn_baseline_separates_synthetic_defects(fitted):
+    model, dss, _, _ = fitted
+    for ds in dss:
+        preds = model.knn_predict([ImageItem.from_path(r.path, ds.name) for r in ds.test])
+        m = compute_class_metrics(np.array([r.label for r in ds.test]), np.array([p.image_score for p in preds]))
+        assert m.image_auroc > 0.7, ds.name
