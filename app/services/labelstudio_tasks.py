@@ -1,0 +1,124 @@
+"""Send chosen pool images to Label Studio as tasks, with the model's heat map as pre-annotation.
+
+The same path as `dmad labelstudio push` (items built from the active version's pool scores, the heat
+map thresholded at the version's `pixel_threshold`, `annotation.project.push_tasks` for idempotent
+creation), for images an inspector picked in the UI rather than the top N. It also returns each
+image's task id, so the UI can link straight to the task.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, contains_eager
+
+from app.commands.labelstudio import PIXEL_THRESHOLD_KEY, heatmap_mask, webhook_base_url, webhook_secret
+from app.errors import UserError
+from app.home import Home
+from app.services.versions import active_version
+from db.models import Image, ModelVersion, PoolScore
+
+if TYPE_CHECKING:
+    from annotation.project import TaskItem
+
+
+@dataclass(frozen=True)
+class Connection:
+    """A client on the home's Label Studio, its project, and the address inspectors open."""
+
+    client: Any  # label_studio_sdk.LabelStudio
+    project_id: int
+    url: str
+
+
+@dataclass(frozen=True)
+class SentTask:
+    image_id: int
+    task_id: int | None
+    link: str | None  # <labelstudio url>/projects/<pid>/data?task=<id>
+
+
+@dataclass(frozen=True)
+class SendResult:
+    created: int
+    skipped_existing: int
+    project_id: int
+    model_version: str
+    pre_annotation_masks: bool  # False when the version records no pixel threshold
+    tasks: list[SentTask]
+
+
+def connect(home: Home) -> Connection:
+    """The home's project on its running Label Studio, with config and webhook brought up to date;
+    a UserError that says how to start it when it is not answering."""
+    from annotation.project import DEFAULT_TITLE, STATE_FILE, ensure_project, ensure_webhook
+    from annotation.server import LabelStudioServer
+
+    server = LabelStudioServer(home)
+    if not server.healthy():
+        raise UserError(f"Label Studio is not running at {server.url}; start it with "
+                        f"`dmad labelstudio start --home {home.root}` (and `dmad webhook` so images show)")
+    client = server.client()
+    project_id = ensure_project(client, DEFAULT_TITLE, home.load_settings().defect_labels,
+                                state_path=home.labelstudio_dir / STATE_FILE)
+    ensure_webhook(client, project_id, f"{webhook_base_url(home)}/webhook", webhook_secret(home))
+    return Connection(client, project_id, server.url)
+
+
+def task_items(version: ModelVersion, rows: Sequence[PoolScore], image_base_url: str) -> list[TaskItem]:
+    """One task item per pool score row (each with `image` and its category loaded)."""
+    from annotation.project import TaskItem, image_url_for
+
+    threshold = (version.config or {}).get(PIXEL_THRESHOLD_KEY)
+    return [
+        TaskItem(
+            image_id=row.image.id, content_hash=row.image.content_hash, category=row.image.category.name,
+            image_url=image_url_for(image_base_url, row.image.content_hash), width=row.image.width,
+            height=row.image.height, score=float(row.score), model_version=version.name,
+            heatmap_mask=None if threshold is None else heatmap_mask(
+                row.patch_map_array(), row.image.height, row.image.width, float(threshold)),
+        )
+        for row in rows
+    ]
+
+
+def task_ids(client: Any, project_id: int, content_hashes: set[str]) -> dict[str, int]:
+    """Task id by content hash, for the given hashes (the project's task list is paged through once)."""
+    found: dict[str, int] = {}
+    for task in client.tasks.list(project=project_id, fields="task_only"):
+        value = (task.data or {}).get("content_hash")
+        if value in content_hashes and value not in found:
+            found[value] = int(task.id)
+    return found
+
+
+def send_images(session: Session, home: Home, image_ids: Sequence[int]) -> SendResult:
+    """Create a task for each image not yet in the project, scored by the active version."""
+    from annotation.project import push_tasks
+
+    if not image_ids:
+        raise UserError("select at least one image first")
+    version = active_version(session)
+    if version is None:
+        raise UserError("no active model version; train one first (`dmad train`)")
+    rows = list(session.scalars(
+        select(PoolScore).join(PoolScore.image).options(contains_eager(PoolScore.image).joinedload(Image.category))
+        .where(PoolScore.version_id == version.id, PoolScore.image_id.in_([int(i) for i in image_ids]))
+        .order_by(PoolScore.score.desc())))
+    if not rows:
+        raise UserError(f"model {version.name} has not scored the selected images")
+    connection = connect(home)
+    items = task_items(version, rows, webhook_base_url(home))
+    result = push_tasks(connection.client, connection.project_id, items,
+                        label=home.load_settings().defect_labels[0])
+    ids = task_ids(connection.client, connection.project_id, {item.content_hash for item in items})
+    tasks = []
+    for item in items:
+        task_id = ids.get(item.content_hash)
+        link = None if task_id is None else f"{connection.url}/projects/{connection.project_id}/data?task={task_id}"
+        tasks.append(SentTask(item.image_id, task_id, link))
+    return SendResult(result.created, result.skipped_existing, connection.project_id, version.name,
+                      (version.config or {}).get(PIXEL_THRESHOLD_KEY) is not None, tasks)

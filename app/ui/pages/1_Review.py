@@ -1,0 +1,146 @@
+"""Review: the active model's most anomalous pool patches, a page at a time, to send to Label Studio
+or confirm as normal.
+
+Only the shown page is queried (LIMIT/OFFSET along the (version, score) index), images are read only
+for the crops on screen, and crops are cached by image path and box.
+"""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from app.errors import UserError
+from app.services import ui_queries as q
+from app.ui import context as ui
+from app.ui.diversity import crops_for
+
+PAGE_SIZE = 50  # crops per page
+COLUMNS = 5
+PAGE_KEY = "review-page"
+
+ui.page("Review", "🔥")
+st.title("Review the most anomalous patches")
+home, sessions = ui.open_home()
+
+with sessions() as session:
+    categories = q.category_names(session)
+    version = q.active_version(session)
+    score_range = q.score_range(session, version.id) if version else None
+if not categories:
+    st.info(ui.NO_DATA)
+    st.stop()
+if version is None:
+    st.info(ui.NO_MODEL)
+    st.stop()
+if score_range is None:
+    st.info(f"Model {version.name} has not scored the pool yet; the grid fills once its scoring job has "
+            "run (watch it on the Training page).")
+    st.stop()
+lo, hi = score_range
+
+
+def first_page() -> None:
+    """A changed filter starts again from the top."""
+    st.session_state[PAGE_KEY] = 1
+
+
+with st.sidebar:
+    st.header("Filters")
+    chosen = st.multiselect("Categories", categories, key="review-categories", on_change=first_page,
+                            placeholder="all categories")
+    min_score = lo
+    if hi > lo:
+        min_score = st.slider("Minimum score", lo, hi, lo, step=(hi - lo) / 100, format="%.3f",
+                              key=f"review-min-score-{version.id}", on_change=first_page)
+    per_image = int(st.number_input("Crops per image", 1, 5, 1, key="review-per-image", on_change=first_page,
+                                    help="Overlapping patches of one image (IoU > 0.3) are never both shown."))
+    hide_annotated = st.checkbox("Hide images already annotated", True, key="review-hide-annotated",
+                                 on_change=first_page)
+
+flt = q.ReviewFilter(version.id, tuple(chosen), float(min_score) if min_score > lo else None, hide_annotated)
+
+# -- actions on the selection (before the grid, so that acted-on images leave it at once) --------------
+prefix = f"select-{version.id}-"
+selected = sorted(int(k[len(prefix):]) for k, v in st.session_state.items()
+                  if isinstance(k, str) and k.startswith(prefix) and v)
+
+
+def clear_selection() -> None:
+    for image_id in selected:
+        st.session_state[f"{prefix}{image_id}"] = False
+
+
+status = ui.labelstudio_status(str(home.root))
+bar = st.columns([2, 2, 2, 4])
+send = bar[0].button("Send selected to Label Studio", disabled=not selected, key="review-send")
+mark = bar[1].button("Mark normal", disabled=not selected, key="review-mark-normal",
+                     help="Confirm the selected images show no defect; a retrain is queued.")
+bar[2].button("Clear selection", disabled=not selected, key="review-clear", on_click=clear_selection)
+bar[3].caption(f"{len(selected)} selected · model {version.name} · Label Studio "
+               + ("running" if status.healthy else "not running (`dmad labelstudio start`)"))
+
+if send:
+    from app.services.labelstudio_tasks import send_images
+
+    try:
+        with sessions() as session:
+            sent = send_images(session, home, selected)
+    except UserError as exc:
+        st.error(str(exc))
+    else:
+        note = "" if sent.pre_annotation_masks else " (this model records no pixel threshold: no mask pre-annotation)"
+        st.success(f"{sent.created} new task(s) in Label Studio project {sent.project_id}, "
+                   f"{sent.skipped_existing} already there{note}.")
+        st.markdown("\n".join(f"- image {t.image_id}: " + (f"[task {t.task_id}]({t.link})" if t.link else "task not found")
+                              for t in sent.tasks))
+        clear_selection()
+
+if mark:
+    from app.services.annotations import record_annotation
+
+    marked, job_id, errors = 0, None, []
+    with sessions() as session:
+        for image_id in selected:
+            try:
+                result = record_annotation(session, home, image=image_id, kind="normal", source="ui")
+            except UserError as exc:
+                errors.append(f"image {image_id}: {exc}")
+                continue
+            marked += 1
+            job_id = result.job_id or job_id
+    if marked:
+        st.success(f"{marked} image(s) marked normal" + (f"; retrain job #{job_id} is queued." if job_id else "."))
+    for error in errors:
+        st.error(error)
+    clear_selection()
+
+# -- the grid -----------------------------------------------------------------------------------------
+images_per_page = max(1, PAGE_SIZE // per_image)
+with sessions() as session:
+    total = q.review_count(session, flt)
+pages = max(1, -(-total // images_per_page))
+if st.session_state.get(PAGE_KEY, 1) > pages:
+    st.session_state[PAGE_KEY] = pages
+if total == 0:
+    st.info("No pool image matches these filters." + (" Untick 'Hide images already annotated' to see reviewed "
+                                                      "ones." if hide_annotated else ""))
+    st.stop()
+page_number = int(st.number_input(f"Page (of {pages}; {total} images)", 1, pages, key=PAGE_KEY))
+with sessions() as session:
+    rows = q.review_page(session, flt, limit=images_per_page, offset=(page_number - 1) * images_per_page)
+
+cells = [(row, crop) for row in rows
+         for crop in crops_for(row.image_id, row.top_patches, row.width, row.height, per_image)]
+for start in range(0, len(cells), COLUMNS):
+    for column, (row, crop) in zip(st.columns(COLUMNS), cells[start:start + COLUMNS]):
+        with column:
+            jpeg = ui.crop_jpeg(row.path, crop.box, row.patch_map.tobytes(), tuple(row.patch_map.shape), lo, hi)
+            if jpeg is None:
+                st.warning(f"cannot read {row.path}")
+            else:
+                st.image(jpeg, width="stretch")
+            st.caption(f"**{row.score:.3f}** · {row.category} · {row.name}"
+                       + (f" · patch {crop.patch_score:.3f}" if per_image > 1 else ""))
+            if crop.rank == 0:
+                st.checkbox(f"select image {row.image_id}", key=f"{prefix}{row.image_id}")
+            st.markdown(ui.inspect_link(row.image_id, f"Inspect image {row.image_id}"))

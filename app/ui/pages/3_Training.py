@@ -1,0 +1,113 @@
+"""Training: the job queue with live progress, a retrain on demand, and the model versions with
+promote and roll back.
+
+The page never trains: it queues jobs that the workers run, and refreshes the queue every 2 s while
+any job is waiting or running.
+"""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from app.errors import UserError
+from app.services import ui_queries as q
+from app.services import versions as version_service
+from app.ui import context as ui
+
+REFRESH_SECONDS = 2
+JOB_LIMIT = 50
+
+ui.page("Training", "⚙️")
+st.title("Jobs, retraining and model versions")
+home, sessions = ui.open_home()
+
+FLASH_KEY = "training-flash"  # (kind, text) set by a button's callback, shown by the next run
+
+
+def retrain_now() -> None:
+    with sessions() as session:
+        job = q.enqueue_retrain(session)
+    st.session_state[FLASH_KEY] = ("success", f"Retrain job #{job.id} is queued; a worker will pick it up.")
+
+
+def promote_chosen() -> None:
+    name = st.session_state.get("training-promote-version")
+    try:
+        with sessions() as session:
+            version = version_service.get_version(session, name)
+            now_active = version_service.promote(session, version.id)
+    except UserError as exc:
+        st.session_state[FLASH_KEY] = ("error", str(exc))
+        return
+    st.session_state[FLASH_KEY] = ("success", f"{now_active.name} is now the active version.")
+
+
+def roll_back() -> None:
+    try:
+        with sessions() as session:
+            now_active = version_service.rollback(session)
+    except UserError as exc:
+        st.session_state[FLASH_KEY] = ("error", str(exc))
+        return
+    st.session_state[FLASH_KEY] = ("success", f"Rolled back: {now_active.name} is the active version again.")
+
+
+flash = st.session_state.pop(FLASH_KEY, None)
+if flash is not None:
+    (st.success if flash[0] == "success" else st.error)(flash[1])
+
+left, right, _ = st.columns([1, 1, 4])
+left.button("Retrain now", key="training-retrain", type="primary", on_click=retrain_now,
+            help="Queue a retrain on every annotation so far (joins a retrain already waiting).")
+right.button("Refresh", key="training-refresh")
+
+
+def job_queue(was_active: bool) -> None:
+    """The newest jobs: a progress bar for each waiting or running one, a table for the rest."""
+    with sessions() as session:
+        jobs = q.jobs(session, JOB_LIMIT)
+    active = [j for j in jobs if j.active]
+    if was_active and not active:
+        st.rerun()  # all done: redraw the page once (new versions), which also stops the refresh
+    if not jobs:
+        st.info("No jobs yet. Annotations queue a retrain by themselves; 'Retrain now' queues one at once.")
+        return
+    for job in active:
+        text = f"#{job.id} {job.type} · {job.status}"
+        if job.status == "queued":
+            text += " · waiting for a worker"
+        elif job.message:
+            text += f" · {job.message}"
+        if job.attempts > 1:
+            text += f" · attempt {job.attempts} of {job.max_attempts}"
+        st.progress(min(1.0, max(0.0, job.progress)), text=text)
+    finished = [j for j in jobs if not j.active]
+    if finished:
+        st.dataframe(
+            [{"job": j.id, "type": j.type, "status": j.status, "progress": j.progress, "message": j.message,
+              "error": j.error or "", "created": j.created_at, "finished": j.finished_at} for j in finished],
+            width="stretch", hide_index=True,
+            column_config={"progress": st.column_config.ProgressColumn("progress", min_value=0.0, max_value=1.0)})
+
+
+st.subheader("Job queue")
+with sessions() as session:
+    busy = q.any_active_job(session)
+st.fragment(run_every=REFRESH_SECONDS if busy else None)(job_queue)(busy)
+
+st.subheader("Model versions")
+with sessions() as session:
+    all_versions = q.versions(session)
+    table = q.versions_frame(session)
+if not all_versions:
+    st.info(ui.NO_MODEL)
+    st.stop()
+st.dataframe(table, width="stretch", hide_index=True)
+
+promotable = [v.name for v in reversed(all_versions) if v.status not in ("active", "failed")]
+col_promote, col_button, col_rollback = st.columns([2, 1, 1], vertical_alignment="bottom")
+col_promote.selectbox("Version to make active", promotable, key="training-promote-version",
+                      placeholder="no other version to promote", disabled=not promotable)
+col_button.button("Promote", key="training-promote", disabled=not promotable, on_click=promote_chosen)
+col_rollback.button("Roll back", key="training-rollback", on_click=roll_back,
+                    help="Return to the version that was active before the current one.")

@@ -1,0 +1,71 @@
+"""Metrics: per-class evaluation history over model versions, read against the annotations each version
+was trained on, so the walk from the unsupervised model to the semi-supervised one is visible.
+"""
+
+from __future__ import annotations
+
+import altair as alt
+import pandas as pd
+import streamlit as st
+
+from app.services import ui_queries as q
+from app.ui import context as ui
+
+DEFAULT_METRICS = ("image_auroc", "pixel_auroc", "pro")
+
+ui.page("Metrics", "📈")
+st.title("Per-class metric history")
+home, sessions = ui.open_home()
+
+with sessions() as session:
+    all_versions = q.versions(session)
+    metrics = q.metric_frame(session)
+    trained = q.training_data_frame(session)
+if not all_versions:
+    st.info(ui.NO_MODEL)
+    st.stop()
+if metrics.empty:
+    st.info("No metrics recorded yet: a training or retrain writes them when it evaluates on held-out images.")
+    st.stop()
+
+names = [m for m in q.METRIC_NAMES if m in set(metrics["metric"])] + sorted(set(metrics["metric"]) - set(q.METRIC_NAMES))
+categories = sorted(set(metrics["category"]))
+with st.sidebar:
+    chosen_metrics = st.multiselect("Metrics", names, [m for m in DEFAULT_METRICS if m in names] or names[:1],
+                                    key="metrics-names")
+    chosen_categories = st.multiselect("Categories", categories, categories, key="metrics-categories")
+    axis = st.radio("Horizontal axis", ["model version", "creation time"], key="metrics-axis")
+
+order = [v.name for v in all_versions]  # oldest first
+if axis == "model version":
+    x = alt.X("version:N", sort=order, title="model version (oldest first)")
+else:
+    x = alt.X("created:T", title="version created")
+colour = alt.Color("category:N", title="category")
+
+shown = metrics[metrics["metric"].isin(chosen_metrics) & metrics["category"].isin(chosen_categories)]
+charts = []
+for name in chosen_metrics:
+    data = shown[shown["metric"] == name]
+    charts.append(alt.Chart(data, title=name, height=180).mark_line(point=True).encode(
+        x=x, y=alt.Y("value:Q", title=name, scale=alt.Scale(zero=False)), color=colour,
+        tooltip=["version", "category", alt.Tooltip("value:Q", format=".4f"), "created"]))
+labels = trained[trained["category"].isin(chosen_categories)]
+charts.append(alt.Chart(labels, title="annotations the version was trained on", height=150)
+              .mark_line(point=True, strokeDash=[4, 3]).encode(
+    x=x, y=alt.Y("annotations:Q", title="annotated images"), color=colour,
+    tooltip=["version", "category", "defect_masks", "confirmed_normals", "weak_defects", "normal_images"]))
+if chosen_metrics and chosen_categories:
+    st.altair_chart(alt.vconcat(*charts).resolve_scale(x="shared"), width="stretch")
+else:
+    st.info("Choose at least one metric and one category in the sidebar.")
+
+version, latest = q.latest_metrics(metrics)
+st.subheader(f"Latest values ({version})")
+st.dataframe(latest, width="stretch",
+             column_config={c: st.column_config.NumberColumn(c, format="%.3f") for c in latest.columns})
+
+with st.expander("All values"):
+    wide = metrics.pivot_table(index=["version", "category"], columns="metric", values="value", aggfunc="first")
+    wide = wide.reindex(pd.MultiIndex.from_product([order, categories], names=["version", "category"])).dropna(how="all")
+    st.dataframe(wide, width="stretch")

@@ -1,0 +1,344 @@
+"""Every page of the Streamlit app run headless with AppTest against a prepared home: it renders without
+exceptions, shows what it should, and its buttons change the database as promised."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+from streamlit.testing.v1 import AppTest
+
+from app.home import Home
+from app.services import labelstudio_tasks
+from app.services import ui_queries as q
+from app.services.annotations import RETRAIN_KEY
+from db.models import Annotation, Job
+from db.queue import claim, heartbeat
+from app.ui.diversity import iou, pick_patches
+from tests.ui_fixtures import PreparedHome, ui_empty_home, ui_home, ui_no_database  # noqa: F401
+
+UI = Path(__file__).resolve().parents[2] / "app" / "ui"
+HOME_PAGE = UI / "Home.py"
+REVIEW = UI / "pages" / "1_Review.py"
+INSPECT = UI / "pages" / "2_Inspect.py"
+TRAINING = UI / "pages" / "3_Training.py"
+METRICS = UI / "pages" / "4_Metrics.py"
+ALL_PAGES = [HOME_PAGE, REVIEW, INSPECT, TRAINING, METRICS]
+
+
+def run(page: Path, **query: str) -> AppTest:
+    at = AppTest.from_file(str(page), default_timeout=30)
+    for key, value in query.items():
+        at.query_params[key] = value
+    at.run()
+    assert not at.exception, [e.message for e in at.exception]
+    return at
+
+
+def texts(at: AppTest) -> str:
+    """All the text a user reads on the page, in one string."""
+    parts = []
+    for kind in ("markdown", "caption", "info", "warning", "error", "success", "title", "subheader"):
+        parts.extend(str(e.value) for e in getattr(at, kind))
+    return "\n".join(parts)
+
+
+def select_images(at: AppTest, version_id: int, image_ids: list[int]) -> None:
+    for image_id in image_ids:
+        at.checkbox(key=f"select-{version_id}-{image_id}").check()
+
+
+# -- empty homes ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("page", ALL_PAGES, ids=lambda p: p.stem)
+def test_pages_explain_a_missing_database(ui_no_database: Home, page: Path) -> None:  # noqa: F811
+    at = run(page)
+    assert "No database in" in texts(at) and "dmad init" in texts(at)
+
+
+@pytest.mark.parametrize("page", ALL_PAGES, ids=lambda p: p.stem)
+def test_pages_explain_what_to_do_on_an_empty_home(ui_empty_home: Home, page: Path) -> None:  # noqa: F811
+    at = run(page)
+    shown = texts(at)
+    if page in (HOME_PAGE, REVIEW):
+        assert "No data yet: run `dmad ingest DIR`" in shown
+    if page in (HOME_PAGE, TRAINING, METRICS):
+        assert "No model yet: run `dmad train`" in shown
+    if page == HOME_PAGE:
+        assert "Label Studio is not running: start it with `dmad labelstudio start`" in shown
+
+
+def test_review_says_when_the_active_model_has_not_scored_the_pool(ui_home: PreparedHome) -> None:  # noqa: F811
+    with ui_home.sessions()() as session:
+        session.execute(q.PoolScore.__table__.delete().where(q.PoolScore.version_id == ui_home.version_ids[-1]))
+        session.commit()
+    assert "has not scored the pool yet" in texts(run(REVIEW))
+
+
+# -- home -------------------------------------------------------------------------------------------
+def test_home_overview(ui_home: PreparedHome) -> None:  # noqa: F811
+    at = run(HOME_PAGE)
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["Active model"] == "v0002" and metrics["Model versions"] == "2"
+    assert metrics["Images"] == str(len(ui_home.pool_ids) + 8)
+    assert "scored **20** pool images" in texts(at)
+    assert at.dataframe[0].value.loc["fabric", "pool"] == 10
+    assert len(at.get("page_link")) == 4
+
+
+# -- review -----------------------------------------------------------------------------------------
+def test_review_shows_a_grid_of_crops_best_first(ui_home: PreparedHome) -> None:  # noqa: F811
+    at = run(REVIEW)
+    unreviewed = len(ui_home.pool_ids) - len(ui_home.annotated_ids)
+    assert len(at.get("image")) == unreviewed
+    boxes = [c.key for c in at.checkbox if c.key.startswith("select-")]
+    assert len(boxes) == unreviewed
+    first = int(boxes[0].rsplit("-", 1)[1])
+    assert first in ui_home.defect_ids
+    assert f"[Inspect image {first}](Inspect?image_id={first})" in texts(at)
+    assert at.button(key="review-send").disabled and at.button(key="review-mark-normal").disabled
+
+
+def test_review_filters_and_diversity(ui_home: PreparedHome) -> None:  # noqa: F811
+    at = run(REVIEW)
+    at.multiselect(key="review-categories").select("tiles").run()
+    captions = [c.value for c in at.caption if c.value.startswith("**")]
+    assert captions and all("· tiles ·" in c for c in captions)
+    at.number_input(key="review-per-image").set_value(3).run()
+    assert not at.exception
+    # Up to 3 crops per image, but never two patches of one image overlapping by IoU > 0.3: the grid
+    # holds exactly what the diversity rule keeps of each image's stored top patches.
+    n_tiles = len([c for c in at.checkbox if c.key.startswith("select-")])
+    with ui_home.sessions()() as session:
+        rows = q.review_page(session, q.ReviewFilter(ui_home.version_ids[-1], ("tiles",)), limit=100)
+    kept = {r.image_id: pick_patches(r.top_patches, r.width, r.height, per_image=3) for r in rows}
+    assert all(iou(a, b) <= 0.3 for boxes in kept.values() for i, (a, _) in enumerate(boxes)
+               for b, _ in boxes[i + 1:])
+    assert len(kept) == n_tiles
+    assert len(at.get("image")) == sum(len(b) for b in kept.values()) <= 3 * n_tiles
+    overlapping = sum(len(r.top_patches) for r in rows) - sum(len(b) for b in kept.values())
+    assert overlapping > 0  # some stored patches were dropped as repeats of a shown one
+    at.checkbox(key="review-hide-annotated").uncheck().run()
+    assert len([c for c in at.checkbox if c.key.startswith("select-")]) == 10
+    slider = at.slider(key=f"review-min-score-{ui_home.version_ids[-1]}")
+    with ui_home.sessions()() as session:
+        top = q.review_page(session, q.ReviewFilter(ui_home.version_ids[-1], ("tiles",), hide_annotated=False),
+                            limit=1)[0]
+    slider.set_value(top.score).run()
+    assert [c.key for c in at.checkbox if c.key.startswith("select-")] == \
+        [f"select-{ui_home.version_ids[-1]}-{top.image_id}"]
+
+
+def test_review_mark_normal_annotates_and_queues_a_retrain(ui_home: PreparedHome) -> None:  # noqa: F811
+    at = run(REVIEW)
+    version_id = ui_home.version_ids[-1]
+    chosen = [int(c.key.rsplit("-", 1)[1]) for c in at.checkbox if c.key.startswith("select-")][:2]
+    select_images(at, version_id, chosen)
+    at.run()
+    at.button(key="review-mark-normal").click().run()
+    assert not at.exception
+    assert "2 image(s) marked normal; retrain job #" in texts(at)
+    with ui_home.sessions()() as session:
+        rows = session.scalars(select(Annotation).where(Annotation.source == "ui")).all()
+        jobs = session.scalars(select(Job)).all()
+    assert sorted(a.image_id for a in rows) == sorted(chosen) and {a.kind for a in rows} == {"normal"}
+    assert [(j.type, j.status, j.coalesce_key) for j in jobs] == [("retrain", "queued", RETRAIN_KEY)]
+    shown = [int(c.key.rsplit("-", 1)[1]) for c in at.checkbox if c.key.startswith("select-")]
+    assert not set(chosen) & set(shown)  # reviewed images leave the grid
+
+
+def test_review_send_without_label_studio_says_how_to_start_it(ui_home: PreparedHome) -> None:  # noqa: F811
+    at = run(REVIEW)
+    first = next(c for c in at.checkbox if c.key.startswith("select-"))
+    first.check().run()
+    at.button(key="review-send").click().run()
+    assert not at.exception
+    assert any("Label Studio is not running" in e.value and "dmad labelstudio start" in e.value for e in at.error)
+
+
+class FakeLabelStudio:
+    """Just the calls `push_tasks` and `task_ids` make, recording imported tasks."""
+
+    def __init__(self) -> None:
+        self.imported: list[dict[str, Any]] = []
+        self.tasks = SimpleNamespace(list=self._list)
+        self.projects = SimpleNamespace(import_tasks=self._import)
+
+    def _list(self, project: int, fields: str | None = None) -> list[SimpleNamespace]:
+        return [SimpleNamespace(id=100 + i, data=t["data"]) for i, t in enumerate(self.imported)]
+
+    def _import(self, project_id: int, request: list[dict[str, Any]]) -> None:
+        self.imported.extend(request)
+
+
+def test_review_send_creates_tasks_and_links_to_them(ui_home: PreparedHome,  # noqa: F811
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = FakeLabelStudio()
+    monkeypatch.setattr(labelstudio_tasks, "connect",
+                        lambda home: labelstudio_tasks.Connection(fake, 7, "http://127.0.0.1:8080"))
+    at = run(REVIEW)
+    chosen = [int(c.key.rsplit("-", 1)[1]) for c in at.checkbox if c.key.startswith("select-")][:2]
+    select_images(at, ui_home.version_ids[-1], chosen)
+    at.run()
+    at.button(key="review-send").click().run()
+    assert not at.exception
+    assert "2 new task(s) in Label Studio project 7, 0 already there" in texts(at)
+    assert sorted(t["data"]["image_id"] for t in fake.imported) == sorted(chosen)
+    assert {t["data"]["model_version"] for t in fake.imported} == {"v0002"}
+    assert "http://127.0.0.1:8080/projects/7/data?task=100" in texts(at)
+    assert "http://127.0.0.1:8080/projects/7/data?task=101" in texts(at)
+    at.checkbox(key=f"select-{ui_home.version_ids[-1]}-{chosen[0]}").check().run()
+    at.button(key="review-send").click().run()
+    assert "0 new task(s) in Label Studio project 7, 1 already there" in texts(at)
+
+
+def test_review_pagination(ui_home: PreparedHome) -> None:  # noqa: F811
+    from tests.ui_fixtures import add_bulk_pool
+
+    add_bulk_pool(ui_home, n=120)
+    at = run(REVIEW)
+    first_page = [c.key for c in at.checkbox if c.key.startswith("select-")]
+    assert len(first_page) == 50 and len(at.get("image")) == 50
+    page = at.number_input(key="review-page")
+    assert page.max == 3  # 134 unreviewed images, 50 a page
+    page.set_value(3).run()
+    last_page = [c.key for c in at.checkbox if c.key.startswith("select-")]
+    assert len(last_page) == 34 and not set(last_page) & set(first_page)
+    at.multiselect(key="review-categories").select("bulk").run()
+    assert at.number_input(key="review-page").value == 1  # a new filter starts from the top
+
+
+# -- inspect ----------------------------------------------------------------------------------------
+def test_inspect_an_image_by_query_parameter(ui_home: PreparedHome) -> None:  # noqa: F811
+    image_id = ui_home.annotated_ids[0]
+    at = run(INSPECT, image_id=str(image_id))
+    assert at.number_input(key="inspect-image-id").value == image_id
+    shown = texts(at)
+    assert f"image {image_id}" in shown and "defect_mask" in shown
+    assert len(at.get("image")) == 2  # the heat map view and the annotated mask
+    assert len(at.get("vega_lite_chart")) == 1  # score history
+    assert at.metric[0].label == "Score (v0002)"
+    at.selectbox(key="inspect-version").select("v0001").run()
+    assert at.metric[0].label == "Score (v0001)"
+    at.slider(key="inspect-opacity").set_value(0.9).run()
+    assert not at.exception
+
+
+def test_inspect_defaults_to_the_top_image_and_handles_unknown_ids(ui_home: PreparedHome) -> None:  # noqa: F811
+    at = run(INSPECT)
+    assert at.number_input(key="inspect-image-id").value in ui_home.defect_ids
+    at.number_input(key="inspect-image-id").set_value(999_999).run()
+    assert not at.exception and "There is no image 999999." in texts(at)
+
+
+def test_inspect_shows_an_upload_job_then_its_result(ui_home: PreparedHome) -> None:  # noqa: F811
+    sessions = ui_home.sessions()
+    with sessions() as session:
+        info = q.image_info(session, ui_home.defect_ids[0])
+        job = q.enqueue_score_upload(session, info.path, info.category)
+    at = AppTest.from_file(str(INSPECT), default_timeout=30)
+    at.session_state["inspect-upload-job"] = job.id
+    at.run()
+    assert not at.exception
+    assert [p.proto.text for p in at.get("progress")] == ["waiting for a worker to pick it up"]
+
+    claim(sessions, "worker-1", types=["score_upload"])
+    heartbeat(sessions, job.id, "worker-1", 0.5, "scoring")
+    at.run()
+    assert [p.proto.text for p in at.get("progress")] == ["scoring"]
+
+    grid = [[0.3] * 16 for _ in range(16)]
+    grid[4][5] = 1.0
+    with sessions() as session:
+        row = session.get(Job, job.id)
+        row.status, row.progress = "succeeded", 1.0
+        row.payload = {**row.payload, "score": 1.0, "patch_map": grid,
+                       "top_patches": [{"box": [32, 24, 56, 48], "score": 1.0}]}
+        session.commit()
+    at.run()
+    assert not at.exception
+    assert any(m.label == "Score" and m.value == "1.0000" for m in at.metric)
+    assert not at.get("progress")
+
+
+def test_inspect_shows_a_failed_upload_job(ui_home: PreparedHome) -> None:  # noqa: F811
+    with ui_home.sessions()() as session:
+        job = q.enqueue_score_upload(session, "/nowhere.png", "tiles")
+        row = session.get(Job, job.id)
+        row.status, row.message, row.error = "failed", "failed after 3 attempts", "no such file"
+        session.commit()
+    at = AppTest.from_file(str(INSPECT), default_timeout=30)
+    at.session_state["inspect-upload-job"] = job.id
+    at.run()
+    assert any("no such file" in e.value for e in at.error)
+
+
+# -- training ---------------------------------------------------------------------------------------
+def test_training_retrain_now_queues_one_job(ui_home: PreparedHome) -> None:  # noqa: F811
+    at = run(TRAINING)
+    assert "No jobs yet" in texts(at)
+    at.button(key="training-retrain").click().run()
+    assert "Retrain job #1 is queued" in texts(at)
+    at.button(key="training-retrain").click().run()  # joins the waiting one
+    with ui_home.sessions()() as session:
+        jobs = session.scalars(select(Job)).all()
+    assert [(j.type, j.status, j.coalesce_key) for j in jobs] == [("retrain", "queued", RETRAIN_KEY)]
+    assert [p.proto.text for p in at.get("progress")] == ["#1 retrain · queued · waiting for a worker"]
+
+
+def test_training_shows_running_jobs_with_progress(ui_home: PreparedHome) -> None:  # noqa: F811
+    sessions = ui_home.sessions()
+    with sessions() as session:
+        job = q.enqueue_retrain(session)
+        done = q.enqueue_score_upload(session, "/x.png", "tiles")
+        row = session.get(Job, done.id)
+        row.status, row.message = "succeeded", "done"
+        session.commit()
+    claim(sessions, "worker-1", types=["retrain"])
+    heartbeat(sessions, job.id, "worker-1", 0.4, "fitting the mapper")
+    at = run(TRAINING)
+    bars = at.get("progress")
+    assert [b.proto.text for b in bars] == ["#1 retrain · running · fitting the mapper"]
+    assert bars[0].proto.value == 40
+    finished = at.dataframe[0].value
+    assert list(finished["job"]) == [done.id] and list(finished["status"]) == ["succeeded"]
+
+
+def test_training_versions_promote_and_roll_back(ui_home: PreparedHome) -> None:  # noqa: F811
+    at = run(TRAINING)
+    table = at.dataframe[-1].value
+    assert list(table["name"]) == ["v0002", "v0001"] and list(table["status"]) == ["active", "retired"]
+    assert "2 masks" in table.iloc[0]["trained on"]
+
+    at.selectbox(key="training-promote-version").select("v0001")
+    at.button(key="training-promote").click().run()
+    assert "v0001 is now the active version." in texts(at)
+    with ui_home.sessions()() as session:
+        assert q.active_version(session).name == "v0001"
+
+    at.button(key="training-rollback").click().run()
+    assert "Rolled back: v0002 is the active version again." in texts(at)
+    with ui_home.sessions()() as session:
+        assert q.active_version(session).name == "v0002"
+
+    at.button(key="training-rollback").click().run()
+    at.button(key="training-rollback").click().run()
+    assert any("nothing to roll back to" in e.value for e in at.error)
+    assert not at.exception
+
+
+# -- metrics ----------------------------------------------------------------------------------------
+def test_metrics_history_and_latest_values(ui_home: PreparedHome) -> None:  # noqa: F811
+    at = run(METRICS)
+    assert len(at.get("vega_lite_chart")) == 1
+    assert at.multiselect(key="metrics-names").value == ["image_auroc", "pixel_auroc", "pro"]
+    assert "Latest values (v0002)" in texts(at)
+    latest = at.dataframe[0].value
+    assert list(latest.index) == ["fabric", "tiles"] and "image_auroc" in latest.columns
+    at.radio(key="metrics-axis").set_value("creation time").run()
+    at.multiselect(key="metrics-names").select("image_f1max").run()
+    assert not at.exception
+    at.multiselect(key="metrics-categories").unselect("tiles").unselect("fabric").run()
+    assert "Choose at least one metric and one category" in texts(at)

@@ -1,0 +1,107 @@
+"""The UI's queries on a prepared home: a real database, real images, two versions."""
+
+from __future__ import annotations
+
+from sqlalchemy import select
+
+from app.services import ui_queries as q
+from app.services.annotations import RETRAIN_KEY
+from db.models import Job
+from tests.ui_fixtures import PreparedHome, add_bulk_pool, ui_home  # noqa: F401
+
+
+def test_review_page_is_best_first_and_pages_without_overlap(ui_home: PreparedHome) -> None:  # noqa: F811
+    with ui_home.sessions()() as session:
+        flt = q.ReviewFilter(ui_home.version_ids[-1], hide_annotated=False)
+        assert q.review_count(session, flt) == len(ui_home.pool_ids)
+        first = q.review_page(session, flt, limit=5)
+        second = q.review_page(session, flt, limit=5, offset=5)
+    scores = [r.score for r in first + second]
+    assert scores == sorted(scores, reverse=True)
+    assert not {r.image_id for r in first} & {r.image_id for r in second}
+    top = first[0]
+    assert top.patch_map.dtype.name == "float16" and top.patch_map.shape == (16, 16)
+    assert top.top_patches and len(top.top_patches[0]["box"]) == 4
+    assert top.image_id in ui_home.defect_ids  # the fake scorer puts defects first
+
+
+def test_review_filters(ui_home: PreparedHome) -> None:  # noqa: F811
+    version_id = ui_home.version_ids[-1]
+    with ui_home.sessions()() as session:
+        lo, hi = q.score_range(session, version_id)
+        everything = q.review_count(session, q.ReviewFilter(version_id, hide_annotated=False))
+        unreviewed = q.review_page(session, q.ReviewFilter(version_id), limit=100)
+        tiles = q.review_page(session, q.ReviewFilter(version_id, ("tiles",), hide_annotated=False), limit=100)
+        high = q.review_page(session, q.ReviewFilter(version_id, min_score=(lo + hi) / 2, hide_annotated=False),
+                             limit=100)
+    assert lo < hi
+    assert len(unreviewed) == everything - len(ui_home.annotated_ids)
+    assert not {r.image_id for r in unreviewed} & set(ui_home.annotated_ids)
+    assert tiles and {r.category for r in tiles} == {"tiles"}
+    assert high and min(r.score for r in high) >= (lo + hi) / 2 and len(high) < everything
+
+
+def test_bulk_pool_pages_stay_small(ui_home: PreparedHome) -> None:  # noqa: F811
+    add_bulk_pool(ui_home, n=300)
+    with ui_home.sessions()() as session:
+        flt = q.ReviewFilter(ui_home.version_ids[-1], ("bulk",))
+        assert q.review_count(session, flt) == 300
+        assert len(q.review_page(session, flt, limit=50, offset=280)) == 20
+
+
+def test_image_views(ui_home: PreparedHome) -> None:  # noqa: F811
+    image_id = ui_home.annotated_ids[0]
+    with ui_home.sessions()() as session:
+        info = q.image_info(session, image_id)
+        history = q.score_history(session, image_id)
+        annotations = q.image_annotations(session, image_id)
+        scored = q.image_score(session, image_id, ui_home.version_ids[-1])
+        rank, pool = q.score_rank(session, ui_home.version_ids[-1], scored.score)
+        assert q.image_info(session, 10**6) is None
+        assert q.top_image_id(session, ui_home.version_ids[-1]) in ui_home.defect_ids
+    assert info.role == "pool" and info.gt_label == 1 and info.name.endswith(".png")
+    assert list(history["version"]) == ["v0001", "v0002"]
+    assert [a.kind for a in annotations] == ["defect_mask"]  # readable after the session closed
+    assert 1 <= rank <= pool == len(ui_home.pool_ids)
+
+
+def test_overview_and_versions(ui_home: PreparedHome) -> None:  # noqa: F811
+    with ui_home.sessions()() as session:
+        info = q.overview(session)
+        table = q.versions_frame(session)
+    assert info.active.name == "v0002" and info.n_versions == 2
+    assert info.pool_scored == len(ui_home.pool_ids)
+    assert info.n_annotations == len(ui_home.annotated_ids)
+    assert info.images.loc["tiles", "pool"] == 10 and info.images.loc["tiles", "train_normal"] == 4
+    assert info.images.loc["tiles", "annotated defect (mask)"] == 2
+    assert list(table["name"]) == ["v0002", "v0001"]
+    assert table.iloc[0]["trained on"] == "fabric: 4 normal, 2 masks, 1 confirmed normal; " \
+                                          "tiles: 4 normal, 2 masks, 1 confirmed normal"
+    assert q.trained_on_summary({}) == "-"
+
+
+def test_enqueue_retrain_coalesces(ui_home: PreparedHome) -> None:  # noqa: F811
+    with ui_home.sessions()() as session:
+        first = q.enqueue_retrain(session)
+        again = q.enqueue_retrain(session)
+        upload = q.enqueue_score_upload(session, "/tmp/x.png", "tiles")
+        assert q.any_active_job(session)
+        rows = session.scalars(select(Job).order_by(Job.id)).all()
+    assert first.id == again.id and first.status == "queued"
+    assert [(j.type, j.coalesce_key) for j in rows] == [("retrain", RETRAIN_KEY), ("score_upload", None)]
+    assert upload.payload == {"path": "/tmp/x.png", "category": "tiles"}
+
+
+def test_metric_frames(ui_home: PreparedHome) -> None:  # noqa: F811
+    with ui_home.sessions()() as session:
+        metrics = q.metric_frame(session)
+        trained = q.training_data_frame(session)
+    assert set(metrics["metric"]) == set(q.METRIC_NAMES)
+    assert set(metrics["version"]) == {"v0001", "v0002"}
+    version, latest = q.latest_metrics(metrics)
+    assert version == "v0002" and list(latest.index) == ["fabric", "tiles"]
+    assert list(latest.columns) == list(q.METRIC_NAMES)
+    by_version = trained.groupby("version")["annotations"].sum()
+    assert by_version["v0001"] == 0 and by_version["v0002"] == len(ui_home.annotated_ids)
+    none, empty = q.latest_metrics(metrics.iloc[0:0])
+    assert none is None and empty.empty
