@@ -30,6 +30,8 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if not args.verbose:  # schema upgrades at every start are routine, not news
+        logging.getLogger("alembic").setLevel(logging.WARNING)
     try:
         return int(args.handler(args) or 0)
     except KeyboardInterrupt:

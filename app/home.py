@@ -35,6 +35,9 @@ class HomeSettings:
     webhook_port: int = 8765
     streamlit_port: int = 8501
     defect_labels: tuple[str, ...] = ("defect",)
+    outliers_dir: str | None = None  # DTD-like textures for the abnormal bank; None: procedural textures
+    train_epochs: int | None = None  # mapper epochs of a training from scratch; None: the preset's
+    retrain_epochs: int | None = None  # mapper epochs of a warm-started retrain; None: a quarter of those
 
 
 @dataclass(frozen=True)

@@ -106,14 +106,23 @@ def _project(home: Home, server: Any) -> tuple[Any, int]:
     return client, project_id
 
 
+def has_project(home: Home) -> bool:
+    """Has this home ever created its Label Studio project (so a sync has something to pull)?"""
+    from annotation.project import STATE_FILE, read_state
+
+    return bool(read_state(home.labelstudio_dir / STATE_FILE).get("project_id"))
+
+
+def connect_project(home: Home) -> tuple[Any, int]:
+    """(client, project id) of the home's running Label Studio; a clear error when it is not running."""
+    return _project(home, _server(home))
+
+
 def _database(home: Home) -> Any:
     """A session factory on the home's database, upgraded to the newest schema."""
-    from db.engine import cached_engine, session_factory, upgrade_to_head
+    from app.services.database import open_database
 
-    if home.load_settings().db_url is None and not home.db_path.exists():
-        raise UserError(f"no database in {home.root}; create the home with `dmad init --home {home.root}`")
-    upgrade_to_head(home.db_url())
-    return session_factory(cached_engine(home.db_url()))
+    return open_database(home)
 
 
 # -- start / stop / status ------------------------------------------------------------------------

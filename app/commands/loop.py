@@ -1,9 +1,284 @@
-"""Subcommands of this area (registered by app.cli)."""
+"""`dmad init | ingest | train | annotate | worker | status | versions | promote | rollback`:
+the active-learning loop from the command line. Every command takes `--home DIR` (default
+./dmad-home); the ones that report take `--json`."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import logging
+import threading
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+from app.errors import UserError
+from app.home import DEFAULT_HOME, Home, HomeSettings
+
+log = logging.getLogger(__name__)
+
+
+def _common(p: argparse.ArgumentParser, json_flag: bool = True) -> None:
+    p.add_argument("--home", default=str(DEFAULT_HOME), help="home folder (default ./dmad-home)")
+    if json_flag:
+        p.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Adds this area's subcommands; each sets handler via set_defaults."""
+    p = sub.add_parser("init", help="create a home: settings, folders and the database at the newest schema")
+    _common(p)
+    p.add_argument("--db", default=None, help="database URL (default: SQLite file <home>/dmad.db), "
+                   "e.g. postgresql+psycopg://user@127.0.0.1:5432/dmad")
+    p.add_argument("--preset", choices=["offline", "paper"], default=None, help="engine preset (default offline)")
+    p.add_argument("--weights", default=None, help="backbone weights file (for --preset paper without the hub)")
+    p.add_argument("--outliers", default=None, help="folder of outlier textures (DTD-like); default procedural")
+    p.add_argument("--train-epochs", type=int, default=None, help="mapper epochs when training from scratch")
+    p.add_argument("--retrain-epochs", type=int, default=None, help="mapper epochs of a warm-started retrain")
+    p.set_defaults(handler=cmd_init)
+
+    p = sub.add_parser("ingest", help="add category folders: train/good -> normal data, test -> the pool")
+    _common(p)
+    p.add_argument("folders", nargs="+", metavar="DIR", help="one folder per product class")
+    p.set_defaults(handler=cmd_ingest)
+
+    p = sub.add_parser("train", help="train a version from scratch and make it active (runs in the foreground)")
+    _common(p)
+    p.set_defaults(handler=cmd_train)
+
+    p = sub.add_parser("annotate", help="record an inspector's verdict on an ingested image; queues a retrain")
+    _common(p)
+    p.add_argument("image", help="image id, file path, or a prefix (8+ hex) of its content hash")
+    verdict = p.add_mutually_exclusive_group(required=True)
+    verdict.add_argument("--mask", help="PNG defect mask at the image's own size (nonzero = defect)")
+    verdict.add_argument("--normal", action="store_true", help="a false alarm: the image is normal")
+    verdict.add_argument("--defect", action="store_true", help="defective, without a mask")
+    p.add_argument("--category", default=None, help="the image's category (checked; needed if a file is in two)")
+    p.set_defaults(handler=cmd_annotate)
+
+    p = sub.add_parser("worker", help="run queued jobs (retrains, uploads, Label Studio sync)")
+    _common(p, json_flag=False)
+    p.add_argument("--once", action="store_true", help="run what is queued now, then exit")
+    p.add_argument("--lease-seconds", type=float, default=60.0, help="job lease; a dead worker's job is retried after it")
+    p.add_argument("--poll-seconds", type=float, default=1.0)
+    p.add_argument("--sync-every", type=float, default=60.0, help="seconds between Label Studio syncs (0: never)")
+    p.set_defaults(handler=cmd_worker)
+
+    p = sub.add_parser("status", help="active version, job queue and per-class metric history")
+    _common(p)
+    p.set_defaults(handler=cmd_status)
+
+    p = sub.add_parser("versions", help="list model versions")
+    _common(p)
+    p.set_defaults(handler=cmd_versions)
+
+    p = sub.add_parser("promote", help="make a version the active one")
+    _common(p)
+    p.add_argument("version", help="version name (v0003) or id")
+    p.set_defaults(handler=cmd_promote)
+
+    p = sub.add_parser("rollback", help="go back to the version that was active before this one")
+    _common(p)
+    p.set_defaults(handler=cmd_rollback)
+
+
+def _emit(args: argparse.Namespace, payload: Any, text: str) -> None:
+    print(json.dumps(payload, indent=2, default=str) if getattr(args, "json", False) else text)
+
+
+def _open(args: argparse.Namespace) -> tuple[Home, Any]:
+    from app.services.database import open_database
+
+    home = Home.at(args.home)
+    return home, open_database(home)
+
+
+# -- init / ingest --------------------------------------------------------------------------------
+def cmd_init(args: argparse.Namespace) -> int:
+    from app.services.database import open_database, redact_url
+
+    home = Home.at(args.home)
+    settings = home.load_settings()
+    changes = {k: v for k, v in {
+        "db_url": args.db, "preset": args.preset, "weights_path": str(Path(args.weights).resolve()) if args.weights else None,
+        "outliers_dir": str(Path(args.outliers).resolve()) if args.outliers else None,
+        "train_epochs": args.train_epochs, "retrain_epochs": args.retrain_epochs}.items() if v is not None}
+    if args.outliers and not Path(args.outliers).is_dir():
+        raise UserError(f"--outliers {args.outliers} is not a folder")
+    if args.weights and not Path(args.weights).is_file():
+        raise UserError(f"--weights {args.weights} is not a file")
+    settings = replace(settings, **changes)
+    home.create()
+    home.save_settings(settings)
+    open_database(home, create=True)
+    _emit(args, {"home": str(home.root), "db": redact_url(home.db_url()), "settings": asdict(settings)},
+          f"home ready at {home.root} (database {redact_url(home.db_url())}, preset {settings.preset}).\n"
+          f"next: dmad ingest --home {args.home} DATA/<category> ...")
+    return 0
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    from app.services.ingest import ingest_folders
+
+    home, sessions = _open(args)
+    with sessions() as session:
+        report = ingest_folders(session, args.folders)
+    lines = [f"{c.name} ({c.layout}): {c.train_normal} normal training images, {c.pool} pool images "
+             f"({c.with_masks} with ground-truth masks), {c.already_known} already known" for c in report.categories]
+    lines += [f"skipped {path}: {reason}" for path, reason in report.skipped]
+    lines.append(f"next: dmad train --home {args.home}")
+    _emit(args, asdict(report), "\n".join(lines))
+    return 0
+
+
+# -- train / worker -------------------------------------------------------------------------------
+def _progress_printer(enabled: bool) -> Any:
+    state = {"last": ""}
+
+    def show(fraction: float, message: str) -> None:
+        text = f"[{fraction * 100:5.1f}%] {message}"
+        if enabled and text != state["last"]:
+            print(text, flush=True)
+            state["last"] = text
+    return show
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Queues a 'train' job and runs it here, so the UI sees its progress like any other job."""
+    from app.worker import WorkerOptions, default_worker_id, run_job
+    from db import queue
+    from db.engine import begin_write
+    from db.models import Job
+
+    home, sessions = _open(args)
+    with sessions() as session:
+        begin_write(session)
+        job = queue.enqueue(session, "train", {"trigger": "cli"}, coalesce_key="train")
+        session.commit()
+        job_id = job.id
+    worker_id = default_worker_id()
+    claimed = queue.claim(sessions, worker_id, ["train"])
+    if claimed is None or claimed.id != job_id:
+        raise UserError("another worker took the training job; follow it with `dmad status`")
+    print(f"training from scratch (job {job_id}); this takes a few minutes on a CPU", flush=True)
+    ok = run_job(home, sessions, claimed, WorkerOptions(), worker_id, on_progress=_progress_printer(not args.json))
+    with sessions() as session:
+        job = session.get(Job, job_id)
+    if not ok:
+        raise UserError(f"training failed: {(job.error or job.message).splitlines()[0]}")
+    from app.services.status import home_status
+
+    status = home_status(home, sessions)
+    _emit(args, status, f"{job.message}\n" + _metrics_text(status))
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from app.worker import WorkerOptions, install_stop_signals, run_worker
+
+    home, sessions = _open(args)
+    stop = threading.Event()
+    install_stop_signals(stop)
+    options = WorkerOptions(once=args.once, lease_seconds=args.lease_seconds, poll_seconds=args.poll_seconds,
+                            sync_every_seconds=args.sync_every or None)
+    print(f"worker on {home.root}" + (" (once)" if args.once else " (Ctrl-C to stop)"), flush=True)
+    n = run_worker(home, sessions, options, stop)
+    print(f"worker stopped: {n} job(s) succeeded", flush=True)
+    return 0
+
+
+# -- annotate -------------------------------------------------------------------------------------
+def _read_mask(path: str) -> Any:
+    import numpy as np
+    import PIL.Image
+
+    try:
+        with PIL.Image.open(path) as im:
+            return np.asarray(im.convert("L")) > 0
+    except FileNotFoundError as exc:
+        raise UserError(f"mask file {path} does not exist") from exc
+    except Exception as exc:  # noqa: BLE001 - any decoder error is the same user problem
+        raise UserError(f"mask file {path} is not a readable image: {exc}") from exc
+
+
+def cmd_annotate(args: argparse.Namespace) -> int:
+    from sqlalchemy import select
+
+    from app.services.annotations import find_image, record_annotation
+    from db.models import Category
+
+    home, sessions = _open(args)
+    mask = _read_mask(args.mask) if args.mask else None
+    kind = "defect_mask" if mask is not None else "normal" if args.normal else "defect_no_mask"
+    with sessions() as session:
+        if args.category is not None:
+            if session.scalars(select(Category).where(Category.name == args.category)).first() is None:
+                raise UserError(f"unknown category {args.category!r}; ingest it first with `dmad ingest`")
+            image = find_image(session, args.image)
+            if image.category.name != args.category:
+                raise UserError(f"{args.image} is in category {image.category.name!r}, not {args.category!r}")
+        result = record_annotation(session, home, image=args.image, kind=kind, mask=mask, source="cli")
+    _emit(args, asdict(result), f"annotation {result.annotation_id} {result.outcome}"
+          + (f"; retrain job {result.job_id} queued (run `dmad worker`)" if result.job_id else ""))
+    return 0
+
+
+# -- status / versions ----------------------------------------------------------------------------
+def _metrics_text(status: dict[str, Any]) -> str:
+    lines = []
+    for category, history in sorted(status["metrics"].items()):
+        for row in history:
+            vals = "  ".join(f"{k} {v * 100:5.1f}" for k, v in row["values"].items()
+                             if k in ("image_auroc", "pixel_auroc", "pro") and v is not None)
+            lines.append(f"  {category:<12} {row['version']:<6} {vals}")
+    return "metrics (%):\n" + "\n".join(lines) if lines else "no metrics yet"
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from app.services.status import home_status
+
+    home, sessions = _open(args)
+    status = home_status(home, sessions)
+    active = status["active_version"]
+    q = status["queue"]
+    text = [f"home {home.root}",
+            f"active version: {active['name']} ({active['mode']})" if active else "no active version: run `dmad train`",
+            f"jobs: {q['queued']} queued, {q['running']} running, {q['failed']} failed",
+            _metrics_text(status)]
+    _emit(args, status, "\n".join(text))
+    return 0
+
+
+def cmd_versions(args: argparse.Namespace) -> int:
+    from app.services.status import version_dict
+    from app.services.versions import list_versions
+
+    _home, sessions = _open(args)
+    with sessions() as session:
+        rows = [version_dict(v) for v in list_versions(session)]
+    text = "\n".join(f"{'*' if r['status'] == 'active' else ' '} {r['name']}  {r['status']:<9} {r['created_at']:%Y-%m-%d %H:%M:%S}  "
+                     f"{r['mode'] or '':<10} annotations {r['annotations']:>3}  {r['message']}" for r in rows)
+    _emit(args, rows, text or "no versions yet: run `dmad train`")
+    return 0
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    from app.services import versions
+    from app.services.status import version_dict
+
+    _home, sessions = _open(args)
+    with sessions() as session:
+        version = versions.promote(session, versions.get_version(session, args.version).id)
+        _emit(args, version_dict(version), f"{version.name} is active")
+    return 0
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    from app.services import versions
+    from app.services.status import version_dict
+
+    _home, sessions = _open(args)
+    with sessions() as session:
+        version = versions.rollback(session)
+        _emit(args, version_dict(version), f"rolled back: {version.name} is active")
+    return 0

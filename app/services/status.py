@@ -1,0 +1,55 @@
+"""What `dmad status` and `dmad versions` report: plain dictionaries, ready for JSON."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.home import Home
+from app.services import versions
+from db.models import JOB_STATUSES, Job, ModelVersion
+from db.queue import list_jobs
+from db.repositories import metric_history, training_counts
+
+
+def version_dict(v: ModelVersion) -> dict[str, Any]:
+    config = v.config or {}
+    return {"id": v.id, "name": v.name, "status": v.status, "mode": config.get("mode"),
+            "created_at": v.created_at, "activated_at": v.activated_at, "parent_id": v.parent_id,
+            "annotations": len((v.trained_on or {}).get("annotation_ids", [])),
+            "trained_on": v.trained_on, "seconds": config.get("seconds", {}), "message": v.message,
+            "folder": v.folder}
+
+
+def job_dict(job: Job) -> dict[str, Any]:
+    return {"id": job.id, "type": job.type, "status": job.status, "progress": job.progress,
+            "message": job.message, "attempts": job.attempts, "max_attempts": job.max_attempts,
+            "error": job.error, "created_at": job.created_at, "started_at": job.started_at,
+            "finished_at": job.finished_at}
+
+
+def metrics_by_category(session: Session) -> dict[str, list[dict[str, Any]]]:
+    """{category: [{"version", "version_id", "values": {metric: value}}, ...]}, oldest version first."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for row in metric_history(session):
+        history = out.setdefault(row.category, [])
+        if not history or history[-1]["version_id"] != row.version_id:
+            history.append({"version": row.version, "version_id": row.version_id, "values": {}})
+        history[-1]["values"][row.name] = row.value
+    return out
+
+
+def home_status(home: Home, sessions: sessionmaker[Session]) -> dict[str, Any]:
+    with sessions() as session:
+        active = versions.active_version(session)
+        counts = dict(session.execute(select(Job.status, func.count(Job.id)).group_by(Job.status)).all())
+        return {
+            "home": str(home.root),
+            "active_version": version_dict(active) if active else None,
+            "queue": {**{s: counts.get(s, 0) for s in JOB_STATUSES},
+                      "recent": [job_dict(j) for j in list_jobs(session, limit=10)]},
+            "metrics": metrics_by_category(session),
+            "training_data": training_counts(session),
+        }

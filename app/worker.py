@@ -1,0 +1,224 @@
+"""`dmad worker`: claims jobs from the queue and runs them, one at a time.
+
+Each job runs under a lease that a heartbeat extends while it works (progress and a message go with
+it, for the UI's progress bars). A worker that dies stops heartbeating; when its lease expires another
+worker claims the job again, up to the job's attempt limit, after which the job fails with the error
+kept. A worker that finds it has lost its lease stops at the next checkpoint and publishes nothing.
+
+Job types: 'train' (from scratch), 'retrain' (warm start from the active version; annotations
+coalesce into one), 'score_upload' (one uploaded image, result written into the job's payload) and
+'labelstudio_sync' (pull annotations the webhook missed; also run every `sync_every_seconds`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+import traceback
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.home import Home
+from db import queue
+from db.engine import begin_write
+from db.models import Job
+
+log = logging.getLogger(__name__)
+
+JOB_TYPES = ("train", "retrain", "score_upload", "labelstudio_sync")
+
+
+class JobLost(Exception):
+    """This worker no longer owns the job (lease expired and taken over, or cancelled)."""
+
+
+@dataclass(frozen=True)
+class WorkerOptions:
+    once: bool = False  # run what is claimable now, then exit
+    lease_seconds: float = 60.0
+    poll_seconds: float = 1.0
+    heartbeat_seconds: float = 2.0  # at most this long between heartbeats while a job runs
+    sync_every_seconds: float | None = 60.0  # Label Studio sync (when its project exists); None: never
+    worker_id: str = ""
+
+
+class JobRun:
+    """The running job's link to the queue: progress reports and the check that it is still ours."""
+
+    def __init__(self, sessions: sessionmaker[Session], job: Job, worker_id: str, options: WorkerOptions,
+                 on_progress: Callable[[float, str], None] | None = None):
+        self.sessions, self.job_id, self.worker_id, self.options = sessions, job.id, worker_id, options
+        self.on_progress = on_progress
+        self.payload: dict[str, Any] = dict(job.payload or {})
+        self._state = (0.0, "started")
+        self._lost = threading.Event()
+        self._done = threading.Event()
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._beat, name=f"heartbeat-{job.id}", daemon=True)
+
+    def __enter__(self) -> JobRun:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        self._thread.join(timeout=10)
+
+    def _send(self) -> None:
+        with self._lock:
+            fraction, message = self._state
+            if not queue.heartbeat(self.sessions, self.job_id, self.worker_id, fraction, message,
+                                   self.options.lease_seconds):
+                self._lost.set()
+
+    def _beat(self) -> None:
+        while not self._done.wait(self.options.heartbeat_seconds):
+            try:
+                self._send()
+            except Exception:  # noqa: BLE001 - a database hiccup must not kill the job; the lease covers it
+                log.warning("heartbeat of job %s failed", self.job_id, exc_info=True)
+
+    def progress(self, fraction: float, message: str) -> None:
+        self._state = (float(fraction), message)
+        if self.on_progress is not None:
+            self.on_progress(fraction, message)
+        if self._lost.is_set():
+            raise JobLost(f"job {self.job_id} is no longer owned by {self.worker_id}")
+
+    def checkpoint(self, message: str) -> None:
+        """Heartbeat now and stop if the job is no longer ours: called before anything is published."""
+        self._state = (self._state[0], message)
+        self._send()
+        if self._lost.is_set():
+            raise JobLost(f"job {self.job_id} is no longer owned by {self.worker_id}; not publishing")
+
+
+# -- handlers ---------------------------------------------------------------------------------------
+def _train(home: Home, sessions: sessionmaker[Session], run: JobRun, warm_start: bool) -> str:
+    from app.services.training import train_version
+
+    outcome = train_version(home, sessions, warm_start=warm_start, job_id=run.job_id, progress=run.progress,
+                            checkpoint=run.checkpoint)
+    return f"{outcome.version} active ({outcome.mode.replace('_', ' ')}, {outcome.seconds['total']:.0f} s)"
+
+
+def _score_upload(home: Home, sessions: sessionmaker[Session], run: JobRun) -> str:
+    from app.services import versions
+    from app.services.scoring import score_file
+
+    with sessions() as session:
+        version = versions.active_version(session)
+    if version is None:
+        raise RuntimeError("no active model version yet; train one with `dmad train`")
+    run.progress(0.1, "scoring the uploaded image")
+    result = score_file(home, version, run.payload["path"], run.payload["category"])
+    run.checkpoint("storing the result")
+    with sessions() as session:
+        begin_write(session)
+        job = session.get(Job, run.job_id)
+        job.payload = {**run.payload, "result": result}
+        session.commit()
+    return f"score {result['score']:.3f} under {version.name}"
+
+
+def _labelstudio_sync(home: Home, sessions: sessionmaker[Session], run: JobRun) -> str:
+    from annotation.sink import DatabaseSink
+    from annotation.sync import sync_annotations
+    from app.commands.labelstudio import connect_project
+
+    client, project_id = connect_project(home)
+    report = sync_annotations(client, project_id, DatabaseSink(home, sessions))
+    return (f"{report.created} created, {report.updated} updated, {report.deleted} deleted, "
+            f"{len(report.failed)} failed")
+
+
+HANDLERS: dict[str, Callable[[Home, sessionmaker[Session], JobRun], str]] = {
+    "train": lambda h, s, r: _train(h, s, r, warm_start=False),
+    "retrain": lambda h, s, r: _train(h, s, r, warm_start=True),
+    "score_upload": _score_upload,
+    "labelstudio_sync": _labelstudio_sync,
+}
+
+
+# -- the loop ---------------------------------------------------------------------------------------
+def default_worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+
+
+def run_job(home: Home, sessions: sessionmaker[Session], job: Job, options: WorkerOptions, worker_id: str,
+            on_progress: Callable[[float, str], None] | None = None) -> bool:
+    """Run one claimed job to its end; True when it succeeded."""
+    handler = HANDLERS.get(job.type)
+    if handler is None:
+        queue.fail(sessions, job.id, worker_id, f"unknown job type {job.type!r}; this worker runs {', '.join(JOB_TYPES)}")
+        return False
+    log.info("job %s (%s), attempt %s/%s", job.id, job.type, job.attempts, job.max_attempts)
+    try:
+        with JobRun(sessions, job, worker_id, options, on_progress) as run:
+            message = handler(home, sessions, run)
+    except JobLost as exc:
+        log.warning("%s", exc)
+        return False
+    except Exception as exc:  # noqa: BLE001 - the error is kept on the job; the worker goes on
+        log.error("job %s failed: %s", job.id, exc)
+        queue.fail(sessions, job.id, worker_id, f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=8)}")
+        return False
+    queue.complete(sessions, job.id, worker_id, message)
+    log.info("job %s done: %s", job.id, message)
+    return True
+
+
+def _sync_due(home: Home, sessions: sessionmaker[Session], options: WorkerOptions, last: float) -> bool:
+    """Queue a Label Studio sync when one is due and the home has a Label Studio project."""
+    from app.commands.labelstudio import has_project
+
+    if options.sync_every_seconds is None or time.monotonic() - last < options.sync_every_seconds:
+        return False
+    if not has_project(home):
+        return False
+    with sessions() as session:
+        begin_write(session)
+        queue.enqueue(session, "labelstudio_sync", {"trigger": "periodic"}, coalesce_key="labelstudio_sync")
+        session.commit()
+    return True
+
+
+def run_worker(home: Home, sessions: sessionmaker[Session], options: WorkerOptions = WorkerOptions(),
+               stop: threading.Event | None = None) -> int:
+    """Claim and run jobs until `stop` is set (or, with `once`, until nothing is claimable).
+    Returns the number of jobs that succeeded."""
+    stop = stop or threading.Event()
+    worker_id = options.worker_id or default_worker_id()
+    succeeded, last_sync = 0, time.monotonic() - (options.sync_every_seconds or 0)
+    log.info("worker %s started on %s", worker_id, home.root)
+    while not stop.is_set():
+        if not options.once and _sync_due(home, sessions, options, last_sync):
+            last_sync = time.monotonic()
+        job = queue.claim(sessions, worker_id, JOB_TYPES, options.lease_seconds)
+        if job is None:
+            if options.once:
+                break
+            stop.wait(options.poll_seconds)
+            continue
+        succeeded += run_job(home, sessions, job, options, worker_id)
+    return succeeded
+
+
+def install_stop_signals(stop: threading.Event) -> None:
+    """SIGTERM and SIGINT finish the current job's step and stop (a second Ctrl-C kills at once)."""
+    def handler(signum: int, _frame: Any) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        log.info("stopping after the current job (signal %s)", signum)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
