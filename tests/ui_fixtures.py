@@ -1,8 +1,11 @@
-"""Prepared homes for the UI tests: a real database, real image files, model versions, pool scores and
-metrics, built through the same repositories and services the product uses.
+"""Prepared homes for the UI tests: a real database, real image files, and two real model versions
+trained through the product's own CLI and services (v0001 unsupervised; then defect masks and confirmed
+normals; v0002 warm-started on them), so every page shows real model output: pool scores, heat maps,
+top patches and per-class metrics.
 
-Pool scores come from `score_pool`, the one function to swap for the engine's real `score_pool` once it
-exists; until then it derives plausible heat maps from the synthetic ground-truth masks.
+A first training takes a minute or two here, so the trained home is built once per test session (cached
+under pytest's base temporary folder) and each test gets a light copy of its database and masks
+(`copy_prepared`; `full=True` also copies the feature cache and model folders, for tests that retrain).
 
 Import the fixtures you use into a test module (`from tests.ui_fixtures import ui_home, ...`).
 """
@@ -11,9 +14,11 @@ from __future__ import annotations
 
 import hashlib
 import io
+import shutil
+import sqlite3
 import time
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -22,25 +27,20 @@ import pytest
 from sqlalchemy import insert, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from app.cli import main as dmad
 from app.home import Home
-from app.services import versions
 from app.services.annotations import record_annotation
+from app.services.training import train_version
 from db.engine import cached_engine, session_factory, upgrade_to_head
 from db.models import Image, ModelVersion, PoolScore
-from db.repositories import (
-    PoolScoreRow,
-    add_image,
-    build_trained_on,
-    get_or_create_category,
-    record_metrics,
-    store_pool_scores,
-)
+from db.repositories import PoolScoreRow, get_or_create_category, store_pool_scores
 from dmad_core.data.synthetic import make_normal_image, make_synthetic_category
 
 CATEGORIES = (("tiles", "grid"), ("fabric", "weave"))
-IMAGE_SIZE = 128
-GRID = 16  # patch grid of the fake scorer: 8-pixel patches on a 128-pixel image
+N_TRAIN, N_GOOD, N_DEFECT = 6, 4, 6  # per category: normal training images; pool images without / with a defect
+ANNOTATED_DEFECTS = 2  # per category, with their ground-truth masks, before v0002; plus one confirmed normal
 HOME_ENV = "DMAD_HOME"
+_READY = "ready"
 
 
 @dataclass(frozen=True)
@@ -56,57 +56,6 @@ class PreparedHome:
         return session_factory(cached_engine(self.url))
 
 
-# -- the scorer stand-in ------------------------------------------------------------------------------
-def _gt_mask(image: Image) -> np.ndarray:
-    if image.gt_mask_path:
-        with PIL.Image.open(image.gt_mask_path) as im:
-            return np.asarray(im.convert("L")) > 127
-    return np.zeros((image.height, image.width), dtype=bool)
-
-
-def score_pool(session: Session, home: Home, version: ModelVersion, images: Sequence[Image]) -> list[PoolScoreRow]:
-    """Pool scores of `images` under `version`. Stand-in for the engine's `score_pool`: swap this body
-    for the real call and every UI test runs on real model output.
-
-    The fake heat map is the defect's coverage of each patch over a noisy normal level; later versions
-    (trained with more annotations) separate defects from normal texture a little better. Each top patch
-    is a 3x3-cell window around a hot cell, so neighbouring patches of one defect overlap as a real
-    receptive field does."""
-    gain = 1.0 + 0.15 * (int(version.name[1:]) - 1)
-    rows = []
-    for image in images:
-        rng = np.random.default_rng([image.id, int(version.name[1:])])
-        mask = _gt_mask(image)
-        gh, gw = GRID, GRID
-        cover = mask[: mask.shape[0] // gh * gh, : mask.shape[1] // gw * gw]
-        cover = cover.reshape(gh, mask.shape[0] // gh, gw, mask.shape[1] // gw).mean(axis=(1, 3))
-        grid = 0.3 + 0.04 * rng.standard_normal((gh, gw)) + 0.7 * gain * np.sqrt(cover)
-        grid = np.clip(grid, 0.0, None).astype(np.float32)
-        ph, pw = image.height / gh, image.width / gw
-        order = np.argsort(grid, axis=None)[::-1][:5]
-        top = []
-        for flat in order:
-            r, c = divmod(int(flat), gw)
-            box = [max(0, round((c - 1) * pw)), max(0, round((r - 1) * ph)),
-                   min(image.width, round((c + 2) * pw)), min(image.height, round((r + 2) * ph))]
-            top.append({"box": box, "score": float(grid[r, c])})
-        rows.append(PoolScoreRow(image.id, float(grid.max()), grid, top))
-    return rows
-
-
-def _metrics(version_number: int) -> dict[str, dict[str, float]]:
-    """Plausible per-class metrics that improve as annotations arrive."""
-    out = {}
-    for i, (category, _texture) in enumerate(CATEGORIES):
-        base = 0.82 + 0.03 * i + 0.05 * (version_number - 1)
-        out[category] = {
-            "image_auroc": min(0.999, base), "pixel_auroc": min(0.999, base + 0.08), "pro": min(0.99, base - 0.05),
-            "image_ap": min(0.999, base + 0.02), "pixel_ap": min(0.99, base - 0.30),
-            "image_f1max": min(0.99, base - 0.04), "pixel_f1max": min(0.99, base - 0.28),
-        }
-    return out
-
-
 # -- building a home ----------------------------------------------------------------------------------
 def empty_home(root: Path) -> Home:
     """A home with an up-to-date, empty database."""
@@ -116,68 +65,70 @@ def empty_home(root: Path) -> Home:
     return home
 
 
-def _version(session: Session, home: Home, parent_id: int | None) -> ModelVersion:
-    name, tmp = versions.new_version_dir(home, session)
-    (tmp / "config.json").write_text('{"preset": "offline"}')
-    return versions.commit_version(session, home, name, tmp, {"preset": "offline"}, parent_id,
-                                   build_trained_on(session), status="candidate",
-                                   message="trained by the UI test fixture")
+def _gt_mask(image: Image) -> np.ndarray:
+    with PIL.Image.open(image.gt_mask_path) as im:
+        return np.asarray(im.convert("L")) > 127
+
+
+def _describe(home: Home, annotated: list[int]) -> PreparedHome:
+    sessions = session_factory(cached_engine(home.db_url()))
+    with sessions() as session:
+        pool = session.execute(select(Image.id, Image.gt_label).where(Image.role == "pool").order_by(Image.id)).all()
+        version_ids = list(session.scalars(select(ModelVersion.id).order_by(ModelVersion.created_at, ModelVersion.id)))
+    return PreparedHome(home, home.db_url(), [i for i, _ in pool], [i for i, label in pool if label == 1],
+                        version_ids, annotated)
 
 
 def build_home(root: Path) -> PreparedHome:
-    """Two synthetic categories; v0001 trained unsupervised, then two defect masks and a confirmed
-    normal per category, then v0002 trained on them and active. Both versions scored the pool and
-    have metrics."""
-    home = empty_home(root / "home")
+    """Synthetic categories ingested and trained with the real CLI (v0001, unsupervised), then defect
+    masks and a confirmed normal per category, then a warm-started retrain (v0002, active). Both
+    versions scored the pool and recorded metrics; nothing is stubbed."""
+    folders = [make_synthetic_category(root / "data", name, n_train=N_TRAIN, n_test_good=N_GOOD,
+                                       n_test_defect=N_DEFECT, texture=texture, seed=5)
+               for name, texture in CATEGORIES]
+    home = Home.at(root / "home")
+    args = ["--home", str(home.root)]
+    assert dmad(["init", *args, "--train-epochs", "2", "--retrain-epochs", "1"]) == 0
+    assert dmad(["ingest", *args, *map(str, folders)]) == 0
+    assert dmad(["train", *args]) == 0
     sessions = session_factory(cached_engine(home.db_url()))
-    pool: list[Image] = []
-    defects: list[int] = []
+    annotated = []
     with sessions() as session:
-        for i, (name, texture) in enumerate(CATEGORIES):
-            folder = make_synthetic_category(root / "data", name, n_train=4, n_test_good=4, n_test_defect=6,
-                                             size=IMAGE_SIZE, seed=i, texture=texture)
-            for path in sorted((folder / "train" / "good").glob("*.png")):
-                add_image(session, name, path, "train_normal")
-            for path in sorted((folder / "test").glob("*/*.png")):
-                defect = path.parent.name != "good"
-                mask = folder / "ground_truth" / path.parent.name / f"{path.stem}_mask.png"
-                image = add_image(session, name, path, "pool", gt_label=int(defect),
-                                  gt_mask_path=mask if defect else None,
-                                  defect_type=path.parent.name if defect else None)
-                pool.append(image)
-                if defect:
-                    defects.append(image.id)
-        session.commit()
-
-        v1 = _version(session, home, None)
-        versions.promote(session, v1.id)
-        store_pool_scores(session, v1.id, score_pool(session, home, v1, pool))
-        record_metrics(session, v1.id, _metrics(1))
-        session.commit()
-
-        annotated = []
+        pool = list(session.scalars(select(Image).where(Image.role == "pool").order_by(Image.id)))
         for name, _texture in CATEGORIES:
             in_category = [im for im in pool if im.category.name == name]
-            for image in [im for im in in_category if im.gt_label == 1][:2]:
+            for image in [im for im in in_category if im.gt_label == 1][:ANNOTATED_DEFECTS]:
                 record_annotation(session, home, image=image.id, kind="defect_mask", mask=_gt_mask(image),
                                   source="cli", enqueue_retrain=False)
                 annotated.append(image.id)
             normal = next(im for im in in_category if im.gt_label == 0)
             record_annotation(session, home, image=normal.id, kind="normal", source="cli", enqueue_retrain=False)
             annotated.append(normal.id)
-        time.sleep(0.01)  # distinct creation times: the charts order versions by them
+    time.sleep(0.01)  # distinct creation times: the charts order versions by them
+    train_version(home, sessions, warm_start=True)
+    return _describe(home, annotated)
 
-        v2 = _version(session, home, v1.id)
-        versions.promote(session, v2.id)
-        store_pool_scores(session, v2.id, score_pool(session, home, v2, pool))
-        record_metrics(session, v2.id, _metrics(2))
-        session.commit()
-        return PreparedHome(home, home.db_url(), [im.id for im in pool], defects, [v1.id, v2.id], annotated)
+
+def copy_prepared(src: PreparedHome, dest: Path, full: bool = False) -> PreparedHome:
+    """A copy of a prepared home at `dest` (a home folder). Pages only read the database and masks, so
+    by default the feature cache and model folders stay in the source (the copy's versions point
+    there, read-only); `full` copies them too, for a worker that retrains."""
+    skip = () if full else ("features", "models", "logs", "run")
+    shutil.copytree(src.home.root, dest, ignore=lambda folder, names: [n for n in names if
+                                                                         Path(folder) == src.home.root and n in skip])
+    if full:
+        with sqlite3.connect(dest / "dmad.db") as db:
+            db.execute("UPDATE model_versions SET folder = replace(folder, ?, ?)", (str(src.home.root), str(dest)))
+    home = Home.at(dest)
+    return replace(src, home=home, url=home.db_url())
 
 
 def add_bulk_pool(prepared: PreparedHome, n: int = 10_000, category: str = "bulk", size: int = 48) -> float:
     """Add `n` generated pool images (real files, registered rows) and a score of each under the active
     version, as a pool of production size; returns the seconds it took.
+
+    Running the model on 10,000 images would take the test an hour, so each score is a real score row of
+    the home's own pool, reused with jitter: the same grid size, score range and top patches.
 
     Images are small BMP variations of one texture (a distinct pixel makes each file distinct), written
     once and registered with one bulk insert: `add_image` per file would dominate the test's time."""
@@ -205,29 +156,41 @@ def add_bulk_pool(prepared: PreparedHome, n: int = 10_000, category: str = "bulk
         session.execute(insert(Image), rows)
         ids = list(session.scalars(select(Image.id).where(Image.category_id == cat.id).order_by(Image.id)))
         version_id = prepared.version_ids[-1]
-        grid_side = 6
+        # Scores shaped like the real ones: each generated image takes a real pool score row of the
+        # version (its grid, score and top patches, boxes scaled to the small image) with a little jitter.
+        real = session.scalars(select(PoolScore).join(Image, Image.id == PoolScore.image_id)
+                               .where(PoolScore.version_id == version_id, Image.category_id != cat.id)).all()
+        templates = [(r.score, r.patch_map_array().astype(np.float32), r.image.width, list(r.top_patches))
+                     for r in real]
         scores = []
-        for image_id in ids:
-            grid = (0.2 + 0.5 * rng.random((grid_side, grid_side))).astype(np.float32)
-            r, c = divmod(int(grid.argmax()), grid_side)
-            cell = size // grid_side
-            top = [{"box": [c * cell, r * cell, (c + 1) * cell, (r + 1) * cell], "score": float(grid.max())}]
-            scores.append(PoolScoreRow(image_id, float(grid.max()), grid, top))
+        for k, image_id in enumerate(ids):
+            score, grid, width, top = templates[k % len(templates)]
+            factor = float(1.0 + 0.05 * rng.standard_normal())
+            scale = size / width
+            top = [{"box": [round(v * scale) for v in p["box"]], "score": p["score"] * factor} for p in top]
+            scores.append(PoolScoreRow(image_id, score * factor, grid * factor, top))
         store_pool_scores(session, version_id, scores)
         session.commit()
     return time.perf_counter() - start
 
 
-def pool_score_count(prepared: PreparedHome, version_id: int) -> int:
-    with prepared.sessions()() as session:
-        return len(session.scalars(select(PoolScore.id).where(PoolScore.version_id == version_id)).all())
-
-
 # -- fixtures -----------------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def ui_template(tmp_path_factory: pytest.TempPathFactory) -> PreparedHome:
+    """The trained home, built once per test session (every module that imports this shares the folder)."""
+    root = tmp_path_factory.getbasetemp() / "ui-template"
+    if not (root / _READY).exists():
+        shutil.rmtree(root, ignore_errors=True)
+        prepared = build_home(root)
+        (root / _READY).write_text(",".join(map(str, prepared.annotated_ids)))
+    annotated = [int(i) for i in (root / _READY).read_text().split(",")]
+    return _describe(Home.at(root / "home"), annotated)
+
+
 @pytest.fixture
-def ui_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[PreparedHome]:
-    """A prepared home, named by $DMAD_HOME for the app under test."""
-    prepared = build_home(tmp_path)
+def ui_home(ui_template: PreparedHome, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[PreparedHome]:
+    """A copy of the trained home for this test, named by $DMAD_HOME for the app under test."""
+    prepared = copy_prepared(ui_template, tmp_path / "home")
     monkeypatch.setenv(HOME_ENV, str(prepared.home.root))
     yield prepared
 
@@ -246,14 +209,3 @@ def ui_no_database(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Home:
     home = Home.at(tmp_path / "home")
     monkeypatch.setenv(HOME_ENV, str(home.root))
     return home
-
-
-@pytest.fixture(scope="module")
-def ui_big_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PreparedHome]:
-    """A prepared home with 10,000 more scored pool images (built once per module; read-only)."""
-    prepared = build_home(tmp_path_factory.mktemp("ui-big"))
-    seconds = add_bulk_pool(prepared)
-    print(f"\nbuilt 10,000 pool images and scores in {seconds:.1f} s")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv(HOME_ENV, str(prepared.home.root))
-        yield prepared

@@ -1,8 +1,10 @@
 """Which patches the Review grid shows, so that one defect does not fill the page.
 
-An image is scored by its hottest patches, and one large defect lights up many neighbouring ones.
+An image is scored by its hottest patches, and one large defect lights up many neighbouring ones (the
+scorer's top patches are 3x3-cell windows two cells apart, so windows of one defect still overlap).
 The grid therefore shows at most `per_image` crops of one image, and skips a patch that overlaps an
-already chosen patch of the same image by more than `max_iou` (intersection over union).
+already chosen patch of the same image at all (`max_iou` 0): a second crop of an image is a second
+hot spot, not the same defect again.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from typing import Any
 
 from app.ui.imaging import clip_box
 
-MAX_IOU = 0.3
+MAX_IOU = 0.0
 
 
 @dataclass(frozen=True)

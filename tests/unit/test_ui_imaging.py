@@ -77,11 +77,14 @@ def test_one_defect_does_not_fill_the_page() -> None:
     """Overlapping patches of one defect give one crop; a separate hot spot can give a second."""
     patches = [
         {"box": [10, 10, 30, 30], "score": 0.9},
-        {"box": [12, 10, 32, 30], "score": 0.8},  # same defect, IoU > 0.3
+        {"box": [12, 10, 32, 30], "score": 0.8},  # same defect, overlapping
         {"box": [15, 12, 35, 32], "score": 0.7},  # same defect
         {"box": [60, 60, 80, 80], "score": 0.6},  # elsewhere
     ]
     assert pick_patches(patches, 100, 100, per_image=1) == [((10, 10, 30, 30), 0.9)]
+    touching = [{"box": [10, 10, 30, 30], "score": 0.9}, {"box": [28, 10, 48, 30], "score": 0.8},
+                {"box": [30, 10, 50, 30], "score": 0.7}]  # overlaps by two pixels; then only touches
+    assert [box for box, _ in pick_patches(touching, 100, 100, per_image=3)] == [(10, 10, 30, 30), (30, 10, 50, 30)]
     assert [box for box, _ in pick_patches(patches, 100, 100, per_image=3)] == [(10, 10, 30, 30), (60, 60, 80, 80)]
     crops = crops_for(7, patches, 100, 100, per_image=2)
     assert [(c.image_id, c.rank) for c in crops] == [(7, 0), (7, 1)]

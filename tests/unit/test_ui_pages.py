@@ -18,7 +18,7 @@ from app.services.annotations import RETRAIN_KEY
 from db.models import Annotation, Job
 from db.queue import claim, heartbeat
 from app.ui.diversity import iou, pick_patches
-from tests.ui_fixtures import PreparedHome, ui_empty_home, ui_home, ui_no_database  # noqa: F401
+from tests.ui_fixtures import N_TRAIN, PreparedHome, ui_empty_home, ui_home, ui_no_database, ui_template  # noqa: F401
 
 UI = Path(__file__).resolve().parents[2] / "app" / "ui"
 HOME_PAGE = UI / "Home.py"
@@ -66,6 +66,8 @@ def test_pages_explain_what_to_do_on_an_empty_home(ui_empty_home: Home, page: Pa
         assert "No data yet: run `dmad ingest DIR`" in shown
     if page in (HOME_PAGE, TRAINING, METRICS):
         assert "No model yet: run `dmad train`" in shown
+    if page == TRAINING:
+        assert "No jobs yet" in shown
     if page == HOME_PAGE:
         assert "Label Studio is not running: start it with `dmad labelstudio start`" in shown
 
@@ -82,7 +84,7 @@ def test_home_overview(ui_home: PreparedHome) -> None:  # noqa: F811
     at = run(HOME_PAGE)
     metrics = {m.label: m.value for m in at.metric}
     assert metrics["Active model"] == "v0002" and metrics["Model versions"] == "2"
-    assert metrics["Images"] == str(len(ui_home.pool_ids) + 8)
+    assert metrics["Images"] == str(len(ui_home.pool_ids) + 2 * N_TRAIN)
     assert "scored **20** pool images" in texts(at)
     assert at.dataframe[0].value.loc["fabric", "pool"] == 10
     assert len(at.get("page_link")) == 4
@@ -108,18 +110,19 @@ def test_review_filters_and_diversity(ui_home: PreparedHome) -> None:  # noqa: F
     assert captions and all("· tiles ·" in c for c in captions)
     at.number_input(key="review-per-image").set_value(3).run()
     assert not at.exception
-    # Up to 3 crops per image, but never two patches of one image overlapping by IoU > 0.3: the grid
+    # Up to 3 crops per image, but never two overlapping patches of one image: the grid
     # holds exactly what the diversity rule keeps of each image's stored top patches.
     n_tiles = len([c for c in at.checkbox if c.key.startswith("select-")])
     with ui_home.sessions()() as session:
         rows = q.review_page(session, q.ReviewFilter(ui_home.version_ids[-1], ("tiles",)), limit=100)
     kept = {r.image_id: pick_patches(r.top_patches, r.width, r.height, per_image=3) for r in rows}
-    assert all(iou(a, b) <= 0.3 for boxes in kept.values() for i, (a, _) in enumerate(boxes)
+    assert all(iou(a, b) == 0 for boxes in kept.values() for i, (a, _) in enumerate(boxes)
                for b, _ in boxes[i + 1:])
     assert len(kept) == n_tiles
     assert len(at.get("image")) == sum(len(b) for b in kept.values()) <= 3 * n_tiles
-    overlapping = sum(len(r.top_patches) for r in rows) - sum(len(b) for b in kept.values())
-    assert overlapping > 0  # some stored patches were dropped as repeats of a shown one
+    # the rule bites on real output: some image has 3+ stored patches but fewer shown, as its next
+    # patches overlap one already shown (windows of one defect)
+    assert any(len(r.top_patches) >= 3 and len(kept[r.image_id]) < 3 for r in rows)
     at.checkbox(key="review-hide-annotated").uncheck().run()
     assert len([c for c in at.checkbox if c.key.startswith("select-")]) == 10
     slider = at.slider(key=f"review-min-score-{ui_home.version_ids[-1]}")
@@ -142,7 +145,7 @@ def test_review_mark_normal_annotates_and_queues_a_retrain(ui_home: PreparedHome
     assert "2 image(s) marked normal; retrain job #" in texts(at)
     with ui_home.sessions()() as session:
         rows = session.scalars(select(Annotation).where(Annotation.source == "ui")).all()
-        jobs = session.scalars(select(Job)).all()
+        jobs = session.scalars(select(Job).where(Job.type != "train")).all()
     assert sorted(a.image_id for a in rows) == sorted(chosen) and {a.kind for a in rows} == {"normal"}
     assert [(j.type, j.status, j.coalesce_key) for j in jobs] == [("retrain", "queued", RETRAIN_KEY)]
     shown = [int(c.key.rsplit("-", 1)[1]) for c in at.checkbox if c.key.startswith("select-")]
@@ -278,14 +281,17 @@ def test_inspect_shows_a_failed_upload_job(ui_home: PreparedHome) -> None:  # no
 # -- training ---------------------------------------------------------------------------------------
 def test_training_retrain_now_queues_one_job(ui_home: PreparedHome) -> None:  # noqa: F811
     at = run(TRAINING)
-    assert "No jobs yet" in texts(at)
+    assert not at.get("progress")  # v0001's training job is done: no bar, a row in the table
+    assert list(at.dataframe[0].value["type"]) == ["train"]
     at.button(key="training-retrain").click().run()
-    assert "Retrain job #1 is queued" in texts(at)
+    with ui_home.sessions()() as session:
+        jobs = session.scalars(select(Job).where(Job.type != "train")).all()
+    assert f"Retrain job #{jobs[0].id} is queued" in texts(at)
     at.button(key="training-retrain").click().run()  # joins the waiting one
     with ui_home.sessions()() as session:
-        jobs = session.scalars(select(Job)).all()
+        jobs = session.scalars(select(Job).where(Job.type != "train")).all()
     assert [(j.type, j.status, j.coalesce_key) for j in jobs] == [("retrain", "queued", RETRAIN_KEY)]
-    assert [p.proto.text for p in at.get("progress")] == ["#1 retrain · queued · waiting for a worker"]
+    assert [p.proto.text for p in at.get("progress")] == [f"#{jobs[0].id} retrain · queued · waiting for a worker"]
 
 
 def test_training_shows_running_jobs_with_progress(ui_home: PreparedHome) -> None:  # noqa: F811
@@ -300,10 +306,11 @@ def test_training_shows_running_jobs_with_progress(ui_home: PreparedHome) -> Non
     heartbeat(sessions, job.id, "worker-1", 0.4, "fitting the mapper")
     at = run(TRAINING)
     bars = at.get("progress")
-    assert [b.proto.text for b in bars] == ["#1 retrain · running · fitting the mapper"]
+    assert [b.proto.text for b in bars] == [f"#{job.id} retrain · running · fitting the mapper"]
     assert bars[0].proto.value == 40
-    finished = at.dataframe[0].value
-    assert list(finished["job"]) == [done.id] and list(finished["status"]) == ["succeeded"]
+    finished = at.dataframe[0].value  # newest first, v0001's training last
+    assert list(finished["job"])[0] == done.id and list(finished["type"]) == ["score_upload", "train"]
+    assert list(finished["status"]) == ["succeeded", "succeeded"]
 
 
 def test_training_versions_promote_and_roll_back(ui_home: PreparedHome) -> None:  # noqa: F811

@@ -7,7 +7,7 @@ from sqlalchemy import select
 from app.services import ui_queries as q
 from app.services.annotations import RETRAIN_KEY
 from db.models import Job
-from tests.ui_fixtures import PreparedHome, add_bulk_pool, ui_home  # noqa: F401
+from tests.ui_fixtures import N_DEFECT, N_GOOD, N_TRAIN, PreparedHome, add_bulk_pool, ui_home, ui_template  # noqa: F401
 
 
 def test_review_page_is_best_first_and_pages_without_overlap(ui_home: PreparedHome) -> None:  # noqa: F811
@@ -20,9 +20,9 @@ def test_review_page_is_best_first_and_pages_without_overlap(ui_home: PreparedHo
     assert scores == sorted(scores, reverse=True)
     assert not {r.image_id for r in first} & {r.image_id for r in second}
     top = first[0]
-    assert top.patch_map.dtype.name == "float16" and top.patch_map.shape == (16, 16)
+    assert top.patch_map.dtype.name == "float16" and top.patch_map.ndim == 2 and min(top.patch_map.shape) >= 8
     assert top.top_patches and len(top.top_patches[0]["box"]) == 4
-    assert top.image_id in ui_home.defect_ids  # the fake scorer puts defects first
+    assert top.image_id in ui_home.defect_ids  # the model ranks a defect first
 
 
 def test_review_filters(ui_home: PreparedHome) -> None:  # noqa: F811
@@ -72,11 +72,12 @@ def test_overview_and_versions(ui_home: PreparedHome) -> None:  # noqa: F811
     assert info.active.name == "v0002" and info.n_versions == 2
     assert info.pool_scored == len(ui_home.pool_ids)
     assert info.n_annotations == len(ui_home.annotated_ids)
-    assert info.images.loc["tiles", "pool"] == 10 and info.images.loc["tiles", "train_normal"] == 4
+    assert info.images.loc["tiles", "pool"] == N_GOOD + N_DEFECT and info.images.loc["tiles", "train_normal"] == N_TRAIN
     assert info.images.loc["tiles", "annotated defect (mask)"] == 2
     assert list(table["name"]) == ["v0002", "v0001"]
-    assert table.iloc[0]["trained on"] == "fabric: 4 normal, 2 masks, 1 confirmed normal; " \
-                                          "tiles: 4 normal, 2 masks, 1 confirmed normal"
+    assert table.iloc[0]["trained on"] == f"fabric: {N_TRAIN} normal, 2 masks, 1 confirmed normal; " \
+                                          f"tiles: {N_TRAIN} normal, 2 masks, 1 confirmed normal"
+    assert table.iloc[1]["trained on"] == f"fabric: {N_TRAIN} normal; tiles: {N_TRAIN} normal"
     assert q.trained_on_summary({}) == "-"
 
 
@@ -86,7 +87,7 @@ def test_enqueue_retrain_coalesces(ui_home: PreparedHome) -> None:  # noqa: F811
         again = q.enqueue_retrain(session)
         upload = q.enqueue_score_upload(session, "/tmp/x.png", "tiles")
         assert q.any_active_job(session)
-        rows = session.scalars(select(Job).order_by(Job.id)).all()
+        rows = session.scalars(select(Job).where(Job.type != "train").order_by(Job.id)).all()  # not v0001's
     assert first.id == again.id and first.status == "queued"
     assert [(j.type, j.coalesce_key) for j in rows] == [("retrain", RETRAIN_KEY), ("score_upload", None)]
     assert upload.payload == {"path": "/tmp/x.png", "category": "tiles"}

@@ -53,7 +53,7 @@ with st.sidebar:
         min_score = st.slider("Minimum score", lo, hi, lo, step=(hi - lo) / 100, format="%.3f",
                               key=f"review-min-score-{version.id}", on_change=first_page)
     per_image = int(st.number_input("Crops per image", 1, 5, 1, key="review-per-image", on_change=first_page,
-                                    help="Overlapping patches of one image (IoU > 0.3) are never both shown."))
+                                    help="Overlapping patches of one image are never both shown: a second crop is a second hot spot."))
     hide_annotated = st.checkbox("Hide images already annotated", True, key="review-hide-annotated",
                                  on_change=first_page)
 
