@@ -257,13 +257,43 @@ def test_inspect_shows_an_upload_job_then_its_result(ui_home: PreparedHome) -> N
     with sessions() as session:
         row = session.get(Job, job.id)
         row.status, row.progress = "succeeded", 1.0
-        row.payload = {**row.payload, "score": 1.0, "patch_map": grid,
-                       "top_patches": [{"box": [32, 24, 56, 48], "score": 1.0}]}
+        row.payload = {**row.payload, "result": {"score": 1.0, "patch_map": grid, "image_threshold": 0.5,
+                                                 "version": "v0002",
+                                                 "top_patches": [{"box": [32, 24, 56, 48], "score": 1.0}]}}
         session.commit()
     at.run()
     assert not at.exception
-    assert any(m.label == "Score" and m.value == "1.0000" for m in at.metric)
+    assert any(m.label == "Score (v0002)" and m.value == "1.0000" for m in at.metric)
+    assert any("Above v0002's image threshold (0.5000): likely defective." in w.value for w in at.warning)
     assert not at.get("progress")
+
+
+def test_inspect_upload_scored_by_the_real_worker(ui_home: PreparedHome) -> None:  # noqa: F811
+    """An uploaded defect image, scored by `dmad worker`'s own code (run once, in this process): the page
+    shows the model's score against its threshold and the heat map."""
+    import threading
+
+    from app.ui.uploads import save_upload
+    from app.worker import WorkerOptions, run_worker
+
+    sessions = ui_home.sessions()
+    with sessions() as session:
+        info = q.image_info(session, ui_home.defect_ids[-1])
+    path = save_upload(ui_home.home, "line-camera.png", Path(info.path).read_bytes())
+    with sessions() as session:
+        job = q.enqueue_score_upload(session, path, info.category)
+    assert run_worker(ui_home.home, sessions, WorkerOptions(once=True, sync_every_seconds=None),
+                      threading.Event()) == 1
+    at = AppTest.from_file(str(INSPECT), default_timeout=30)
+    at.session_state["inspect-upload-job"] = job.id
+    at.run()
+    assert not at.exception
+    with sessions() as session:
+        result = q.job(session, job.id).payload["result"]
+    assert any(m.label == "Score (v0002)" and m.value == f"{result['score']:.4f}" for m in at.metric)
+    assert f"Job #{job.id} (score_upload) for `{path}`: **succeeded**" in texts(at)
+    assert any("image threshold" in e.value for e in [*at.warning, *at.success])
+    assert len(at.get("image")) >= 2  # the inspected image and the upload with its heat map
 
 
 def test_inspect_shows_a_failed_upload_job(ui_home: PreparedHome) -> None:  # noqa: F811

@@ -172,17 +172,29 @@ def upload_result(job_id: int, was_active: bool) -> None:
         st.progress(min(1.0, max(0.0, job.progress)), text=job.message or "running")
     elif job.status in ("failed", "cancelled"):
         st.error(f"{job.message}: {job.error or 'no error recorded'}")
-    elif "score" not in job.payload:
+    elif not isinstance(job.payload.get("result"), dict) or "score" not in job.payload["result"]:
         st.info("The job finished but stored no result in its payload.")
     else:
-        show_upload_score(job.payload)
+        show_upload_score(path, job.payload["result"])
 
 
-def show_upload_score(result: dict) -> None:
-    st.metric("Score", f"{float(result['score']):.4f}")
+def show_upload_score(path: str | None, result: dict) -> None:
+    """The worker's result: score (against the version's image threshold), heat map, top patches."""
+    score = float(result["score"])
+    threshold = result.get("image_threshold")
+    version = result.get("version", "the active version")
+    verdict = None
+    if threshold is not None:
+        verdict = "above" if score > float(threshold) else "within"
+    st.metric(f"Score ({version})", f"{score:.4f}",
+              help=None if threshold is None else f"image threshold {float(threshold):.4f}")
+    if verdict == "above":
+        st.warning(f"Above {version}'s image threshold ({float(threshold):.4f}): likely defective.")
+    elif verdict == "within":
+        st.success(f"Within {version}'s image threshold ({float(threshold):.4f}): looks normal.")
     try:
-        rgb = imaging.load_rgb(result["path"])
-    except (KeyError, OSError) as exc:
+        rgb = imaging.load_rgb(str(path))
+    except OSError as exc:
         st.warning(f"Cannot read the uploaded image: {exc}")
         return
     shown = rgb
