@@ -72,11 +72,19 @@ class MapperConfig:
     margin: float = 0.5
     lambda_pseudo: float = 1.0  # l1
     lambda_annotated: float = 0.0  # l2
-    pseudo_noise_std: float = 0.015  # smallest pseudo-anomaly noise, on standardised features
+    # Smallest pseudo-anomaly noise std, on standardised features (the paper: 0.015 alone). Measured on the
+    # offline backbone: below ~0.1 the noise moves a patch far less than normal patches already lie from
+    # their nearest neighbour (median distance 2.9, i.e. ~0.24 per channel), so it only teaches the mapper
+    # to spot the noise itself (docs/method-notes.md).
+    pseudo_noise_std: float = 0.1
     # Largest pseudo-anomaly noise: each pseudo patch draws its std log-uniformly in [min, max]. With a single
     # tiny std the mapper never sees a large residual and extrapolates arbitrarily far from normal data
     # (measured: pixel AUROC 0.30 on tire with 0.015 alone); 0.015 alone is ``pseudo_noise_std_max=0.015``.
     pseudo_noise_std_max: float = 1.0
+    # "isotropic": N(0, std^2 I) as in SimpleNet; "covariance": N(0, std^2 S / mean(eig S)) with S the
+    # covariance of normal training patches, so the noise moves a patch along directions normal patches vary
+    # in (same mean per-channel variance) instead of into directions they never use.
+    pseudo_noise: Literal["isotropic", "covariance"] = "covariance"
     lr_knowledge: float = 1e-4
     lr_mapper: float = 2e-4
     weight_decay: float = 1e-5
@@ -85,6 +93,15 @@ class MapperConfig:
     patches_per_image: int = 256  # sampled per image per step, to keep CPU training cheap
     steps_per_epoch: int = 20
     validation_fraction: float = 0.1  # of normal training images, for epoch selection and thresholds
+    validation_patches_per_image: int = 256  # fixed (seeded) subset scored each epoch: CPU cost
+    # Our additions (docs/method-notes.md): the mapper also sees the standardised NN distances, and its
+    # output is a learned correction on top of the normal-bank distance (the kNN score) instead of a score
+    # learned from scratch; pseudo-anomalies get their nearest neighbours searched again after the noise
+    # is added, as a real anomalous patch would at test time.
+    distance_features: bool = True
+    distance_prior: bool = True
+    pseudo_requery: bool = True
+    correction_bound: float = 0.5  # with the prior: |MLP correction| < this (tanh); 0 = unbounded
     seed: int = 0
 
     @staticmethod

@@ -164,6 +164,7 @@ class _TrainSet:
     nn_normal: list[np.ndarray]  # per image (N,) index into the normal bank
     nn_abnormal: list[np.ndarray]  # per image (N,) index into the abnormal bank
     patches: list[np.ndarray | None]  # per image: the patch indices to learn from (None = all)
+    sources: list[int] = field(default_factory=list)  # per image: provenance id (self-match exclusion)
 
 
 class DMAD:
@@ -407,20 +408,28 @@ class DMAD:
 
     def _train_sets(self) -> tuple[_TrainSet, _TrainSet, _TrainSet]:
         dim = self.config.backbone.feature_dim
+        mc = self.mapper_config_
         nf = self._get(self.normal_items_, desc="features: normal")
         nf = [f.reshape(-1, dim) for f in nf]
-        normal = _TrainSet(nf, *self._neighbours(self.normal_items_, nf, exclude=True), [None] * len(nf))
+        normal = _TrainSet(nf, *self._neighbours(self.normal_items_, nf, exclude=True), [None] * len(nf),
+                           [it.source for it in self.normal_items_])
         vf = [f.reshape(-1, dim) for f in self._get(self.validation_items_, desc="features: validation")]
-        val = _TrainSet(vf, *self._neighbours(self.validation_items_, vf, exclude=False), [None] * len(vf))
+        vrng = np.random.default_rng(mc.seed + 3)  # the same validation patches every epoch
+        vsel = [None if mc.validation_patches_per_image >= len(f)
+                else np.sort(vrng.choice(len(f), size=mc.validation_patches_per_image, replace=False)) for f in vf]
+        val = _TrainSet(vf, *self._neighbours(self.validation_items_, vf, exclude=False), vsel,
+                        [it.source for it in self.validation_items_])
         items = [a.item for a in self.annotations_]
         af = [f.reshape(-1, dim) for f in self._get(items, desc="features: annotated")]
-        ann = _TrainSet(af, *self._neighbours(items, af, exclude=True), [self._annotated_idx[it.hash] for it in items])
+        ann = _TrainSet(af, *self._neighbours(items, af, exclude=True), [self._annotated_idx[it.hash] for it in items],
+                        [it.source for it in items])
         return normal, val, ann
 
     def _batch(self, ts: _TrainSet, which: Sequence[int], n_patches: int | None, rng: np.random.Generator):
-        """Tensors (q, nn_n, nn_a, image_feats) for the chosen images; P patches sampled per image."""
+        """Tensors (q, nn_n, nn_a, image_feats, valid, sources) for the chosen images; P patches sampled per
+        image (``sources`` (B, P): each patch's image id, for self-match exclusion when searching again)."""
         mn, ma = self.normal_bank_.vectors, self.abnormal_bank_.vectors
-        qs, nns, nas, imgs, masks = [], [], [], [], []
+        qs, nns, nas, imgs = [], [], [], []
         for i in which:
             f = ts.feats[i]
             allowed = ts.patches[i] if ts.patches[i] is not None else np.arange(len(f))
@@ -432,16 +441,62 @@ class DMAD:
         p = max(len(q) for q in qs)
         pad = lambda arrs: np.stack([np.pad(a.astype(np.float32), ((0, p - len(a)), (0, 0))) for a in arrs])  # noqa: E731
         valid = np.stack([np.arange(p) < len(q) for q in qs])
+        sources = np.repeat(np.array([ts.sources[i] if ts.sources else -1 for i in which], np.int64)[:, None], p, axis=1)
         t = lambda a: torch.from_numpy(a).to(self.device)  # noqa: E731
-        return t(pad(qs)), t(pad(nns)), t(pad(nas)), t(np.stack([x.astype(np.float32) for x in imgs])), t(valid)
+        return (t(pad(qs)), t(pad(nns)), t(pad(nas)), t(np.stack([x.astype(np.float32) for x in imgs])), t(valid),
+                sources)
+
+    def _pseudo(self, q: torch.Tensor, nn_n: torch.Tensor, nn_a: torch.Tensor, sources: np.ndarray | None,
+                generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Pseudo-anomalies: Gaussian noise on the features (SimpleNet), and, when ``pseudo_requery``, the
+        nearest neighbours of the noisy features searched again in both banks (self-matches excluded when
+        ``sources`` is given), as a real anomalous patch gets its neighbours at test time."""
+        mc = self.mapper_config_
+        noise = torch.randn(q.shape, generator=generator).to(q)
+        if mc.pseudo_noise == "covariance":
+            noise = noise @ self._noise_factor_.to(q)
+        noise = noise * self._noise_scales(q.shape[:2], mc, generator).to(q)
+        qp = q + noise
+        if not mc.pseudo_requery:
+            return qp, nn_n, nn_a
+        flat = qp.detach().reshape(-1, q.shape[-1]).cpu().numpy()
+        src = None if sources is None else sources.reshape(-1)
+        i_n = self.normal_bank_.search(flat, src)[1]
+        i_a = self.abnormal_bank_.search(flat, src)[1]
+        t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(q).reshape(q.shape)  # noqa: E731
+        return qp, t(self.normal_bank_.vectors[i_n]), t(self.abnormal_bank_.vectors[i_a])
+
+    def _new_net(self, mc: MapperConfig) -> DMADNet:
+        return DMADNet(self.config.backbone.feature_dim, mc.attention_dim, mc.hidden_dim, mc.n_layers,
+                       mc.knowledge == "attention", distance_features=mc.distance_features,
+                       distance_prior=mc.distance_prior, margin=mc.margin, correction_bound=mc.correction_bound)
+
+    def _fit_distance_scaler(self, net: DMADNet, normal: _TrainSet) -> None:
+        """Distance statistics of normal training patches (self-matches excluded, so they look like a test
+        patch's) for the standardised distances the mapper sees."""
+        mn, ma = self.normal_bank_.vectors, self.abnormal_bank_.vectors
+        rows = []
+        for f, i_n, i_a in zip(normal.feats, normal.nn_normal, normal.nn_abnormal, strict=True):
+            q = f[::4].astype(np.float32)
+            rows.append(np.stack([np.linalg.norm(q - mn[i_n[::4]], axis=1), np.linalg.norm(q - ma[i_a[::4]], axis=1)], 1))
+        net.enhancer.distances.fit(torch.from_numpy(np.concatenate(rows)))
+
+    def _fit_noise_factor(self, normal: _TrainSet) -> None:
+        """A (C, C) factor A with A^T A = S / mean(eig S), S the covariance of normal training patches:
+        ``z @ A`` for white z has that covariance (used by ``pseudo_noise="covariance"``)."""
+        flat = np.concatenate([f[::8] for f in normal.feats]).astype(np.float64)
+        cov = np.cov(flat, rowvar=False)
+        w, v = np.linalg.eigh(cov)
+        w = np.clip(w, 0, None)
+        a = (v * np.sqrt(w / max(w.mean(), 1e-12))) @ v.T  # symmetric square root, unit mean variance
+        self._noise_factor_ = torch.from_numpy(a.astype(np.float32))
 
     def _train(self, epochs: int, progress: Progress) -> None:
         mc = self.mapper_config_
-        dim = self.config.backbone.feature_dim
         torch.manual_seed(mc.seed)
         rng = np.random.default_rng(mc.seed)
         if self.net_ is None:
-            self.net_ = DMADNet(dim, mc.attention_dim, mc.hidden_dim, mc.n_layers, mc.knowledge == "attention")
+            self.net_ = self._new_net(mc)
         net = self.net_.to(self.device)
         opt = torch.optim.AdamW(
             [{"params": net.enhancer.parameters(), "lr": mc.lr_knowledge},
@@ -450,24 +505,31 @@ class DMAD:
         )
         progress(0.0, "nearest neighbours of training patches")
         normal, val, ann = self._train_sets()
-        best_state, best_val, history = None, float("inf"), []
+        self._fit_distance_scaler(net, normal)
+        self._fit_noise_factor(normal)
+        # The starting point is a candidate too: with the distance prior an untrained mapper is the kNN
+        # baseline, and on a warm start the previous mapper; training must beat it on validation data.
+        best_val = self._validation_loss(val, ann, rng) if val.feats else float("inf")
+        best_state, history = copy.deepcopy(net.state_dict()), [{"epoch": -1, "train_loss": None, "val_loss": best_val}]
         bar = tqdm(range(epochs), desc="training mapper", unit="epoch", leave=False, disable=None)
         for epoch in bar:
             net.train()
             losses = []
             for _ in range(mc.steps_per_epoch):
                 which = rng.choice(len(normal.feats), size=min(mc.images_per_batch, len(normal.feats)), replace=False)
-                q, nn_n, nn_a, img, valid = self._batch(normal, which, mc.patches_per_image, rng)
-                q_pseudo = q + torch.randn_like(q) * self._noise_scales(q.shape[:2], mc)
-                o = net.enhancer(torch.cat([q, q_pseudo]), torch.cat([nn_n, nn_n]), torch.cat([nn_a, nn_a]),
-                                 torch.cat([img, img]))
-                out = net.mapper(torch.cat([o[: len(q)][valid], o[len(q):][valid]]))
+                q, nn_n, nn_a, img, valid, src = self._batch(normal, which, mc.patches_per_image, rng)
+                q_p, nn_np, nn_ap = self._pseudo(q, nn_n, nn_a, src)
+                o, prior = net.represent(torch.cat([q, q_p]), torch.cat([nn_n, nn_np]), torch.cat([nn_a, nn_ap]),
+                                         torch.cat([img, img]))
+                v2 = torch.cat([valid, valid])
+                out = net.head(o[v2], None if prior is None else prior[v2])
                 out_n, out_p = out[: int(valid.sum())], out[int(valid.sum()):]
                 out_a = None
                 if ann.feats and mc.lambda_annotated:
                     wa = rng.choice(len(ann.feats), size=min(mc.images_per_batch, len(ann.feats)), replace=False)
-                    qa, na, aa, ia, va = self._batch(ann, wa, mc.patches_per_image, rng)
-                    out_a = net.mapper(net.enhancer(qa, na, aa, ia)[va])
+                    qa, na, aa, ia, va, _ = self._batch(ann, wa, mc.patches_per_image, rng)
+                    oa, pa = net.represent(qa, na, aa, ia)
+                    out_a = net.head(oa[va], None if pa is None else pa[va])
                 loss = hinge_loss(out_n, out_p, out_a, mc.margin, mc.lambda_pseudo, mc.lambda_annotated)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -480,8 +542,7 @@ class DMAD:
             bar.set_postfix(loss=f"{np.mean(losses):.4f}", val=f"{val_loss:.4f}")
             progress((epoch + 1) / epochs, f"epoch {epoch + 1}/{epochs}: loss {np.mean(losses):.4f}, validation {val_loss:.4f}")
         bar.close()
-        if best_state is not None:
-            net.load_state_dict(best_state)
+        net.load_state_dict(best_state)
         net.eval()
         self.history_ = history
 
@@ -495,24 +556,24 @@ class DMAD:
 
     @torch.no_grad()
     def _validation_loss(self, val: _TrainSet, ann: _TrainSet, rng: np.random.Generator) -> float:
-        """Held-out normal images (and pseudo-anomalies made from them, seeded) under the training loss; the
-        annotated-defect term uses the training annotations (too few to hold any out)."""
+        """Held-out normal images (a fixed subset of their patches, and pseudo-anomalies made from them,
+        seeded) under the training loss; the annotated-defect term uses the training annotations (too few
+        to hold any out)."""
         net, mc = self.net_, self.mapper_config_
         net.eval()
         g = torch.Generator(device="cpu").manual_seed(mc.seed)
         total = []
         for start in range(0, len(val.feats), mc.images_per_batch):
             which = list(range(start, min(start + mc.images_per_batch, len(val.feats))))
-            q, nn_n, nn_a, img, valid = self._batch(val, which, None, rng)
-            noise = torch.randn(q.shape, generator=g).to(q) * self._noise_scales(q.shape[:2], mc, g).to(q)
-            o = net.enhancer(q, nn_n, nn_a, img)[valid]
-            o_p = net.enhancer(q + noise, nn_n, nn_a, img)[valid]
+            q, nn_n, nn_a, img, valid, _ = self._batch(val, which, None, rng)
+            q_p, nn_np, nn_ap = self._pseudo(q, nn_n, nn_a, None, g)
+            out_n = net(q, nn_n, nn_a, img)[valid]
+            out_p = net(q_p, nn_np, nn_ap, img)[valid]
             out_a = None
             if ann.feats and mc.lambda_annotated:
-                qa, na, aa, ia, va = self._batch(ann, range(len(ann.feats)), None, rng)
-                out_a = net.mapper(net.enhancer(qa, na, aa, ia)[va])
-            total.append(float(hinge_loss(net.mapper(o), net.mapper(o_p), out_a, mc.margin,
-                                          mc.lambda_pseudo, mc.lambda_annotated)))
+                qa, na, aa, ia, va, _ = self._batch(ann, range(len(ann.feats)), None, rng)
+                out_a = net(qa, na, aa, ia)[va]
+            total.append(float(hinge_loss(out_n, out_p, out_a, mc.margin, mc.lambda_pseudo, mc.lambda_annotated)))
         return float(np.mean(total))
 
     def _calibrate(self) -> None:
@@ -610,7 +671,10 @@ class DMAD:
             raise ValueError(f"model at {folder} has format {meta.get('format_version')}, expected {FORMAT_VERSION}")
         config = DMADConfig.from_dict(meta["config"])
         model = DMAD(config, features)
-        model.mapper_config_ = MapperConfig(**meta["mapper_config"])
+        # Models saved before the distance features / prior / re-search existed had none of them.
+        legacy = {"distance_features": False, "distance_prior": False, "pseudo_requery": False,
+                  "correction_bound": 0.0, "pseudo_noise": "isotropic"}
+        model.mapper_config_ = MapperConfig(**{**legacy, **meta["mapper_config"]})
         model.categories_ = meta["categories"]
         mk = lambda d: ImageItem(category=d["category"], hash=d["hash"], path=Path(d["path"]) if d["path"] else None)  # noqa: E731
         model.normal_items_ = [mk(d) for d in meta["normal_items"]]
@@ -623,8 +687,7 @@ class DMAD:
         model.normal_bank_ = B.MemoryBank.load(folder, "normal_bank", config.bank)
         model.abnormal_bank_ = B.MemoryBank.load(folder, "abnormal_bank", config.bank)
         mc = model.mapper_config_
-        model.net_ = DMADNet(config.backbone.feature_dim, mc.attention_dim, mc.hidden_dim, mc.n_layers,
-                             mc.knowledge == "attention")
+        model.net_ = model._new_net(mc)
         model.net_.load_state_dict(torch.load(folder / "net.pt", map_location="cpu", weights_only=True))
         model.net_.to(model.device).eval()
         if (folder / "annotated_patches.npz").exists():

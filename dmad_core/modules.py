@@ -5,6 +5,17 @@ Knowledge for one bank: ``k = (q - nn) + attention(query=nn, key/value = linear 
 (the attention term is switched off in ``distance`` mode). Projection P is one linear layer; the enhanced
 representation is ``o = [P(q), P(k_n), P(k_a)]`` (3C). The mapper Psi maps o to a scalar; the anomaly
 score is ``-Psi(o)`` (training pushes normal patches to +margin).
+
+Two optional additions (``docs/method-notes.md`` says why and what they measured), both off by default at
+module level and on in the presets:
+
+- ``distance_features``: o also carries the two nearest-neighbour distances ``|q - nn_n|``, ``|q - nn_a|``,
+  standardised by their distribution over normal training patches (``DistanceScaler``), so the mapper
+  does not have to rebuild a Euclidean norm from 2C linear projections;
+- ``distance_prior``: ``Psi(o) = margin * (1 - z_n) + MLP(o)`` where ``z_n`` is the normal-bank distance
+  scaled so that the median normal training patch has z 0 and the 99th percentile z 1. With the MLP's
+  head initialised at zero the untrained model *is* the kNN baseline (a monotone map of its distance);
+  training learns a correction on top of it instead of rediscovering the distance from scratch.
 """
 
 from __future__ import annotations
@@ -33,15 +44,52 @@ class BankAttention(nn.Module):
         return F.scaled_dot_product_attention(q, k, v)
 
 
-class KnowledgeEnhancer(nn.Module):
-    """Builds o = [P(q), P(k_n), P(k_a)] from patch features and their neighbours in both banks."""
+class DistanceScaler(nn.Module):
+    """Standardises the (normal, abnormal) nearest-neighbour distances: ``z = (d - centre) / scale``.
 
-    def __init__(self, dim: int, attention_dim: int, use_attention: bool):
+    Fitted once on normal training patches (``fit``): centre = median, scale = 99th percentile - median. The
+    statistics are buffers, so they are saved and loaded with the weights.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("centre", torch.zeros(2))
+        self.register_buffer("scale", torch.ones(2))
+
+    @torch.no_grad()
+    def fit(self, distances: torch.Tensor) -> None:
+        """distances (M, 2): normal-bank and abnormal-bank distances of normal training patches."""
+        d = distances.float()
+        med = d.median(dim=0).values
+        q99 = torch.quantile(d, 0.99, dim=0)
+        self.centre.copy_(med)
+        self.scale.copy_(torch.clamp(q99 - med, min=1e-6))
+
+    def forward(self, d: torch.Tensor) -> torch.Tensor:
+        return (d - self.centre) / self.scale
+
+
+class KnowledgeEnhancer(nn.Module):
+    """Builds o = [P(q), P(k_n), P(k_a)] (and optionally the two scaled distances) from patch features and
+    their neighbours in both banks."""
+
+    def __init__(self, dim: int, attention_dim: int, use_attention: bool, distance_features: bool = False):
         super().__init__()
         self.use_attention = use_attention
+        self.distance_features = distance_features
         self.attention_normal = BankAttention(dim, attention_dim)
         self.attention_abnormal = BankAttention(dim, attention_dim)
         self.projection = nn.Linear(dim, dim)
+        self.distances = DistanceScaler()
+
+    @property
+    def out_dim_extra(self) -> int:
+        return 2 if self.distance_features else 0
+
+    def scaled_distances(self, q: torch.Tensor, nn_normal: torch.Tensor, nn_abnormal: torch.Tensor) -> torch.Tensor:
+        """(..., 2): standardised ``|q - nn_n|`` and ``|q - nn_a|``."""
+        d = torch.stack([(q - nn_normal).norm(dim=-1), (q - nn_abnormal).norm(dim=-1)], dim=-1)
+        return self.distances(d)
 
     def forward(
         self,
@@ -55,13 +103,16 @@ class KnowledgeEnhancer(nn.Module):
         if self.use_attention:
             k_n = k_n + self.attention_normal(nn_normal, image_feats)
             k_a = k_a + self.attention_abnormal(nn_abnormal, image_feats)
-        return torch.cat([self.projection(q), self.projection(k_n), self.projection(k_a)], dim=-1)
+        parts = [self.projection(q), self.projection(k_n), self.projection(k_a)]
+        if self.distance_features:
+            parts.append(self.scaled_distances(q, nn_normal, nn_abnormal))
+        return torch.cat(parts, dim=-1)
 
 
 class ScoreMapper(nn.Module):
     """MLP of ``n_layers`` (linear + batch norm + leaky ReLU) with skip connections, then a scalar head."""
 
-    def __init__(self, in_dim: int, hidden_dim: int, n_layers: int = 4):
+    def __init__(self, in_dim: int, hidden_dim: int, n_layers: int = 4, zero_head: bool = False):
         super().__init__()
         self.input = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.LeakyReLU(0.2))
         self.blocks = nn.ModuleList(
@@ -69,6 +120,9 @@ class ScoreMapper(nn.Module):
             for _ in range(max(n_layers - 1, 0))
         )
         self.head = nn.Linear(hidden_dim, 1)
+        if zero_head:  # the mapper starts as "no correction" (used with the distance prior)
+            nn.init.zeros_(self.head.weight)
+            nn.init.zeros_(self.head.bias)
 
     def forward(self, o: torch.Tensor) -> torch.Tensor:
         shape = o.shape[:-1]
@@ -79,16 +133,39 @@ class ScoreMapper(nn.Module):
 
 
 class DMADNet(nn.Module):
-    """Enhancer + mapper together, so one state dict holds everything trained."""
+    """Enhancer + mapper together, so one state dict holds everything trained (distance statistics too)."""
 
-    def __init__(self, dim: int, attention_dim: int, hidden_dim: int, n_layers: int, use_attention: bool):
+    def __init__(self, dim: int, attention_dim: int, hidden_dim: int, n_layers: int, use_attention: bool,
+                 distance_features: bool = False, distance_prior: bool = False, margin: float = 0.5,
+                 correction_bound: float = 0.0):
         super().__init__()
-        self.enhancer = KnowledgeEnhancer(dim, attention_dim, use_attention)
-        self.mapper = ScoreMapper(3 * dim, hidden_dim, n_layers)
+        self.correction_bound = correction_bound
+        self.enhancer = KnowledgeEnhancer(dim, attention_dim, use_attention, distance_features)
+        self.mapper = ScoreMapper(3 * dim + self.enhancer.out_dim_extra, hidden_dim, n_layers, zero_head=distance_prior)
+        self.distance_prior = distance_prior
+        self.margin = margin
+
+    def represent(self, q, nn_normal, nn_abnormal, image_feats) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(o, prior): the enhanced representation (B, P, D) and the distance prior (B, P) or None."""
+        o = self.enhancer(q, nn_normal, nn_abnormal, image_feats)
+        prior = None
+        if self.distance_prior:
+            z_n = self.enhancer.scaled_distances(q, nn_normal, nn_abnormal)[..., 0]
+            prior = self.margin * (1.0 - z_n)
+        return o, prior
+
+    def head(self, o: torch.Tensor, prior: torch.Tensor | None) -> torch.Tensor:
+        """Mapper output for representations (and priors) already selected, e.g. the valid patches only."""
+        out = self.mapper(o)
+        if prior is None:
+            return out
+        if self.correction_bound > 0:  # a bounded correction: the mapper refines the kNN score, within limits
+            out = self.correction_bound * torch.tanh(out / self.correction_bound)
+        return out + prior
 
     def forward(self, q, nn_normal, nn_abnormal, image_feats) -> torch.Tensor:
         """Mapper output per patch (B, P); the anomaly score is its negation."""
-        return self.mapper(self.enhancer(q, nn_normal, nn_abnormal, image_feats))
+        return self.head(*self.represent(q, nn_normal, nn_abnormal, image_feats))
 
 
 def hinge_loss(
