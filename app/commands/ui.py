@@ -306,7 +306,8 @@ def serve(home: Home, *, port: int | None = None, labelstudio: bool = True, work
     if threading.current_thread() is threading.main_thread():
         install_stop_signals(stop)
     supervisor = Supervisor(home, services)
-    notes = {"labelstudio-start": f"Label Studio is at {ls_server.url}"}
+    notes = {"labelstudio-start": f"Label Studio is at {ls_server.url}; sign in as admin@dmad.local with the "
+                                  f"password in {home.secrets_dir / 'labelstudio_password'}"}
     try:
         code = supervise(supervisor, stop, ready_note=lambda: supervisor.say(
             f"the UI is at http://{HOST}:{streamlit_port} (Ctrl-C stops everything)"

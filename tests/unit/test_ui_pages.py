@@ -72,6 +72,23 @@ def test_pages_explain_what_to_do_on_an_empty_home(ui_empty_home: Home, page: Pa
         assert "Label Studio is not running: start it with `dmad labelstudio start`" in shown
 
 
+def test_pages_explain_a_missing_model_once_data_is_in(ui_home: PreparedHome) -> None:  # noqa: F811
+    """Images ingested, no model trained yet (the versions removed, with their scores and metrics)."""
+    with ui_home.sessions()() as session:
+        session.execute(q.ModelVersion.__table__.delete())
+        session.commit()
+    for page in (HOME_PAGE, REVIEW, INSPECT, TRAINING, METRICS):
+        shown = texts(run(page))
+        assert "No data yet" not in shown
+        if page != INSPECT:
+            assert "No model yet: run `dmad train`" in shown, page.stem
+    inspect = run(INSPECT)
+    assert "Pick an image by id. No model yet: run `dmad train`" in texts(inspect)
+    unannotated = next(i for i in ui_home.defect_ids if i not in ui_home.annotated_ids)
+    inspect.number_input(key="inspect-image-id").set_value(unannotated).run()
+    assert "No model version has scored this image." in texts(inspect) and len(inspect.get("image")) == 1
+
+
 def test_review_says_when_the_active_model_has_not_scored_the_pool(ui_home: PreparedHome) -> None:  # noqa: F811
     with ui_home.sessions()() as session:
         session.execute(q.PoolScore.__table__.delete().where(q.PoolScore.version_id == ui_home.version_ids[-1]))
