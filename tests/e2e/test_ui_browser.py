@@ -116,7 +116,8 @@ def app(ui_template: PreparedHome, tmp_path: Path) -> Iterator[App]:  # noqa: F8
                 process.kill()
                 process.wait()
         LabelStudioServer(home).stop()  # only acts if `dmad up` did not stop it
-        shutil.copy(output, ARTEFACTS / "dmad-up.out") if ARTEFACTS.is_dir() else None
+        if ARTEFACTS.is_dir():  # what `dmad up` printed, next to the screenshots
+            shutil.copy(output, ARTEFACTS / "dmad-up.out")
 
 
 def test_review_send_annotate_retrain_metrics(app: App) -> None:
