@@ -105,7 +105,7 @@ class MemoryBank:
         if config.index == "hnsw" and len(self.union_) > 2048:
             index = faiss.IndexHNSWFlat(self.dim, config.hnsw_m)
             index.hnsw.efConstruction = 64
-            index.hnsw.efSearch = 64
+            index.hnsw.efSearch = config.hnsw_ef_search
         else:
             index = faiss.IndexFlatL2(self.dim)
         if len(self.union_):

@@ -469,7 +469,8 @@ class DMAD:
     def _new_net(self, mc: MapperConfig) -> DMADNet:
         return DMADNet(self.config.backbone.feature_dim, mc.attention_dim, mc.hidden_dim, mc.n_layers,
                        mc.knowledge == "attention", distance_features=mc.distance_features,
-                       distance_prior=mc.distance_prior, margin=mc.margin, correction_bound=mc.correction_bound)
+                       distance_prior=mc.distance_prior, margin=mc.margin, correction_bound=mc.correction_bound,
+                       key_pool=mc.attention_key_pool)
 
     def _fit_distance_scaler(self, net: DMADNet, normal: _TrainSet) -> None:
         """Distance statistics of normal training patches (self-matches excluded, so they look like a test
@@ -673,7 +674,7 @@ class DMAD:
         model = DMAD(config, features)
         # Models saved before the distance features / prior / re-search existed had none of them.
         legacy = {"distance_features": False, "distance_prior": False, "pseudo_requery": False,
-                  "correction_bound": 0.0, "pseudo_noise": "isotropic"}
+                  "correction_bound": 0.0, "pseudo_noise": "isotropic", "attention_key_pool": 1}
         model.mapper_config_ = MapperConfig(**{**legacy, **meta["mapper_config"]})
         model.categories_ = meta["categories"]
         mk = lambda d: ImageItem(category=d["category"], hash=d["hash"], path=Path(d["path"]) if d["path"] else None)  # noqa: E731

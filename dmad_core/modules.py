@@ -27,11 +27,25 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def pool_patch_grid(feats: torch.Tensor, factor: int) -> torch.Tensor:
+    """(B, N, C) patches of a square grid -> (B, N / factor^2, C), average-pooled; unchanged when the grid
+    is not square or not divisible by ``factor``."""
+    if factor <= 1:
+        return feats
+    b, n, c = feats.shape
+    g = math.isqrt(n)
+    if g * g != n or g % factor:
+        return feats
+    x = feats.transpose(1, 2).reshape(b, c, g, g)
+    return F.avg_pool2d(x, factor).reshape(b, c, -1).transpose(1, 2)
+
+
 class BankAttention(nn.Module):
     """Cross-attention from a patch's bank neighbour to all patches of its own image."""
 
-    def __init__(self, dim: int, attention_dim: int):
+    def __init__(self, dim: int, attention_dim: int, key_pool: int = 1):
         super().__init__()
+        self.key_pool = key_pool
         self.to_query = nn.Linear(dim, attention_dim)
         self.to_key = nn.Linear(dim, attention_dim)
         self.to_value = nn.Linear(dim, dim)
@@ -39,6 +53,7 @@ class BankAttention(nn.Module):
     def forward(self, nn_feats: torch.Tensor, image_feats: torch.Tensor) -> torch.Tensor:
         """nn_feats (B, P, C) for P selected patches; image_feats (B, N, C), all patches of each image."""
         q = self.to_query(nn_feats)
+        image_feats = pool_patch_grid(image_feats, self.key_pool)
         k = self.to_key(image_feats)
         v = self.to_value(image_feats)
         return F.scaled_dot_product_attention(q, k, v)
@@ -73,12 +88,13 @@ class KnowledgeEnhancer(nn.Module):
     """Builds o = [P(q), P(k_n), P(k_a)] (and optionally the two scaled distances) from patch features and
     their neighbours in both banks."""
 
-    def __init__(self, dim: int, attention_dim: int, use_attention: bool, distance_features: bool = False):
+    def __init__(self, dim: int, attention_dim: int, use_attention: bool, distance_features: bool = False,
+                 key_pool: int = 1):
         super().__init__()
         self.use_attention = use_attention
         self.distance_features = distance_features
-        self.attention_normal = BankAttention(dim, attention_dim)
-        self.attention_abnormal = BankAttention(dim, attention_dim)
+        self.attention_normal = BankAttention(dim, attention_dim, key_pool)
+        self.attention_abnormal = BankAttention(dim, attention_dim, key_pool)
         self.projection = nn.Linear(dim, dim)
         self.distances = DistanceScaler()
 
@@ -137,10 +153,10 @@ class DMADNet(nn.Module):
 
     def __init__(self, dim: int, attention_dim: int, hidden_dim: int, n_layers: int, use_attention: bool,
                  distance_features: bool = False, distance_prior: bool = False, margin: float = 0.5,
-                 correction_bound: float = 0.0):
+                 correction_bound: float = 0.0, key_pool: int = 1):
         super().__init__()
         self.correction_bound = correction_bound
-        self.enhancer = KnowledgeEnhancer(dim, attention_dim, use_attention, distance_features)
+        self.enhancer = KnowledgeEnhancer(dim, attention_dim, use_attention, distance_features, key_pool)
         self.mapper = ScoreMapper(3 * dim + self.enhancer.out_dim_extra, hidden_dim, n_layers, zero_head=distance_prior)
         self.distance_prior = distance_prior
         self.margin = margin
