@@ -35,9 +35,10 @@ class HomeSettings:
     webhook_port: int = 8765
     streamlit_port: int = 8501
     defect_labels: tuple[str, ...] = ("defect",)
+    label_studio_project: str = "DMAD inspection"  # this home's project title in Label Studio
     outliers_dir: str | None = None  # DTD-like textures for the abnormal bank; None: procedural textures
     train_epochs: int | None = None  # mapper epochs of a training from scratch; None: the preset's
-    retrain_epochs: int | None = None  # mapper epochs of a warm-started retrain; None: a quarter of those
+    retrain_epochs: int | None = None  # mapper epochs of a warm-started retrain; None: an eighth of those
 
 
 @dataclass(frozen=True)

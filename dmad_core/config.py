@@ -95,6 +95,9 @@ class MapperConfig:
     lr_mapper: float = 2e-4
     weight_decay: float = 1e-5
     epochs: int = 48
+    # A warm-started retrain (an annotation arrived) runs epochs // retrain_epochs_divisor. Measured on tire +
+    # bottle: the validation loss bottoms out within 1-4 epochs of a retrain, fresh or warm (docs/loop.md).
+    retrain_epochs_divisor: int = 8
     images_per_batch: int = 8  # attention needs whole images; patches of the batch form the loss batch
     patches_per_image: int = 256  # sampled per image per step, to keep CPU training cheap
     steps_per_epoch: int = 20
@@ -109,6 +112,9 @@ class MapperConfig:
     pseudo_requery: bool = True
     correction_bound: float = 0.5  # with the prior: |MLP correction| < this (tanh); 0 = unbounded
     seed: int = 0
+
+    def retrain_epochs(self) -> int:
+        return max(1, self.epochs // self.retrain_epochs_divisor)
 
     @staticmethod
     def semi_supervised(base: MapperConfig | None = None) -> MapperConfig:

@@ -220,6 +220,30 @@ def test_update_rebuilds_abnormal_parts_and_switches_to_semi(fitted, tmp_path):
     assert np.allclose(a, b, atol=1e-5) and not loaded.net_.training
 
 
+def test_normal_neighbours_are_cached_with_the_model_until_the_normal_bank_changes(fitted, tmp_path):
+    model, dss, store, _ = fitted
+    model.save(tmp_path / "m")
+    loaded = DMAD.load(tmp_path / "m", store)
+    dim = loaded.config.backbone.feature_dim
+
+    def fresh(item, exclude):
+        q = loaded._get([item])[0].reshape(-1, dim)
+        src = np.full(len(q), item.source, np.int64) if exclude else None
+        return loaded.normal_bank_.search(q, src)[1]
+
+    item = loaded.normal_items_[0]
+    cached = loaded._normal_nn_cache[f"{item.hash}:x"]  # saved with the model, read back with it
+    assert len(cached) == 32 * 32 and np.array_equal(cached, fresh(item, True))
+    assert f"{loaded.validation_items_[0].hash}:a" in loaded._normal_nn_cache
+    # a confirmed normal extends the normal bank: every cached neighbour is searched again
+    extra = ImageItem.from_path(next(r for r in dss[0].test if r.label == 0).path, dss[0].name)
+    before = loaded.normal_bank_.part_sizes()[B.NORMAL]
+    loaded.update(list(loaded.annotations_), [extra], epochs=1)
+    assert loaded.normal_bank_.part_sizes()[B.NORMAL] > before
+    assert f"{extra.hash}:x" in loaded._normal_nn_cache
+    assert np.array_equal(loaded._normal_nn_cache[f"{item.hash}:x"], fresh(item, True))
+
+
 def test_knn_baseline_separates_synthetic_defects(fitted):
     model, dss, _, _ = fitted
     for ds in dss:
