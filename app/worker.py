@@ -199,6 +199,9 @@ def run_worker(home: Home, sessions: sessionmaker[Session], options: WorkerOptio
     worker_id = options.worker_id or default_worker_id()
     succeeded, last_sync = 0, time.monotonic() - (options.sync_every_seconds or 0)
     log.info("worker %s started on %s", worker_id, home.root)
+    if not options.once:
+        _load_engine()
+        log.info("worker %s ready", worker_id)
     while not stop.is_set():
         if not options.once and _sync_due(home, sessions, options, last_sync):
             last_sync = time.monotonic()
@@ -210,6 +213,13 @@ def run_worker(home: Home, sessions: sessionmaker[Session], options: WorkerOptio
             continue
         succeeded += run_job(home, sessions, job, options, worker_id)
     return succeeded
+
+
+def _load_engine() -> None:
+    """Imports the engine (PyTorch, faiss, timm: seconds) before the first job rather than inside it, so
+    an idle worker answers the next annotation at once."""
+    import app.services.training  # noqa: F401
+    import dmad_core.banks  # noqa: F401
 
 
 def install_stop_signals(stop: threading.Event) -> None:
