@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 import PIL.Image
-from sqlalchemy import delete, func, insert, select
+from sqlalchemy import delete, exists, func, insert, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, contains_eager
 
@@ -242,8 +242,9 @@ def store_pool_scores(session: Session, version_id: int, rows: Iterable[PoolScor
 
 def top_pool_scores(session: Session, version_id: int, limit: int = 50,
                     category: Category | str | int | None = None,
-                    min_score: float | None = None) -> list[PoolScore]:
-    """The highest-scoring pool images of a version, best first, each with its `image` loaded."""
+                    min_score: float | None = None, unannotated: bool = False) -> list[PoolScore]:
+    """The highest-scoring pool images of a version, best first, each with its `image` loaded;
+    `unannotated` leaves out images that already carry a (not deleted) annotation."""
     query = (
         select(PoolScore).join(PoolScore.image).options(contains_eager(PoolScore.image))
         .where(PoolScore.version_id == version_id)
@@ -253,4 +254,7 @@ def top_pool_scores(session: Session, version_id: int, limit: int = 50,
         query = query.where(Image.category_id == _category(session, category).id)
     if min_score is not None:
         query = query.where(PoolScore.score >= min_score)
+    if unannotated:
+        query = query.where(~exists().where(Annotation.image_id == PoolScore.image_id,
+                                            Annotation.deleted_at.is_(None)))
     return list(session.scalars(query))

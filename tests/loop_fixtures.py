@@ -1,7 +1,7 @@
 """A trained home on tiny synthetic data, built once per test session through the real CLI, and a
 fresh copy of it for each test that changes it (a retrain takes seconds; a first training a minute).
 
-Import what you use into a test module (`from tests.loop_fixtures import trained_home, ...`).
+Import what you use into a test module (`from tests.loop_fixtures import trained_home, trained_home_template`).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from dmad_core.data.synthetic import make_synthetic_category
 
 ROOT = Path(__file__).resolve().parents[1]
 CATEGORIES = (("tiles", "grid"), ("fabric", "weave"))
+_READY = "READY"
 
 
 @dataclass(frozen=True)
@@ -58,12 +59,17 @@ def copy_home(src: LoopHome, dest: Path) -> LoopHome:
 
 @pytest.fixture(scope="session")
 def trained_home_template(tmp_path_factory: pytest.TempPathFactory) -> LoopHome:
-    root = tmp_path_factory.mktemp("loop-template")
-    folders = tiny_dataset(root / "data")
+    """Trained once per test session: every module that imports this fixture gets its own fixture
+    instance, so the folder under the session's base temp is what they share (marked when complete)."""
+    root = tmp_path_factory.getbasetemp() / "loop-template"
     loop = LoopHome(Home.at(root / "home"), root / "data")
-    assert run_cli("init", *loop.args, "--train-epochs", 2, "--retrain-epochs", 1) == 0
-    assert run_cli("ingest", *loop.args, *folders) == 0
-    assert run_cli("train", *loop.args) == 0
+    if not (root / _READY).exists():
+        shutil.rmtree(root, ignore_errors=True)
+        folders = tiny_dataset(root / "data")
+        assert run_cli("init", *loop.args, "--train-epochs", 2, "--retrain-epochs", 1) == 0
+        assert run_cli("ingest", *loop.args, *folders) == 0
+        assert run_cli("train", *loop.args) == 0
+        (root / _READY).touch()
     return loop
 
 

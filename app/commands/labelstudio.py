@@ -47,7 +47,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = ls_sub.add_parser("push", help="send the active model's top pool images as tasks with pre-annotations")
     _common(p)
-    p.add_argument("--limit", type=int, default=50, help="how many of the highest-scoring images (default 50)")
+    p.add_argument("--top", "--limit", dest="limit", type=int, default=50,
+                   help="how many of the highest-scoring images not yet sent (default 50)")
     p.add_argument("--category", default=None, help="only this product class")
     p.add_argument("--min-score", type=float, default=None, help="only images scoring at least this")
     p.set_defaults(handler=cmd_push)
@@ -92,15 +93,17 @@ def _server(home: Home, port: int | None = None) -> Any:
 
 
 def _project(home: Home, server: Any) -> tuple[Any, int]:
-    """(client, project id), with the project's config and webhook brought up to date."""
-    from annotation.project import DEFAULT_TITLE, STATE_FILE, ensure_project, ensure_webhook
+    """(client, project id), with the project's config and webhook brought up to date. The project is
+    the home's own (its title is the `label_studio_project` setting), so several homes can share one
+    Label Studio."""
+    from annotation.project import STATE_FILE, ensure_project, ensure_webhook
 
     if not server.healthy():
-        raise UserError(f"Label Studio is not answering at {server.url}; start it with "
-                        f"`dmad labelstudio start --home {home.root}`")
+        raise UserError(f"Label Studio is not running at {server.url}; start it with "
+                        f"`dmad labelstudio start --home {home.root}` (and `dmad webhook` so images show)")
     client = server.client()
     settings = home.load_settings()
-    project_id = ensure_project(client, DEFAULT_TITLE, settings.defect_labels,
+    project_id = ensure_project(client, settings.label_studio_project, settings.defect_labels,
                                 state_path=home.labelstudio_dir / STATE_FILE)
     ensure_webhook(client, project_id, f"{webhook_base_url(home)}/webhook", webhook_secret(home))
     return client, project_id
@@ -171,44 +174,40 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 # -- push / sync / webhook ------------------------------------------------------------------------
-def heatmap_mask(patch_map: np.ndarray, height: int, width: int, threshold: float) -> np.ndarray:
-    """The patch-grid score map resized to the image (bilinear; the backbone sees the whole image
-    resized to a square, so the grid covers it all) and thresholded."""
-    import PIL.Image
+def heatmap_mask(patch_map: np.ndarray, height: int, width: int, threshold: float,
+                 sigma: float | None = None) -> np.ndarray:
+    """The model's heat map at the image's size, thresholded: the patch grid made into the same
+    smoothed map the version's pixel threshold was calibrated on (256 px, Gaussian), so the
+    pre-annotation marks what the threshold means and not the raw grid's blocky peaks. The backbone
+    sees the whole image resized to a square, so the grid covers it all."""
+    from dmad_core.config import ScoreConfig
+    from dmad_core.model import anomaly_maps
 
-    grid = np.asarray(patch_map, dtype=np.float32)
-    resized = np.asarray(PIL.Image.fromarray(grid).resize((width, height), PIL.Image.BILINEAR))
-    return resized >= threshold
+    grid = np.asarray(patch_map, dtype=np.float32)[None]
+    heat = anomaly_maps(grid, (height, width), ScoreConfig().gaussian_sigma if sigma is None else sigma)[0]
+    return heat >= threshold
 
 
 def cmd_push(args: argparse.Namespace) -> int:
-    from annotation.project import TaskItem, image_url_for, push_tasks
+    from annotation.project import push_tasks
+    from app.services.labelstudio_tasks import task_items
     from app.services.versions import active_version
     from db.repositories import top_pool_scores
 
     home = Home.at(args.home)
     sessions = _database(home)
     client, project_id = _project(home, _server(home))
-    base = webhook_base_url(home)
     with sessions() as session:
         version = active_version(session)
         if version is None:
             raise UserError("no active model version; train one first (`dmad train`)")
         threshold = (version.config or {}).get(PIXEL_THRESHOLD_KEY)
         rows = top_pool_scores(session, version.id, limit=args.limit, category=args.category,
-                               min_score=args.min_score)
+                               min_score=args.min_score, unannotated=True)
         if not rows:
-            raise UserError(f"model {version.name} has no pool scores; score the pool first")
-        items = [
-            TaskItem(
-                image_id=row.image.id, content_hash=row.image.content_hash, category=row.image.category.name,
-                image_url=image_url_for(base, row.image.content_hash), width=row.image.width,
-                height=row.image.height, score=float(row.score), model_version=version.name,
-                heatmap_mask=None if threshold is None else heatmap_mask(
-                    row.patch_map_array(), row.image.height, row.image.width, float(threshold)),
-            )
-            for row in rows
-        ]
+            raise UserError(f"model {version.name} has no unannotated pool images to send "
+                            "(all are annotated, or none match the filters)")
+        items = task_items(version, rows, webhook_base_url(home))
     label = home.load_settings().defect_labels[0]
     result = push_tasks(client, project_id, items, label=label)
     note = "" if threshold is not None else (

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session, contains_eager
 
-from app.commands.labelstudio import PIXEL_THRESHOLD_KEY, heatmap_mask, webhook_base_url, webhook_secret
+from app.commands.labelstudio import PIXEL_THRESHOLD_KEY, _project, heatmap_mask, webhook_base_url
 from app.errors import UserError
 from app.home import Home
 from app.services.versions import active_version
@@ -54,17 +54,10 @@ class SendResult:
 def connect(home: Home) -> Connection:
     """The home's project on its running Label Studio, with config and webhook brought up to date;
     a UserError that says how to start it when it is not answering."""
-    from annotation.project import DEFAULT_TITLE, STATE_FILE, ensure_project, ensure_webhook
     from annotation.server import LabelStudioServer
 
     server = LabelStudioServer(home)
-    if not server.healthy():
-        raise UserError(f"Label Studio is not running at {server.url}; start it with "
-                        f"`dmad labelstudio start --home {home.root}` (and `dmad webhook` so images show)")
-    client = server.client()
-    project_id = ensure_project(client, DEFAULT_TITLE, home.load_settings().defect_labels,
-                                state_path=home.labelstudio_dir / STATE_FILE)
-    ensure_webhook(client, project_id, f"{webhook_base_url(home)}/webhook", webhook_secret(home))
+    client, project_id = _project(home, server)
     return Connection(client, project_id, server.url)
 
 

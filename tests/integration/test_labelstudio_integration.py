@@ -13,11 +13,12 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import PIL.Image
 import pytest
 import requests
 
@@ -37,6 +38,8 @@ from annotation.sync import sync_annotations
 from annotation.webhook import WebhookServer, make_webhook_server, serve_in_thread
 from app.errors import UserError
 from app.home import Home
+from app.services.database import open_database
+from tests.loop_fixtures import LoopHome, copy_home, trained_home_template  # noqa: F401 (fixture)
 from tests.labelstudio_fixtures import (
     SampleImage,
     blob_mask,
@@ -396,6 +399,86 @@ def _answers(url: str) -> bool:
         return requests.get(url, timeout=2).status_code == 200
     except requests.RequestException:
         return False
+
+
+def test_webhook_annotation_on_a_trained_home_retrains_and_promotes(
+        labelstudio: LabelStudioServer, trained_home_template: LoopHome, tmp_path: Path,  # noqa: F811
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """The loop through Label Studio on a home with a real model: push the top pool images with the
+    model's heat maps, an inspector draws the defect, `dmad webhook` stores it and queues the retrain,
+    `dmad worker --once` runs it, and the new active version was trained on that annotation."""
+    from app.cli import main
+    from db.models import Annotation, Image
+
+    loop = copy_home(trained_home_template, tmp_path / "home")
+    home = loop.home
+    for name in (TOKEN_SECRET, PASSWORD_SECRET):  # the module's server, with this home's own project
+        home.write_secret(name, labelstudio.home.read_secret(name) or "")
+    webhook_port = free_port()
+    home.save_settings(replace(home.load_settings(), label_studio_port=labelstudio.port, webhook_port=webhook_port,
+                               label_studio_project="DMAD loop integration"))
+
+    def dmad(*argv: str) -> dict[str, Any]:
+        capsys.readouterr()
+        assert main([*argv, "--home", str(home.root), "--json"]) == 0
+        out = capsys.readouterr().out
+        return json.loads(out[out.index("{"):])  # progress lines, if any, come before the JSON
+
+    first = dmad("status")["active_version"]
+    pushed = dmad("labelstudio", "push", "--top", "4")
+    assert (pushed["created"], pushed["model_version"], pushed["pre_annotation_masks"]) == (4, first["name"], True)
+    project_id = pushed["project_id"]
+    client = labelstudio.client()
+    tasks = sorted((t.model_dump() for t in client.tasks.list(project=project_id, fields="all")),
+                   key=lambda t: -t["predictions"][0]["score"])
+    assert len(tasks) == 4 and all(t["predictions"][0]["model_version"] == first["name"] for t in tasks)
+    top = tasks[0]
+    sessions = open_database(home)
+    with sessions() as session:
+        image = session.get(Image, top["data"]["image_id"])
+        assert image is not None and image.content_hash == top["data"]["content_hash"]
+        height, width, gt_mask_path = image.height, image.width, image.gt_mask_path
+    # the inspector draws the defect where the dataset's ground truth has it (or a blob on a good image)
+    drawn = (np.asarray(PIL.Image.open(gt_mask_path)) > 0) if gt_mask_path else blob_mask(height, width, seed=3)
+    label = home.load_settings().defect_labels[0]
+
+    receiver = subprocess.Popen([sys.executable, "-m", "app.cli", "webhook", "--home", str(home.root)],
+                                cwd=Path(__file__).resolve().parents[2], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.STDOUT)
+    try:
+        assert _wait_for(lambda: _answers(f"http://127.0.0.1:{webhook_port}/health"), timeout=30)
+        response = _api(labelstudio, "POST", f"/api/tasks/{top['id']}/annotations/",
+                        json={"result": [brush_result(drawn, "defect", "image", label)]})
+        assert response.status_code == 201, response.text
+        external_id = str(response.json()["id"])
+
+        def stored() -> Annotation | None:
+            with sessions() as session:
+                return session.query(Annotation).filter_by(external_id=external_id).one_or_none()
+
+        assert _wait_for(lambda: stored() is not None, timeout=30)
+    finally:
+        receiver.terminate()
+        receiver.wait(timeout=30)
+    annotation = stored()
+    assert annotation is not None and (annotation.kind, annotation.image_id) == ("defect_mask", image.id)
+    queue = dmad("status")["queue"]
+    assert queue["queued"] == 1 and queue["recent"][0]["type"] == "retrain"
+
+    assert main(["worker", "--once", "--sync-every", "0", "--home", str(home.root)]) == 0
+    status = dmad("status")
+    second = status["active_version"]
+    assert second["name"] != first["name"] and second["parent_id"] == first["id"]
+    assert annotation.id in second["trained_on"]["annotation_ids"]
+    assert status["queue"]["succeeded"] >= 1 and status["queue"]["queued"] == 0
+    for rows in status["metrics"].values():  # both versions' metrics recorded side by side
+        assert {first["name"], second["name"]} <= {row["version"] for row in rows}
+
+    # the annotated image is not sent again; the next push carries the new version's predictions
+    again = dmad("labelstudio", "push", "--top", "5")
+    assert again["model_version"] == second["name"]
+    hashes = [t.data["content_hash"] for t in client.tasks.list(project=project_id, fields="all")]
+    assert len(hashes) == len(set(hashes)) == 4 + again["created"]
 
 
 def test_secrets_never_reach_the_log(labelstudio: LabelStudioServer) -> None:  # noqa: F811
