@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session, contains_eager
 
-from app.commands.labelstudio import PIXEL_THRESHOLD_KEY, _project, heatmap_mask, webhook_base_url
+from app.commands.labelstudio import PIXEL_THRESHOLD_KEY, connect_project, heatmap_mask, webhook_base_url
 from app.errors import UserError
 from app.home import Home
 from app.services.versions import active_version
@@ -56,9 +56,8 @@ def connect(home: Home) -> Connection:
     a UserError that says how to start it when it is not answering."""
     from annotation.server import LabelStudioServer
 
-    server = LabelStudioServer(home)
-    client, project_id = _project(home, server)
-    return Connection(client, project_id, server.url)
+    client, project_id = connect_project(home)
+    return Connection(client, project_id, LabelStudioServer(home).url)
 
 
 def task_items(version: ModelVersion, rows: Sequence[PoolScore], image_base_url: str) -> list[TaskItem]:
