@@ -145,6 +145,9 @@ def test_review_send_annotate_retrain_metrics(app: App) -> None:
         browser = pw.chromium.launch(executable_path=chromium_or_skip(), args=CHROMIUM_ARGS, headless=True)
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         page.set_default_timeout(60_000)
+        # expect() keeps its own 5 s default: on a loaded 2-core CI box a push to Label Studio (heat maps,
+        # RLE, its API) or a page's first script run takes longer than that.
+        expect.set_options(timeout=60_000)
         try:
             # Home: the overview, with Label Studio answering
             page.goto(app.ui)
