@@ -57,8 +57,12 @@ def enqueue(session: Session, type: str, payload: dict[str, Any] | None = None,
         raise ValueError("max_attempts must be at least 1")
     for _ in range(3):
         if coalesce_key is not None:
+            # Locked until the caller commits: a claimer (SKIP LOCKED) then cannot start this job before
+            # the caller's data (the annotation that asked for the retrain) is visible to it, and a claimer
+            # that got there first makes the row stop matching, so a new job is queued instead.
             waiting = session.scalars(
                 select(Job).where(Job.coalesce_key == coalesce_key, Job.status == "queued").limit(1)
+                .with_for_update()
             ).first()
             if waiting is not None:
                 return waiting

@@ -177,3 +177,26 @@ def test_concurrent_deliveries_of_one_annotation_store_one_row(pg_sf, home, tmp_
         (annotation_id,) = session.scalars(select(Annotation.id)).all()
         assert session.scalar(select(func.count(Job.id))) == 1
     assert sorted(p.name for p in home.masks_dir.iterdir()) == [f"{annotation_id}.png"]
+
+
+def test_a_waiting_retrain_joined_by_an_open_transaction_is_not_claimed_before_it_commits(pg_sf) -> None:  # noqa: F811
+    """An annotation joins the waiting retrain in its own transaction; a worker must not start that retrain
+    (and read the training data) before the annotation is committed, or the annotation would be in no
+    retrain at all. While the joining transaction is open the claim finds nothing; after it commits the
+    claim takes the job. A job claimed first makes the next enqueue queue a new one."""
+    with pg_sf() as session:
+        waiting = queue.enqueue(session, "retrain", coalesce_key="retrain").id
+        session.commit()
+    joiner = pg_sf()
+    try:
+        assert queue.enqueue(joiner, "retrain", coalesce_key="retrain").id == waiting  # joined, not committed
+        with ThreadPoolExecutor(1) as pool:
+            assert pool.submit(queue.claim, pg_sf, "w1").result(timeout=10) is None
+        joiner.commit()
+    finally:
+        joiner.close()
+    claimed = queue.claim(pg_sf, "w1")
+    assert claimed is not None and claimed.id == waiting
+    with pg_sf() as session:
+        assert queue.enqueue(session, "retrain", coalesce_key="retrain").id != waiting
+        session.commit()
