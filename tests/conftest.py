@@ -5,7 +5,8 @@ README); the tests that use it, or the dataset fixtures built on it, skip with a
 absent (a user's fresh machine), so the suite still passes there.
 
 Other fixtures live in modules that a test module imports explicitly (``tests/db_fixtures.py``,
-``tests/labelstudio_fixtures.py``), so that, for instance, only one module starts a Label Studio server.
+``tests/loop_fixtures.py``, ...). The one exception is the real Label Studio server (``labelstudio``): it
+is registered here, so that every module that uses it shares one server per session.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import shutil
 from pathlib import Path
 
 import pytest
+
+from tests.labelstudio_fixtures import labelstudio  # noqa: F401 (fixture: one server per session)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"

@@ -1,10 +1,9 @@
 """Fixtures for the Label Studio integration tests: one real server per test session.
 
-Import what you use into the test module (`from tests.labelstudio_fixtures import labelstudio, ...`).
-A fixture imported into a module is registered for that module, so keep the tests that share the
-server in one module (tests/integration/test_labelstudio_integration.py): a second module importing
-`labelstudio` would start a second server. The tests skip, with the reason, when no `label-studio`
-executable can be found.
+The `labelstudio` fixture is registered once, in tests/conftest.py, so that all modules share one server
+per session: do not import it into a test module (a fixture imported into a module is registered for that
+module, and would start a second server). Import the helpers as usual. The tests skip, with the reason,
+when no `label-studio` executable can be found.
 """
 
 from __future__ import annotations

@@ -45,7 +45,6 @@ from tests.labelstudio_fixtures import (
     blob_mask,
     free_port,
     label_studio_bin_or_skip,
-    labelstudio,  # noqa: F401 (fixture)
     write_test_images,
 )
 
