@@ -16,6 +16,7 @@ from pathlib import Path
 
 import faiss
 import numpy as np
+import torch
 
 from dmad_core.config import BankConfig
 
@@ -77,12 +78,15 @@ class MemoryBank:
     index_: faiss.Index | None = None
     union_: BankPart | None = None
     part_of_: np.ndarray | None = None  # (M,) index into part names, row for row with union_
+    exact_search_max_: int = 0  # see BankConfig.exact_search_max
+    _exact: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # vectors, squared norms, sources
 
     def set_part(self, name: str, part: BankPart) -> None:
         if part.vectors.ndim != 2 or part.vectors.shape[1] != self.dim:
             raise ValueError(f"part {name!r} has shape {part.vectors.shape}, bank dim is {self.dim}")
         self.parts[name] = part
         self.index_ = None  # stale: must be rebuilt once before the next search
+        self._exact = None
 
     def part_sizes(self) -> dict[str, int]:
         return {name: len(p) for name, p in self.parts.items()}
@@ -102,6 +106,8 @@ class MemoryBank:
             [np.full(len(self.parts[n]), i, np.int16) for i, n in enumerate(names)] or [np.zeros(0, np.int16)]
         )
         self._part_names = names
+        self.exact_search_max_ = config.exact_search_max
+        self._exact = None
         if config.index == "hnsw" and len(self.union_) > 2048:
             index = faiss.IndexHNSWFlat(self.dim, config.hnsw_m)
             index.hnsw.efConstruction = 64
@@ -128,6 +134,8 @@ class MemoryBank:
         if len(self.union_) == 0:
             raise RuntimeError("bank is empty")
         q = np.ascontiguousarray(queries, dtype=np.float32)
+        if len(self.union_) <= self.exact_search_max_:
+            return self._exact_nearest(q, exclude_sources)
         if exclude_sources is None:
             d, i = self.index_.search(q, 1)
             return d[:, 0], i[:, 0]
@@ -138,6 +146,30 @@ class MemoryBank:
         first = np.where(ok.any(axis=1), ok.argmax(axis=1), k - 1)
         rows = np.arange(len(q))
         return d[rows, first], i_safe[rows, first]
+
+    def _exact_nearest(self, q: np.ndarray, exclude_sources: np.ndarray | None = None,
+                       block: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+        """Exact 1-NN by ``|b|^2 - 2 q.b`` (the query's own norm does not change the argmin) over blocks of
+        queries, so that a block's distance matrix stays small. With ``exclude_sources`` a query's own image's
+        entries are masked out (a query whose every candidate is its own image keeps its nearest anyway).
+        The returned squared distance is recomputed directly from the chosen entry."""
+        if self._exact is None:
+            vectors = torch.from_numpy(np.ascontiguousarray(self.union_.vectors, dtype=np.float32))
+            self._exact = (vectors, (vectors * vectors).sum(1), torch.from_numpy(self.union_.sources))
+        vectors, norms, bank_sources = self._exact
+        queries = torch.from_numpy(q)
+        own = None if exclude_sources is None else torch.from_numpy(np.asarray(exclude_sources, np.int64))
+        idx = torch.empty(len(q), dtype=torch.int64)
+        with torch.inference_mode():
+            for start in range(0, len(q), block):
+                scores = torch.addmm(norms[None, :], queries[start:start + block], vectors.T, alpha=-2)
+                if own is not None:
+                    same = own[start:start + block, None] == bank_sources[None, :]
+                    only_own = same.all(1)
+                    scores.masked_fill_(same & ~only_own[:, None], float("inf"))
+                idx[start:start + block] = scores.argmin(1)
+            dist = ((queries - vectors[idx]) ** 2).sum(1)
+        return dist.numpy(), idx.numpy()
 
     # -- persistence: parts as .npz, the index as a faiss file, all under one folder ---------------------
     def save(self, folder: Path, name: str) -> None:
@@ -164,6 +196,7 @@ class MemoryBank:
             [np.full(len(bank.parts[n]), i, np.int16) for i, n in enumerate(names)] or [np.zeros(0, np.int16)]
         )
         bank._part_names = names
+        bank.exact_search_max_ = config.exact_search_max
         if index_path.exists():
             bank.index_ = faiss.read_index(str(index_path))
         else:

@@ -53,15 +53,46 @@ def _part(vectors, source, cat="a"):
     return B.BankPart(v, np.full(len(v), source, np.int64), np.full(len(v), cat))
 
 
-@pytest.mark.parametrize("index", ["flat", "hnsw"])
-def test_bank_search_excludes_own_image(index):
+@pytest.mark.parametrize("index,exact_max", [("flat", 0), ("hnsw", 0), ("flat", 100)], ids=["faiss-flat", "faiss-hnsw", "exact"])
+def test_bank_search_excludes_own_image(index, exact_max):
     bank = B.MemoryBank(dim=2)
     bank.set_part(B.NORMAL, B.BankPart.concat([_part([[0, 0], [0.1, 0]], 7), _part([[5, 5]], 9)], 2))
-    bank.build_index(BankConfig(index=index))
+    bank.build_index(BankConfig(index=index, exact_search_max=exact_max))
     d, i = bank.search(np.array([[0, 0]], np.float32))
     assert i[0] == 0 and d[0] == 0
     d, i = bank.search(np.array([[0, 0]], np.float32), exclude_sources=np.array([7]))
     assert i[0] == 2 and d[0] == pytest.approx(50.0)  # the other image's entry, not its own
+
+
+def test_exact_search_matches_faiss_flat_and_beats_hnsw_recall():
+    """Plain queries on a small bank go through the exact matrix-product search: same neighbours and
+    distances as faiss's exact flat index (where the faiss HNSW index may miss some)."""
+    rng = np.random.default_rng(0)
+    basis = rng.normal(size=(8, 24)).astype(np.float32)
+    vectors = rng.normal(size=(3000, 8)).astype(np.float32) @ basis + 0.2 * rng.normal(size=(3000, 24)).astype(np.float32)
+    queries = rng.normal(size=(2500, 8)).astype(np.float32) @ basis + 0.2 * rng.normal(size=(2500, 24)).astype(np.float32)
+    reference = B.MemoryBank(dim=24)
+    reference.set_part(B.NORMAL, _part(vectors, 1))
+    reference.build_index(BankConfig(index="flat", exact_search_max=0))  # faiss IndexFlatL2 answers
+    d_ref, i_ref = reference.search(queries)
+    bank = B.MemoryBank(dim=24)
+    bank.set_part(B.NORMAL, _part(vectors, 1))
+    bank.build_index(BankConfig(index="hnsw", exact_search_max=10_000))
+    d, i = bank.search(queries)
+    assert bank._exact is not None  # the exact path answered, not the HNSW index
+    assert np.array_equal(i, i_ref)
+    assert np.allclose(d, d_ref, rtol=1e-4, atol=1e-4)
+    # excluding each query's own image: the best entry of another image, exactly as a brute-force search
+    mixed = B.MemoryBank(dim=24)
+    mixed.set_part(B.NORMAL, B.BankPart(vectors, np.arange(3000) % 7, np.full(3000, "a")))
+    mixed.build_index(BankConfig(index="hnsw", exact_search_max=10_000))
+    own = np.arange(2500) % 7
+    d, i = mixed.search(queries, exclude_sources=own)
+    brute = (queries.astype(np.float64) ** 2).sum(1)[:, None] - 2.0 * queries.astype(np.float64) @ vectors.T.astype(np.float64) \
+        + (vectors.astype(np.float64) ** 2).sum(1)[None, :]
+    brute[own[:, None] == (np.arange(3000) % 7)[None, :]] = np.inf
+    assert np.array_equal(i, brute.argmin(1)) and not np.any(i % 7 == own)
+    assert np.allclose(d, brute.min(1), rtol=1e-4, atol=1e-4)
 
 
 def test_bank_parts_provenance_and_persistence(tmp_path):
