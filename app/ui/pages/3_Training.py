@@ -1,8 +1,11 @@
 """Training: the job queue with live progress, a retrain on demand, and the model versions with
 promote and roll back.
 
-The page never trains: it queues jobs that the workers run, and refreshes the queue every 2 s while
-any job is waiting or running.
+The page never trains: it queues jobs that the workers run. The job queue is a fragment that polls the
+database by itself, every 2 s while any job is waiting or running and every 5 s when idle, so a job queued
+elsewhere (a Label Studio annotation through the webhook, `dmad annotate`, another inspector) shows up
+without a Refresh. The whole page is redrawn only when the queue turns busy (to poll faster) or idle
+again (new versions), not on every poll.
 """
 
 from __future__ import annotations
@@ -14,7 +17,8 @@ from app.services import ui_queries as q
 from app.services import versions as version_service
 from app.ui import context as ui
 
-REFRESH_SECONDS = 2
+REFRESH_SECONDS = 2  # the queue's poll while a job is waiting or running
+IDLE_REFRESH_SECONDS = 5  # ... and while nothing is: new jobs appear within this
 JOB_LIMIT = 50
 
 ui.page("Training", "⚙️")
@@ -62,13 +66,22 @@ left.button("Retrain now", key="training-retrain", type="primary", on_click=retr
 right.button("Refresh", key="training-refresh")
 
 
+def refresh_seconds(busy: bool) -> int:
+    """How often the job queue polls: always, faster while jobs are waiting or running."""
+    return REFRESH_SECONDS if busy else IDLE_REFRESH_SECONDS
+
+
 def job_queue(was_active: bool) -> None:
-    """The newest jobs: a progress bar for each waiting or running one, a table for the rest."""
+    """The newest jobs: a progress bar for each waiting or running one, a table for the rest. Rerun by
+    its own timer; `was_active` is what the last full run of the page saw."""
     with sessions() as session:
         jobs = q.jobs(session, JOB_LIMIT)
+        busy = q.any_active_job(session)  # the page's own test: no redraw loop over a job beyond the limit
     active = [j for j in jobs if j.active]
-    if was_active and not active:
-        st.rerun()  # all done: redraw the page once (new versions), which also stops the refresh
+    if busy != was_active:
+        # a job was queued from elsewhere (poll faster now), or all are done (new versions): redraw the
+        # whole page once, which also sets the poll interval for the new state
+        st.rerun()
     if not jobs:
         st.info("No jobs yet. Annotations queue a retrain by themselves; 'Retrain now' queues one at once.")
         return
@@ -93,7 +106,7 @@ def job_queue(was_active: bool) -> None:
 st.subheader("Job queue")
 with sessions() as session:
     busy = q.any_active_job(session)
-st.fragment(run_every=REFRESH_SECONDS if busy else None)(job_queue)(busy)
+st.fragment(run_every=refresh_seconds(busy))(job_queue)(busy)
 
 st.subheader("Model versions")
 with sessions() as session:
