@@ -9,7 +9,6 @@ when no `label-studio` executable can be found.
 from __future__ import annotations
 
 import hashlib
-import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,12 +20,7 @@ import pytest
 from annotation.server import LabelStudioServer, find_label_studio_bin
 from app.errors import UserError
 from app.home import Home
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from tests.processes import free_port
 
 
 def label_studio_bin_or_skip() -> Path:

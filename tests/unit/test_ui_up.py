@@ -18,6 +18,7 @@ import pytest
 from app.commands import ui as up
 from app.errors import UserError
 from app.home import Home, HomeSettings
+from tests.processes import alive, free_port
 
 
 def python(code: str) -> tuple[str, ...]:
@@ -29,23 +30,8 @@ STUBBORN = python("import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG
                   "flush=True)\nwhile True: time.sleep(0.1)")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def http_server(port: int) -> tuple[str, ...]:
     return (sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1")
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    stat = Path(f"/proc/{pid}/stat")
-    return not (stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] == "Z")
 
 
 @pytest.fixture

@@ -1,0 +1,30 @@
+"""Helpers for tests that run the product's commands as real processes."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from pathlib import Path
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def alive(pid: int) -> bool:
+    """The process exists and is not a zombie (a reaped-later child still answers kill 0)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    stat = Path(f"/proc/{pid}/stat")
+    return not (stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] == "Z")
+
+
+def dmad(*args: str) -> list[str]:
+    """The command line of `dmad ARGS` with this interpreter (no installed entry point needed)."""
+    return [sys.executable, "-m", "app.cli", *args]
