@@ -277,7 +277,8 @@ class DMAD:
             # validation loss stays ~6-8), a fresh mapper 0.96 after 6 epochs, as good as 48 from scratch.
             self.net_ = None
         t0 = time.perf_counter()
-        self._train(epochs or self.config.mapper.retrain_epochs(), lambda f, m: progress(0.1 + 0.85 * f, m))
+        self._train(epochs or self.config.mapper.retrain_epochs(), lambda f, m: progress(0.1 + 0.85 * f, m),
+                    patience=self.config.mapper.retrain_patience)
         self.timings_["train"] = time.perf_counter() - t0
         self._calibrate()
         progress(1.0, "retrained")
@@ -506,7 +507,10 @@ class DMAD:
         a = (v * np.sqrt(w / max(w.mean(), 1e-12))) @ v.T  # symmetric square root, unit mean variance
         self._noise_factor_ = torch.from_numpy(a.astype(np.float32))
 
-    def _train(self, epochs: int, progress: Progress) -> None:
+    def _train(self, epochs: int, progress: Progress, patience: int = 0) -> None:
+        """Trains the mapper for up to ``epochs`` epochs and keeps the state with the lowest validation loss
+        (the starting point included); with ``patience`` > 0 it stops once that many epochs in a row have not
+        improved on the best."""
         mc = self.mapper_config_
         torch.manual_seed(mc.seed)
         rng = np.random.default_rng(mc.seed)
@@ -526,6 +530,7 @@ class DMAD:
         # baseline, and on a warm start the previous mapper; training must beat it on validation data.
         best_val = self._validation_loss(val, ann, rng) if val.feats else float("inf")
         best_state, history = copy.deepcopy(net.state_dict()), [{"epoch": -1, "train_loss": None, "val_loss": best_val}]
+        since_best = 0
         bar = tqdm(range(epochs), desc="training mapper", unit="epoch", leave=False, disable=None)
         for epoch in bar:
             net.train()
@@ -553,9 +558,15 @@ class DMAD:
             val_loss = self._validation_loss(val, ann, rng) if val.feats else float(np.mean(losses))
             history.append({"epoch": epoch, "train_loss": float(np.mean(losses)), "val_loss": val_loss})
             if val_loss < best_val:
-                best_val, best_state = val_loss, copy.deepcopy(net.state_dict())
+                best_val, best_state, since_best = val_loss, copy.deepcopy(net.state_dict()), 0
+            else:
+                since_best += 1
             bar.set_postfix(loss=f"{np.mean(losses):.4f}", val=f"{val_loss:.4f}")
             progress((epoch + 1) / epochs, f"epoch {epoch + 1}/{epochs}: loss {np.mean(losses):.4f}, validation {val_loss:.4f}")
+            if patience and since_best >= patience and epoch + 1 < epochs:
+                progress(1.0, f"stopped after epoch {epoch + 1}/{epochs}: validation loss not improved for "
+                              f"{patience} epochs (best {best_val:.4f})")
+                break
         bar.close()
         net.load_state_dict(best_state)
         net.eval()

@@ -281,3 +281,28 @@ def test_knn_baseline_separates_synthetic_defects(fitted):
         preds = model.knn_predict([ImageItem.from_path(r.path, ds.name) for r in ds.test])
         m = compute_class_metrics(np.array([r.label for r in ds.test]), np.array([p.image_score for p in preds]))
         assert m.image_auroc > 0.7, ds.name
+
+
+def test_a_retrain_stops_once_validation_stops_improving_and_keeps_the_best_state(fitted, tmp_path, monkeypatch):
+    """The validation losses are scripted (a double for the loss, not for the stopping rule under test): best
+    after the first epoch, then two epochs without improvement -> a retrain with patience 2 stops after
+    epoch 3 of 6, and the model keeps the weights it had after epoch 1."""
+    model, _, store, _ = fitted
+    model.save(tmp_path / "m")
+    loaded = DMAD.load(tmp_path / "m", store)
+    assert loaded.config.mapper.retrain_patience == 2
+    losses = iter([1.0, 0.8, 0.9, 0.85, 0.7, 0.6, 0.5])  # start, then one per epoch
+    states = []
+
+    def scripted_loss(val, ann, rng):
+        states.append({k: v.clone() for k, v in loaded.net_.state_dict().items()})
+        return next(losses)
+
+    monkeypatch.setattr(loaded, "_validation_loss", scripted_loss)
+    messages = []
+    loaded.update(list(loaded.annotations_), epochs=6, progress=lambda f, m: messages.append(m))
+    assert [h["epoch"] for h in loaded.history_] == [-1, 0, 1, 2]
+    assert any("stopped after epoch 3/6" in m for m in messages)
+    best = states[1]  # after epoch 1 (index 0 is the starting point)
+    assert all(torch.equal(v, best[k]) for k, v in loaded.net_.state_dict().items())
+    assert not all(torch.equal(v, states[-1][k]) for k, v in loaded.net_.state_dict().items())
