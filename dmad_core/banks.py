@@ -147,16 +147,44 @@ class MemoryBank:
         rows = np.arange(len(q))
         return d[rows, first], i_safe[rows, first]
 
+    def part_rows(self, name: str) -> tuple[int, int]:
+        """The rows [start, stop) of the union (and of search results) that hold part ``name``."""
+        if self.union_ is None:
+            raise RuntimeError("bank index not built: call build_index() once after changing parts")
+        start = 0
+        for part_name in self._part_names:
+            stop = start + len(self.parts[part_name])
+            if part_name == name:
+                return start, stop
+            start = stop
+        raise KeyError(f"bank has no part {name!r}")
+
+    def search_part(self, name: str, queries: np.ndarray, exclude_sources: np.ndarray | None = None
+                    ) -> tuple[np.ndarray, np.ndarray]:
+        """Nearest entry of one part only, searched exactly: (squared distances, indices *within the
+        part*). Lets a caller cache the neighbours in a part that does not change while others do. A query
+        whose every entry in the part comes from its own image (``exclude_sources``) has no neighbour there:
+        distance +inf."""
+        start, stop = self.part_rows(name)
+        if stop == start:
+            raise RuntimeError(f"part {name!r} is empty")
+        q = np.ascontiguousarray(queries, dtype=np.float32)
+        return self._exact_nearest(q, exclude_sources, rows=(start, stop), keep_own_when_alone=False)
+
     def _exact_nearest(self, q: np.ndarray, exclude_sources: np.ndarray | None = None,
-                       block: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+                       block: int = 1024, rows: tuple[int, int] | None = None,
+                       keep_own_when_alone: bool = True) -> tuple[np.ndarray, np.ndarray]:
         """Exact 1-NN by ``|b|^2 - 2 q.b`` (the query's own norm does not change the argmin) over blocks of
         queries, so that a block's distance matrix stays small. With ``exclude_sources`` a query's own image's
-        entries are masked out (a query whose every candidate is its own image keeps its nearest anyway).
-        The returned squared distance is recomputed directly from the chosen entry."""
+        entries are masked out (a query whose every candidate is its own image keeps its nearest anyway, or,
+        with ``keep_own_when_alone`` False, gets distance +inf). The returned squared distance is recomputed directly from the chosen entry. ``rows`` restricts the
+        search to union rows [start, stop) (indices are then relative to ``start``)."""
         if self._exact is None:
             vectors = torch.from_numpy(np.ascontiguousarray(self.union_.vectors, dtype=np.float32))
             self._exact = (vectors, (vectors * vectors).sum(1), torch.from_numpy(self.union_.sources))
         vectors, norms, bank_sources = self._exact
+        if rows is not None:
+            vectors, norms, bank_sources = (t[rows[0]:rows[1]] for t in (vectors, norms, bank_sources))
         queries = torch.from_numpy(q)
         own = None if exclude_sources is None else torch.from_numpy(np.asarray(exclude_sources, np.int64))
         idx = torch.empty(len(q), dtype=torch.int64)
@@ -165,10 +193,13 @@ class MemoryBank:
                 scores = torch.addmm(norms[None, :], queries[start:start + block], vectors.T, alpha=-2)
                 if own is not None:
                     same = own[start:start + block, None] == bank_sources[None, :]
-                    only_own = same.all(1)
-                    scores.masked_fill_(same & ~only_own[:, None], float("inf"))
+                    if keep_own_when_alone:
+                        same &= ~same.all(1, keepdim=True)
+                    scores.masked_fill_(same, float("inf"))
                 idx[start:start + block] = scores.argmin(1)
             dist = ((queries - vectors[idx]) ** 2).sum(1)
+            if own is not None and not keep_own_when_alone:
+                dist[own == bank_sources[idx]] = float("inf")
         return dist.numpy(), idx.numpy()
 
     # -- persistence: parts as .npz, the index as a faiss file, all under one folder ---------------------

@@ -189,6 +189,7 @@ class DMAD:
         self.feature_shift_: np.ndarray | None = None  # (C,) mean of normal training patches
         self.feature_scale_: float = 1.0  # mean per-channel std: one isotropic scale keeps NN geometry
         self._normal_nn_cache: dict[str, np.ndarray] = {}  # see _neighbours; cleared when the normal bank changes
+        self._outlier_nn_cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # see _abnormal_neighbours
 
     def _get(self, items: Sequence[ImageItem], progress: Progress = _no_progress, desc: str = "features") -> list[np.ndarray]:
         """Standardised float32 features: backbones differ wildly in scale (EfficientNet-Lite0 channels have
@@ -227,7 +228,7 @@ class DMAD:
         progress(0.3, "building the normal bank (coreset)")
         t0 = time.perf_counter()
         self.normal_bank_ = self._build_normal_bank(self.normal_items_, feats)
-        self._normal_nn_cache = {}
+        self._normal_nn_cache, self._outlier_nn_cache = {}, {}
         self.abnormal_bank_ = B.MemoryBank(dim=cfg.backbone.feature_dim)
         self.abnormal_bank_.set_part(B.OUTLIER, self._outlier_part(out_feats, self.normal_items_, feats))
         self.annotations_ = list(annotations)
@@ -406,8 +407,10 @@ class DMAD:
     # --------------------------------------------------------------------------------------- training
     def _neighbours(self, items: Sequence[ImageItem], feats: Sequence[np.ndarray], exclude: bool) -> tuple[list, list]:
         """Nearest normal-bank and abnormal-bank entries of every patch of the training images. The
-        normal-bank ones are cached by image (and saved with the model) until the normal bank changes: a
-        retrain after an annotation only changes the abnormal bank, and these searches are half its cost."""
+        normal-bank ones are cached by image (and saved with the model) until the normal bank changes, and
+        so are the nearest entries of the abnormal bank's outlier part (see ``_abnormal_neighbours``): a
+        retrain after an annotation changes only the small annotated parts, and these searches were most
+        of its cost."""
         dim = self.config.backbone.feature_dim
         exclude = exclude and self.config.bank.exclude_same_image
         nn_n, nn_a = [], []
@@ -418,8 +421,32 @@ class DMAD:
             if key not in self._normal_nn_cache:
                 self._normal_nn_cache[key] = self.normal_bank_.search(q, src)[1].astype(np.int32)
             nn_n.append(self._normal_nn_cache[key].astype(np.int64))
-            nn_a.append(self.abnormal_bank_.search(q, src)[1])
+            nn_a.append(self._abnormal_neighbours(key, q, src))
         return nn_n, nn_a
+
+    def _abnormal_neighbours(self, key: str, q: np.ndarray, src: np.ndarray | None) -> np.ndarray:
+        """Nearest abnormal-bank entry of each patch, as the nearer of (a) its nearest entry in the outlier
+        part, which is fixed once fitted and therefore cached by ``key`` and saved with the model, and (b)
+        its nearest entry in the other parts (seen, weak, centre: small, rebuilt by every retrain)."""
+        bank = self.abnormal_bank_
+        if not len(bank.parts.get(B.OUTLIER, ())):
+            return bank.search(q, src)[1]
+        if key not in self._outlier_nn_cache:
+            d, i = bank.search_part(B.OUTLIER, q, src)
+            self._outlier_nn_cache[key] = (d.astype(np.float32), i.astype(np.int32))
+        best_d, within = self._outlier_nn_cache[key]
+        best_i = within.astype(np.int64) + bank.part_rows(B.OUTLIER)[0]
+        for name in bank.parts:
+            if name == B.OUTLIER or not len(bank.parts[name]):
+                continue
+            d, i = bank.search_part(name, q, src)
+            nearer = d < best_d
+            best_d = np.where(nearer, d, best_d)
+            best_i = np.where(nearer, i + bank.part_rows(name)[0], best_i)
+        alone = ~np.isfinite(best_d)  # every entry of every part is from the query's own image
+        if alone.any():
+            best_i[alone] = bank.search(q[alone], None if src is None else src[alone])[1]
+        return best_i
 
     def _train_sets(self) -> tuple[_TrainSet, _TrainSet, _TrainSet]:
         dim = self.config.backbone.feature_dim
@@ -690,6 +717,9 @@ class DMAD:
             np.savez(folder / "annotated_patches.npz", **self._annotated_idx)
         if self._normal_nn_cache:
             np.savez(folder / "normal_neighbours.npz", **self._normal_nn_cache)
+        if self._outlier_nn_cache:
+            np.savez(folder / "outlier_neighbours.npz",
+                     **{f"{k}|{part}": v[j] for k, v in self._outlier_nn_cache.items() for j, part in enumerate("di")})
 
     @staticmethod
     def load(folder: str | Path, features: FeatureStore) -> DMAD:
@@ -721,6 +751,10 @@ class DMAD:
         if (folder / "normal_neighbours.npz").exists():
             with np.load(folder / "normal_neighbours.npz") as z:
                 model._normal_nn_cache = {k: z[k] for k in z.files}
+        if (folder / "outlier_neighbours.npz").exists():
+            with np.load(folder / "outlier_neighbours.npz") as z:
+                keys = {name.rsplit("|", 1)[0] for name in z.files}
+                model._outlier_nn_cache = {k: (z[f"{k}|d"], z[f"{k}|i"]) for k in keys}
         if (folder / "annotated_patches.npz").exists():
             z = np.load(folder / "annotated_patches.npz")
             model._annotated_idx = {k: z[k] for k in z.files}

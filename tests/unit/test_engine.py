@@ -306,3 +306,27 @@ def test_a_retrain_stops_once_validation_stops_improving_and_keeps_the_best_stat
     best = states[1]  # after epoch 1 (index 0 is the starting point)
     assert all(torch.equal(v, best[k]) for k, v in loaded.net_.state_dict().items())
     assert not all(torch.equal(v, states[-1][k]) for k, v in loaded.net_.state_dict().items())
+
+
+def test_abnormal_neighbours_from_the_cached_outlier_part_equal_a_search_of_the_whole_bank(fitted, tmp_path):
+    """A retrain reuses each training image's nearest outlier-part entries (saved with the model) and
+    searches only the parts built from annotations; the result is the nearest entry of the whole bank,
+    own-image entries excluded, exactly as a search of the whole bank finds it."""
+    model, dss, store, _ = fitted
+    ds = dss[0]
+    defect = next(r for r in ds.test if r.label == 1)
+    model.save(tmp_path / "m")
+    loaded = DMAD.load(tmp_path / "m", store)
+    item = loaded.normal_items_[0]
+    assert f"{item.hash}:x" in loaded._outlier_nn_cache  # saved with the model, read back with it
+    annotated = ImageItem.from_path(defect.path, ds.name)
+    loaded.update([DefectAnnotation(annotated, load_mask(defect.mask_path))], epochs=1)
+    bank, dim = loaded.abnormal_bank_, loaded.config.backbone.feature_dim
+    assert bank.part_sizes()[B.SEEN] > 0
+    for it in (item, annotated):  # a normal training image, and the annotated image whose patches are "seen"
+        q = loaded._get([it])[0].reshape(-1, dim)
+        src = np.full(len(q), it.source, np.int64)
+        got = loaded._abnormal_neighbours(f"{it.hash}:x", q, src)
+        d_ref, i_ref = bank._exact_nearest(q, src)  # the whole union at once, own image masked out
+        assert np.array_equal(got, i_ref)
+        assert not np.any(bank.union_.sources[got] == it.source)  # never its own patches
