@@ -14,7 +14,7 @@ from app.services import ui_queries as q
 from app.ui import context as ui
 from app.ui.diversity import crops_for
 
-PAGE_SIZE = 50  # crops per page
+PAGE_SIZE = 30  # crops per page: with 50, drawing the page took Chromium over a second (docs/ui.md)
 COLUMNS = 5
 PAGE_KEY = "review-page"
 

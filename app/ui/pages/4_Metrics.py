@@ -65,7 +65,9 @@ st.subheader(f"Latest values ({version})")
 st.dataframe(latest, width="stretch",
              column_config={c: st.column_config.NumberColumn(c, format="%.3f") for c in latest.columns})
 
-with st.expander("All values"):
+# A toggle rather than an expander: an expander's table is built in the browser even while collapsed, and
+# a second data grid was a measurable part of this page's load time.
+if st.toggle("All values", key="metrics-all-values"):
     wide = metrics.pivot_table(index=["version", "category"], columns="metric", values="value", aggfunc="first")
     wide = wide.reindex(pd.MultiIndex.from_product([order, categories], names=["version", "category"])).dropna(how="all")
     st.dataframe(wide, width="stretch")
