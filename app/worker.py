@@ -199,6 +199,7 @@ def run_worker(home: Home, sessions: sessionmaker[Session], options: WorkerOptio
     worker_id = options.worker_id or default_worker_id()
     succeeded, last_sync = 0, time.monotonic() - (options.sync_every_seconds or 0)
     log.info("worker %s started on %s", worker_id, home.root)
+    _remove_abandoned_version_folders(home, sessions)
     if not options.once:
         _load_engine()
         log.info("worker %s ready", worker_id)
@@ -213,6 +214,17 @@ def run_worker(home: Home, sessions: sessionmaker[Session], options: WorkerOptio
             continue
         succeeded += run_job(home, sessions, job, options, worker_id)
     return succeeded
+
+
+def _remove_abandoned_version_folders(home: Home, sessions: sessionmaker[Session]) -> None:
+    """A worker killed while writing a version leaves its temporary folder (never listed, never active);
+    those older than an hour are removed when a worker starts, so they do not pile up."""
+    from app.services.versions import cleanup_orphans
+
+    with sessions() as session:
+        report = cleanup_orphans(session, home)
+    for folder in report.removed_tmp:
+        log.info("removed %s, left by a training that did not finish", folder)
 
 
 def _load_engine() -> None:

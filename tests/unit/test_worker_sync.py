@@ -227,3 +227,21 @@ def test_worker_pulls_label_studio_annotations_every_period(labelstudio: LabelSt
     assert (defect.kind, defect.image_id) == ("defect_mask", images[1].id)
     assert np.array_equal(load_mask(defect, home), drawn)
     assert watch.samples > 0 and watch.max_waiting <= 1
+
+
+def test_a_starting_worker_removes_version_folders_abandoned_by_a_killed_training(tmp_path: Path) -> None:
+    """A temporary version folder older than an hour (its training died) goes; a fresh one (a training
+    running in another worker right now) stays."""
+    import os
+
+    home = Home.at(tmp_path / "home")
+    home.create()
+    sessions = open_database(home, create=True)
+    old, fresh = home.models_dir / ".tmp-v0002-dead", home.models_dir / ".tmp-v0003-live"
+    for folder in (old, fresh):
+        folder.mkdir(parents=True)
+        (folder / "model.json").write_text("{}")
+    two_hours_ago = time.time() - 7200
+    os.utime(old, (two_hours_ago, two_hours_ago))
+    run_worker(home, sessions, WorkerOptions(once=True, sync_every_seconds=None))
+    assert not old.exists() and fresh.is_dir()
