@@ -177,8 +177,9 @@ class MemoryBank:
         """Exact 1-NN by ``|b|^2 - 2 q.b`` (the query's own norm does not change the argmin) over blocks of
         queries, so that a block's distance matrix stays small. With ``exclude_sources`` a query's own image's
         entries are masked out (a query whose every candidate is its own image keeps its nearest anyway, or,
-        with ``keep_own_when_alone`` False, gets distance +inf). The returned squared distance is recomputed directly from the chosen entry. ``rows`` restricts the
-        search to union rows [start, stop) (indices are then relative to ``start``)."""
+        with ``keep_own_when_alone`` False, gets distance +inf). The returned squared distance is recomputed
+        directly from the chosen entry. ``rows`` restricts the search to union rows [start, stop) (indices
+        are then relative to ``start``)."""
         if self._exact is None:
             vectors = torch.from_numpy(np.ascontiguousarray(self.union_.vectors, dtype=np.float32))
             self._exact = (vectors, (vectors * vectors).sum(1), torch.from_numpy(self.union_.sources))
