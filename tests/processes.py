@@ -5,7 +5,10 @@ from __future__ import annotations
 import os
 import socket
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 
 def free_port() -> int:
@@ -28,3 +31,13 @@ def alive(pid: int) -> bool:
 def dmad(*args: str) -> list[str]:
     """The command line of `dmad ARGS` with this interpreter (no installed entry point needed)."""
     return [sys.executable, "-m", "app.cli", *args]
+
+
+def wait_until(condition: Callable[[], Any], timeout: float, every: float) -> bool:
+    """Polls ``condition`` every ``every`` seconds for up to ``timeout`` seconds; its last answer, as a bool."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(every)
+    return bool(condition())

@@ -6,12 +6,12 @@ project but each checks its own facts. Images are small non-square PNGs (200 x 3
 
 from __future__ import annotations
 
+import functools
 import json
 import socket
 import stat
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -43,10 +43,10 @@ from tests.loop_fixtures import LoopHome, copy_home, trained_home_template  # no
 from tests.labelstudio_fixtures import (
     SampleImage,
     blob_mask,
-    free_port,
     label_studio_bin_or_skip,
     write_test_images,
 )
+from tests.processes import free_port, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -116,13 +116,7 @@ def _api(server: LabelStudioServer, method: str, path: str, **kwargs: Any) -> re
     return requests.request(method, f"{server.url}{path}", headers=headers, timeout=30, **kwargs)
 
 
-def _wait_for(condition: Any, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.1)
-    return bool(condition())
+_wait_for = functools.partial(wait_until, timeout=10.0, every=0.1)
 
 
 def _task_for(setup: Setup, image: SampleImage) -> dict[str, Any]:

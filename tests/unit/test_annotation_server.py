@@ -30,6 +30,7 @@ from annotation.server import (
 )
 from app.errors import UserError
 from app.home import Home
+from tests.processes import alive, free_port
 
 FAKE = """#!{python}
 import http.server, json, os, signal, sys, time
@@ -68,20 +69,6 @@ def fake_bin(tmp_path: Path) -> Path:
     return path
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _gone(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-
-
 def test_lifecycle(tmp_path: Path, fake_bin: Path) -> None:
     home = Home.at(tmp_path / "home")
     srv = LabelStudioServer(home, port=free_port(), bin=fake_bin)
@@ -114,7 +101,7 @@ def test_lifecycle(tmp_path: Path, fake_bin: Path) -> None:
             LabelStudioServer(home, port=srv.port + 1, bin=fake_bin).start(timeout=30)
     finally:
         assert srv.stop() is True
-    assert _gone(pid) and not srv.pid_path.exists() and not srv.port_path.exists()
+    assert not alive(pid) and not srv.pid_path.exists() and not srv.port_path.exists()
     assert LabelStudioServer(home).port == home.load_settings().label_studio_port
     assert srv.status().running is False
     assert srv.stop() is False
@@ -184,7 +171,7 @@ def test_stop_kills_a_server_that_ignores_sigterm(tmp_path: Path, fake_bin: Path
     started = time.monotonic()
     assert srv.stop(timeout=1.0) is True
     assert time.monotonic() - started < 8
-    assert _gone(pid)
+    assert not alive(pid)
 
 
 def test_stale_pid_file_is_not_trusted(tmp_path: Path, fake_bin: Path) -> None:

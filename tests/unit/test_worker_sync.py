@@ -9,6 +9,7 @@ one waiting sync job however many sync periods pass while it waits.
 
 from __future__ import annotations
 
+import functools
 import json
 import threading
 import time
@@ -37,18 +38,12 @@ from db import queue
 from db.engine import begin_write
 from db.models import Annotation, Job
 from tests.db_fixtures import add_test_image
-from tests.labelstudio_fixtures import free_port
+from tests.processes import free_port, wait_until
 
 SYNC = "labelstudio_sync"
 
 
-def _wait_for(condition: Callable[[], bool], timeout: float = 60.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.02)
-    return bool(condition())
+_wait_for = functools.partial(wait_until, timeout=60.0, every=0.02)
 
 
 def _jobs(sessions: sessionmaker[Session], type_: str) -> list[Job]:
