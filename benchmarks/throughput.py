@@ -16,6 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from dmad_core.config import DMADConfig
@@ -28,6 +29,40 @@ SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def print_breakdown(model: DMAD, test: list[ImageItem], batch: int, e2e_s: float) -> None:
+    """Milliseconds per image of each stage of end-to-end inference, timed one stage at a time over the
+    same test images: where the time goes, so that an optimisation can aim at the largest part."""
+    fe = model.features.extractor
+    stages: dict[str, float] = dict.fromkeys(
+        ["decode", "resize + normalise", "backbone", "patch features", "normal-bank search", "abnormal-bank search",
+         "knowledge + mapper"], 0.0)
+    net = model.net_.eval()
+    dim = model.config.backbone.feature_dim
+    for start in range(0, len(test), batch):
+        chunk = test[start:start + batch]
+        t = time.perf_counter(); images = [load_image(it.path) for it in chunk]; stages["decode"] += time.perf_counter() - t
+        t = time.perf_counter(); x = fe.preprocess(images); stages["resize + normalise"] += time.perf_counter() - t
+        t = time.perf_counter(); maps = fe.backbone_forward(x); stages["backbone"] += time.perf_counter() - t
+        t = time.perf_counter()
+        with torch.inference_mode():
+            feats = fe.head(maps).float().cpu().numpy()
+        stages["patch features"] += time.perf_counter() - t
+        q = ((feats.reshape(-1, dim) - model.feature_shift_) / model.feature_scale_).astype(np.float32)
+        t = time.perf_counter(); _, i_n = model.normal_bank_.search(q); stages["normal-bank search"] += time.perf_counter() - t
+        t = time.perf_counter(); _, i_a = model.abnormal_bank_.search(q); stages["abnormal-bank search"] += time.perf_counter() - t
+        t = time.perf_counter()
+        with torch.no_grad():
+            qt = torch.from_numpy(q).reshape(len(chunk), -1, dim)
+            net(qt, torch.from_numpy(model.normal_bank_.vectors[i_n]).reshape(qt.shape),
+                torch.from_numpy(model.abnormal_bank_.vectors[i_a]).reshape(qt.shape), qt)
+        stages["knowledge + mapper"] += time.perf_counter() - t
+    total = sum(stages.values())
+    print(f"where end-to-end time goes (ms/img, stages timed one by one; sum {1000 * total / len(test):.1f} "
+          f"vs {1000 * e2e_s:.1f} measured end to end, the rest is the feature cache and bookkeeping):")
+    for name, s in stages.items():
+        print(f"  {name:<22}{1000 * s / len(test):6.1f}  ({s / stages['backbone']:.2f}x backbone)")
 
 
 def main() -> None:
@@ -80,6 +115,7 @@ def main() -> None:
     print(f"backbone forward alone: {1 / backbone_s:7.1f} img/s ({1000 * backbone_s:.1f} ms/img)  [baseline]")
     print(f"end-to-end inference:   {1 / e2e_s:7.1f} img/s ({1000 * e2e_s:.1f} ms/img)  = {e2e_s / backbone_s:.2f}x backbone")
     print(f"scoring cached features:{1 / cached_s:7.1f} img/s ({1000 * cached_s:.1f} ms/img)  = {cached_s / backbone_s:.2f}x backbone")
+    print_breakdown(model, test, args.batch, e2e_s)
     print(f"peak memory (RSS): {peak_rss_mb():.0f} MB")
     print(f"training from cached features vs fit: banks {model.timings_['banks']:.1f} s, "
           f"mapper {model.timings_['train']:.1f} s, features {model.timings_['features']:.1f} s")
