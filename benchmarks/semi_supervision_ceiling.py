@@ -46,14 +46,14 @@ def top5(scores: np.ndarray) -> np.ndarray:
 
 
 def nearest_distance(bank: B.MemoryBank, feats: list[np.ndarray], part: str | None = None,
-                     sources: list[int] | None = None) -> np.ndarray:
-    """(images, patches) Euclidean distance to the nearest entry of the bank (or of one of its parts);
-    with ``sources``, entries of the image itself are excluded (training images)."""
+                     sources: list[int] | None = None, category: str | None = None) -> np.ndarray:
+    """(images, patches) Euclidean distance to the nearest entry of the bank (or of one of its parts, or of
+    one class); with ``sources``, entries of the image itself are excluded (training images)."""
     out = []
     for i, f in enumerate(feats):
         q = f.reshape(-1, f.shape[-1]).astype(np.float32)
         src = None if sources is None else np.full(len(q), sources[i], np.int64)
-        d, _ = bank.search(q, src) if part is None else bank.search_part(part, q, src)
+        d, _ = bank.search(q, src, category=category) if part is None else bank.search_part(part, q, src)
         out.append(np.sqrt(np.maximum(d, 0)))
     return np.stack(out)
 
@@ -88,7 +88,7 @@ def analyse(k: int, seed: int, cache: Path, picture: Path | None = None) -> None
     grid = feats[0].shape[:2]
     masks = np.stack([load_mask(r.mask_path, grid) if r.mask_path else np.zeros(grid, bool) for r in records])
     masks = masks.reshape(len(records), -1)
-    d_normal = nearest_distance(model.normal_bank_, feats)
+    d_normal = nearest_distance(model.normal_bank_, feats, category="tire")
     d_seen = nearest_distance(model.abnormal_bank_, feats, B.SEEN)
     sizes = model.abnormal_bank_.part_sizes()
     print(f"\n== K = {k} annotated tire defects (seed {seed}): {sizes.get(B.SEEN, 0)} seen patches; "
@@ -119,7 +119,7 @@ def analyse(k: int, seed: int, cache: Path, picture: Path | None = None) -> None
     # Supervised upper bound: the labels of the annotated patches, a linear classifier on the features.
     train_items = [it for it in model.normal_items_ if it.category == "tire"]
     train_feats = model._get(train_items)
-    d_train = nearest_distance(model.normal_bank_, train_feats, sources=[it.source for it in train_items])
+    d_train = nearest_distance(model.normal_bank_, train_feats, sources=[it.source for it in train_items], category="tire")
     hard = np.concatenate([f.reshape(-1, f.shape[-1])[np.argsort(d)[-20:]] for f, d in zip(train_feats, d_train)])
     seen = model.abnormal_bank_.parts[B.SEEN].vectors
     x = np.concatenate([seen, hard])

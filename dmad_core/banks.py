@@ -33,6 +33,10 @@ def source_id(image_hash: str) -> int:
     return int(image_hash[:15], 16)
 
 
+def _rows_by_category(categories: np.ndarray) -> dict[str, np.ndarray]:
+    return {str(c): np.flatnonzero(categories == c) for c in np.unique(categories)}
+
+
 @dataclass
 class BankPart:
     """Vectors of one part with their provenance, row for row."""
@@ -80,6 +84,7 @@ class MemoryBank:
     part_of_: np.ndarray | None = None  # (M,) index into part names, row for row with union_
     exact_search_max_: int = 0  # see BankConfig.exact_search_max
     _exact: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # vectors, squared norms, sources
+    category_rows_: dict[str, np.ndarray] = field(default_factory=dict)  # class -> its union rows
 
     def set_part(self, name: str, part: BankPart) -> None:
         if part.vectors.ndim != 2 or part.vectors.shape[1] != self.dim:
@@ -108,6 +113,7 @@ class MemoryBank:
         self._part_names = names
         self.exact_search_max_ = config.exact_search_max
         self._exact = None
+        self.category_rows_ = _rows_by_category(self.union_.categories)
         if config.index == "hnsw" and len(self.union_) > 2048:
             index = faiss.IndexHNSWFlat(self.dim, config.hnsw_m)
             index.hnsw.efConstruction = 64
@@ -122,18 +128,24 @@ class MemoryBank:
         return np.asarray(self._part_names)[self.part_of_[idx]]
 
     def search(
-        self, queries: np.ndarray, exclude_sources: np.ndarray | None = None, k_exclude: int = 16
+        self, queries: np.ndarray, exclude_sources: np.ndarray | None = None, k_exclude: int = 16,
+        category: str | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Nearest entry for each query: (squared distances (n,), indices (n,)).
+        """Nearest entry for each query: (squared distances (n,), indices (n,) into the union).
 
         ``exclude_sources`` (n,): each query's own image id; entries of that image are skipped (the first of
         ``k_exclude`` neighbours from another image is taken; if all come from the same image, the last).
+        ``category``: the queries' class, to search only the entries of that class (a class-aware memory,
+        see ``BankConfig.class_aware``); a class the bank has no entry of searches the whole bank.
         """
         if self.index_ is None:
             raise RuntimeError("bank index not built: call build_index() once after changing parts")
         if len(self.union_) == 0:
             raise RuntimeError("bank is empty")
         q = np.ascontiguousarray(queries, dtype=np.float32)
+        rows = self.category_rows_.get(category) if category is not None else None
+        if rows is not None and len(rows) < len(self.union_):
+            return self._search_rows(q, exclude_sources, rows, k_exclude)
         if len(self.union_) <= self.exact_search_max_:
             return self._exact_nearest(q, exclude_sources)
         if exclude_sources is None:
@@ -146,6 +158,31 @@ class MemoryBank:
         first = np.where(ok.any(axis=1), ok.argmax(axis=1), k - 1)
         rows = np.arange(len(q))
         return d[rows, first], i_safe[rows, first]
+
+    def _search_rows(self, q: np.ndarray, exclude_sources: np.ndarray | None, rows: np.ndarray,
+                     k_exclude: int) -> tuple[np.ndarray, np.ndarray]:
+        """Nearest entry among the union rows ``rows`` (one class). Few rows: exact. Many: the index's
+        ``k_exclude`` nearest, the first that is in ``rows`` (and not the query's own image); a query with
+        none of them there is answered exactly."""
+        if len(rows) <= self.exact_search_max_:
+            d, i = self._exact_nearest(q, exclude_sources, rows=rows)
+            return d, rows[i]
+        k = int(min(k_exclude, len(self.union_)))
+        d, i = self.index_.search(q, k)
+        i_safe = np.where(i < 0, 0, i)
+        ok = np.isin(i_safe, rows) & (i >= 0)
+        if exclude_sources is not None:
+            ok &= self.union_.sources[i_safe] != exclude_sources[:, None]
+        found = ok.any(axis=1)
+        first = ok.argmax(axis=1)
+        at = np.arange(len(q))
+        dist, idx = d[at, first].copy(), i_safe[at, first].copy()
+        if not found.all():
+            miss = ~found
+            d_m, i_m = self._exact_nearest(q[miss], None if exclude_sources is None else exclude_sources[miss],
+                                           rows=rows)
+            dist[miss], idx[miss] = d_m, rows[i_m]
+        return dist, idx
 
     def part_rows(self, name: str) -> tuple[int, int]:
         """The rows [start, stop) of the union (and of search results) that hold part ``name``."""
@@ -172,19 +209,23 @@ class MemoryBank:
         return self._exact_nearest(q, exclude_sources, rows=(start, stop), keep_own_when_alone=False)
 
     def _exact_nearest(self, q: np.ndarray, exclude_sources: np.ndarray | None = None,
-                       block: int = 1024, rows: tuple[int, int] | None = None,
+                       block: int = 1024, rows: tuple[int, int] | np.ndarray | None = None,
                        keep_own_when_alone: bool = True) -> tuple[np.ndarray, np.ndarray]:
         """Exact 1-NN by ``|b|^2 - 2 q.b`` (the query's own norm does not change the argmin) over blocks of
         queries, so that a block's distance matrix stays small. With ``exclude_sources`` a query's own image's
         entries are masked out (a query whose every candidate is its own image keeps its nearest anyway, or,
         with ``keep_own_when_alone`` False, gets distance +inf). The returned squared distance is recomputed
         directly from the chosen entry. ``rows`` restricts the search to union rows [start, stop) (indices
-        are then relative to ``start``)."""
+        are then relative to ``start``); an index array restricts it to those rows (indices then index
+        that array)."""
         if self._exact is None:
             vectors = torch.from_numpy(np.ascontiguousarray(self.union_.vectors, dtype=np.float32))
             self._exact = (vectors, (vectors * vectors).sum(1), torch.from_numpy(self.union_.sources))
         vectors, norms, bank_sources = self._exact
-        if rows is not None:
+        if isinstance(rows, np.ndarray):
+            take = torch.from_numpy(rows)
+            vectors, norms, bank_sources = (t[take] for t in (vectors, norms, bank_sources))
+        elif rows is not None:
             vectors, norms, bank_sources = (t[rows[0]:rows[1]] for t in (vectors, norms, bank_sources))
         queries = torch.from_numpy(q)
         own = None if exclude_sources is None else torch.from_numpy(np.asarray(exclude_sources, np.int64))
@@ -229,6 +270,7 @@ class MemoryBank:
         )
         bank._part_names = names
         bank.exact_search_max_ = config.exact_search_max
+        bank.category_rows_ = _rows_by_category(bank.union_.categories)
         if index_path.exists():
             bank.index_ = faiss.read_index(str(index_path))
         else:

@@ -68,6 +68,11 @@ class BankConfig:
     # abnormal bank (2,458 entries) 7.4 ms exact vs 18.5 ms HNSW, normal bank (5,693) 15.2 ms exact vs
     # 10.3 ms HNSW, so the two cost the same near 4k entries. The faiss index is built and saved either way.
     exact_search_max: int = 4096
+    # A class-aware normal memory (the idea METHOD.md takes from MDD-Net): a patch of a known class is
+    # compared with the normal patches of its class only, so it cannot look normal by resembling another
+    # product, and the search is cheaper. Unknown classes search the whole bank. The abnormal bank is
+    # always searched across classes: a defect of one class helps the others.
+    class_aware: bool = True
 
 
 @dataclass(frozen=True)

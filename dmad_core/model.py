@@ -165,6 +165,7 @@ class _TrainSet:
     nn_abnormal: list[np.ndarray]  # per image (N,) index into the abnormal bank
     patches: list[np.ndarray | None]  # per image: the patch indices to learn from (None = all)
     sources: list[int] = field(default_factory=list)  # per image: provenance id (self-match exclusion)
+    categories: list[str] = field(default_factory=list)  # per image: its class (class-aware normal search)
 
 
 class DMAD:
@@ -368,9 +369,9 @@ class DMAD:
                 idx = np.array([int(cover.argmax())])
             return idx, False
         if self.net_ is not None:
-            scores = self._score_features([feat])[0].reshape(-1)
+            scores = self._score_features([feat], [ann.item.category])[0].reshape(-1)
         else:
-            d, _ = self.normal_bank_.search(feat.reshape(-1, feat.shape[-1]))
+            d, _ = self._search_normal(feat.reshape(-1, feat.shape[-1]), None, ann.item.category)
             scores = d
         k = self.config.bank.weak_patches_per_image
         return np.argsort(scores)[-k:], True
@@ -404,6 +405,22 @@ class DMAD:
         self.abnormal_bank_.set_part(B.CENTRE, B.BankPart.concat(centres, dim))
         self.abnormal_bank_.build_index(cfg)
 
+    def _search_normal(self, q: np.ndarray, sources: np.ndarray | None,
+                       categories: str | np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """Normal-bank search within each query's class (``categories``: one for all queries, or one per
+        query) when ``BankConfig.class_aware``; across all classes otherwise or when the class is unknown."""
+        bank = self.normal_bank_
+        if not self.config.bank.class_aware or categories is None:
+            return bank.search(q, sources)
+        if isinstance(categories, str):
+            return bank.search(q, sources, category=categories)
+        categories = np.asarray(categories)
+        dist, idx = np.empty(len(q), np.float32), np.empty(len(q), np.int64)
+        for c in np.unique(categories):
+            sel = categories == c
+            dist[sel], idx[sel] = bank.search(q[sel], None if sources is None else sources[sel], category=str(c))
+        return dist, idx
+
     # --------------------------------------------------------------------------------------- training
     def _neighbours(self, items: Sequence[ImageItem], feats: Sequence[np.ndarray], exclude: bool) -> tuple[list, list]:
         """Nearest normal-bank and abnormal-bank entries of every patch of the training images. The
@@ -419,7 +436,7 @@ class DMAD:
             src = np.full(len(q), it.source, np.int64) if exclude else None
             key = f"{it.hash}:{'x' if exclude else 'a'}"
             if key not in self._normal_nn_cache:
-                self._normal_nn_cache[key] = self.normal_bank_.search(q, src)[1].astype(np.int32)
+                self._normal_nn_cache[key] = self._search_normal(q, src, it.category)[1].astype(np.int32)
             nn_n.append(self._normal_nn_cache[key].astype(np.int64))
             nn_a.append(self._abnormal_neighbours(key, q, src))
         return nn_n, nn_a
@@ -454,22 +471,23 @@ class DMAD:
         nf = self._get(self.normal_items_, desc="features: normal")
         nf = [f.reshape(-1, dim) for f in nf]
         normal = _TrainSet(nf, *self._neighbours(self.normal_items_, nf, exclude=True), [None] * len(nf),
-                           [it.source for it in self.normal_items_])
+                           [it.source for it in self.normal_items_], [it.category for it in self.normal_items_])
         vf = [f.reshape(-1, dim) for f in self._get(self.validation_items_, desc="features: validation")]
         vrng = np.random.default_rng(mc.seed + 3)  # the same validation patches every epoch
         vsel = [None if mc.validation_patches_per_image >= len(f)
                 else np.sort(vrng.choice(len(f), size=mc.validation_patches_per_image, replace=False)) for f in vf]
         val = _TrainSet(vf, *self._neighbours(self.validation_items_, vf, exclude=False), vsel,
-                        [it.source for it in self.validation_items_])
+                        [it.source for it in self.validation_items_], [it.category for it in self.validation_items_])
         items = [a.item for a in self.annotations_]
         af = [f.reshape(-1, dim) for f in self._get(items, desc="features: annotated")]
         ann = _TrainSet(af, *self._neighbours(items, af, exclude=True), [self._annotated_idx[it.hash] for it in items],
-                        [it.source for it in items])
+                        [it.source for it in items], [it.category for it in items])
         return normal, val, ann
 
     def _batch(self, ts: _TrainSet, which: Sequence[int], n_patches: int | None, rng: np.random.Generator):
-        """Tensors (q, nn_n, nn_a, image_feats, valid, sources) for the chosen images; P patches sampled per
-        image (``sources`` (B, P): each patch's image id, for self-match exclusion when searching again)."""
+        """Tensors (q, nn_n, nn_a, image_feats, valid) and arrays (sources, categories) for the chosen images;
+        P patches sampled per image (``sources``, ``categories`` (B, P): each patch's image id and class, for
+        self-match exclusion and the class-aware search when searching again)."""
         mn, ma = self.normal_bank_.vectors, self.abnormal_bank_.vectors
         qs, nns, nas, imgs = [], [], [], []
         for i in which:
@@ -484,12 +502,14 @@ class DMAD:
         pad = lambda arrs: np.stack([np.pad(a.astype(np.float32), ((0, p - len(a)), (0, 0))) for a in arrs])  # noqa: E731
         valid = np.stack([np.arange(p) < len(q) for q in qs])
         sources = np.repeat(np.array([ts.sources[i] if ts.sources else -1 for i in which], np.int64)[:, None], p, axis=1)
+        categories = np.repeat(np.array([ts.categories[i] if ts.categories else "" for i in which])[:, None], p, axis=1)
         t = lambda a: torch.from_numpy(a).to(self.device)  # noqa: E731
         return (t(pad(qs)), t(pad(nns)), t(pad(nas)), t(np.stack([x.astype(np.float32) for x in imgs])), t(valid),
-                sources)
+                sources, categories)
 
     def _pseudo(self, q: torch.Tensor, nn_n: torch.Tensor, nn_a: torch.Tensor, sources: np.ndarray | None,
-                generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                categories: np.ndarray | None = None, generator: torch.Generator | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Pseudo-anomalies: Gaussian noise on the features (SimpleNet), and, when ``pseudo_requery``, the
         nearest neighbours of the noisy features searched again in both banks (self-matches excluded when
         ``sources`` is given), as a real anomalous patch gets its neighbours at test time."""
@@ -503,7 +523,7 @@ class DMAD:
             return qp, nn_n, nn_a
         flat = qp.detach().reshape(-1, q.shape[-1]).cpu().numpy()
         src = None if sources is None else sources.reshape(-1)
-        i_n = self.normal_bank_.search(flat, src)[1]
+        i_n = self._search_normal(flat, src, None if categories is None else categories.reshape(-1))[1]
         i_a = self.abnormal_bank_.search(flat, src)[1]
         t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(q).reshape(q.shape)  # noqa: E731
         return qp, t(self.normal_bank_.vectors[i_n]), t(self.abnormal_bank_.vectors[i_a])
@@ -564,8 +584,8 @@ class DMAD:
             losses = []
             for _ in range(mc.steps_per_epoch):
                 which = rng.choice(len(normal.feats), size=min(mc.images_per_batch, len(normal.feats)), replace=False)
-                q, nn_n, nn_a, img, valid, src = self._batch(normal, which, mc.patches_per_image, rng)
-                q_p, nn_np, nn_ap = self._pseudo(q, nn_n, nn_a, src)
+                q, nn_n, nn_a, img, valid, src, cats = self._batch(normal, which, mc.patches_per_image, rng)
+                q_p, nn_np, nn_ap = self._pseudo(q, nn_n, nn_a, src, cats)
                 o, prior = net.represent(torch.cat([q, q_p]), torch.cat([nn_n, nn_np]), torch.cat([nn_a, nn_ap]),
                                          torch.cat([img, img]))
                 v2 = torch.cat([valid, valid])
@@ -574,7 +594,7 @@ class DMAD:
                 out_a = None
                 if ann.feats and mc.lambda_annotated:
                     wa = rng.choice(len(ann.feats), size=min(mc.images_per_batch, len(ann.feats)), replace=False)
-                    qa, na, aa, ia, va, _ = self._batch(ann, wa, mc.patches_per_image, rng)
+                    qa, na, aa, ia, va, _, _ = self._batch(ann, wa, mc.patches_per_image, rng)
                     oa, pa = net.represent(qa, na, aa, ia)
                     out_a = net.head(oa[va], None if pa is None else pa[va])
                 loss = hinge_loss(out_n, out_p, out_a, mc.margin, mc.lambda_pseudo, mc.lambda_annotated)
@@ -618,13 +638,13 @@ class DMAD:
         total = []
         for start in range(0, len(val.feats), mc.images_per_batch):
             which = list(range(start, min(start + mc.images_per_batch, len(val.feats))))
-            q, nn_n, nn_a, img, valid, _ = self._batch(val, which, None, rng)
-            q_p, nn_np, nn_ap = self._pseudo(q, nn_n, nn_a, None, g)
+            q, nn_n, nn_a, img, valid, _, cats = self._batch(val, which, None, rng)
+            q_p, nn_np, nn_ap = self._pseudo(q, nn_n, nn_a, None, cats, g)
             out_n = net(q, nn_n, nn_a, img)[valid]
             out_p = net(q_p, nn_np, nn_ap, img)[valid]
             out_a = None
             if ann.feats and mc.lambda_annotated:
-                qa, na, aa, ia, va, _ = self._batch(ann, range(len(ann.feats)), None, rng)
+                qa, na, aa, ia, va, _, _ = self._batch(ann, range(len(ann.feats)), None, rng)
                 out_a = net(qa, na, aa, ia)[va]
             total.append(float(hinge_loss(out_n, out_p, out_a, mc.margin, mc.lambda_pseudo, mc.lambda_annotated)))
         return float(np.mean(total))
@@ -641,8 +661,9 @@ class DMAD:
 
     # -------------------------------------------------------------------------------------- inference
     @torch.no_grad()
-    def _score_features(self, feats: Sequence[np.ndarray]) -> list[np.ndarray]:
-        """Patch score grids for images whose features are known (no backbone)."""
+    def _score_features(self, feats: Sequence[np.ndarray], categories: Sequence[str] | None = None) -> list[np.ndarray]:
+        """Patch score grids for images whose features are known (no backbone); ``categories``, one per
+        image, for the class-aware normal-bank search (None: search the whole bank)."""
         if self.net_ is None:
             raise RuntimeError("model is not fitted: call fit() or load() first")
         dim = self.config.backbone.feature_dim
@@ -651,7 +672,8 @@ class DMAD:
         out = []
         flat = [np.asarray(f, np.float32).reshape(-1, dim) for f in feats]
         q_all = np.concatenate(flat)
-        _, i_n = self.normal_bank_.search(q_all)
+        per_query = None if categories is None else np.repeat(np.asarray(categories), [len(f) for f in flat])
+        _, i_n = self._search_normal(q_all, None, per_query)
         _, i_a = self.abnormal_bank_.search(q_all)
         t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(self.device)  # noqa: E731
         n = flat[0].shape[0]
@@ -669,7 +691,7 @@ class DMAD:
         for start in range(0, len(items), batch_size):
             chunk = items[start:start + batch_size]
             feats = self._get(chunk, desc="features")
-            for it, grid in zip(chunk, self._score_features(feats), strict=True):
+            for it, grid in zip(chunk, self._score_features(feats, [it.category for it in chunk]), strict=True):
                 preds.append(Prediction(it, grid.astype(np.float32), top_k_mean(grid, self.config.score.top_k)))
             bar.update(len(chunk))
             progress(len(preds) / len(items), f"scored {len(preds)}/{len(items)}")
@@ -683,7 +705,7 @@ class DMAD:
         for start in range(0, len(items), batch_size):
             chunk = items[start:start + batch_size]
             for it, f in zip(chunk, self._get(chunk, desc="features"), strict=True):
-                d, _ = self.normal_bank_.search(np.asarray(f, np.float32).reshape(-1, f.shape[-1]))
+                d, _ = self._search_normal(np.asarray(f, np.float32).reshape(-1, f.shape[-1]), None, it.category)
                 grid = np.sqrt(np.maximum(d, 0)).reshape(f.shape[:2]).astype(np.float32)
                 preds.append(Prediction(it, grid, float(grid.max())))
         return preds

@@ -95,6 +95,34 @@ def test_exact_search_matches_faiss_flat_and_beats_hnsw_recall():
     assert np.allclose(d, brute.min(1), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("index,exact_max", [("hnsw", 10_000), ("hnsw", 0), ("flat", 0)],
+                         ids=["exact", "faiss-hnsw-filtered", "faiss-flat-filtered"])
+def test_class_aware_search_stays_within_the_class(index, exact_max, tmp_path):
+    """A query of a known class gets the nearest entry *of its class*, even when another class's entry is
+    nearer; self-matches stay excluded; an unknown class searches the whole bank; saved and loaded alike."""
+    rng = np.random.default_rng(3)
+    a = rng.normal(0, 1, size=(3000, 8)).astype(np.float32)
+    b = a[:40] + 0.01  # class b: near-copies of some class-a entries
+    bank = B.MemoryBank(dim=8)
+    bank.set_part(B.NORMAL, B.BankPart(np.concatenate([a, b]), np.r_[np.arange(3000) % 5, np.full(40, 9)],
+                                       np.r_[np.full(3000, "a"), np.full(40, "b")]))
+    bank.build_index(BankConfig(index=index, exact_search_max=exact_max))
+    q = b[:10] + 0.001
+    _, anywhere = bank.search(q)
+    assert np.all(anywhere >= 3000)  # the class-b copies are the nearest entries overall
+    d, i = bank.search(q, category="a")
+    brute = ((q[:, None, :] - a[None]) ** 2).sum(-1)
+    assert np.array_equal(i, brute.argmin(1)) and np.allclose(d, brute.min(1), rtol=1e-4, atol=1e-5)
+    own = i % 5
+    _, i_x = bank.search(q, exclude_sources=own, category="a")
+    brute[own[:, None] == (np.arange(3000) % 5)[None, :]] = np.inf
+    assert np.array_equal(i_x, brute.argmin(1)) and np.all(i_x < 3000)
+    assert np.array_equal(bank.search(q, category="unknown")[1], anywhere)
+    bank.save(tmp_path, "normal")
+    loaded = B.MemoryBank.load(tmp_path, "normal", BankConfig(index=index, exact_search_max=exact_max))
+    assert np.array_equal(loaded.search(q, category="a")[1], i)
+
+
 def test_bank_parts_provenance_and_persistence(tmp_path):
     bank = B.MemoryBank(dim=3)
     bank.set_part(B.OUTLIER, _part(np.eye(3), 1, "tire"))
@@ -273,6 +301,29 @@ def test_normal_neighbours_are_cached_with_the_model_until_the_normal_bank_chang
     assert loaded.normal_bank_.part_sizes()[B.NORMAL] > before
     assert f"{extra.hash}:x" in loaded._normal_nn_cache
     assert np.array_equal(loaded._normal_nn_cache[f"{item.hash}:x"], fresh(item, True))
+
+
+def test_normal_bank_search_is_class_aware_in_the_model(fitted):
+    """Every normal-bank neighbour of a training or test patch comes from its own class's entries, and the
+    model with the switch off searches across classes (BankConfig.class_aware)."""
+    model, dss, _, _ = fitted
+    cats = model.normal_bank_.parts[B.NORMAL].categories
+    for it in model.normal_items_[:6]:
+        key = f"{it.hash}:x"
+        assert key in model._normal_nn_cache and np.all(cats[model._normal_nn_cache[key]] == it.category)
+    items = [ImageItem.from_path(r.path, d.name) for d in dss for r in d.test[:2]]
+    feats = model._get(items)
+    per_query = np.repeat([it.category for it in items], 32 * 32)
+    q = np.concatenate([f.reshape(-1, f.shape[-1]) for f in feats])
+    _, i = model._search_normal(q, None, per_query)
+    assert np.all(cats[i] == per_query)
+    off = dataclasses.replace(model.config, bank=dataclasses.replace(model.config.bank, class_aware=False))
+    model.config, saved = off, model.config
+    try:
+        _, i_all = model._search_normal(q, None, per_query)
+    finally:
+        model.config = saved
+    assert np.array_equal(i_all, model.normal_bank_.search(q)[1])
 
 
 def test_knn_baseline_separates_synthetic_defects(fitted):
