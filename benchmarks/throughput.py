@@ -2,7 +2,12 @@
 seconds for features / banks / mapper training. Every figure is a ratio against a baseline measured in the
 same run.
 
-    .venv/bin/python benchmarks/throughput.py [--data DIR ...] [--epochs N]
+    .venv/bin/python benchmarks/throughput.py [--data DIR ...] [--epochs N] [--preset offline|paper]
+                                              [--random-weights]
+
+``--preset paper --random-weights`` times the paper's WideResNet50-2 head and banks where its hub weights
+cannot be downloaded: random weights change no cost (same layers, same bank sizes, same searches) but make
+every metric meaningless, so this mode prints timings only.
 
 Uses ../shared/data (tire + bottle) when present, else a synthetic dataset.
 """
@@ -75,12 +80,17 @@ def main() -> None:
     ap.add_argument("--data", nargs="*", type=Path)
     ap.add_argument("--epochs", type=int, default=None)
     ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--preset", choices=["offline", "paper"], default="offline")
+    ap.add_argument("--random-weights", action="store_true",
+                    help="timing only: random backbone weights (for the paper preset without its hub weights)")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="dmad-bench-"))
     dirs = args.data or ([SHARED / "mvtec_3d_ad" / "tire", SHARED / "mvtec_ad" / "bottle"] if SHARED.exists()
                          else make_demo_dataset(tmp / "data"))
     outliers_dir = SHARED / "dtd" / "images" if SHARED.exists() else None
-    cfg = DMADConfig.preset("offline")
+    cfg = DMADConfig.preset(args.preset)
+    if args.random_weights:
+        cfg = dataclasses.replace(cfg, backbone=dataclasses.replace(cfg.backbone, weights="random"))
     if args.epochs:
         cfg = dataclasses.replace(cfg, mapper=dataclasses.replace(cfg.mapper, epochs=args.epochs))
     dss = [read_category(d) for d in dirs]
@@ -88,8 +98,10 @@ def main() -> None:
     test = [ImageItem.from_path(r.path, d.name) for d in dss for r in d.test]
     print(f"device: {torch.device('cuda' if torch.cuda.is_available() else 'cpu')}, threads {torch.get_num_threads()}")
     print(f"data: {', '.join(d.name for d in dss)}: {len(normal)} train, {len(test)} test images")
+    print(f"preset: {args.preset} ({cfg.backbone.name}, {cfg.backbone.feature_dim}-d)"
+          + (", RANDOM backbone weights: timings only" if args.random_weights else ""))
 
-    store = FeatureStore(cfg, tmp / "features")
+    store = FeatureStore(cfg, tmp / "features", allow_random_weights=args.random_weights)
     model = DMAD(cfg, store)
     t0 = time.perf_counter()
     model.fit(normal, outlier_items(outliers_dir, 120, 0, cfg.bank.outlier_images_max))
@@ -108,7 +120,8 @@ def main() -> None:
 
     # End to end: decode, resize, backbone, patch features, both bank searches, knowledge, mapper, top-k.
     # A fresh cache so that every image really goes through the backbone.
-    model.features = FeatureStore(cfg, tmp / "features-e2e", batch_size=args.batch)
+    model.features = FeatureStore(cfg, tmp / "features-e2e", allow_random_weights=args.random_weights,
+                                  batch_size=args.batch)
     model.features._extractor = fe
     t0 = time.perf_counter()
     model.predict(test, batch_size=args.batch, progress_bar=False)

@@ -107,6 +107,23 @@ class KnowledgeEnhancer(nn.Module):
         d = torch.stack([(q - nn_normal).norm(dim=-1), (q - nn_abnormal).norm(dim=-1)], dim=-1)
         return self.distances(d)
 
+    def knowledge(self, q: torch.Tensor, nn_normal: torch.Tensor, nn_abnormal: torch.Tensor,
+                  image_feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(k_n, k_a) before the projection."""
+        k_n = q - nn_normal
+        k_a = q - nn_abnormal
+        if self.use_attention:
+            k_n = k_n + self.attention_normal(nn_normal, image_feats)
+            k_a = k_a + self.attention_abnormal(nn_abnormal, image_feats)
+        return k_n, k_a
+
+    def unprojected(self, q, nn_normal, nn_abnormal, image_feats) -> torch.Tensor:
+        """``[q, k_n, k_a]`` (and the distances): o before P; see ``DMADNet.folded_input_layer``."""
+        parts = [q, *self.knowledge(q, nn_normal, nn_abnormal, image_feats)]
+        if self.distance_features:
+            parts.append(self.scaled_distances(q, nn_normal, nn_abnormal))
+        return torch.cat(parts, dim=-1)
+
     def forward(
         self,
         q: torch.Tensor,  # (B, P, C) the patches to represent
@@ -114,11 +131,7 @@ class KnowledgeEnhancer(nn.Module):
         nn_abnormal: torch.Tensor,  # (B, P, C)
         image_feats: torch.Tensor,  # (B, N, C) all patches of the same images (keys/values of attention)
     ) -> torch.Tensor:
-        k_n = q - nn_normal
-        k_a = q - nn_abnormal
-        if self.use_attention:
-            k_n = k_n + self.attention_normal(nn_normal, image_feats)
-            k_a = k_a + self.attention_abnormal(nn_abnormal, image_feats)
+        k_n, k_a = self.knowledge(q, nn_normal, nn_abnormal, image_feats)
         parts = [self.projection(q), self.projection(k_n), self.projection(k_a)]
         if self.distance_features:
             parts.append(self.scaled_distances(q, nn_normal, nn_abnormal))
@@ -140,9 +153,14 @@ class ScoreMapper(nn.Module):
             nn.init.zeros_(self.head.weight)
             nn.init.zeros_(self.head.bias)
 
-    def forward(self, o: torch.Tensor) -> torch.Tensor:
+    def forward(self, o: torch.Tensor, input_layer: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """``input_layer`` (weight, bias): replaces the first linear layer (the folded one at inference)."""
         shape = o.shape[:-1]
-        x = self.input(o.reshape(-1, o.shape[-1]))
+        x = o.reshape(-1, o.shape[-1])
+        if input_layer is None:
+            x = self.input(x)
+        else:
+            x = self.input[1:](F.linear(x, *input_layer))
         for block in self.blocks:
             x = x + block(x)
         return self.head(x).reshape(shape)
@@ -163,16 +181,31 @@ class DMADNet(nn.Module):
 
     def represent(self, q, nn_normal, nn_abnormal, image_feats) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(o, prior): the enhanced representation (B, P, D) and the distance prior (B, P) or None."""
-        o = self.enhancer(q, nn_normal, nn_abnormal, image_feats)
-        prior = None
-        if self.distance_prior:
-            z_n = self.enhancer.scaled_distances(q, nn_normal, nn_abnormal)[..., 0]
-            prior = self.margin * (1.0 - z_n)
-        return o, prior
+        return self.enhancer(q, nn_normal, nn_abnormal, image_feats), self._prior(q, nn_normal, nn_abnormal)
 
-    def head(self, o: torch.Tensor, prior: torch.Tensor | None) -> torch.Tensor:
-        """Mapper output for representations (and priors) already selected, e.g. the valid patches only."""
-        out = self.mapper(o)
+    def _prior(self, q, nn_normal, nn_abnormal) -> torch.Tensor | None:
+        if not self.distance_prior:
+            return None
+        z_n = self.enhancer.scaled_distances(q, nn_normal, nn_abnormal)[..., 0]
+        return self.margin * (1.0 - z_n)
+
+    def folded_input_layer(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The mapper's first linear layer composed with the projection P, as one linear map of
+        ``[q, k_n, k_a, distances]``: ``W [Pq + b, Pk_n + b, Pk_a + b] = [W_1 P, W_2 P, W_3 P] [q, k_n, k_a] +
+        (W_1 + W_2 + W_3) b``. Exact, and 3 C x C multiply-adds cheaper per patch (C = 1536 on the paper
+        preset: almost half of the whole net's work)."""
+        weight, bias = self.mapper.input[0].weight, self.mapper.input[0].bias
+        proj = self.enhancer.projection
+        c = proj.in_features
+        blocks = [weight[:, i * c:(i + 1) * c] for i in range(3)]
+        folded = torch.cat([b @ proj.weight for b in blocks] + [weight[:, 3 * c:]], dim=1)
+        return folded, bias + sum(b @ proj.bias for b in blocks)
+
+    def head(self, o: torch.Tensor, prior: torch.Tensor | None,
+             input_layer: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """Mapper output for representations (and priors) already selected, e.g. the valid patches only;
+        ``input_layer``: see ``ScoreMapper.forward``."""
+        out = self.mapper(o, input_layer)
         if prior is None:
             return out
         if self.correction_bound > 0:  # a bounded correction: the mapper refines the kNN score, within limits
@@ -180,8 +213,12 @@ class DMADNet(nn.Module):
         return out + prior
 
     def forward(self, q, nn_normal, nn_abnormal, image_feats) -> torch.Tensor:
-        """Mapper output per patch (B, P); the anomaly score is its negation."""
-        return self.head(*self.represent(q, nn_normal, nn_abnormal, image_feats))
+        """Mapper output per patch (B, P); the anomaly score is its negation. In eval mode (inference) the
+        projection is folded into the mapper's first layer (same output, less work)."""
+        if self.training:
+            return self.head(*self.represent(q, nn_normal, nn_abnormal, image_feats))
+        o = self.enhancer.unprojected(q, nn_normal, nn_abnormal, image_feats)
+        return self.head(o, self._prior(q, nn_normal, nn_abnormal), self.folded_input_layer())
 
 
 def hinge_loss(

@@ -170,6 +170,28 @@ def test_mapper_eval_mode_is_batch_independent():
     assert torch.allclose(full[:1], single, atol=1e-6)
 
 
+@pytest.mark.parametrize("attention,extras", [(True, True), (False, True), (True, False)],
+                         ids=["attention+prior", "distance+prior", "attention-plain"])
+def test_inference_folds_the_projection_into_the_mapper_exactly(attention, extras):
+    """Eval mode skips the projection (folded into the mapper's first layer): same scores as the unfolded
+    path, for trained (non-trivial) weights in every knowledge mode."""
+    torch.manual_seed(0)
+    net = DMADNet(12, 4, 16, 4, attention, distance_features=extras, distance_prior=extras,
+                  correction_bound=0.5 if extras else 0.0, key_pool=1)
+    for p in net.parameters():  # a zero-initialised head would hide any error behind a constant
+        torch.nn.init.normal_(p, std=0.3)
+    q, nn_n, nn_a = torch.randn(3, 2, 9, 12).unbind(0)
+    net.train()
+    net(q, nn_n, nn_a, q)  # batch-norm running statistics away from their initial values
+    net.eval()
+    with torch.no_grad():
+        mapper_unfolded = net.mapper(net.enhancer(q, nn_n, nn_a, q))
+        mapper_folded = net.mapper(net.enhancer.unprojected(q, nn_n, nn_a, q), net.folded_input_layer())
+        assert mapper_unfolded.std() > 0.1  # the mapper's own output, before any bound or prior
+        assert torch.allclose(mapper_folded, mapper_unfolded, atol=1e-4, rtol=1e-4)
+        assert torch.allclose(net(q, nn_n, nn_a, q), net.head(*net.represent(q, nn_n, nn_a, q)), atol=1e-4, rtol=1e-4)
+
+
 def test_smoothing_preserves_mass_and_top_k():
     m = torch.zeros(1, 32, 32)
     m[0, 16, 16] = 1.0
