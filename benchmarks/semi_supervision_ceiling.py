@@ -141,8 +141,8 @@ def analyse(k: int, seed: int, cache: Path, picture: Path | None = None) -> None
     print(f"distance normalised per grid position (training images' median and 99th percentile): image AUROC "
           f"max {roc_auc_score(labels, z.max(1)):.3f}, top-5 {roc_auc_score(labels, top5(z)):.3f}")
     away = []
-    for ann, f in zip(annotations, model._get([a.item for a in annotations])):
-        cover = binary_dilation(load_mask_array(ann.mask, grid), iterations=2)
+    for r, f in zip(annotated, model._get([a.item for a in annotations])):
+        cover = binary_dilation(load_mask(r.mask_path, grid), iterations=2)
         away.append(f.reshape(-1, f.shape[-1])[~cover.ravel()])
     away = np.concatenate(away)
     normal_part = model.normal_bank_.parts[B.NORMAL]
@@ -156,13 +156,6 @@ def analyse(k: int, seed: int, cache: Path, picture: Path | None = None) -> None
     print(f"annotated images' patches away from the mask (dilated 2 patches, {len(away)}) added to the normal "
           f"bank: image AUROC max {roc_auc_score(labels, d_ext.max(1)):.3f}, top-5 {roc_auc_score(labels, top5(d_ext)):.3f}")
     print(f"({time.perf_counter() - t0:.0f} s)")
-
-
-def load_mask_array(mask: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
-    """A full-size bool mask resized to the patch grid (nearest), as the readers resize masks."""
-    from PIL import Image
-
-    return np.asarray(Image.fromarray(np.asarray(mask, np.uint8) * 255).resize(grid[::-1], Image.Resampling.NEAREST)) > 0
 
 
 def main() -> None:

@@ -104,7 +104,9 @@ class MemoryBank:
         assert self.union_ is not None, "build_index() first"
         return self.union_.vectors
 
-    def build_index(self, config: BankConfig) -> None:
+    def _set_union(self, config: BankConfig) -> None:
+        """The union of the parts and what is derived from it (row -> part, class -> rows), after the parts
+        changed (``build_index``) or were loaded (``load``)."""
         names = list(self.parts)
         self.union_ = BankPart.concat([self.parts[n] for n in names], self.dim)
         self.part_of_ = np.concatenate(
@@ -114,6 +116,9 @@ class MemoryBank:
         self.exact_search_max_ = config.exact_search_max
         self._exact = None
         self.category_rows_ = _rows_by_category(self.union_.categories)
+
+    def build_index(self, config: BankConfig) -> None:
+        self._set_union(config)
         if config.index == "hnsw" and len(self.union_) > 2048:
             index = faiss.IndexHNSWFlat(self.dim, config.hnsw_m)
             index.hnsw.efConstruction = 64
@@ -151,13 +156,25 @@ class MemoryBank:
         if exclude_sources is None:
             d, i = self.index_.search(q, 1)
             return d[:, 0], i[:, 0]
-        k = int(min(k_exclude, len(self.union_)))
+        d, i, _ = self._first_allowed(q, exclude_sources, None, k_exclude)
+        return d, i
+
+    def _first_allowed(self, q: np.ndarray, exclude_sources: np.ndarray | None, rows: np.ndarray | None,
+                       k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Of the index's ``k`` nearest entries, the first allowed one (not of the query's own image; in
+        ``rows`` if given), or the last one where none is: (distances (n,), indices (n,), found (n,))."""
+        k = int(min(k, len(self.union_)))
         d, i = self.index_.search(q, k)
-        i_safe = np.where(i < 0, 0, i)
-        ok = (self.union_.sources[i_safe] != exclude_sources[:, None]) & (i >= 0)
-        first = np.where(ok.any(axis=1), ok.argmax(axis=1), k - 1)
-        rows = np.arange(len(q))
-        return d[rows, first], i_safe[rows, first]
+        ok = i >= 0  # faiss pads missing neighbours with index -1
+        i = np.where(ok, i, 0)
+        if rows is not None:
+            ok &= np.isin(i, rows)
+        if exclude_sources is not None:
+            ok &= self.union_.sources[i] != exclude_sources[:, None]
+        found = ok.any(axis=1)
+        first = np.where(found, ok.argmax(axis=1), k - 1)
+        at = np.arange(len(q))
+        return d[at, first], i[at, first], found
 
     def _search_rows(self, q: np.ndarray, exclude_sources: np.ndarray | None, rows: np.ndarray,
                      k_exclude: int) -> tuple[np.ndarray, np.ndarray]:
@@ -167,16 +184,7 @@ class MemoryBank:
         if len(rows) <= self.exact_search_max_:
             d, i = self._exact_nearest(q, exclude_sources, rows=rows)
             return d, rows[i]
-        k = int(min(k_exclude, len(self.union_)))
-        d, i = self.index_.search(q, k)
-        i_safe = np.where(i < 0, 0, i)
-        ok = np.isin(i_safe, rows) & (i >= 0)
-        if exclude_sources is not None:
-            ok &= self.union_.sources[i_safe] != exclude_sources[:, None]
-        found = ok.any(axis=1)
-        first = ok.argmax(axis=1)
-        at = np.arange(len(q))
-        dist, idx = d[at, first].copy(), i_safe[at, first].copy()
+        dist, idx, found = self._first_allowed(q, exclude_sources, rows, k_exclude)
         if not found.all():
             miss = ~found
             d_m, i_m = self._exact_nearest(q[miss], None if exclude_sources is None else exclude_sources[miss],
@@ -263,14 +271,7 @@ class MemoryBank:
             z = np.load(folder / f"{name}.{part_name}.npz")
             bank.parts[part_name] = BankPart(z["vectors"].astype(np.float32), z["sources"], z["categories"])
         index_path = folder / f"{name}.faiss"
-        names = list(bank.parts)
-        bank.union_ = BankPart.concat([bank.parts[n] for n in names], bank.dim)
-        bank.part_of_ = np.concatenate(
-            [np.full(len(bank.parts[n]), i, np.int16) for i, n in enumerate(names)] or [np.zeros(0, np.int16)]
-        )
-        bank._part_names = names
-        bank.exact_search_max_ = config.exact_search_max
-        bank.category_rows_ = _rows_by_category(bank.union_.categories)
+        bank._set_union(config)
         if index_path.exists():
             bank.index_ = faiss.read_index(str(index_path))
         else:
