@@ -2,7 +2,7 @@
 seconds for features / banks / mapper training. Every figure is a ratio against a baseline measured in the
 same run.
 
-    .venv/bin/python benchmarks/throughput.py [--data DIR ...] [--epochs N] [--preset offline|paper]
+    .venv/bin/python benchmarks/throughput.py [--data DIR ...] [--epochs N] [--preset offline|paper|resnet50]
                                               [--random-weights]
 
 ``--preset paper --random-weights`` times the paper's WideResNet50-2 head and banks where its hub weights
@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dmad_core.config import DMADConfig
+from dmad_core.config import PRESETS, DMADConfig
 from dmad_core.data import load_image, make_demo_dataset, read_category
 from dmad_core.evaluation import outlier_items
 from dmad_core.model import DMAD, FeatureStore, ImageItem
@@ -80,7 +80,7 @@ def main() -> None:
     ap.add_argument("--data", nargs="*", type=Path)
     ap.add_argument("--epochs", type=int, default=None)
     ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--preset", choices=["offline", "paper"], default="offline")
+    ap.add_argument("--preset", choices=PRESETS, default="offline")
     ap.add_argument("--random-weights", action="store_true",
                     help="timing only: random backbone weights (for the paper preset without its hub weights)")
     args = ap.parse_args()

