@@ -87,7 +87,7 @@ def analyse(k: int, seed: int, cache: Path, picture: Path | None = None) -> None
     held_out = {r.path for r in annotated}
     records = [r for r in tire.test if r.path not in held_out]
     labels = np.array([r.label for r in records])
-    feats = model._get([ImageItem.from_path(r.path, "tire") for r in records])
+    feats = model.patch_features([ImageItem.from_path(r.path, "tire") for r in records])
     grid = feats[0].shape[:2]
     masks = np.stack([load_mask(r.mask_path, grid) if r.mask_path else np.zeros(grid, bool) for r in records])
     masks = masks.reshape(len(records), -1)
@@ -121,7 +121,7 @@ def analyse(k: int, seed: int, cache: Path, picture: Path | None = None) -> None
 
     # Supervised upper bound: the labels of the annotated patches, a linear classifier on the features.
     train_items = [it for it in model.normal_items_ if it.category == "tire"]
-    train_feats = model._get(train_items)
+    train_feats = model.patch_features(train_items)
     d_train = nearest_distance(model.normal_bank_, train_feats, sources=[it.source for it in train_items], category="tire")
     hard = np.concatenate([f.reshape(-1, f.shape[-1])[np.argsort(d)[-20:]] for f, d in zip(train_feats, d_train)])
     seen = model.abnormal_bank_.parts[B.SEEN].vectors
@@ -141,7 +141,7 @@ def analyse(k: int, seed: int, cache: Path, picture: Path | None = None) -> None
     print(f"distance normalised per grid position (training images' median and 99th percentile): image AUROC "
           f"max {roc_auc_score(labels, z.max(1)):.3f}, top-5 {roc_auc_score(labels, top5(z)):.3f}")
     away = []
-    for r, f in zip(annotated, model._get([a.item for a in annotations])):
+    for r, f in zip(annotated, model.patch_features([a.item for a in annotations])):
         cover = binary_dilation(load_mask(r.mask_path, grid), iterations=2)
         away.append(f.reshape(-1, f.shape[-1])[~cover.ravel()])
     away = np.concatenate(away)

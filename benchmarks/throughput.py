@@ -55,9 +55,9 @@ def print_breakdown(model: DMAD, test: list[ImageItem], batch: int, e2e_s: float
         with torch.inference_mode():
             feats = fe.head(maps).float().cpu().numpy()
         stages["patch features"] += time.perf_counter() - t
-        q = ((feats.reshape(-1, dim) - model.feature_shift_) / model.feature_scale_).astype(np.float32)
+        q = model.scaling_.apply([feats.reshape(-1, dim)])[0]
         cats = np.repeat([it.category for it in chunk], len(q) // len(chunk))
-        t = time.perf_counter(); _, i_n = model._search_normal(q, None, cats); stages["normal-bank search"] += time.perf_counter() - t
+        t = time.perf_counter(); _, i_n = model.memory_.search_normal(q, None, cats); stages["normal-bank search"] += time.perf_counter() - t
         t = time.perf_counter(); model.normal_bank_.search(q); whole_bank += time.perf_counter() - t
         t = time.perf_counter(); _, i_a = model.abnormal_bank_.search(q); stages["abnormal-bank search"] += time.perf_counter() - t
         t = time.perf_counter()

@@ -23,7 +23,7 @@ from dmad_core.config import DMADConfig
 from dmad_core.data.readers import CategoryDataset, ImageRecord, list_images, load_image, load_mask, read_category
 from dmad_core.data.synthetic import make_outlier_textures
 from dmad_core.metrics import METRIC_NAMES, ClassMetrics, compute_class_metrics, mean_metrics
-from dmad_core.model import DMAD, DefectAnnotation, FeatureStore, ImageItem, Prediction, anomaly_maps
+from dmad_core.model import DMAD, DefectAnnotation, FeatureStore, ImageItem, Prediction
 
 log = logging.getLogger(__name__)
 
@@ -81,14 +81,28 @@ def draw_annotated(ds: CategoryDataset, k: int, seed: int) -> list[ImageRecord]:
     return [candidates[i] for i in sorted(rng.choice(len(candidates), size=min(k, len(candidates)), replace=False))]
 
 
-def _class_metrics(records: list[ImageRecord], preds: list[Prediction], sigma: float) -> ClassMetrics:
+def class_metrics(records: list[ImageRecord], preds: list[Prediction], model: DMAD) -> ClassMetrics:
+    """Image metrics of one class's predictions, and pixel metrics (on ``model``'s own heat maps, at
+    ``EVAL_MAP_SIZE``) when any record has a ground-truth mask.
+
+    Args:
+        records: the images with their labels and mask paths, in the order of ``preds``.
+        preds: ``model``'s predictions of those images.
+        model: the fitted model that made them (its ``anomaly_map`` makes the pixel maps).
+
+    Returns:
+        The class's ``ClassMetrics`` (pixel fields None without masks).
+
+    Example:
+        >>> m = class_metrics(records, model.predict(items), model)  # doctest: +SKIP
+    """
     labels = np.array([r.label for r in records])
     scores = np.array([p.image_score for p in preds])
     masks = maps = None
     if any(r.mask_path is not None for r in records):
         size = (EVAL_MAP_SIZE, EVAL_MAP_SIZE)
         masks = np.stack([load_mask(r.mask_path, size) if r.mask_path else np.zeros(size, bool) for r in records])
-        maps = anomaly_maps(np.stack([p.patch_scores for p in preds]), size, sigma, EVAL_MAP_SIZE)
+        maps = model.anomaly_map(np.stack([p.patch_scores for p in preds]), size)
     return compute_class_metrics(labels, scores, masks, maps)
 
 
@@ -122,7 +136,7 @@ def run_evaluation(request: EvalRequest, config: DMADConfig, cache_dir: Path,
             records = [r for r in ds.test if r.path not in held_out]
             items = [ImageItem.from_path(r.path, ds.name) for r in records]
             preds = model.predict(items) if method == "dmad" else model.knn_predict(items)
-            per_class[ds.name] = _class_metrics(records, preds, config.score.gaussian_sigma)
+            per_class[ds.name] = class_metrics(records, preds, model)
             predictions[ds.name] = [(r, p.image_score) for r, p in zip(records, preds, strict=True)]
         results[method] = MethodResult(method, per_class, predictions)
     seconds["predict"] = round(time.perf_counter() - t0, 2)

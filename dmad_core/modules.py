@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -253,3 +254,15 @@ def smooth_maps(maps: torch.Tensor, sigma: float) -> torch.Tensor:
     x = F.conv2d(F.pad(x, (r, r, 0, 0), mode="reflect"), k.view(1, 1, 1, -1))
     x = F.conv2d(F.pad(x, (0, 0, r, r), mode="reflect"), k.view(1, 1, -1, 1))
     return x.squeeze(1)
+
+
+def anomaly_maps(grids: np.ndarray, size: tuple[int, int], sigma: float, base_size: int) -> np.ndarray:
+    """(B, gh, gw) patch score grids -> (B, H, W) pixel maps: upsampled bilinearly to ``base_size`` (the
+    model's input resolution, where ``sigma`` is defined), Gaussian-smoothed there, then resized to ``size``.
+    Use ``DMAD.anomaly_map``, which passes the model's own sigma and input size."""
+    t = torch.from_numpy(np.asarray(grids, np.float32)).unsqueeze(1)
+    t = F.interpolate(t, size=(base_size, base_size), mode="bilinear", align_corners=False).squeeze(1)
+    t = smooth_maps(t, sigma)
+    if tuple(size) != (base_size, base_size):
+        t = F.interpolate(t.unsqueeze(1), size=tuple(size), mode="bilinear", align_corners=False).squeeze(1)
+    return t.numpy()

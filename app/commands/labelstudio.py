@@ -13,12 +13,15 @@ import json
 import logging
 import secrets
 from dataclasses import asdict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from app.errors import UserError
 from app.home import DEFAULT_HOME, Home
+
+if TYPE_CHECKING:
+    from dmad_core.config import DMADConfig
 
 log = logging.getLogger(__name__)
 
@@ -175,17 +178,16 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 # -- push / sync / webhook ------------------------------------------------------------------------
 def heatmap_mask(patch_map: np.ndarray, height: int, width: int, threshold: float,
-                 sigma: float | None = None) -> np.ndarray:
+                 config: DMADConfig | None = None) -> np.ndarray:
     """The model's heat map at the image's size, thresholded: the patch grid made into the same
     smoothed map the version's pixel threshold was calibrated on (256 px, Gaussian), so the
     pre-annotation marks what the threshold means and not the raw grid's blocky peaks. The backbone
-    sees the whole image resized to a square, so the grid covers it all."""
-    from dmad_core.config import ScoreConfig
-    from dmad_core.model import anomaly_maps
+    sees the whole image resized to a square, so the grid covers it all. `config`: the version's engine
+    configuration (its sigma and input size; None: the defaults, for a version that records none)."""
+    from dmad_core.config import DMADConfig
+    from dmad_core.model import anomaly_map
 
-    grid = np.asarray(patch_map, dtype=np.float32)[None]
-    heat = anomaly_maps(grid, (height, width), ScoreConfig().gaussian_sigma if sigma is None else sigma)[0]
-    return heat >= threshold
+    return anomaly_map(patch_map, (height, width), config or DMADConfig()) >= threshold
 
 
 def cmd_push(args: argparse.Namespace) -> int:

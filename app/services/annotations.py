@@ -36,6 +36,7 @@ from app.home import Home
 from db.engine import begin_write
 from db.models import ANNOTATION_KINDS, Annotation, AnnotationKind, Image, utcnow
 from db.queue import enqueue
+from dmad_core.data.readers import load_mask as read_mask
 
 RETRAIN_KEY = "retrain"
 _HEX = re.compile(r"^[0-9a-fA-F]{8,64}$")
@@ -335,12 +336,12 @@ def active_annotations(session: Session) -> list[Annotation]:
 
 
 def load_mask(annotation: Annotation, home: Home) -> np.ndarray:
-    """The annotation's defect mask as a boolean (height, width) array."""
+    """The annotation's defect mask as a boolean (height, width) array, read by the engine's one
+    `load_mask` (any nonzero pixel is defect; the masks this module writes are 0/255)."""
     if annotation.kind != "defect_mask":
         raise AnnotationError(f"annotation {annotation.id} is {annotation.kind!r} and has no mask")
     path = mask_file(home, annotation.id)
     try:
-        with PIL.Image.open(path) as im:
-            return np.asarray(im.convert("L")) > 127
+        return read_mask(path)
     except FileNotFoundError as exc:
         raise AnnotationError(f"mask file {path} of annotation {annotation.id} is missing") from exc

@@ -20,6 +20,7 @@ from app.errors import UserError
 from app.home import Home
 from app.services.versions import active_version
 from db.models import Image, ModelVersion, PoolScore
+from dmad_core.config import DMADConfig
 
 if TYPE_CHECKING:
     from annotation.project import TaskItem
@@ -65,13 +66,15 @@ def task_items(version: ModelVersion, rows: Sequence[PoolScore], image_base_url:
     from annotation.project import TaskItem, image_url_for
 
     threshold = (version.config or {}).get(PIXEL_THRESHOLD_KEY)
+    engine = (version.config or {}).get("engine")  # the version's DMADConfig: its heat maps' sigma and size
+    config = DMADConfig.from_dict(engine) if engine else None
     return [
         TaskItem(
             image_id=row.image.id, content_hash=row.image.content_hash, category=row.image.category.name,
             image_url=image_url_for(image_base_url, row.image.content_hash), width=row.image.width,
             height=row.image.height, score=float(row.score), model_version=version.name,
             heatmap_mask=None if threshold is None else heatmap_mask(
-                row.patch_map_array(), row.image.height, row.image.width, float(threshold)),
+                row.patch_map_array(), row.image.height, row.image.width, float(threshold), config),
         )
         for row in rows
     ]

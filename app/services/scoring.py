@@ -5,7 +5,6 @@ the backbone again."""
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,8 @@ from db.models import Image, ModelVersion
 from db.repositories import PoolScoreRow
 from dmad_core.config import DMADConfig
 from dmad_core.data.readers import load_image
-from dmad_core.model import DMAD, FeatureStore, ImageItem, Prediction, Progress, _no_progress
+from dmad_core.model import DMAD, FeatureStore, ImageItem, Prediction, Progress, no_progress
+from dmad_core.persistence import saved_config
 
 TOP_PATCHES = 8
 
@@ -43,8 +43,7 @@ def feature_store(home: Home, config: DMADConfig) -> FeatureStore:
 def load_model(home: Home, version: ModelVersion) -> DMAD:
     """A stored version, ready to predict (its own saved configuration, the home's feature cache)."""
     folder = Path(version.folder)
-    config = DMADConfig.from_dict(json.loads((folder / "model.json").read_text())["config"])
-    return DMAD.load(folder, feature_store(home, config))
+    return DMAD.load(folder, feature_store(home, saved_config(folder)))
 
 
 def image_item(image: Image) -> ImageItem:
@@ -80,7 +79,7 @@ def pool_rows(images: Sequence[Image], predictions: Sequence[Prediction]) -> lis
 
 
 def score_pool(session: Session, home: Home, version: ModelVersion, images: Sequence[Image],
-               model: DMAD | None = None, progress: Progress = _no_progress) -> list[PoolScoreRow]:
+               model: DMAD | None = None, progress: Progress = no_progress) -> list[PoolScoreRow]:
     """Pool-score rows of `images` under `version` (pass `model` when it is already in memory)."""
     model = model or load_model(home, version)
     predictions = model.predict([image_item(img) for img in images], progress=progress, progress_bar=False)

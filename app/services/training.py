@@ -36,17 +36,13 @@ from db.engine import begin_write
 from db.models import Image, ModelVersion
 from db.repositories import build_trained_on, record_metrics, store_pool_scores
 from dmad_core.data.readers import ImageRecord
-from dmad_core.evaluation import _class_metrics, outlier_items
-from dmad_core.model import DMAD, DefectAnnotation, ImageItem, Progress
+from dmad_core.evaluation import class_metrics, outlier_items
+from dmad_core.model import DMAD, DefectAnnotation, ImageItem, Progress, no_progress
 
 log = logging.getLogger(__name__)
 
 Checkpoint = Callable[[str], None]  # raises when the job must stop (lease lost, cancelled)
 N_PROCEDURAL_OUTLIERS = 120
-
-
-def _no_progress(fraction: float, message: str) -> None:
-    pass
 
 
 def _no_checkpoint(message: str) -> None:
@@ -110,13 +106,12 @@ def evaluate(model: DMAD, images: list[Image], predictions: dict[int, Any]) -> d
         records = [ImageRecord(path=Path(img.path), category=category, split="test", label=int(img.gt_label),
                                defect_type=img.defect_type or "", mask_path=Path(img.gt_mask_path) if img.gt_mask_path else None)
                    for img in rows]
-        out[category] = _class_metrics(records, [predictions[img.id] for img in rows],
-                                       model.config.score.gaussian_sigma).to_dict()
+        out[category] = class_metrics(records, [predictions[img.id] for img in rows], model).to_dict()
     return out
 
 
 def train_version(home: Home, sessions: sessionmaker[Session], *, warm_start: bool, job_id: int | None = None,
-                  progress: Progress = _no_progress, checkpoint: Checkpoint = _no_checkpoint) -> TrainingOutcome:
+                  progress: Progress = no_progress, checkpoint: Checkpoint = _no_checkpoint) -> TrainingOutcome:
     """Train, evaluate and publish one version, then promote it. `warm_start` updates the active
     version (falls back to training from scratch when there is none)."""
     t_start = time.perf_counter()

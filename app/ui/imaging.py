@@ -1,4 +1,5 @@
-"""Pure image helpers for the UI: heat-map overlays, crops, boxes and masks (numpy and PIL only).
+"""Pure image helpers for the UI: heat-map overlays, crops, boxes and masks (numpy, PIL and the engine's
+heat map).
 
 Kept free of Streamlit so they are cheap to test and to cache.
 """
@@ -11,6 +12,9 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 import PIL.Image
 from PIL import ImageDraw
+
+from dmad_core.config import DMADConfig
+from dmad_core.model import anomaly_map
 
 Box = tuple[int, int, int, int]  # x0, y0, x1, y1 in image pixels, x1/y1 exclusive
 
@@ -28,11 +32,12 @@ def load_rgb(path: str) -> np.ndarray:
         return np.asarray(im.convert("RGB"))
 
 
-def upsample(grid: np.ndarray, width: int, height: int) -> np.ndarray:
-    """The patch grid resized bilinearly to (height, width): the backbone sees the whole image resized,
-    so the grid covers all of it."""
-    field = PIL.Image.fromarray(np.asarray(grid, dtype=np.float32), mode="F")
-    return np.asarray(field.resize((width, height), PIL.Image.BILINEAR), dtype=np.float32)
+def upsample(grid: np.ndarray, width: int, height: int, config: DMADConfig | None = None) -> np.ndarray:
+    """The patch grid as the model's heat map at (height, width): bilinear, smoothed with the sigma of
+    ``config`` (the version's engine configuration; None: the defaults), the same map the pixel threshold
+    and the Label Studio pre-annotations use. The backbone sees the whole image resized, so the grid
+    covers all of it."""
+    return anomaly_map(grid, (height, width), config or DMADConfig())
 
 
 def normalise(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
@@ -48,11 +53,12 @@ def colormap(t: np.ndarray) -> np.ndarray:
     return _LUT[np.clip(np.asarray(t) * 255, 0, 255).astype(np.uint8)]
 
 
-def heat_overlay(rgb: np.ndarray, grid: np.ndarray, lo: float, hi: float, opacity: float = 0.6) -> np.ndarray:
+def heat_overlay(rgb: np.ndarray, grid: np.ndarray, lo: float, hi: float, opacity: float = 0.6,
+                 config: DMADConfig | None = None) -> np.ndarray:
     """The image with the heat map blended in; each pixel's alpha grows with its score, so ordinary
     regions stay visible and only anomalous ones are tinted."""
     h, w = rgb.shape[:2]
-    return _blend(rgb, normalise(upsample(grid, w, h), lo, hi), opacity)
+    return _blend(rgb, normalise(upsample(grid, w, h, config), lo, hi), opacity)
 
 
 def _blend(rgb: np.ndarray, t: np.ndarray, opacity: float) -> np.ndarray:

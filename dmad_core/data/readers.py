@@ -156,8 +156,13 @@ def load_image(path: str | Path, size: int | None = None) -> np.ndarray:
 
 
 def load_mask(path: str | Path, size: tuple[int, int] | None = None) -> np.ndarray:
-    """Decode a ground-truth mask as bool ``HxW`` (any value > 0 is defect: MVTec 3D-AD uses 0/254);
-    with ``size`` = (H, W), resized with nearest-neighbour so it stays binary."""
+    """Decode a defect mask as bool ``HxW``: the one mask reader of the project (datasets' ground truth,
+    annotated masks, benchmarks).
+
+    The threshold rule: any value > 0 in any colour channel is defect (alpha ignored; palette images
+    through their colours). MVTec 3D-AD uses 0/254, the annotation store 0/255, so "nonzero" is the one
+    rule all of them agree on. With ``size`` = (H, W), resized nearest-neighbour so it stays binary.
+    FileNotFoundError for a missing file, CorruptImageError for one that cannot be decoded."""
     path = Path(path)
     im = _open_decoded(path)
     if im.mode == "P":

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from dmad_core import banks as B
+from dmad_core import banks
 from dmad_core.backbone import FeatureExtractor, WeightsUnavailableError, load_backbone
 from dmad_core.cache import FeatureCache, content_hash
 from dmad_core.config import BackboneConfig, BankConfig, DMADConfig, MapperConfig
@@ -18,6 +18,7 @@ from dmad_core.data import load_mask, make_outlier_textures, make_synthetic_cate
 from dmad_core.metrics import compute_class_metrics
 from dmad_core.model import DMAD, DefectAnnotation, FeatureStore, ImageItem, top_k_mean
 from dmad_core.modules import DMADNet, KnowledgeEnhancer, hinge_loss, smooth_maps
+from dmad_core.training import MapperTrainer
 
 
 # ------------------------------------------------------------------------------------------- coreset
@@ -50,13 +51,13 @@ def test_coreset_candidate_cap_and_size():
 # --------------------------------------------------------------------------------------------- banks
 def _part(vectors, source, cat="a"):
     v = np.asarray(vectors, np.float32)
-    return B.BankPart(v, np.full(len(v), source, np.int64), np.full(len(v), cat))
+    return banks.BankPart(v, np.full(len(v), source, np.int64), np.full(len(v), cat))
 
 
 @pytest.mark.parametrize("index,exact_max", [("flat", 0), ("hnsw", 0), ("flat", 100)], ids=["faiss-flat", "faiss-hnsw", "exact"])
 def test_bank_search_excludes_own_image(index, exact_max):
-    bank = B.MemoryBank(dim=2)
-    bank.set_part(B.NORMAL, B.BankPart.concat([_part([[0, 0], [0.1, 0]], 7), _part([[5, 5]], 9)], 2))
+    bank = banks.MemoryBank(dim=2)
+    bank.set_part(banks.NORMAL, banks.BankPart.concat([_part([[0, 0], [0.1, 0]], 7), _part([[5, 5]], 9)], 2))
     bank.build_index(BankConfig(index=index, exact_search_max=exact_max))
     d, i = bank.search(np.array([[0, 0]], np.float32))
     assert i[0] == 0 and d[0] == 0
@@ -71,20 +72,20 @@ def test_exact_search_matches_faiss_flat_and_beats_hnsw_recall():
     basis = rng.normal(size=(8, 24)).astype(np.float32)
     vectors = rng.normal(size=(3000, 8)).astype(np.float32) @ basis + 0.2 * rng.normal(size=(3000, 24)).astype(np.float32)
     queries = rng.normal(size=(2500, 8)).astype(np.float32) @ basis + 0.2 * rng.normal(size=(2500, 24)).astype(np.float32)
-    reference = B.MemoryBank(dim=24)
-    reference.set_part(B.NORMAL, _part(vectors, 1))
+    reference = banks.MemoryBank(dim=24)
+    reference.set_part(banks.NORMAL, _part(vectors, 1))
     reference.build_index(BankConfig(index="flat", exact_search_max=0))  # faiss IndexFlatL2 answers
     d_ref, i_ref = reference.search(queries)
-    bank = B.MemoryBank(dim=24)
-    bank.set_part(B.NORMAL, _part(vectors, 1))
+    bank = banks.MemoryBank(dim=24)
+    bank.set_part(banks.NORMAL, _part(vectors, 1))
     bank.build_index(BankConfig(index="hnsw", exact_search_max=10_000))
     d, i = bank.search(queries)
     assert bank._exact is not None  # the exact path answered, not the HNSW index
     assert np.array_equal(i, i_ref)
     assert np.allclose(d, d_ref, rtol=1e-4, atol=1e-4)
     # excluding each query's own image: the best entry of another image, exactly as a brute-force search
-    mixed = B.MemoryBank(dim=24)
-    mixed.set_part(B.NORMAL, B.BankPart(vectors, np.arange(3000) % 7, np.full(3000, "a")))
+    mixed = banks.MemoryBank(dim=24)
+    mixed.set_part(banks.NORMAL, banks.BankPart(vectors, np.arange(3000) % 7, np.full(3000, "a")))
     mixed.build_index(BankConfig(index="hnsw", exact_search_max=10_000))
     own = np.arange(2500) % 7
     d, i = mixed.search(queries, exclude_sources=own)
@@ -103,8 +104,8 @@ def test_class_aware_search_stays_within_the_class(index, exact_max, tmp_path):
     rng = np.random.default_rng(3)
     a = rng.normal(0, 1, size=(3000, 8)).astype(np.float32)
     b = a[:40] + 0.01  # class b: near-copies of some class-a entries
-    bank = B.MemoryBank(dim=8)
-    bank.set_part(B.NORMAL, B.BankPart(np.concatenate([a, b]), np.r_[np.arange(3000) % 5, np.full(40, 9)],
+    bank = banks.MemoryBank(dim=8)
+    bank.set_part(banks.NORMAL, banks.BankPart(np.concatenate([a, b]), np.r_[np.arange(3000) % 5, np.full(40, 9)],
                                        np.r_[np.full(3000, "a"), np.full(40, "b")]))
     bank.build_index(BankConfig(index=index, exact_search_max=exact_max))
     q = b[:10] + 0.001
@@ -119,27 +120,27 @@ def test_class_aware_search_stays_within_the_class(index, exact_max, tmp_path):
     assert np.array_equal(i_x, brute.argmin(1)) and np.all(i_x < 3000)
     assert np.array_equal(bank.search(q, category="unknown")[1], anywhere)
     bank.save(tmp_path, "normal")
-    loaded = B.MemoryBank.load(tmp_path, "normal", BankConfig(index=index, exact_search_max=exact_max))
+    loaded = banks.MemoryBank.load(tmp_path, "normal", BankConfig(index=index, exact_search_max=exact_max))
     assert np.array_equal(loaded.search(q, category="a")[1], i)
 
 
 def test_bank_parts_provenance_and_persistence(tmp_path):
-    bank = B.MemoryBank(dim=3)
-    bank.set_part(B.OUTLIER, _part(np.eye(3), 1, "tire"))
-    bank.set_part(B.SEEN, _part([[9, 9, 9]], 2, "bottle"))
-    bank.set_part(B.CENTRE, _part([[8, 8, 8]], -1, "bottle"))
+    bank = banks.MemoryBank(dim=3)
+    bank.set_part(banks.OUTLIER, _part(np.eye(3), 1, "tire"))
+    bank.set_part(banks.SEEN, _part([[9, 9, 9]], 2, "bottle"))
+    bank.set_part(banks.CENTRE, _part([[8, 8, 8]], -1, "bottle"))
     with pytest.raises(RuntimeError):
         bank.search(np.zeros((1, 3), np.float32))  # index must be built explicitly, once
     bank.build_index(BankConfig(index="flat"))
     _, i = bank.search(np.array([[9, 9, 8.9]], np.float32))
-    assert bank.part_names_of(i)[0] == B.SEEN and bank.union_.categories[i[0]] == "bottle"
+    assert bank.part_names_of(i)[0] == banks.SEEN and bank.union_.categories[i[0]] == "bottle"
     bank.save(tmp_path, "abnormal")
     assert (tmp_path / "abnormal.faiss").exists()
-    loaded = B.MemoryBank.load(tmp_path, "abnormal", BankConfig(index="flat"))
-    assert loaded.part_sizes() == {B.OUTLIER: 3, B.SEEN: 1, B.CENTRE: 1}
+    loaded = banks.MemoryBank.load(tmp_path, "abnormal", BankConfig(index="flat"))
+    assert loaded.part_sizes() == {banks.OUTLIER: 3, banks.SEEN: 1, banks.CENTRE: 1}
     assert np.array_equal(loaded.search(np.array([[9, 9, 8.9]], np.float32))[1], i)
     with pytest.raises(ValueError):
-        bank.set_part(B.WEAK, _part(np.zeros((1, 4)), 3))
+        bank.set_part(banks.WEAK, _part(np.zeros((1, 4)), 3))
 
 
 # ------------------------------------------------------------------------------------- modules/loss
@@ -252,8 +253,8 @@ def fitted(tmp_path_factory):
 
 def test_fit_builds_banks_and_never_reruns_backbone(fitted):
     model, dss, store, _ = fitted
-    assert model.normal_bank_.part_sizes()[B.NORMAL] > 0
-    assert model.abnormal_bank_.part_sizes()[B.OUTLIER] > 0 and model.abnormal_bank_.part_sizes()[B.SEEN] == 0
+    assert model.normal_bank_.part_sizes()[banks.NORMAL] > 0
+    assert model.abnormal_bank_.part_sizes()[banks.OUTLIER] > 0 and model.abnormal_bank_.part_sizes()[banks.SEEN] == 0
     assert len(model.validation_items_) >= 2 and not ({i.hash for i in model.validation_items_}
                                                       & {i.hash for i in model.normal_items_})
     misses = store.cache.stats.misses
@@ -269,13 +270,15 @@ def test_filtered_seen_part_only_keeps_masked_patches(fitted):
     rec = next(r for r in ds.test if r.label == 1)
     mask = load_mask(rec.mask_path)
     item = ImageItem.from_path(rec.path, ds.name)
-    idx, weak = model._annotated_patches(DefectAnnotation(item, mask), model._get([item])[0])
+    idx, weak = model.memory_.annotated_patches(DefectAnnotation(item, mask), model.patch_features([item])[0],
+                                                model._net_scores)
     gh, gw = model.features.extractor.grid_size
     cover = torch.nn.functional.interpolate(torch.from_numpy(mask.astype(np.float32))[None, None], size=(gh, gw),
                                             mode="bilinear").reshape(-1).numpy()
     assert not weak and 0 < len(idx) < gh * gw // 10  # a defect is a small part of its image
     assert cover[idx].min() > 0
-    idx_weak, weak = model._annotated_patches(DefectAnnotation(item, None), model._get([item])[0])
+    idx_weak, weak = model.memory_.annotated_patches(DefectAnnotation(item, None), model.patch_features([item])[0],
+                                                     model._net_scores)
     assert weak and len(idx_weak) == model.config.bank.weak_patches_per_image
 
 
@@ -285,14 +288,14 @@ def test_update_rebuilds_abnormal_parts_and_switches_to_semi(fitted, tmp_path):
     defects = [r for r in ds.test if r.label == 1][:2]
     anns = [DefectAnnotation(ImageItem.from_path(r.path, ds.name), load_mask(r.mask_path)) for r in defects]
     weak = [DefectAnnotation(ImageItem.from_path(r.path, ds.name), None) for r in [r for r in ds.test if r.label][2:3]]
-    before = model.abnormal_bank_.part_sizes()[B.OUTLIER]
+    before = model.abnormal_bank_.part_sizes()[banks.OUTLIER]
     model.update(anns + weak, epochs=1)
     sizes = model.abnormal_bank_.part_sizes()
-    assert sizes[B.OUTLIER] == before and sizes[B.SEEN] > 0 and sizes[B.WEAK] == 8
-    assert sizes[B.CENTRE] == model.config.bank.perturbations_per_centre  # one category has evidence
+    assert sizes[banks.OUTLIER] == before and sizes[banks.SEEN] > 0 and sizes[banks.WEAK] == 8
+    assert sizes[banks.CENTRE] == model.config.bank.perturbations_per_centre  # one category has evidence
     assert model.mapper_config_.lambda_annotated == 15.0 and model.mapper_config_.knowledge == "distance"
     model.update([], epochs=1)  # deletions are honoured: the full set is passed each time
-    assert model.abnormal_bank_.part_sizes()[B.SEEN] == 0
+    assert model.abnormal_bank_.part_sizes()[banks.SEEN] == 0
     model.save(tmp_path / "m")
     loaded = DMAD.load(tmp_path / "m", store)
     items = [ImageItem.from_path(r.path, ds.name) for r in ds.test]
@@ -308,43 +311,43 @@ def test_normal_neighbours_are_cached_with_the_model_until_the_normal_bank_chang
     dim = loaded.config.backbone.feature_dim
 
     def fresh(item, exclude):
-        q = loaded._get([item])[0].reshape(-1, dim)
+        q = loaded.patch_features([item])[0].reshape(-1, dim)
         src = np.full(len(q), item.source, np.int64) if exclude else None
         return loaded.normal_bank_.search(q, src)[1]
 
     item = loaded.normal_items_[0]
-    cached = loaded._normal_nn_cache[f"{item.hash}:x"]  # saved with the model, read back with it
+    cached = loaded.memory_.normal_nn_cache_[f"{item.hash}:x"]  # saved with the model, read back with it
     assert len(cached) == 32 * 32 and np.array_equal(cached, fresh(item, True))
-    assert f"{loaded.validation_items_[0].hash}:a" in loaded._normal_nn_cache
+    assert f"{loaded.validation_items_[0].hash}:a" in loaded.memory_.normal_nn_cache_
     # a confirmed normal extends the normal bank: every cached neighbour is searched again
     extra = ImageItem.from_path(next(r for r in dss[0].test if r.label == 0).path, dss[0].name)
-    before = loaded.normal_bank_.part_sizes()[B.NORMAL]
+    before = loaded.normal_bank_.part_sizes()[banks.NORMAL]
     loaded.update(list(loaded.annotations_), [extra], epochs=1)
-    assert loaded.normal_bank_.part_sizes()[B.NORMAL] > before
-    assert f"{extra.hash}:x" in loaded._normal_nn_cache
-    assert np.array_equal(loaded._normal_nn_cache[f"{item.hash}:x"], fresh(item, True))
+    assert loaded.normal_bank_.part_sizes()[banks.NORMAL] > before
+    assert f"{extra.hash}:x" in loaded.memory_.normal_nn_cache_
+    assert np.array_equal(loaded.memory_.normal_nn_cache_[f"{item.hash}:x"], fresh(item, True))
 
 
 def test_normal_bank_search_is_class_aware_in_the_model(fitted):
     """Every normal-bank neighbour of a training or test patch comes from its own class's entries, and the
     model with the switch off searches across classes (BankConfig.class_aware)."""
     model, dss, _, _ = fitted
-    cats = model.normal_bank_.parts[B.NORMAL].categories
+    cats = model.normal_bank_.parts[banks.NORMAL].categories
     for it in model.normal_items_[:6]:
         key = f"{it.hash}:x"
-        assert key in model._normal_nn_cache and np.all(cats[model._normal_nn_cache[key]] == it.category)
+        assert key in model.memory_.normal_nn_cache_ and np.all(cats[model.memory_.normal_nn_cache_[key]] == it.category)
     items = [ImageItem.from_path(r.path, d.name) for d in dss for r in d.test[:2]]
-    feats = model._get(items)
+    feats = model.patch_features(items)
     per_query = np.repeat([it.category for it in items], 32 * 32)
     q = np.concatenate([f.reshape(-1, f.shape[-1]) for f in feats])
-    _, i = model._search_normal(q, None, per_query)
+    _, i = model.memory_.search_normal(q, None, per_query)
     assert np.all(cats[i] == per_query)
-    off = dataclasses.replace(model.config, bank=dataclasses.replace(model.config.bank, class_aware=False))
-    model.config, saved = off, model.config
+    off = dataclasses.replace(model.memory_.config, class_aware=False)
+    model.memory_.config, saved = off, model.memory_.config
     try:
-        _, i_all = model._search_normal(q, None, per_query)
+        _, i_all = model.memory_.search_normal(q, None, per_query)
     finally:
-        model.config = saved
+        model.memory_.config = saved
     assert np.array_equal(i_all, model.normal_bank_.search(q)[1])
 
 
@@ -367,11 +370,11 @@ def test_a_retrain_stops_once_validation_stops_improving_and_keeps_the_best_stat
     losses = iter([1.0, 0.8, 0.9, 0.85, 0.7, 0.6, 0.5])  # start, then one per epoch
     states = []
 
-    def scripted_loss(val, ann, rng):
-        states.append({k: v.clone() for k, v in loaded.net_.state_dict().items()})
+    def scripted_loss(trainer, net, val, ann, rng, factor):
+        states.append({k: v.clone() for k, v in net.state_dict().items()})
         return next(losses)
 
-    monkeypatch.setattr(loaded, "_validation_loss", scripted_loss)
+    monkeypatch.setattr(MapperTrainer, "validation_loss", scripted_loss)
     messages = []
     loaded.update(list(loaded.annotations_), epochs=6, progress=lambda f, m: messages.append(m))
     assert [h["epoch"] for h in loaded.history_] == [-1, 0, 1, 2]
@@ -391,15 +394,50 @@ def test_abnormal_neighbours_from_the_cached_outlier_part_equal_a_search_of_the_
     model.save(tmp_path / "m")
     loaded = DMAD.load(tmp_path / "m", store)
     item = loaded.normal_items_[0]
-    assert f"{item.hash}:x" in loaded._outlier_nn_cache  # saved with the model, read back with it
+    assert f"{item.hash}:x" in loaded.memory_.outlier_nn_cache_  # saved with the model, read back with it
     annotated = ImageItem.from_path(defect.path, ds.name)
     loaded.update([DefectAnnotation(annotated, load_mask(defect.mask_path))], epochs=1)
     bank, dim = loaded.abnormal_bank_, loaded.config.backbone.feature_dim
-    assert bank.part_sizes()[B.SEEN] > 0
+    assert bank.part_sizes()[banks.SEEN] > 0
     for it in (item, annotated):  # a normal training image, and the annotated image whose patches are "seen"
-        q = loaded._get([it])[0].reshape(-1, dim)
+        q = loaded.patch_features([it])[0].reshape(-1, dim)
         src = np.full(len(q), it.source, np.int64)
-        got = loaded._abnormal_neighbours(f"{it.hash}:x", q, src)
+        got = loaded.memory_.abnormal_neighbours(f"{it.hash}:x", q, src)
         d_ref, i_ref = bank._exact_nearest(q, src)  # the whole union at once, own image masked out
         assert np.array_equal(got, i_ref)
         assert not np.any(bank.union_.sources[got] == it.source)  # never its own patches
+
+
+def test_a_saved_and_loaded_model_predicts_the_same_and_keeps_its_annotations(fitted, tmp_path):
+    """Save/load is lossless for prediction (bit for bit) and for what a retrain needs: the annotations come
+    back with their masks (a defect without a mask stays without)."""
+    model, dss, store, _ = fitted
+    ds = dss[0]
+    masked, unmasked = [r for r in ds.test if r.label == 1][:2]
+    model.save(tmp_path / "start")
+    work = DMAD.load(tmp_path / "start", store)  # the shared fixture stays as it is
+    anns = [DefectAnnotation(ImageItem.from_path(masked.path, ds.name), load_mask(masked.mask_path)),
+            DefectAnnotation(ImageItem.from_path(unmasked.path, ds.name), None)]
+    work.update(anns, epochs=1)
+    work.save(tmp_path / "m")
+    loaded = DMAD.load(tmp_path / "m", store)
+    items = [ImageItem.from_path(r.path, d.name) for d in dss for r in d.test]
+    for a, b in zip(work.predict(items), loaded.predict(items), strict=True):
+        assert np.array_equal(a.patch_scores, b.patch_scores) and a.image_score == b.image_score
+    assert np.array_equal(work.anomaly_map(a.patch_scores, (40, 60)), loaded.anomaly_map(b.patch_scores, (40, 60)))
+    assert [a.item for a in loaded.annotations_] == [a.item for a in anns]
+    assert np.array_equal(loaded.annotations_[0].mask, anns[0].mask) and loaded.annotations_[1].mask is None
+    assert (loaded.pixel_threshold_, loaded.image_threshold_) == (work.pixel_threshold_, work.image_threshold_)
+    assert loaded.mapper_config_ == work.mapper_config_ and loaded.history_ == work.history_
+
+
+def test_predictions_do_not_depend_on_what_was_called_before(fitted):
+    """Two predicts in a row, with other calls between them, give the same result bit for bit."""
+    model, dss, _, _ = fitted
+    items = [ImageItem.from_path(r.path, d.name) for d in dss for r in d.test[:4]]
+    first = model.predict(items)
+    model.knn_predict(items[:2])
+    model.anomaly_map(first[0].patch_scores)
+    second = model.predict(items)
+    for a, b in zip(first, second, strict=True):
+        assert np.array_equal(a.patch_scores, b.patch_scores) and a.image_score == b.image_score

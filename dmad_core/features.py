@@ -1,0 +1,87 @@
+"""Patch features of images: computed once per extractor configuration and cached (``FeatureStore``), and
+standardised with statistics of the normal training patches (``FeatureScaling``)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from dmad_core.backbone import FeatureExtractor
+from dmad_core.cache import FeatureCache
+from dmad_core.config import DMADConfig
+from dmad_core.items import ImageItem, Progress, no_progress
+
+
+class FeatureStore:
+    """Patch features of images, computed once per extractor configuration and then read from the cache."""
+
+    def __init__(self, config: DMADConfig, cache_dir: str | Path, allow_random_weights: bool = False,
+                 batch_size: int = 16):
+        self.config = config
+        self.cache = FeatureCache(Path(cache_dir), config.backbone.cache_key())
+        self.allow_random_weights = allow_random_weights
+        self.batch_size = batch_size
+        self._extractor: FeatureExtractor | None = None
+        self.seconds_backbone = 0.0
+
+    @property
+    def extractor(self) -> FeatureExtractor:
+        if self._extractor is None:  # built on first miss only: a fully cached retrain never loads the CNN
+            self._extractor = FeatureExtractor(self.config.backbone, self.allow_random_weights, self.config.device)
+        return self._extractor
+
+    def get(self, items: Sequence[ImageItem], progress: Progress = no_progress, desc: str = "features",
+            keep_in_memory: bool = True) -> list[np.ndarray]:
+        out: list[np.ndarray | None] = [self.cache.get(it.hash) for it in items]
+        missing = [i for i, f in enumerate(out) if f is None]
+        if missing:
+            bar = tqdm(total=len(missing), desc=desc, unit="img", leave=False, disable=None)
+            for start in range(0, len(missing), self.batch_size):
+                chunk = missing[start:start + self.batch_size]
+                feats = self.compute([items[i].load() for i in chunk])
+                for i, f in zip(chunk, feats, strict=True):
+                    self.cache.put(items[i].hash, f)
+                    out[i] = f.astype(np.float16)
+                bar.update(len(chunk))
+                progress(min(1.0, (start + len(chunk)) / len(missing)), f"{desc}: {start + len(chunk)}/{len(missing)}")
+            bar.close()
+        if keep_in_memory:
+            return [np.asarray(f, dtype=np.float16) for f in out]
+        return out  # type: ignore[return-value]
+
+    def compute(self, images: list[np.ndarray]) -> np.ndarray:
+        t0 = time.perf_counter()
+        x = self.extractor.preprocess(images)
+        feats = self.extractor(x).float().cpu().numpy()
+        self.seconds_backbone += time.perf_counter() - t0
+        return feats
+
+
+@dataclass(frozen=True)
+class FeatureScaling:
+    """One shift per channel and one isotropic scale: backbones differ wildly in scale (EfficientNet-Lite0
+    channels have std ~5) and the pseudo-anomaly noise is defined on unit-scale features; a single scale
+    keeps the nearest-neighbour geometry.
+
+    Example:
+        >>> scaling = FeatureScaling.fit([np.ones((2, 2, 3)), np.zeros((2, 2, 3))], dim=3)
+        >>> [float(v) for v in scaling.apply([np.ones((1, 3))])[0][0]]
+        [1.0, 1.0, 1.0]
+    """
+
+    shift: np.ndarray  # (C,) mean of (every 7th) normal training patch
+    scale: float  # mean per-channel std, 1.0 when the features are constant
+
+    @staticmethod
+    def fit(feats: Sequence[np.ndarray], dim: int) -> FeatureScaling:
+        flat = np.concatenate([np.asarray(f, np.float32).reshape(-1, dim)[::7] for f in feats])
+        return FeatureScaling(flat.mean(axis=0), float(flat.std(axis=0).mean()) or 1.0)
+
+    def apply(self, raw: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """Standardised float32 copies of ``raw`` features (any leading shape, channels last)."""
+        return [(np.asarray(f, np.float32) - self.shift) / self.scale for f in raw]

@@ -1,0 +1,69 @@
+"""The small values the model takes and gives: images, annotated defects, predictions, progress reports."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from dmad_core.banks import source_id
+from dmad_core.cache import content_hash
+from dmad_core.data.readers import load_image
+
+Progress = Callable[[float, str], None]  # (fraction 0..1, message): worker heartbeats, UI progress bars
+
+
+def no_progress(fraction: float, message: str) -> None:
+    """The default ``Progress``: reports nothing."""
+
+
+@dataclass(frozen=True)
+class ImageItem:
+    """An image the model sees: its identity is the content hash of its file (or of its pixels)."""
+
+    category: str
+    hash: str
+    path: Path | None = None
+    array: np.ndarray | None = field(default=None, compare=False, repr=False)
+
+    @staticmethod
+    def from_path(path: str | Path, category: str) -> ImageItem:
+        return ImageItem(category=category, hash=content_hash(path), path=Path(path))
+
+    @staticmethod
+    def from_array(array: np.ndarray, category: str) -> ImageItem:
+        return ImageItem(category=category, hash=hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest(),
+                         array=array)
+
+    def load(self) -> np.ndarray:
+        return self.array if self.array is not None else load_image(self.path)
+
+    @property
+    def source(self) -> int:
+        return source_id(self.hash)
+
+
+@dataclass(frozen=True)
+class DefectAnnotation:
+    """An annotated defect: ``mask`` (bool, the image's own size) or None for a defect without mask."""
+
+    item: ImageItem
+    mask: np.ndarray | None = field(default=None, compare=False, repr=False)
+
+
+@dataclass
+class Prediction:
+    """One image's patch score grid and image score; ``DMAD.anomaly_map`` turns the grid into a pixel map."""
+
+    item: ImageItem
+    patch_scores: np.ndarray  # (gh, gw) float32, higher = more anomalous
+    image_score: float
+
+
+def top_k_mean(grid: np.ndarray, k: int) -> float:
+    """The image score: the mean of the ``k`` highest patch scores."""
+    flat = np.sort(np.asarray(grid, np.float32).ravel())
+    return float(flat[-min(k, len(flat)):].mean())
