@@ -265,7 +265,10 @@ class TestRealData:
         ds = read_category(SHARED_DATA / "mvtec_ad" / "bottle")
         assert (ds.name, ds.layout) == ("bottle", "mvtec_ad")
         assert (len(ds.train), len(ds.test), ds.skipped) == (209, 83, [])
-        assert not ds.has_masks
+        # The shared copy ships the 63 ground-truth masks (one per defective test image, none for good ones).
+        assert ds.has_masks
+        with_mask = [r for r in ds.test if r.mask_path is not None]
+        assert len(with_mask) == 63 and all(r.label == 1 for r in with_mask)
         assert set(ds.defect_types) == {"good", "broken_large", "broken_small", "contamination"}
 
     def test_dtd_texture_folder(self) -> None:
