@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING
 
 import requests
 
-from app.errors import UserError
+from dmad_core.errors import Conflict, Invalid, Unavailable, UserError
 from app.home import Home
 
 if TYPE_CHECKING:
@@ -70,7 +70,7 @@ def find_label_studio_bin(explicit: str | os.PathLike[str] | None = None) -> Pat
         if value:
             path = Path(value).expanduser()
             if not (path.is_file() and os.access(path, os.X_OK)):
-                raise UserError(f"{origin} names {path}, which is not an executable label-studio")
+                raise Invalid(f"{origin} names {path}, which is not an executable label-studio")
             return path
     in_repo = _REPO_ROOT / ".venv-labelstudio" / "bin" / "label-studio"
     if in_repo.is_file() and os.access(in_repo, os.X_OK):
@@ -78,7 +78,7 @@ def find_label_studio_bin(explicit: str | os.PathLike[str] | None = None) -> Pat
     on_path = shutil.which("label-studio")
     if on_path:
         return Path(on_path)
-    raise UserError(_INSTALL_HINT)
+    raise Unavailable(_INSTALL_HINT)
 
 
 def redact(text: str, secret_values: list[str]) -> str:
@@ -189,7 +189,7 @@ class LabelStudioServer:
         """The admin's API token (send as ``Authorization: Token <token>``)."""
         token = self.home.read_secret(TOKEN_SECRET)
         if not token:
-            raise UserError(
+            raise Unavailable(
                 f"no Label Studio token in {self.home.secrets_dir}: start it once with "
                 f"`dmad labelstudio start --home {self.home.root}`"
             )
@@ -235,12 +235,12 @@ class LabelStudioServer:
         if self.pid() is not None:
             running_port = self._running_port()
             if running_port is not None and running_port != self.port:
-                raise UserError(f"Label Studio of {self.home.root} already runs on port {running_port}; "
+                raise Conflict(f"Label Studio of {self.home.root} already runs on port {running_port}; "
                                 "stop it first to move it to another port")
             log.info("Label Studio already running (pid %s) at %s", self.pid(), self.url)
             return self.status()
         if port_in_use(self.port):
-            raise UserError(
+            raise Conflict(
                 f"port {self.port} on {HOST} is already in use by another process; stop it or choose "
                 f"another port (label_studio_port in {self.home.settings_path})"
             )
@@ -298,7 +298,7 @@ class LabelStudioServer:
                 "LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN": "true",
             })
         elif not self.home.read_secret(TOKEN_SECRET):
-            raise UserError(
+            raise Conflict(
                 f"Label Studio's database exists ({self.database_path}) but its API token is missing from "
                 f"{self.home.secrets_dir}; delete {self.home.labelstudio_dir} to start over"
             )
@@ -309,20 +309,20 @@ class LabelStudioServer:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
-                raise UserError(
+                raise Unavailable(
                     f"Label Studio exited with code {self._proc.returncode} while starting; "
                     f"last lines of {self.log_path}:\n{self._log_tail(log_offset)}"
                 )
             moved = self._moved_port(log_offset)
             if moved is not None:
-                raise UserError(
+                raise Conflict(
                     f"port {self.port} was taken while Label Studio started (it moved to {moved}); "
                     "stop the other process or choose another port"
                 )
             if self.healthy(timeout=1.0) and self._proc.poll() is None:
                 return
             time.sleep(0.5)
-        raise UserError(
+        raise Unavailable(
             f"Label Studio did not answer on {self.url} within {timeout:.0f} s; "
             f"last lines of {self.log_path}:\n{self._log_tail(log_offset)}"
         )

@@ -16,7 +16,7 @@ from sqlalchemy import delete, exists, func, insert, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, contains_eager
 
-from app.errors import UserError
+from dmad_core.errors import Invalid, NotFound
 from db.models import (
     IMAGE_ROLES,
     Annotation,
@@ -37,7 +37,7 @@ def get_or_create_category(session: Session, name: str) -> Category:
     """The category called `name`, created if new (safe against a concurrent creator)."""
     name = name.strip()
     if not name:
-        raise UserError("a category name cannot be empty")
+        raise Invalid("a category name cannot be empty")
     for _ in range(2):
         found = session.scalars(select(Category).where(Category.name == name)).first()
         if found is not None:
@@ -60,7 +60,7 @@ def _category(session: Session, category: Category | str | int) -> Category:
     else:
         found = session.scalars(select(Category).where(Category.name == category)).first()
     if found is None:
-        raise UserError(f"category {category!r} does not exist; ingest its images first with `dmad ingest`")
+        raise NotFound(f"category {category!r} does not exist; ingest its images first with `dmad ingest`")
     return found
 
 
@@ -86,7 +86,7 @@ def add_image(session: Session, category: Category | str, path: str | Path, role
     try:
         data = file.read_bytes()
     except OSError as exc:
-        raise UserError(f"cannot read image file {file}: {exc.strerror or exc}") from exc
+        raise Invalid(f"cannot read image file {file}: {exc.strerror or exc}") from exc
     content_hash = hashlib.sha256(data).hexdigest()
     cat = category if isinstance(category, Category) else get_or_create_category(session, category)
     if cat.id is not None:
@@ -100,7 +100,7 @@ def add_image(session: Session, category: Category | str, path: str | Path, role
             im.load()
             width, height = im.size
     except Exception as exc:
-        raise UserError(f"corrupt or unreadable image file {file}: {exc}") from exc
+        raise Invalid(f"corrupt or unreadable image file {file}: {exc}") from exc
     image = Image(category=cat, content_hash=content_hash, path=str(file), role=role, width=width,
                   height=height, gt_label=gt_label,
                   gt_mask_path=str(Path(gt_mask_path).expanduser().resolve()) if gt_mask_path else None,

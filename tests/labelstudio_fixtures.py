@@ -18,7 +18,7 @@ import PIL.Image
 import pytest
 
 from annotation.server import LabelStudioServer, find_label_studio_bin
-from app.errors import UserError
+from dmad_core.errors import UserError
 from app.home import Home
 from tests.processes import free_port
 

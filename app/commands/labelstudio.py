@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from app.errors import UserError
+from dmad_core.errors import Conflict, Unavailable
 from app.home import DEFAULT_HOME, Home
 
 log = logging.getLogger(__name__)
@@ -99,7 +99,7 @@ def _project(home: Home, server: Any) -> tuple[Any, int]:
     from annotation.project import STATE_FILE, ensure_project, ensure_webhook
 
     if not server.healthy():
-        raise UserError(f"Label Studio is not running at {server.url}; start it with "
+        raise Unavailable(f"Label Studio is not running at {server.url}; start it with "
                         f"`dmad labelstudio start --home {home.root}` (and `dmad webhook` so images show)")
     client = server.client()
     settings = home.load_settings()
@@ -200,12 +200,12 @@ def cmd_push(args: argparse.Namespace) -> int:
     with sessions() as session:
         version = active_version(session)
         if version is None:
-            raise UserError("no active model version; train one first (`dmad train`)")
+            raise Conflict("no active model version; train one first (`dmad train`)")
         threshold = (version.config or {}).get(PIXEL_THRESHOLD_KEY)
         rows = top_pool_scores(session, version.id, limit=args.limit, category=args.category,
                                min_score=args.min_score, unannotated=True)
         if not rows:
-            raise UserError(f"model {version.name} has no unannotated pool images to send "
+            raise Conflict(f"model {version.name} has no unannotated pool images to send "
                             "(all are annotated, or none match the filters)")
         items = task_items(version, rows, webhook_base_url(home))
     label = home.load_settings().defect_labels[0]

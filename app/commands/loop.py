@@ -12,7 +12,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-from app.errors import UserError
+from dmad_core.errors import Conflict, Invalid, NotFound, UserError
 from app.home import DEFAULT_HOME, Home, HomeSettings
 
 log = logging.getLogger(__name__)
@@ -104,9 +104,9 @@ def cmd_init(args: argparse.Namespace) -> int:
         "outliers_dir": str(Path(args.outliers).resolve()) if args.outliers else None,
         "train_epochs": args.train_epochs, "retrain_epochs": args.retrain_epochs}.items() if v is not None}
     if args.outliers and not Path(args.outliers).is_dir():
-        raise UserError(f"--outliers {args.outliers} is not a folder")
+        raise Invalid(f"--outliers {args.outliers} is not a folder")
     if args.weights and not Path(args.weights).is_file():
-        raise UserError(f"--weights {args.weights} is not a file")
+        raise Invalid(f"--weights {args.weights} is not a file")
     settings = replace(settings, **changes)
     home.create()
     home.save_settings(settings)
@@ -159,7 +159,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     worker_id = default_worker_id()
     claimed = queue.claim(sessions, worker_id, ["train"])
     if claimed is None or claimed.id != job_id:
-        raise UserError("another worker took the training job; follow it with `dmad status`")
+        raise Conflict("another worker took the training job; follow it with `dmad status`")
     print(f"training from scratch (job {job_id}); this takes a few minutes on a CPU", flush=True)
     ok = run_job(home, sessions, claimed, WorkerOptions(), worker_id, on_progress=_progress_printer(not args.json))
     with sessions() as session:
@@ -196,9 +196,9 @@ def _read_mask(path: str) -> Any:
         with PIL.Image.open(path) as im:
             return np.asarray(im.convert("L")) > 0
     except FileNotFoundError as exc:
-        raise UserError(f"mask file {path} does not exist") from exc
+        raise NotFound(f"mask file {path} does not exist") from exc
     except Exception as exc:  # noqa: BLE001 - any decoder error is the same user problem
-        raise UserError(f"mask file {path} is not a readable image: {exc}") from exc
+        raise Invalid(f"mask file {path} is not a readable image: {exc}") from exc
 
 
 def cmd_annotate(args: argparse.Namespace) -> int:
@@ -213,10 +213,10 @@ def cmd_annotate(args: argparse.Namespace) -> int:
     with sessions() as session:
         if args.category is not None:
             if session.scalars(select(Category).where(Category.name == args.category)).first() is None:
-                raise UserError(f"unknown category {args.category!r}; ingest it first with `dmad ingest`")
+                raise NotFound(f"unknown category {args.category!r}; ingest it first with `dmad ingest`")
             image = find_image(session, args.image)
             if image.category.name != args.category:
-                raise UserError(f"{args.image} is in category {image.category.name!r}, not {args.category!r}")
+                raise Invalid(f"{args.image} is in category {image.category.name!r}, not {args.category!r}")
         result = record_annotation(session, home, image=args.image, kind=kind, mask=mask, source="cli")
     _emit(args, asdict(result), f"annotation {result.annotation_id} {result.outcome}"
           + (f"; retrain job {result.job_id} queued (run `dmad worker`)" if result.job_id else ""))

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from app.errors import UserError
+from dmad_core.errors import Conflict, UserError
 from app.home import DEFAULT_HOME, Home
 
 HOST = "127.0.0.1"
@@ -91,7 +91,7 @@ def port_error(home: Home, taken: Sequence[Service]) -> UserError:
     lines = [f"port {s.port} on {HOST} ({s.name.removesuffix('-start')}) is already in use by another process"
              for s in taken]
     keys = ", ".join(settings_key[s.name] for s in taken if s.name in settings_key)
-    return UserError("; ".join(lines) + f". Stop what uses it (is `dmad up` already running?), or change {keys} "
+    return Conflict("; ".join(lines) + f". Stop what uses it (is `dmad up` already running?), or change {keys} "
                      f"in {home.settings_path}" + (" or pass --port" if any(s.name == "streamlit" for s in taken)
                                                    else ""))
 
@@ -216,7 +216,7 @@ def claim_home(home: Home) -> Path:
     if path.exists():
         text = path.read_text().strip()
         if text.isdigit() and int(text) != os.getpid() and _pid_alive(int(text)):
-            raise UserError(f"`dmad up` already runs for {home.root} (pid {text}); stop it with Ctrl-C in its "
+            raise Conflict(f"`dmad up` already runs for {home.root} (pid {text}); stop it with Ctrl-C in its "
                             f"terminal or `dmad down --home {home.root}`")
     path.write_text(f"{os.getpid()}\n")
     return path

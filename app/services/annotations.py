@@ -31,7 +31,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 
-from app.errors import UserError
+from dmad_core.errors import Invalid, NotFound, UserError
 from app.home import Home
 from db.engine import begin_write
 from db.models import ANNOTATION_KINDS, Annotation, AnnotationKind, Image, utcnow
@@ -43,6 +43,14 @@ _HEX = re.compile(r"^[0-9a-fA-F]{8,64}$")
 
 class AnnotationError(UserError):
     """An annotation that cannot be stored; the message says what is wrong and what to do."""
+
+
+class UnknownAnnotationTarget(AnnotationError, NotFound):
+    """The image (or mask file) the annotation names does not exist."""
+
+
+class InvalidAnnotation(AnnotationError, Invalid):
+    """The annotation itself, or the image file it is on, cannot be stored as it is."""
 
 
 @dataclass(frozen=True)
@@ -58,12 +66,12 @@ def find_image(session: Session, ref: Image | str | int) -> Image:
     if isinstance(ref, Image):
         found = session.get(Image, ref.id)
         if found is None:
-            raise AnnotationError(f"image {ref.id} is not in the database; ingest it first with `dmad ingest`")
+            raise UnknownAnnotationTarget(f"image {ref.id} is not in the database; ingest it first with `dmad ingest`")
         return found
     if isinstance(ref, int) and not isinstance(ref, bool):
         found = session.get(Image, ref)
         if found is None:
-            raise AnnotationError(f"image {ref} is not in the database; ingest it first with `dmad ingest`")
+            raise UnknownAnnotationTarget(f"image {ref} is not in the database; ingest it first with `dmad ingest`")
         return found
     text = str(ref).strip()
     if text:
@@ -73,7 +81,7 @@ def find_image(session: Session, ref: Image | str | int) -> Image:
         if len(by_path) == 1:
             return by_path[0]
         if len(by_path) > 1:
-            raise AnnotationError(f"image file {text} was ingested in several categories; refer to it by id")
+            raise InvalidAnnotation(f"image file {text} was ingested in several categories; refer to it by id")
         if text.isdigit() and (found := session.get(Image, int(text))) is not None:
             return found
         if _HEX.match(text):
@@ -82,27 +90,27 @@ def find_image(session: Session, ref: Image | str | int) -> Image:
             if len(by_hash) == 1:
                 return by_hash[0]
             if len(by_hash) > 1:
-                raise AnnotationError(f"hash prefix {text} matches several images; give more characters or the id")
-    raise AnnotationError(f"image {text or ref!r} is not in the database; ingest it first with `dmad ingest`")
+                raise InvalidAnnotation(f"hash prefix {text} matches several images; give more characters or the id")
+    raise UnknownAnnotationTarget(f"image {text or ref!r} is not in the database; ingest it first with `dmad ingest`")
 
 
 def _as_mask(mask: np.ndarray, image: Image) -> np.ndarray:
     """A validated boolean mask of exactly the image's (height, width)."""
     arr = np.asarray(mask)
     if arr.ndim != 2:
-        raise AnnotationError(f"the mask must be a 2-D (height, width) array; got shape {arr.shape}")
+        raise InvalidAnnotation(f"the mask must be a 2-D (height, width) array; got shape {arr.shape}")
     if arr.dtype == np.bool_:
         out = arr
     elif np.issubdtype(arr.dtype, np.integer):
         zero = arr == 0
         if not (zero | (arr == 1)).all() and not (zero | (arr == 255)).all():
-            raise AnnotationError(f"mask values must be 0/1 or 0/255; found {np.unique(arr)[:10].tolist()}")
+            raise InvalidAnnotation(f"mask values must be 0/1 or 0/255; found {np.unique(arr)[:10].tolist()}")
         out = ~zero
     else:
-        raise AnnotationError(f"the mask must be boolean or uint8 (0/1 or 0/255), not {arr.dtype}; "
+        raise InvalidAnnotation(f"the mask must be boolean or uint8 (0/1 or 0/255), not {arr.dtype}; "
                               "threshold it first, e.g. mask > 0.5")
     if arr.shape != (image.height, image.width):
-        raise AnnotationError(
+        raise InvalidAnnotation(
             f"the mask is {arr.shape[1]}x{arr.shape[0]} (width x height) but image {image.id} ({image.path}) "
             f"is {image.width}x{image.height}; masks must match the image exactly")
     return out
@@ -119,13 +127,13 @@ def _check_image_file(image: Image) -> None:
             im.load()
             size = im.size
     except FileNotFoundError as exc:
-        raise AnnotationError(f"image file {image.path} (image {image.id}) no longer exists; "
+        raise InvalidAnnotation(f"image file {image.path} (image {image.id}) no longer exists; "
                               "restore it or re-ingest with `dmad ingest`") from exc
     except Exception as exc:
-        raise AnnotationError(f"corrupt or unreadable image file {image.path} (image {image.id}): {exc}; "
+        raise InvalidAnnotation(f"corrupt or unreadable image file {image.path} (image {image.id}): {exc}; "
                               "replace the file and re-ingest it with `dmad ingest`") from exc
     if size != (image.width, image.height):
-        raise AnnotationError(f"image file {image.path} is now {size[0]}x{size[1]} but was ingested as "
+        raise InvalidAnnotation(f"image file {image.path} is now {size[0]}x{size[1]} but was ingested as "
                               f"{image.width}x{image.height}; re-ingest it with `dmad ingest`")
 
 
@@ -197,13 +205,13 @@ def record_annotation(session: Session, home: Home, *, image: Image | str | int,
     The session's open transaction, if any, is committed first; on error everything is rolled back.
     """
     if kind not in ANNOTATION_KINDS:
-        raise AnnotationError(f"annotation kind must be one of {', '.join(ANNOTATION_KINDS)}, not {kind!r}")
+        raise InvalidAnnotation(f"annotation kind must be one of {', '.join(ANNOTATION_KINDS)}, not {kind!r}")
     if kind == "defect_mask" and mask is None:
-        raise AnnotationError("a 'defect_mask' annotation needs a mask; without one use kind 'defect_no_mask'")
+        raise InvalidAnnotation("a 'defect_mask' annotation needs a mask; without one use kind 'defect_no_mask'")
     if kind != "defect_mask" and mask is not None:
-        raise AnnotationError(f"a {kind!r} annotation takes no mask; for a defect with a mask use 'defect_mask'")
+        raise InvalidAnnotation(f"a {kind!r} annotation takes no mask; for a defect with a mask use 'defect_mask'")
     if not source:
-        raise AnnotationError("an annotation needs a source ('cli', 'labelstudio', 'ui')")
+        raise InvalidAnnotation("an annotation needs a source ('cli', 'labelstudio', 'ui')")
     external_id = None if external_id is None else str(external_id)
     ts = _utc(source_updated_at)
     for attempt in range(2):
@@ -225,7 +233,7 @@ def _record(session: Session, home: Home, image_ref: Image | str | int, kind: An
         image = find_image(session, image_id if image_id is not None else image_ref)
         bool_mask = _as_mask(mask, image) if mask is not None else None
         if bool_mask is not None and not bool_mask.any():
-            raise AnnotationError("the mask is empty; mark the image 'normal' or draw the defect")
+            raise InvalidAnnotation("the mask is empty; mark the image 'normal' or draw the defect")
         mask_hash = _mask_sha256(bool_mask) if bool_mask is not None else None
 
         existing = _existing(session, image, source, external_id)
@@ -301,7 +309,7 @@ def delete_annotation(session: Session, home: Home, *, source: str | None = None
     """Soft-delete an annotation by (source, external_id) or by id; the row and its mask file stay
     for history. Idempotent: False when there is nothing (left) to delete."""
     if annotation_id is None and (source is None or external_id is None):
-        raise AnnotationError("say which annotation to delete: a source and external id, or an annotation id")
+        raise InvalidAnnotation("say which annotation to delete: a source and external id, or an annotation id")
     begin_write(session)
     try:
         if annotation_id is not None:
@@ -337,10 +345,10 @@ def active_annotations(session: Session) -> list[Annotation]:
 def load_mask(annotation: Annotation, home: Home) -> np.ndarray:
     """The annotation's defect mask as a boolean (height, width) array."""
     if annotation.kind != "defect_mask":
-        raise AnnotationError(f"annotation {annotation.id} is {annotation.kind!r} and has no mask")
+        raise InvalidAnnotation(f"annotation {annotation.id} is {annotation.kind!r} and has no mask")
     path = mask_file(home, annotation.id)
     try:
         with PIL.Image.open(path) as im:
             return np.asarray(im.convert("L")) > 127
     except FileNotFoundError as exc:
-        raise AnnotationError(f"mask file {path} of annotation {annotation.id} is missing") from exc
+        raise UnknownAnnotationTarget(f"mask file {path} of annotation {annotation.id} is missing") from exc

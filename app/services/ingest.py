@@ -13,7 +13,7 @@ from pathlib import Path
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app.errors import UserError
+from dmad_core.errors import Invalid, UserError
 from db.engine import begin_write
 from db.models import Category, Image
 from db.repositories import add_image
@@ -48,16 +48,16 @@ def ingest_folders(session: Session, folders: list[str | Path]) -> IngestReport:
     for folder in folders:
         root = Path(folder).expanduser()
         if not root.is_dir():
-            raise UserError(f"{root} is not a folder; pass one folder per product class (e.g. DATA/bottle)")
+            raise Invalid(f"{root} is not a folder; pass one folder per product class (e.g. DATA/bottle)")
         try:
             datasets.append(read_category(root))
         except (ValueError, OSError) as exc:
-            raise UserError(f"cannot read {root}: {exc}") from exc
+            raise Invalid(f"cannot read {root}: {exc}") from exc
     begin_write(session)
     try:
         for ds in datasets:
             if not ds.train and not ds.test:
-                raise UserError(f"{ds.root} holds no readable images in a known layout "
+                raise Invalid(f"{ds.root} holds no readable images in a known layout "
                                 "(MVTec AD, MVTec 3D-AD RGB, or a plain folder of images)")
             known = _known_ids(session, ds.name)
             entry = CategoryIngest(ds.name, str(ds.layout))

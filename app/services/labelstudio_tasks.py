@@ -16,7 +16,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, contains_eager
 
 from app.commands.labelstudio import PIXEL_THRESHOLD_KEY, connect_project, heatmap_mask, webhook_base_url
-from app.errors import UserError
+from dmad_core.errors import Conflict, Invalid, UserError
 from app.home import Home
 from app.services.versions import active_version
 from db.models import Image, ModelVersion, PoolScore
@@ -92,16 +92,16 @@ def send_images(session: Session, home: Home, image_ids: Sequence[int]) -> SendR
     from annotation.project import push_tasks
 
     if not image_ids:
-        raise UserError("select at least one image first")
+        raise Invalid("select at least one image first")
     version = active_version(session)
     if version is None:
-        raise UserError("no active model version; train one first (`dmad train`)")
+        raise Conflict("no active model version; train one first (`dmad train`)")
     rows = list(session.scalars(
         select(PoolScore).join(PoolScore.image).options(contains_eager(PoolScore.image).joinedload(Image.category))
         .where(PoolScore.version_id == version.id, PoolScore.image_id.in_([int(i) for i in image_ids]))
         .order_by(PoolScore.score.desc())))
     if not rows:
-        raise UserError(f"model {version.name} has not scored the selected images")
+        raise Conflict(f"model {version.name} has not scored the selected images")
     connection = connect(home)
     items = task_items(version, rows, webhook_base_url(home))
     result = push_tasks(connection.client, connection.project_id, items,

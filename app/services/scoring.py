@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 from sqlalchemy.orm import Session
 
-from app.errors import UserError
+from dmad_core.errors import NotFound
 from app.home import Home
 from db.models import Image, ModelVersion
 from db.repositories import PoolScoreRow
@@ -92,7 +92,7 @@ def score_file(home: Home, version: ModelVersion, path: str | Path, category: st
     with the version's image threshold (the highest score of a normal validation image)."""
     model = load_model(home, version)
     if category not in model.categories_:
-        raise UserError(f"unknown category {category!r}; this model knows {', '.join(model.categories_)}")
+        raise NotFound(f"unknown category {category!r}; this model knows {', '.join(model.categories_)}")
     array = load_image(path)
     pred = model.predict([ImageItem.from_path(path, category)], progress_bar=False)[0]
     height, width = array.shape[:2]

@@ -27,7 +27,7 @@ from typing import Any, Literal
 from sqlalchemy import select
 from sqlalchemy.orm import Session, selectinload, sessionmaker
 
-from app.errors import UserError
+from dmad_core.errors import Conflict
 from app.home import Home
 from app.services import versions
 from app.services.annotations import active_annotations, load_mask
@@ -125,7 +125,7 @@ def train_version(home: Home, sessions: sessionmaker[Session], *, warm_start: bo
         data = gather_training_data(session, home)
         parent = versions.active_version(session)
     if not data.normal:
-        raise UserError("no normal training images; ingest category folders with `dmad ingest` first")
+        raise Conflict("no normal training images; ingest category folders with `dmad ingest` first")
     seconds: dict[str, float] = {}
     mode: Literal["scratch", "warm_start"] = "warm_start" if warm_start and parent is not None else "scratch"
     t0 = time.perf_counter()

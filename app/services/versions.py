@@ -21,7 +21,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app.errors import UserError
+from dmad_core.errors import Conflict, NotFound, UserError
 from app.home import Home
 from db.engine import begin_write
 from db.models import ModelVersion, VersionStatus, utcnow
@@ -32,7 +32,15 @@ TMP_MAX_AGE_SECONDS = 3600.0
 
 
 class VersionError(UserError):
-    """A version operation the current state does not allow (message says why and what to do)."""
+    """A version operation that cannot be done (message says why and what to do)."""
+
+
+class VersionNotFound(VersionError, NotFound):
+    """No such version (or no such temporary folder to publish)."""
+
+
+class VersionConflict(VersionError, Conflict):
+    """The registry's current state does not allow the operation."""
 
 
 def _number(name: str) -> int | None:
@@ -93,10 +101,10 @@ def commit_version(session: Session, home: Home, name: str, tmp_path: Path, conf
         raise ValueError(f"bad version name {name!r}; use new_version_dir() to allocate one")
     tmp_path = Path(tmp_path)
     if not tmp_path.is_dir():
-        raise VersionError(f"temporary version folder {tmp_path} does not exist")
+        raise VersionNotFound(f"temporary version folder {tmp_path} does not exist")
     final = home.models_dir / name
     if final.exists():
-        raise VersionError(f"version folder {final} already exists; allocate a new name with new_version_dir()")
+        raise VersionConflict(f"version folder {final} already exists; allocate a new name with new_version_dir()")
     _fsync_tree(tmp_path)
     os.rename(tmp_path, final)  # atomic on one file system; fails if `final` appeared meanwhile
     _fsync_dir(home.models_dir)
@@ -135,7 +143,7 @@ def get_version(session: Session, ref: int | str) -> ModelVersion:
     else:
         version = session.scalars(select(ModelVersion).where(ModelVersion.name == ref)).first()
     if version is None:
-        raise VersionError(f"model version {ref} does not exist; list them with `dmad versions`")
+        raise VersionNotFound(f"model version {ref} does not exist; list them with `dmad versions`")
     return version
 
 
@@ -162,9 +170,9 @@ def promote(session: Session, version_id: int) -> ModelVersion:
     try:
         version = session.get(ModelVersion, version_id, populate_existing=True)
         if version is None:
-            raise VersionError(f"model version {version_id} does not exist; list them with `dmad versions`")
+            raise VersionNotFound(f"model version {version_id} does not exist; list them with `dmad versions`")
         if version.status == "failed":
-            raise VersionError(f"model version {version.name} failed to train and cannot be promoted")
+            raise VersionConflict(f"model version {version.name} failed to train and cannot be promoted")
         if version.status != "active":
             _activate(session, version)
         session.commit()
@@ -187,7 +195,7 @@ def rollback(session: Session) -> ModelVersion:
             .execution_options(populate_existing=True)
         ).first()
         if current is None or current.activated_at is None:
-            raise VersionError("there is no active model version to roll back from")
+            raise VersionConflict("there is no active model version to roll back from")
         previous = session.scalars(
             select(ModelVersion)
             .where(ModelVersion.status == "retired", ModelVersion.activated_at.is_not(None),
@@ -196,7 +204,7 @@ def rollback(session: Session) -> ModelVersion:
             .limit(1).execution_options(populate_existing=True)
         ).first()
         if previous is None:
-            raise VersionError(f"{current.name} is the first version ever activated; there is nothing to roll back to")
+            raise VersionConflict(f"{current.name} is the first version ever activated; there is nothing to roll back to")
         now = utcnow()
         current.status = "retired"
         current.rolled_back_at = now

@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.home import Home
 from app.ui import imaging
+from dmad_core.errors import Conflict, Invalid, NotFound, Unavailable, UserError
 
 if TYPE_CHECKING:
     from annotation.server import ServerStatus
@@ -25,6 +26,21 @@ HOME_ENV = "DMAD_HOME"
 NO_DATA = "No data yet: run `dmad ingest DIR` to add images of a product class."
 NO_MODEL = "No model yet: run `dmad train` to train the first (unsupervised) version."
 NO_LABEL_STUDIO = "Label Studio is not running: start it with `dmad labelstudio start`."
+
+# The UI's edge of the error types (dmad_core/errors.py): what is missing is a warning (the page goes
+# on without it); everything else the user must act on is an error.
+STREAMLIT_LEVEL: dict[type[UserError], str] = {NotFound: "warning", Invalid: "error", Conflict: "error",
+                                               Unavailable: "error", UserError: "error"}
+
+
+def error_level(exc: UserError) -> str:
+    """"warning" or "error": the Streamlit call that shows this error (the most specific type wins)."""
+    return next(level for kind, level in STREAMLIT_LEVEL.items() if isinstance(exc, kind))
+
+
+def show_error(exc: UserError, prefix: str = "") -> None:
+    """Shows an error the user can fix, at the level its type calls for."""
+    getattr(st, error_level(exc))(prefix + str(exc))
 
 
 def page(title: str, icon: str = "🔍") -> None:

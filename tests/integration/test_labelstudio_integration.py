@@ -36,7 +36,7 @@ from annotation.server import PASSWORD_SECRET, TOKEN_SECRET, LabelStudioServer
 from annotation.sink import MemorySink
 from annotation.sync import sync_annotations
 from annotation.webhook import WebhookServer, make_webhook_server, serve_in_thread
-from app.errors import UserError
+from dmad_core.errors import UserError
 from app.home import Home
 from app.services.database import open_database
 from tests.loop_fixtures import LoopHome, copy_home, trained_home_template  # noqa: F401 (fixture)

@@ -28,7 +28,7 @@ from annotation.server import (
     port_in_use,
     redact,
 )
-from app.errors import UserError
+from dmad_core.errors import UserError
 from app.home import Home
 from tests.processes import alive, free_port
 

@@ -12,7 +12,7 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.errors import UserError
+from dmad_core.errors import UserError
 from app.home import Home
 from app.services import annotations as svc
 from app.services.annotations import AnnotationError, find_image, load_mask, record_annotation

@@ -12,7 +12,7 @@ import pytest
 from sqlalchemy import insert
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.errors import UserError
+from dmad_core.errors import UserError
 from app.home import Home
 from app.services.annotations import delete_annotation, record_annotation
 from db import repositories as repo

@@ -9,7 +9,7 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from app.errors import UserError
+from dmad_core.errors import UserError
 from app.home import Home
 from app.ui import imaging
 from app.ui.diversity import crops_for, iou, pick_patches

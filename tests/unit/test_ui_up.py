@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from app.commands import ui as up
-from app.errors import UserError
+from dmad_core.errors import UserError
 from app.home import Home, HomeSettings
 from tests.processes import alive, free_port
 

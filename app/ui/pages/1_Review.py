@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from app.errors import UserError
+from dmad_core.errors import UserError
 from app.services import ui_queries as q
 from app.ui import context as ui
 from app.ui.diversity import crops_for
@@ -86,7 +86,7 @@ if send:
         with sessions() as session:
             sent = send_images(session, home, selected)
     except UserError as exc:
-        st.error(str(exc))
+        ui.show_error(exc)
     else:
         note = "" if sent.pre_annotation_masks else " (this model records no pixel threshold: no mask pre-annotation)"
         st.success(f"{sent.created} new task(s) in Label Studio project {sent.project_id}, "
@@ -104,14 +104,14 @@ if mark:
             try:
                 result = record_annotation(session, home, image=image_id, kind="normal", source="ui")
             except UserError as exc:
-                errors.append(f"image {image_id}: {exc}")
+                errors.append((image_id, exc))
                 continue
             marked += 1
             job_id = result.job_id or job_id
     if marked:
         st.success(f"{marked} image(s) marked normal" + (f"; retrain job #{job_id} is queued." if job_id else "."))
-    for error in errors:
-        st.error(error)
+    for image_id, error in errors:
+        ui.show_error(error, prefix=f"image {image_id}: ")
     clear_selection()
 
 # -- the grid -----------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import altair as alt
 import numpy as np
 import streamlit as st
 
-from app.errors import UserError
+from dmad_core.errors import UserError
 from app.services import ui_queries as q
 from app.services.annotations import load_mask
 from app.ui import context as ui
@@ -116,7 +116,7 @@ def image_view() -> None:
             try:
                 mask = load_mask(annotation, home)
             except UserError as exc:
-                st.warning(str(exc))
+                ui.show_error(exc)
                 continue
             st.image(imaging.mask_overlay(rgb, mask), width=min(info.width, 480), caption="annotated defect mask")
 
@@ -148,7 +148,7 @@ def upload_form() -> None:
     try:
         path = save_upload(home, upload.name, upload.getvalue())
     except UserError as exc:
-        st.error(str(exc))
+        ui.show_error(exc)
         return
     with sessions() as session:
         job = q.enqueue_score_upload(session, path, category)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from app.errors import UserError
+from dmad_core.errors import UserError
 from app.services import ui_queries as q
 from app.services import versions as version_service
 from app.ui import context as ui
@@ -41,7 +41,7 @@ def promote_chosen() -> None:
             version = version_service.get_version(session, name)
             now_active = version_service.promote(session, version.id)
     except UserError as exc:
-        st.session_state[FLASH_KEY] = ("error", str(exc))
+        st.session_state[FLASH_KEY] = (ui.error_level(exc), str(exc))
         return
     st.session_state[FLASH_KEY] = ("success", f"{now_active.name} is now the active version.")
 
@@ -51,14 +51,14 @@ def roll_back() -> None:
         with sessions() as session:
             now_active = version_service.rollback(session)
     except UserError as exc:
-        st.session_state[FLASH_KEY] = ("error", str(exc))
+        st.session_state[FLASH_KEY] = (ui.error_level(exc), str(exc))
         return
     st.session_state[FLASH_KEY] = ("success", f"Rolled back: {now_active.name} is the active version again.")
 
 
 flash = st.session_state.pop(FLASH_KEY, None)
 if flash is not None:
-    (st.success if flash[0] == "success" else st.error)(flash[1])
+    getattr(st, flash[0])(flash[1])  # "success", or the level of the error (ui.error_level)
 
 left, right, _ = st.columns([1, 1, 4])
 left.button("Retrain now", key="training-retrain", type="primary", on_click=retrain_now,
