@@ -130,12 +130,9 @@ def _score_upload(home: Home, sessions: sessionmaker[Session], run: JobRun) -> s
 
 
 def _labelstudio_sync(home: Home, sessions: sessionmaker[Session], run: JobRun) -> str:
-    from annotation.sink import DatabaseSink
-    from annotation.sync import sync_annotations
-    from app.commands.labelstudio import connect_project
+    from app.services.labelstudio import sync_project
 
-    client, project_id = connect_project(home)
-    report = sync_annotations(client, project_id, DatabaseSink(home, sessions))
+    report, _project_id = sync_project(home, sessions)
     return (f"{report.created} created, {report.updated} updated, {report.deleted} deleted, "
             f"{len(report.failed)} failed")
 
@@ -178,7 +175,7 @@ def run_job(home: Home, sessions: sessionmaker[Session], job: Job, options: Work
 
 def _sync_due(home: Home, sessions: sessionmaker[Session], options: WorkerOptions, last: float) -> bool:
     """Queue a Label Studio sync when one is due and the home has a Label Studio project."""
-    from app.commands.labelstudio import has_project
+    from app.services.labelstudio import has_project
 
     if options.sync_every_seconds is None or time.monotonic() - last < options.sync_every_seconds:
         return False

@@ -290,11 +290,12 @@ def cmd_up(args: argparse.Namespace) -> int:
 def serve(home: Home, *, port: int | None = None, labelstudio: bool = True, worker: bool = True,
           stop: threading.Event | None = None) -> int:
     """Runs the services until Ctrl-C/SIGTERM (or `stop`), then stops them all; 1 if a child died."""
-    from annotation.server import LabelStudioServer, port_in_use
+    from annotation.server import port_in_use
+    from app.services.labelstudio import label_studio_server
 
     settings = home.load_settings()
     streamlit_port = port or settings.streamlit_port
-    ls_server = LabelStudioServer(home)
+    ls_server = label_studio_server(home)
     ls_was_running = labelstudio and ls_server.pid() is not None
     services = plan_services(home, streamlit_port=streamlit_port, labelstudio=labelstudio, worker=worker,
                              labelstudio_running=ls_was_running)
@@ -358,7 +359,7 @@ def supervise(supervisor: Supervisor, stop: threading.Event, ready_note: Callabl
 
 def cmd_down(args: argparse.Namespace) -> int:
     """Stops the children recorded in `<home>/run` (after a `dmad up` was killed without cleaning up)."""
-    from annotation.server import LabelStudioServer
+    from app.services.labelstudio import label_studio_server
 
     home = Home.at(args.home)
     supervisor_pid = home.run_dir / SUPERVISOR_PID
@@ -374,7 +375,7 @@ def cmd_down(args: argparse.Namespace) -> int:
             _signal_group(int(text), signal.SIGTERM)
             stopped.append(name)
         path.unlink(missing_ok=True)
-    if LabelStudioServer(home).stop():
+    if label_studio_server(home).stop():
         stopped.append("labelstudio")
     supervisor_pid.unlink(missing_ok=True)
     print("stopped: " + ", ".join(stopped) if stopped else "nothing was running")

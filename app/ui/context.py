@@ -79,9 +79,9 @@ def open_home() -> tuple[Home, sessionmaker[Session]]:
 @st.cache_data(ttl=5, show_spinner=False)
 def labelstudio_status(home_root: str) -> ServerStatus:
     """Is the home's Label Studio running and answering? Cached a few seconds: it is an HTTP call."""
-    from annotation.server import LabelStudioServer
+    from app.services.labelstudio import label_studio_server
 
-    return LabelStudioServer(Home.at(home_root)).status()
+    return label_studio_server(Home.at(home_root)).status()
 
 
 @st.cache_data(max_entries=2000, show_spinner=False)

@@ -13,7 +13,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from annotation.rle import brush_result
-from annotation.sink import DatabaseSink, MemorySink, UnknownImageError
+from annotation.sink import MemorySink, UnknownImageError
+from app.services.annotation_sink import DatabaseSink
 from annotation.webhook import make_webhook_server, serve_in_thread
 from app.home import Home
 from app.services.annotations import load_mask

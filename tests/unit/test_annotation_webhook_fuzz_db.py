@@ -35,7 +35,8 @@ import requests
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from annotation.sink import DatabaseSink, MemorySink
+from annotation.sink import MemorySink
+from app.services.annotation_sink import DatabaseSink
 from annotation.webhook import DELETE_ACTIONS, RECORD_ACTIONS, handle_payload, make_webhook_server, serve_in_thread
 from app.home import Home
 from app.services.annotations import load_mask, mask_file
