@@ -12,9 +12,9 @@ coalesce into one), 'score_upload' (one uploaded image, result written into the 
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
-import signal
 import socket
 import threading
 import time
@@ -28,7 +28,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.home import Home
 from db import queue
-from db.engine import begin_write
+from db.engine import write_transaction
 from db.models import Job
 
 log = logging.getLogger(__name__)
@@ -121,11 +121,9 @@ def _score_upload(home: Home, sessions: sessionmaker[Session], run: JobRun) -> s
     run.progress(0.1, "scoring the uploaded image")
     result = score_file(home, version, run.payload["path"], run.payload["category"])
     run.checkpoint("storing the result")
-    with sessions() as session:
-        begin_write(session)
+    with sessions() as session, write_transaction(session):
         job = session.get(Job, run.job_id)
         job.payload = {**run.payload, "result": result}
-        session.commit()
     return f"score {result['score']:.3f} under {version.name}"
 
 
@@ -138,8 +136,8 @@ def _labelstudio_sync(home: Home, sessions: sessionmaker[Session], run: JobRun) 
 
 
 HANDLERS: dict[str, Callable[[Home, sessionmaker[Session], JobRun], str]] = {
-    "train": lambda h, s, r: _train(h, s, r, warm_start=False),
-    "retrain": lambda h, s, r: _train(h, s, r, warm_start=True),
+    "train": functools.partial(_train, warm_start=False),
+    "retrain": functools.partial(_train, warm_start=True),
     "score_upload": _score_upload,
     "labelstudio_sync": _labelstudio_sync,
 }
@@ -181,10 +179,8 @@ def _sync_due(home: Home, sessions: sessionmaker[Session], options: WorkerOption
         return False
     if not has_project(home):
         return False
-    with sessions() as session:
-        begin_write(session)
+    with sessions() as session, write_transaction(session):
         queue.enqueue(session, "labelstudio_sync", {"trigger": "periodic"}, coalesce_key="labelstudio_sync")
-        session.commit()
     return True
 
 
@@ -229,15 +225,3 @@ def _load_engine() -> None:
     an idle worker answers the next annotation at once."""
     import app.services.training  # noqa: F401
     import dmad_core.banks  # noqa: F401
-
-
-def install_stop_signals(stop: threading.Event) -> None:
-    """SIGTERM and SIGINT finish the current job's step and stop (a second Ctrl-C kills at once)."""
-    def handler(signum: int, _frame: Any) -> None:
-        if stop.is_set():
-            raise KeyboardInterrupt
-        log.info("stopping after the current job (signal %s)", signum)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, handler)
-    signal.signal(signal.SIGINT, handler)

@@ -64,14 +64,6 @@ def _category(session: Session, category: Category | str | int) -> Category:
     return found
 
 
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def add_image(session: Session, category: Category | str, path: str | Path, role: ImageRole, *,
               gt_label: int | None = None, gt_mask_path: str | Path | None = None,
               defect_type: str | None = None) -> Image:

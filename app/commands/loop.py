@@ -147,14 +147,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     """Queues a 'train' job and runs it here, so the UI sees its progress like any other job."""
     from app.worker import WorkerOptions, default_worker_id, run_job
     from db import queue
-    from db.engine import begin_write
+    from db.engine import write_transaction
     from db.models import Job
 
     home, sessions = _open(args)
     with sessions() as session:
-        begin_write(session)
-        job = queue.enqueue(session, "train", {"trigger": "cli"}, coalesce_key="train")
-        session.commit()
+        with write_transaction(session):
+            job = queue.enqueue(session, "train", {"trigger": "cli"}, coalesce_key="train")
         job_id = job.id
     worker_id = default_worker_id()
     claimed = queue.claim(sessions, worker_id, ["train"])
@@ -174,11 +173,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from app.worker import WorkerOptions, install_stop_signals, run_worker
+    from app.signals import install_stop_signals
+    from app.worker import WorkerOptions, run_worker
 
     home, sessions = _open(args)
     stop = threading.Event()
-    install_stop_signals(stop)
+    install_stop_signals(stop, second_interrupts=True)
     options = WorkerOptions(once=args.once, lease_seconds=args.lease_seconds, poll_seconds=args.poll_seconds,
                             sync_every_seconds=args.sync_every or None)
     print(f"worker on {home.root}" + (" (once)" if args.once else " (Ctrl-C to stop)"), flush=True)
@@ -250,12 +250,13 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_versions(args: argparse.Namespace) -> int:
+    from app.services.read_models import version_info
     from app.services.status import version_dict
     from app.services.versions import list_versions
 
     _home, sessions = _open(args)
     with sessions() as session:
-        rows = [version_dict(v) for v in list_versions(session)]
+        rows = [version_dict(version_info(v)) for v in list_versions(session)]
     text = "\n".join(f"{'*' if r['status'] == 'active' else ' '} {r['name']}  {r['status']:<9} {r['created_at']:%Y-%m-%d %H:%M:%S}  "
                      f"{r['mode'] or '':<10} annotations {r['annotations']:>3}  {r['message']}" for r in rows)
     _emit(args, rows, text or "no versions yet: run `dmad train`")
@@ -264,21 +265,23 @@ def cmd_versions(args: argparse.Namespace) -> int:
 
 def cmd_promote(args: argparse.Namespace) -> int:
     from app.services import versions
+    from app.services.read_models import version_info
     from app.services.status import version_dict
 
     _home, sessions = _open(args)
     with sessions() as session:
         version = versions.promote(session, versions.get_version(session, args.version).id)
-        _emit(args, version_dict(version), f"{version.name} is active")
+        _emit(args, version_dict(version_info(version)), f"{version.name} is active")
     return 0
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
     from app.services import versions
+    from app.services.read_models import version_info
     from app.services.status import version_dict
 
     _home, sessions = _open(args)
     with sessions() as session:
         version = versions.rollback(session)
-        _emit(args, version_dict(version), f"rolled back: {version.name} is active")
+        _emit(args, version_dict(version_info(version)), f"rolled back: {version.name} is active")
     return 0

@@ -27,6 +27,7 @@ from typing import IO
 
 from dmad_core.errors import Conflict, UserError
 from app.home import DEFAULT_HOME, Home
+from app.signals import install_stop_signals
 
 HOST = "127.0.0.1"
 STOP_GRACE_SECONDS = 20.0  # a worker finishes its current step before it exits
@@ -220,16 +221,6 @@ def claim_home(home: Home) -> Path:
                             f"terminal or `dmad down --home {home.root}`")
     path.write_text(f"{os.getpid()}\n")
     return path
-
-
-def install_stop_signals(stop: threading.Event) -> None:
-    """SIGINT (Ctrl-C) and SIGTERM ask for a clean stop; a second one while stopping is ignored so the
-    children are never left behind."""
-    def handler(_signum: int, _frame: object) -> None:
-        stop.set()
-
-    signal.signal(signal.SIGINT, handler)
-    signal.signal(signal.SIGTERM, handler)
 
 
 # -- preparing a home ---------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ from sqlalchemy.orm import Session, selectinload
 
 from dmad_core.errors import Invalid, NotFound, UserError
 from app.home import Home
-from db.engine import begin_write
+from db.engine import write_transaction
 from db.models import ANNOTATION_KINDS, Annotation, AnnotationKind, Image, utcnow
 from db.queue import enqueue
 
@@ -227,53 +227,49 @@ def _record(session: Session, home: Home, image_ref: Image | str | int, kind: An
             mask: np.ndarray | None, source: str, external_id: str | None, ts: datetime | None,
             enqueue_retrain: bool) -> RecordResult:
     image_id = image_ref.id if isinstance(image_ref, Image) else None
-    begin_write(session)
     files = _MaskFiles()
     try:
-        image = find_image(session, image_id if image_id is not None else image_ref)
-        bool_mask = _as_mask(mask, image) if mask is not None else None
-        if bool_mask is not None and not bool_mask.any():
-            raise InvalidAnnotation("the mask is empty; mark the image 'normal' or draw the defect")
-        mask_hash = _mask_sha256(bool_mask) if bool_mask is not None else None
+        with write_transaction(session):
+            image = find_image(session, image_id if image_id is not None else image_ref)
+            bool_mask = _as_mask(mask, image) if mask is not None else None
+            if bool_mask is not None and not bool_mask.any():
+                raise InvalidAnnotation("the mask is empty; mark the image 'normal' or draw the defect")
+            mask_hash = _mask_sha256(bool_mask) if bool_mask is not None else None
 
-        existing = _existing(session, image, source, external_id)
-        outcome = _outcome(existing, image, kind, mask_hash, ts)
-        if outcome == "unchanged":
-            assert existing is not None
-            unchanged = RecordResult(existing.id, "unchanged", None)
-            session.rollback()  # nothing was written; just end the transaction
-            return unchanged
+            existing = _existing(session, image, source, external_id)
+            outcome = _outcome(existing, image, kind, mask_hash, ts)
+            if outcome == "unchanged":
+                assert existing is not None
+                return RecordResult(existing.id, "unchanged", None)  # nothing was written
 
-        _check_image_file(image)
-        now = utcnow()
-        if existing is None:
-            annotation = Annotation(image_id=image.id, kind=kind, source=source, external_id=external_id,
-                                    source_updated_at=ts, created_at=now, updated_at=now)
-            session.add(annotation)
+            _check_image_file(image)
+            now = utcnow()
+            if existing is None:
+                annotation = Annotation(image_id=image.id, kind=kind, source=source, external_id=external_id,
+                                        source_updated_at=ts, created_at=now, updated_at=now)
+                session.add(annotation)
+                session.flush()
+            else:
+                annotation = existing
+                annotation.image_id = image.id
+                annotation.kind = kind
+                annotation.source_updated_at = ts if ts is not None else annotation.source_updated_at
+                annotation.updated_at = now
+                annotation.deleted_at = None
+            path = mask_file(home, annotation.id)
+            if bool_mask is not None:
+                files.put(path, bool_mask)
+                annotation.mask_path = str(path)
+            else:
+                files.remove(path)
+                annotation.mask_path = None
+            annotation.mask_sha256 = mask_hash
+            job_id = None
+            if enqueue_retrain:
+                job_id = enqueue(session, "retrain", {"trigger": "annotations"}, coalesce_key=RETRAIN_KEY).id
             session.flush()
-        else:
-            annotation = existing
-            annotation.image_id = image.id
-            annotation.kind = kind
-            annotation.source_updated_at = ts if ts is not None else annotation.source_updated_at
-            annotation.updated_at = now
-            annotation.deleted_at = None
-        path = mask_file(home, annotation.id)
-        if bool_mask is not None:
-            files.put(path, bool_mask)
-            annotation.mask_path = str(path)
-        else:
-            files.remove(path)
-            annotation.mask_path = None
-        annotation.mask_sha256 = mask_hash
-        job_id = None
-        if enqueue_retrain:
-            job_id = enqueue(session, "retrain", {"trigger": "annotations"}, coalesce_key=RETRAIN_KEY).id
-        session.flush()
-        result = RecordResult(annotation.id, outcome, job_id)
-        session.commit()
+            result = RecordResult(annotation.id, outcome, job_id)
     except BaseException:
-        session.rollback()
         files.rollback()
         raise
     files.commit()
@@ -310,8 +306,7 @@ def delete_annotation(session: Session, home: Home, *, source: str | None = None
     for history. Idempotent: False when there is nothing (left) to delete."""
     if annotation_id is None and (source is None or external_id is None):
         raise InvalidAnnotation("say which annotation to delete: a source and external id, or an annotation id")
-    begin_write(session)
-    try:
+    with write_transaction(session):
         if annotation_id is not None:
             annotation = session.get(Annotation, annotation_id, populate_existing=True)
         else:
@@ -320,17 +315,12 @@ def delete_annotation(session: Session, home: Home, *, source: str | None = None
                 .execution_options(populate_existing=True)
             ).first()
         if annotation is None or annotation.deleted_at is not None:
-            session.rollback()
             return False
         now = utcnow()
         annotation.deleted_at = now
         annotation.updated_at = now
         if enqueue_retrain:
             enqueue(session, "retrain", {"trigger": "annotations"}, coalesce_key=RETRAIN_KEY)
-        session.commit()
-    except BaseException:
-        session.rollback()
-        raise
     return True
 
 

@@ -14,7 +14,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from dmad_core.errors import Invalid, UserError
-from db.engine import begin_write
+from db.engine import write_transaction
 from db.models import Category, Image
 from db.repositories import add_image
 from dmad_core.data.readers import read_category
@@ -53,8 +53,7 @@ def ingest_folders(session: Session, folders: list[str | Path]) -> IngestReport:
             datasets.append(read_category(root))
         except (ValueError, OSError) as exc:
             raise Invalid(f"cannot read {root}: {exc}") from exc
-    begin_write(session)
-    try:
+    with write_transaction(session):
         for ds in datasets:
             if not ds.train and not ds.test:
                 raise Invalid(f"{ds.root} holds no readable images in a known layout "
@@ -70,10 +69,6 @@ def ingest_folders(session: Session, folders: list[str | Path]) -> IngestReport:
                              gt_mask_path=record.mask_path, defect_type=record.defect_type)
                 _tally(entry, known, image)
             report.categories.append(entry)
-        session.commit()
-    except BaseException:
-        session.rollback()
-        raise
     return report
 
 

@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session
 
 from dmad_core.errors import Conflict, NotFound, UserError
 from app.home import Home
-from db.engine import begin_write
+from db.engine import write_transaction
 from db.models import ModelVersion, VersionStatus, utcnow
 
 _NAME = re.compile(r"^v(\d{4,})$")
@@ -109,19 +109,17 @@ def commit_version(session: Session, home: Home, name: str, tmp_path: Path, conf
     os.rename(tmp_path, final)  # atomic on one file system; fails if `final` appeared meanwhile
     _fsync_dir(home.models_dir)
     try:
-        begin_write(session)
-        version = ModelVersion(name=name, folder=str(final.resolve()), config=dict(config),
-                               parent_id=parent_id, status="candidate", trained_on=dict(trained_on),
-                               message=message)
-        session.add(version)
-        session.flush()
-        if status == "active":
-            _activate(session, version)
-        else:
-            version.status = status
-        session.commit()
+        with write_transaction(session):
+            version = ModelVersion(name=name, folder=str(final.resolve()), config=dict(config),
+                                   parent_id=parent_id, status="candidate", trained_on=dict(trained_on),
+                                   message=message)
+            session.add(version)
+            session.flush()
+            if status == "active":
+                _activate(session, version)
+            else:
+                version.status = status
     except BaseException:
-        session.rollback()
         os.rename(final, tmp_path)
         raise
     return version
@@ -166,8 +164,7 @@ def _activate(session: Session, version: ModelVersion) -> None:
 
 def promote(session: Session, version_id: int) -> ModelVersion:
     """Make a version the active one, retiring the current one, in one transaction."""
-    begin_write(session)
-    try:
+    with write_transaction(session):
         version = session.get(ModelVersion, version_id, populate_existing=True)
         if version is None:
             raise VersionNotFound(f"model version {version_id} does not exist; list them with `dmad versions`")
@@ -175,10 +172,6 @@ def promote(session: Session, version_id: int) -> ModelVersion:
             raise VersionConflict(f"model version {version.name} failed to train and cannot be promoted")
         if version.status != "active":
             _activate(session, version)
-        session.commit()
-    except BaseException:
-        session.rollback()
-        raise
     return version
 
 
@@ -188,8 +181,7 @@ def rollback(session: Session) -> ModelVersion:
     The current version becomes 'retired' and is marked rolled back, so that a second rollback goes
     one further back instead of returning to it. Returns the version now active.
     """
-    begin_write(session)
-    try:
+    with write_transaction(session):
         current = session.scalars(
             select(ModelVersion).where(ModelVersion.status == "active").with_for_update()
             .execution_options(populate_existing=True)
@@ -212,10 +204,6 @@ def rollback(session: Session) -> ModelVersion:
         previous.status = "active"
         previous.activated_at = now
         session.flush()
-        session.commit()
-    except BaseException:
-        session.rollback()
-        raise
     return previous
 
 

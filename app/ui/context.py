@@ -15,6 +15,7 @@ import streamlit as st
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.home import Home
+from app.services.database import has_database
 from app.ui import imaging
 from dmad_core.errors import Conflict, Invalid, NotFound, Unavailable, UserError
 
@@ -50,10 +51,6 @@ def page(title: str, icon: str = "🔍") -> None:
 
 def current_home() -> Home:
     return Home.at(os.environ.get(HOME_ENV) or None)
-
-
-def has_database(home: Home) -> bool:
-    return home.load_settings().db_url is not None or home.db_path.exists()
 
 
 @st.cache_resource(show_spinner=False)

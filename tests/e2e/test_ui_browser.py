@@ -221,7 +221,7 @@ def test_review_send_annotate_retrain_metrics(app: App) -> None:
             expect(bar).to_have_count(0, timeout=RETRAIN_TIMEOUT * 1000)  # done: the page redraws itself
             with sessions() as session:
                 finished = q.job(session, job.id)
-                active = q.active_version(session)
+                active = q.active_version_info(session)
             assert finished.status == "succeeded", (finished.message, finished.error)
             assert active.name == "v0003" and active.trained_on["categories"]
             shot(page, "06-training-done")

@@ -421,12 +421,12 @@ def test_training_versions_promote_and_roll_back(ui_home: PreparedHome) -> None:
     at.button(key="training-promote").click().run()
     assert "v0001 is now the active version." in texts(at)
     with ui_home.sessions()() as session:
-        assert q.active_version(session).name == "v0001"
+        assert q.active_version_info(session).name == "v0001"
 
     at.button(key="training-rollback").click().run()
     assert "Rolled back: v0002 is the active version again." in texts(at)
     with ui_home.sessions()() as session:
-        assert q.active_version(session).name == "v0002"
+        assert q.active_version_info(session).name == "v0002"
 
     at.button(key="training-rollback").click().run()
     at.button(key="training-rollback").click().run()

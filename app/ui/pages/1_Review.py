@@ -24,7 +24,7 @@ home, sessions = ui.open_home()
 
 with sessions() as session:
     categories = q.category_names(session)
-    version = q.active_version(session)
+    version = q.active_version_info(session)
     score_range = q.score_range(session, version.id) if version else None
 if not categories:
     st.info(ui.NO_DATA)

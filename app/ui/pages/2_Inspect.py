@@ -26,7 +26,7 @@ st.title("Inspect an image")
 home, sessions = ui.open_home()
 
 with sessions() as session:
-    active = q.active_version(session)
+    active = q.active_version_info(session)
     default_id = q.top_image_id(session, active.id) if active else None
     categories = q.category_names(session)
 if not categories:
