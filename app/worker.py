@@ -26,7 +26,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.home import Home
+from app.home_folder import Home
 from db import queue
 from db.engine import write_transaction
 from db.models import Job

@@ -20,7 +20,7 @@ import pytest
 from annotation.server import LabelStudioServer, find_label_studio_bin
 from app.services.labelstudio import label_studio_server
 from dmad_core.errors import UserError
-from app.home import Home
+from app.home_folder import Home
 from tests.processes import free_port
 
 

@@ -14,7 +14,7 @@ import logging
 from dataclasses import asdict
 from typing import Any
 
-from app.home import DEFAULT_HOME, Home
+from app.home_folder import DEFAULT_HOME, Home
 
 log = logging.getLogger(__name__)
 

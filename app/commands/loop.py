@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from dmad_core.errors import Conflict, Invalid, NotFound, UserError
-from app.home import DEFAULT_HOME, Home, HomeSettings
+from app.home_folder import DEFAULT_HOME, Home, HomeSettings
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from annotation.sink import SOURCE, UnknownImageError
-from app.home import Home
+from app.home_folder import Home
 from app.services.annotations import delete_annotation, record_annotation
 from db.models import Annotation, Image
 

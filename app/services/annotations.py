@@ -32,7 +32,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 
 from dmad_core.errors import Invalid, NotFound, UserError
-from app.home import Home
+from app.home_folder import Home
 from db.engine import write_transaction
 from db.models import ANNOTATION_KINDS, Annotation, AnnotationKind, Image, utcnow
 from db.queue import enqueue

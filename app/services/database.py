@@ -7,7 +7,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from dmad_core.errors import NotFound, Unavailable
-from app.home import Home
+from app.home_folder import Home
 from db.engine import cached_engine, session_factory, upgrade_to_head
 
 

@@ -14,7 +14,7 @@ import numpy as np
 from sqlalchemy.orm import Session
 
 from dmad_core.errors import NotFound
-from app.home import Home
+from app.home_folder import Home
 from db.models import Image, ModelVersion
 from db.repositories import PoolScoreRow
 from dmad_core.config import DMADConfig

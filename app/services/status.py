@@ -8,7 +8,7 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.home import Home
+from app.home_folder import Home
 from app.services.read_models import JobInfo, VersionInfo, active_version_info, job_info
 from db.models import JOB_STATUSES, Job
 from db.queue import list_jobs

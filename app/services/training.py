@@ -28,7 +28,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, selectinload, sessionmaker
 
 from dmad_core.errors import Conflict
-from app.home import Home
+from app.home_folder import Home
 from app.services import versions
 from app.services.annotations import active_annotations, load_mask
 from app.services.scoring import engine_config, feature_store, image_item, load_model, pool_rows

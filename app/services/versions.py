@@ -22,7 +22,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from dmad_core.errors import Conflict, NotFound, UserError
-from app.home import Home
+from app.home_folder import Home
 from db.engine import write_transaction
 from db.models import ModelVersion, VersionStatus, utcnow
 

@@ -14,7 +14,7 @@ import numpy as np
 import streamlit as st
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.home import Home
+from app.home_folder import Home
 from app.services.database import has_database
 from app.ui import imaging
 from dmad_core.errors import Conflict, Invalid, NotFound, Unavailable, UserError

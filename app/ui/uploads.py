@@ -11,7 +11,7 @@ from pathlib import Path
 import PIL.Image
 
 from dmad_core.errors import Invalid
-from app.home import Home
+from app.home_folder import Home
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 

@@ -27,7 +27,7 @@ import pytest
 import requests
 
 from annotation.rle import brush_result
-from app.services import ui_queries as q
+from app.services import ui_queries as queries
 from app.services.labelstudio import label_studio_server
 from db.models import Annotation, Image, Job
 from tests.labelstudio_fixtures import label_studio_bin_or_skip
@@ -220,8 +220,8 @@ def test_review_send_annotate_retrain_metrics(app: App) -> None:
             assert seen
             expect(bar).to_have_count(0, timeout=RETRAIN_TIMEOUT * 1000)  # done: the page redraws itself
             with sessions() as session:
-                finished = q.job(session, job.id)
-                active = q.active_version_info(session)
+                finished = queries.job(session, job.id)
+                active = queries.active_version_info(session)
             assert finished.status == "succeeded", (finished.message, finished.error)
             assert active.name == "v0003" and active.trained_on["categories"]
             shot(page, "06-training-done")

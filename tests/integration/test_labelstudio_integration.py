@@ -37,7 +37,7 @@ from annotation.sink import MemorySink
 from annotation.sync import sync_annotations
 from annotation.webhook import WebhookServer, make_webhook_server, serve_in_thread
 from dmad_core.errors import UserError
-from app.home import Home
+from app.home_folder import Home
 from app.services.database import open_database
 from app.services.labelstudio import label_studio_server
 from tests.loop_fixtures import LoopHome, copy_home, trained_home_template  # noqa: F401 (fixture)
@@ -296,7 +296,7 @@ def test_cli_push_webhook_and_sync_on_the_database(labelstudio: LabelStudioServe
     as tasks, annotated through the API, received by `dmad webhook` (a subprocess), then synced."""
     from app.cli import main
     from app.services.labelstudio import heatmap_mask, webhook_secret
-    from app.home import HomeSettings
+    from app.home_folder import HomeSettings
     from app.services.versions import commit_version, new_version_dir
     from db.engine import make_engine, session_factory, upgrade_to_head
     from db.models import Annotation

@@ -28,7 +28,7 @@ from annotation.server import (
     redact,
 )
 from dmad_core.errors import UserError
-from app.home import Home
+from app.home_folder import Home
 from app.services.labelstudio import label_studio_server
 from tests.processes import alive, free_port
 

@@ -13,7 +13,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from dmad_core.errors import UserError
-from app.home import Home
+from app.home_folder import Home
 from app.services import annotations as svc
 from app.services.annotations import AnnotationError, find_image, load_mask, record_annotation
 from db import queue

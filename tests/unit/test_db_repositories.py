@@ -13,7 +13,7 @@ from sqlalchemy import insert
 from sqlalchemy.orm import Session, sessionmaker
 
 from dmad_core.errors import UserError
-from app.home import Home
+from app.home_folder import Home
 from app.services.annotations import delete_annotation, record_annotation
 from db import repositories as repo
 from db.models import Image, ModelVersion

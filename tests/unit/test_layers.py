@@ -22,7 +22,7 @@ RANKS: dict[str, int] = {
     "dmad_core": 0,  # the method as a library, and the error types every layer raises
     "db": 1,  # models, queue, repositories, with their migrations
     "annotation": 1,  # Label Studio: server process, project, parsing, receiver, sync
-    "app.home": 2,  # the home folder's layout and settings
+    "app.home_folder": 2,  # the home folder's layout and settings
     "app.signals": 2,  # stop signals of long-running processes
     "app.services": 3,  # what the product does, called by every edge
     "app.worker": 4,  # runs queued jobs through the services
@@ -107,7 +107,7 @@ def test_lower_packages_name_nothing_of_app(package: str) -> None:
 
 
 @pytest.mark.parametrize(("module", "source"), [
-    ("annotation.sink", "from app.home import Home"),  # a lower package naming the app
+    ("annotation.sink", "from app.home_folder import Home"),  # a lower package naming the app
     ("db.repositories", "def f():\n    import app.services.annotations\n"),  # inside a function
     ("annotation.server", "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from db.models import Image\n"),
     ("app.services.labelstudio_tasks", "from app.commands.labelstudio import connect_project"),  # service -> CLI
@@ -123,6 +123,6 @@ def test_the_check_catches_an_upward_import(module: str, source: str) -> None:
 
 def test_the_check_allows_downward_imports() -> None:
     assert violations("from . import annotations", "app.services.scoring") == []
-    assert violations("from dmad_core.errors import NotFound\nfrom app.home import Home\n"
+    assert violations("from dmad_core.errors import NotFound\nfrom app.home_folder import Home\n"
                       "from db.models import Image\nfrom annotation.sink import MemorySink\n",
                       "app.services.annotation_sink") == []

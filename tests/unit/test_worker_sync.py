@@ -30,7 +30,7 @@ from annotation.project import BRUSH_NAME, DEFAULT_LABELS, IMAGE_NAME, STATE_FIL
 from annotation.rle import brush_result
 from annotation.server import PASSWORD_SECRET, TOKEN_SECRET, LabelStudioServer
 from app.services.labelstudio import connect_project, has_project, webhook_base_url
-from app.home import Home
+from app.home_folder import Home
 from app.services.annotations import load_mask
 from app.services.database import open_database
 from app.worker import WorkerOptions, run_worker

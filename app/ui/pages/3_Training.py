@@ -13,7 +13,7 @@ from __future__ import annotations
 import streamlit as st
 
 from dmad_core.errors import UserError
-from app.services import ui_queries as q
+from app.services import ui_queries as queries
 from app.services import versions as version_service
 from app.ui import context as ui
 
@@ -30,7 +30,7 @@ FLASH_KEY = "training-flash"  # (kind, text) set by a button's callback, shown b
 
 def retrain_now() -> None:
     with sessions() as session:
-        job = q.enqueue_retrain(session)
+        job = queries.enqueue_retrain(session)
     st.session_state[FLASH_KEY] = ("success", f"Retrain job #{job.id} is queued; a worker will pick it up.")
 
 
@@ -75,8 +75,8 @@ def job_queue(was_active: bool) -> None:
     """The newest jobs: a progress bar for each waiting or running one, a table for the rest. Rerun by
     its own timer; `was_active` is what the last full run of the page saw."""
     with sessions() as session:
-        jobs = q.jobs(session, JOB_LIMIT)
-        busy = q.any_active_job(session)  # the page's own test: no redraw loop over a job beyond the limit
+        jobs = queries.jobs(session, JOB_LIMIT)
+        busy = queries.any_active_job(session)  # the page's own test: no redraw loop over a job beyond the limit
     active = [j for j in jobs if j.active]
     if busy != was_active:
         # a job was queued from elsewhere (poll faster now), or all are done (new versions): redraw the
@@ -105,13 +105,13 @@ def job_queue(was_active: bool) -> None:
 
 st.subheader("Job queue")
 with sessions() as session:
-    busy = q.any_active_job(session)
+    busy = queries.any_active_job(session)
 st.fragment(run_every=refresh_seconds(busy))(job_queue)(busy)
 
 st.subheader("Model versions")
 with sessions() as session:
-    all_versions = q.versions(session)
-    table = q.versions_frame(session)
+    all_versions = queries.versions(session)
+    table = queries.versions_frame(session)
 if not all_versions:
     st.info(ui.NO_MODEL)
     st.stop()
