@@ -30,6 +30,7 @@ from app.home_folder import Home
 from db import queue
 from db.engine import write_transaction
 from db.models import Job
+from dmad_core.errors import Conflict
 
 log = logging.getLogger(__name__)
 
@@ -169,6 +170,24 @@ def run_job(home: Home, sessions: sessionmaker[Session], job: Job, options: Work
     queue.complete(sessions, job.id, worker_id, message)
     log.info("job %s done: %s", job.id, message)
     return True
+
+
+def train_in_foreground(home: Home, sessions: sessionmaker[Session],
+                        on_claimed: Callable[[int], None] | None = None,
+                        on_progress: Callable[[float, str], None] | None = None) -> tuple[bool, Job]:
+    """Queues a 'train' job and runs it in this process, so the UI sees its progress like any other
+    job's; (succeeded, the finished job row). `on_claimed` gets the job id once this process owns it."""
+    with sessions() as session, write_transaction(session):
+        job_id = queue.enqueue(session, "train", {"trigger": "cli"}, coalesce_key="train").id
+    worker_id = default_worker_id()
+    claimed = queue.claim(sessions, worker_id, ["train"])
+    if claimed is None or claimed.id != job_id:
+        raise Conflict("another worker took the training job; follow it with `dmad status`")
+    if on_claimed is not None:
+        on_claimed(job_id)
+    ok = run_job(home, sessions, claimed, WorkerOptions(), worker_id, on_progress=on_progress)
+    with sessions() as session:
+        return ok, session.get(Job, job_id)
 
 
 def _sync_due(home: Home, sessions: sessionmaker[Session], options: WorkerOptions, last: float) -> bool:

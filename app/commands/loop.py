@@ -12,7 +12,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-from dmad_core.errors import Conflict, Invalid, NotFound, UserError
+from dmad_core.errors import Invalid, NotFound, UserError
 from app.home_folder import DEFAULT_HOME, Home, HomeSettings
 
 log = logging.getLogger(__name__)
@@ -145,24 +145,13 @@ def _progress_printer(enabled: bool) -> Any:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Queues a 'train' job and runs it here, so the UI sees its progress like any other job."""
-    from app.worker import WorkerOptions, default_worker_id, run_job
-    from db import queue
-    from db.engine import write_transaction
-    from db.models import Job
+    from app.worker import train_in_foreground
 
     home, sessions = _open(args)
-    with sessions() as session:
-        with write_transaction(session):
-            job = queue.enqueue(session, "train", {"trigger": "cli"}, coalesce_key="train")
-        job_id = job.id
-    worker_id = default_worker_id()
-    claimed = queue.claim(sessions, worker_id, ["train"])
-    if claimed is None or claimed.id != job_id:
-        raise Conflict("another worker took the training job; follow it with `dmad status`")
-    print(f"training from scratch (job {job_id}); this takes a few minutes on a CPU", flush=True)
-    ok = run_job(home, sessions, claimed, WorkerOptions(), worker_id, on_progress=_progress_printer(not args.json))
-    with sessions() as session:
-        job = session.get(Job, job_id)
+    ok, job = train_in_foreground(
+        home, sessions, on_progress=_progress_printer(not args.json),
+        on_claimed=lambda job_id: print(f"training from scratch (job {job_id}); this takes a few minutes on a CPU",
+                                        flush=True))
     if not ok:
         raise UserError(f"training failed: {(job.error or job.message).splitlines()[0]}")
     from app.services.status import home_status
@@ -202,22 +191,14 @@ def _read_mask(path: str) -> Any:
 
 
 def cmd_annotate(args: argparse.Namespace) -> int:
-    from sqlalchemy import select
-
-    from app.services.annotations import find_image, record_annotation
-    from db.models import Category
+    from app.services.annotations import record_annotation
 
     home, sessions = _open(args)
     mask = _read_mask(args.mask) if args.mask else None
     kind = "defect_mask" if mask is not None else "normal" if args.normal else "defect_no_mask"
     with sessions() as session:
-        if args.category is not None:
-            if session.scalars(select(Category).where(Category.name == args.category)).first() is None:
-                raise NotFound(f"unknown category {args.category!r}; ingest it first with `dmad ingest`")
-            image = find_image(session, args.image)
-            if image.category.name != args.category:
-                raise Invalid(f"{args.image} is in category {image.category.name!r}, not {args.category!r}")
-        result = record_annotation(session, home, image=args.image, kind=kind, mask=mask, source="cli")
+        result = record_annotation(session, home, image=args.image, kind=kind, mask=mask, source="cli",
+                                   category=args.category)
     _emit(args, asdict(result), f"annotation {result.annotation_id} {result.outcome}"
           + (f"; retrain job {result.job_id} queued (run `dmad worker`)" if result.job_id else ""))
     return 0

@@ -34,7 +34,7 @@ from sqlalchemy.orm import Session, selectinload
 from dmad_core.errors import Invalid, NotFound, UserError
 from app.home_folder import Home
 from db.engine import write_transaction
-from db.models import ANNOTATION_KINDS, Annotation, AnnotationKind, Image, utcnow
+from db.models import ANNOTATION_KINDS, Annotation, AnnotationKind, Category, Image, utcnow
 from db.queue import enqueue
 
 RETRAIN_KEY = "retrain"
@@ -196,7 +196,8 @@ def mask_file(home: Home, annotation_id: int) -> Path:
 
 def record_annotation(session: Session, home: Home, *, image: Image | str | int, kind: AnnotationKind,
                       mask: np.ndarray | None = None, source: str = "cli", external_id: str | None = None,
-                      source_updated_at: datetime | None = None, enqueue_retrain: bool = True) -> RecordResult:
+                      source_updated_at: datetime | None = None, enqueue_retrain: bool = True,
+                      category: str | None = None) -> RecordResult:
     """Validate and store one annotation, with its mask file and a coalesced retrain job, atomically.
 
     Outcomes: 'created'; 'updated' (a newer `source_updated_at`, or different content when the source
@@ -212,6 +213,8 @@ def record_annotation(session: Session, home: Home, *, image: Image | str | int,
         raise InvalidAnnotation(f"a {kind!r} annotation takes no mask; for a defect with a mask use 'defect_mask'")
     if not source:
         raise InvalidAnnotation("an annotation needs a source ('cli', 'labelstudio', 'ui')")
+    if category is not None:
+        _check_category(session, image, category)
     external_id = None if external_id is None else str(external_id)
     ts = _utc(source_updated_at)
     for attempt in range(2):
@@ -221,6 +224,16 @@ def record_annotation(session: Session, home: Home, *, image: Image | str | int,
             if attempt:  # a concurrent delivery inserted the same annotation: the retry finds it
                 raise
     raise AssertionError("unreachable")
+
+
+def _check_category(session: Session, image: Image | str | int, category: str) -> None:
+    """The caller says which category the image is in (`dmad annotate --category`): a typo in the image
+    reference must not annotate an image of another product class."""
+    if session.scalars(select(Category).where(Category.name == category)).first() is None:
+        raise UnknownAnnotationTarget(f"unknown category {category!r}; ingest it first with `dmad ingest`")
+    found = find_image(session, image)
+    if found.category.name != category:
+        raise InvalidAnnotation(f"{image} is in category {found.category.name!r}, not {category!r}")
 
 
 def _record(session: Session, home: Home, image_ref: Image | str | int, kind: AnnotationKind,
