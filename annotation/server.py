@@ -40,8 +40,8 @@ from typing import TYPE_CHECKING
 
 import requests
 
-from dmad_core.errors import Conflict, Invalid, Unavailable, UserError
 from annotation.secret_files import read_secret, write_secret
+from dmad_core.errors import Conflict, Invalid, Unavailable, UserError
 
 if TYPE_CHECKING:
     from label_studio_sdk import LabelStudio

@@ -16,7 +16,6 @@ from sqlalchemy import delete, exists, func, insert, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, contains_eager
 
-from dmad_core.errors import Invalid, NotFound
 from db.models import (
     IMAGE_ROLES,
     Annotation,
@@ -27,6 +26,7 @@ from db.models import (
     ModelVersion,
     PoolScore,
 )
+from dmad_core.errors import Invalid, NotFound
 
 COUNT_KEYS = ("normal_images", "defect_masks", "confirmed_normals", "weak_defects")
 _KIND_COUNT = {"defect_mask": "defect_masks", "normal": "confirmed_normals", "defect_no_mask": "weak_defects"}

@@ -18,9 +18,9 @@ import PIL.Image
 import pytest
 
 from annotation.server import LabelStudioServer, find_label_studio_bin
+from app.home_folder import Home
 from app.services.labelstudio import label_studio_server
 from dmad_core.errors import UserError
-from app.home_folder import Home
 from tests.processes import free_port
 
 

@@ -12,8 +12,8 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-from dmad_core.errors import Invalid, NotFound, UserError
 from app.home_folder import DEFAULT_HOME, Home, HomeSettings
+from dmad_core.errors import Invalid, NotFound, UserError
 
 log = logging.getLogger(__name__)
 

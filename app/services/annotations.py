@@ -31,11 +31,11 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 
-from dmad_core.errors import Invalid, NotFound, UserError
 from app.home_folder import Home
 from db.engine import write_transaction
 from db.models import ANNOTATION_KINDS, Annotation, AnnotationKind, Category, Image, utcnow
 from db.queue import enqueue
+from dmad_core.errors import Invalid, NotFound, UserError
 
 RETRAIN_KEY = "retrain"
 _HEX = re.compile(r"^[0-9a-fA-F]{8,64}$")

@@ -6,9 +6,9 @@ from __future__ import annotations
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from dmad_core.errors import NotFound, Unavailable
 from app.home_folder import Home
 from db.engine import cached_engine, session_factory, upgrade_to_head
+from dmad_core.errors import NotFound, Unavailable
 
 
 def has_database(home: Home) -> bool:

@@ -13,11 +13,11 @@ from pathlib import Path
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from dmad_core.errors import Invalid, UserError
 from db.engine import write_transaction
 from db.models import Category, Image
 from db.repositories import add_image
 from dmad_core.data.readers import read_category
+from dmad_core.errors import Invalid, UserError
 
 
 @dataclass

@@ -16,7 +16,14 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, contains_eager, sessionmaker
 
 from app.home_folder import Home
-from app.services.labelstudio import PIXEL_THRESHOLD_KEY, Connection, connect, connect_project, heatmap_mask, webhook_base_url
+from app.services.labelstudio import (
+    PIXEL_THRESHOLD_KEY,
+    Connection,
+    connect,
+    connect_project,
+    heatmap_mask,
+    webhook_base_url,
+)
 from app.services.versions import active_version
 from db.models import Image, ModelVersion, PoolScore
 from db.repositories import top_pool_scores

@@ -13,12 +13,12 @@ from typing import Any
 import numpy as np
 from sqlalchemy.orm import Session
 
-from dmad_core.errors import NotFound
 from app.home_folder import Home
 from db.models import Image, ModelVersion
 from db.repositories import PoolScoreRow
 from dmad_core.config import DMADConfig
 from dmad_core.data.readers import load_image
+from dmad_core.errors import NotFound
 from dmad_core.model import DMAD, FeatureStore, ImageItem, Prediction, Progress, _no_progress
 
 TOP_PATCHES = 8

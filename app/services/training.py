@@ -27,7 +27,6 @@ from typing import Any, Literal
 from sqlalchemy import select
 from sqlalchemy.orm import Session, selectinload, sessionmaker
 
-from dmad_core.errors import Conflict
 from app.home_folder import Home
 from app.services import versions
 from app.services.annotations import active_annotations, load_mask
@@ -36,6 +35,7 @@ from db.engine import write_transaction
 from db.models import Image, ModelVersion
 from db.repositories import build_trained_on, record_metrics, store_pool_scores
 from dmad_core.data.readers import ImageRecord
+from dmad_core.errors import Conflict
 from dmad_core.evaluation import _class_metrics, outlier_items
 from dmad_core.model import DMAD, DefectAnnotation, ImageItem, Progress
 

@@ -21,10 +21,10 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from dmad_core.errors import Conflict, NotFound, UserError
 from app.home_folder import Home
 from db.engine import write_transaction
 from db.models import ModelVersion, VersionStatus, utcnow
+from dmad_core.errors import Conflict, NotFound, UserError
 
 _NAME = re.compile(r"^v(\d{4,})$")
 _TMP = re.compile(r"^\.tmp-(v\d{4,})-[0-9a-f]+$")

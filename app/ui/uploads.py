@@ -10,8 +10,8 @@ from pathlib import Path
 
 import PIL.Image
 
-from dmad_core.errors import Invalid
 from app.home_folder import Home
+from dmad_core.errors import Invalid
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 

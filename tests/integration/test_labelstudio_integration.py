@@ -36,17 +36,17 @@ from annotation.server import PASSWORD_SECRET, TOKEN_SECRET, LabelStudioServer
 from annotation.sink import MemorySink
 from annotation.sync import sync_annotations
 from annotation.webhook import WebhookServer, make_webhook_server, serve_in_thread
-from dmad_core.errors import UserError
 from app.home_folder import Home
 from app.services.database import open_database
 from app.services.labelstudio import label_studio_server
-from tests.loop_fixtures import LoopHome, copy_home, trained_home_template  # noqa: F401 (fixture)
+from dmad_core.errors import UserError
 from tests.labelstudio_fixtures import (
     SampleImage,
     blob_mask,
     label_studio_bin_or_skip,
     write_test_images,
 )
+from tests.loop_fixtures import LoopHome, copy_home, trained_home_template  # noqa: F401 (fixture)
 from tests.processes import free_port, wait_until
 
 pytestmark = pytest.mark.integration
@@ -295,8 +295,8 @@ def test_cli_push_webhook_and_sync_on_the_database(labelstudio: LabelStudioServe
     """The `dmad` commands end to end: a real database with an active version and pool scores, pushed
     as tasks, annotated through the API, received by `dmad webhook` (a subprocess), then synced."""
     from app.cli import main
-    from app.services.labelstudio import heatmap_mask, webhook_secret
     from app.home_folder import HomeSettings
+    from app.services.labelstudio import heatmap_mask, webhook_secret
     from app.services.versions import commit_version, new_version_dir
     from db.engine import make_engine, session_factory, upgrade_to_head
     from db.models import Annotation

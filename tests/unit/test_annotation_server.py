@@ -27,9 +27,9 @@ from annotation.server import (
     port_in_use,
     redact,
 )
-from dmad_core.errors import UserError
 from app.home_folder import Home
 from app.services.labelstudio import label_studio_server
+from dmad_core.errors import UserError
 from tests.processes import alive, free_port
 
 FAKE = """#!{python}

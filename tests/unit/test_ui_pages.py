@@ -15,10 +15,10 @@ from app.home_folder import Home
 from app.services import labelstudio_tasks
 from app.services import ui_queries as queries
 from app.services.annotations import RETRAIN_KEY
-from db.models import Annotation, Job
-from db.queue import claim, heartbeat
 from app.ui.diversity import iou, pick_patches
 from app.ui.imaging import clip_box
+from db.models import Annotation, Job
+from db.queue import claim, heartbeat
 from tests.ui_fixtures import N_TRAIN, PreparedHome, ui_empty_home, ui_home, ui_no_database, ui_template  # noqa: F401
 
 UI = Path(__file__).resolve().parents[2] / "app" / "ui"

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from app import supervisor as up
-from dmad_core.errors import UserError
 from app.home_folder import Home, HomeSettings
+from dmad_core.errors import UserError
 from tests.processes import alive, free_port
 
 

@@ -29,10 +29,10 @@ from sqlalchemy.orm import Session, sessionmaker
 from annotation.project import BRUSH_NAME, DEFAULT_LABELS, IMAGE_NAME, STATE_FILE, TaskItem, image_url_for, push_tasks
 from annotation.rle import brush_result
 from annotation.server import PASSWORD_SECRET, TOKEN_SECRET, LabelStudioServer
-from app.services.labelstudio import connect_project, has_project, webhook_base_url
 from app.home_folder import Home
 from app.services.annotations import load_mask
 from app.services.database import open_database
+from app.services.labelstudio import connect_project, has_project, webhook_base_url
 from app.worker import WorkerOptions, run_worker
 from db import queue
 from db.engine import begin_write

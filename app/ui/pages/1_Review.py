@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import streamlit as st
 
-from dmad_core.errors import UserError
 from app.services import ui_queries as queries
 from app.ui import context as ui
 from app.ui.diversity import crops_for
+from dmad_core.errors import UserError
 
 PAGE_SIZE = 30  # crops per page: with 50, drawing the page took Chromium over a second (docs/ui.md)
 COLUMNS = 5

@@ -10,12 +10,12 @@ import altair as alt
 import numpy as np
 import streamlit as st
 
-from dmad_core.errors import UserError
 from app.services import ui_queries as queries
 from app.services.annotations import load_mask
 from app.ui import context as ui
 from app.ui import imaging
 from app.ui.uploads import save_upload
+from dmad_core.errors import UserError
 
 IMAGE_KEY = "inspect-image-id"
 PARAM_KEY = "inspect-param"  # the query parameter last applied to the picker

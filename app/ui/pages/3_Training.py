@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import streamlit as st
 
-from dmad_core.errors import UserError
 from app.services import ui_queries as queries
 from app.services import versions as version_service
 from app.ui import context as ui
+from dmad_core.errors import UserError
 
 REFRESH_SECONDS = 2  # the queue's poll while a job is waiting or running
 IDLE_REFRESH_SECONDS = 5  # ... and while nothing is: new jobs appear within this
