@@ -254,7 +254,8 @@ class LabelStudioServer:
         if self.pid() is not None:
             running_port = self._running_port()
             if running_port is not None and running_port != self.port:
-                raise Conflict(f"Label Studio of {self.paths.owner or self.paths.data_dir} already runs on port {running_port}; "
+                owner = self.paths.owner or self.paths.data_dir
+                raise Conflict(f"Label Studio of {owner} already runs on port {running_port}; "
                                 "stop it first to move it to another port")
             log.info("Label Studio already running (pid %s) at %s", self.pid(), self.url)
             return self.status()

@@ -15,16 +15,16 @@ Routes:
   only reachable by its full content hash).
 * ``GET /health``.
 
-Answers: every client error is a 4xx with a JSON body ``{"error": "..."}``, never a 5xx:
-401 no secret, 403 wrong secret, 411 no Content-Length, 413 body over the cap (20 MB), 415 not JSON,
-400 malformed JSON or payload shape, 404 unknown image, 422 a mask that does not fit its image (or is
-corrupt); an error the sink raises answers the status of its type (:data:`HTTP_STATUS`: ``NotFound``
-404, ``Invalid`` 422, ``Conflict`` 409, ``Unavailable`` 503); 500 only for our own bugs (logged). Actions other than the four annotation actions are
-answered 200 ``{"outcome": "ignored"}``: Label Studio may be configured to send more than we need,
-and a 4xx would only fill its log. A payload is checked completely before anything is stored, so a bad
-item in a bulk delivery stores nothing. An empty annotation (nothing drawn, no verdict, or a skipped
-task) is answered 200 ``"ignored_empty"`` and stores nothing; if it replaced a label we hold, the next
-sync removes that label (see :mod:`annotation.sync`).
+Answers: every client error is a 4xx with a JSON body ``{"error": "..."}``, never a 5xx: 401 no secret,
+403 wrong secret, 411 no Content-Length, 413 body over the cap (20 MB), 415 not JSON, 400 malformed JSON
+or payload shape, 404 unknown image, 422 a mask that does not fit its image (or is corrupt); an error
+the sink raises answers the status of its type (:data:`HTTP_STATUS`: ``NotFound`` 404, ``Invalid`` 422,
+``Conflict`` 409, ``Unavailable`` 503); 500 only for our own bugs (logged). Actions other than the four
+annotation actions are answered 200 ``{"outcome": "ignored"}``: Label Studio may be configured to send
+more than we need, and a 4xx would only fill its log. A payload is checked completely before anything is
+stored, so a bad item in a bulk delivery stores nothing. An empty annotation (nothing drawn, no verdict,
+or a skipped task) is answered 200 ``"ignored_empty"`` and stores nothing; if it replaced a label we
+hold, the next sync removes that label (see :mod:`annotation.sync`).
 """
 
 from __future__ import annotations

@@ -196,7 +196,8 @@ def rollback(session: Session) -> ModelVersion:
             .limit(1).execution_options(populate_existing=True)
         ).first()
         if previous is None:
-            raise VersionConflict(f"{current.name} is the first version ever activated; there is nothing to roll back to")
+            raise VersionConflict(
+                f"{current.name} is the first version ever activated; there is nothing to roll back to")
         now = utcnow()
         current.status = "retired"
         current.rolled_back_at = now

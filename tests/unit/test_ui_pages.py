@@ -92,7 +92,8 @@ def test_pages_explain_a_missing_model_once_data_is_in(ui_home: PreparedHome) ->
 
 def test_review_says_when_the_active_model_has_not_scored_the_pool(ui_home: PreparedHome) -> None:  # noqa: F811
     with ui_home.sessions()() as session:
-        session.execute(queries.PoolScore.__table__.delete().where(queries.PoolScore.version_id == ui_home.version_ids[-1]))
+        session.execute(queries.PoolScore.__table__.delete()
+                        .where(queries.PoolScore.version_id == ui_home.version_ids[-1]))
         session.commit()
     assert "has not scored the pool yet" in texts(run(REVIEW))
 
@@ -151,8 +152,8 @@ def test_review_filters_and_diversity(ui_home: PreparedHome) -> None:  # noqa: F
     assert len([c for c in at.checkbox if c.key.startswith("select-")]) == 10
     slider = at.slider(key=f"review-min-score-{ui_home.version_ids[-1]}")
     with ui_home.sessions()() as session:
-        top = queries.review_page(session, queries.ReviewFilter(ui_home.version_ids[-1], ("tiles",), hide_annotated=False),
-                            limit=1)[0]
+        top = queries.review_page(
+            session, queries.ReviewFilter(ui_home.version_ids[-1], ("tiles",), hide_annotated=False), limit=1)[0]
     slider.set_value(top.score).run()
     assert [c.key for c in at.checkbox if c.key.startswith("select-")] == \
         [f"select-{ui_home.version_ids[-1]}-{top.image_id}"]

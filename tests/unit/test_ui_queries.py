@@ -31,9 +31,10 @@ def test_review_filters(ui_home: PreparedHome) -> None:  # noqa: F811
         lo, hi = queries.score_range(session, version_id)
         everything = queries.review_count(session, queries.ReviewFilter(version_id, hide_annotated=False))
         unreviewed = queries.review_page(session, queries.ReviewFilter(version_id), limit=100)
-        tiles = queries.review_page(session, queries.ReviewFilter(version_id, ("tiles",), hide_annotated=False), limit=100)
-        high = queries.review_page(session, queries.ReviewFilter(version_id, min_score=(lo + hi) / 2, hide_annotated=False),
-                             limit=100)
+        tiles = queries.review_page(session, queries.ReviewFilter(version_id, ("tiles",), hide_annotated=False),
+                                    limit=100)
+        high = queries.review_page(
+            session, queries.ReviewFilter(version_id, min_score=(lo + hi) / 2, hide_annotated=False), limit=100)
     assert lo < hi
     assert len(unreviewed) == everything - len(ui_home.annotated_ids)
     assert not {r.image_id for r in unreviewed} & set(ui_home.annotated_ids)

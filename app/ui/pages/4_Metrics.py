@@ -28,7 +28,8 @@ if metrics.empty:
     st.info("No metrics recorded yet: a training or retrain writes them when it evaluates on held-out images.")
     st.stop()
 
-names = [m for m in queries.METRIC_NAMES if m in set(metrics["metric"])] + sorted(set(metrics["metric"]) - set(queries.METRIC_NAMES))
+names = ([m for m in queries.METRIC_NAMES if m in set(metrics["metric"])]
+         + sorted(set(metrics["metric"]) - set(queries.METRIC_NAMES)))
 categories = sorted(set(metrics["category"]))
 with st.sidebar:
     chosen_metrics = st.multiselect("Metrics", names, [m for m in DEFAULT_METRICS if m in names] or names[:1],
