@@ -29,7 +29,7 @@ from label_studio_sdk import LabelStudio
 from label_studio_sdk.core.api_error import ApiError
 
 from annotation.rle import brush_result
-from app.errors import UserError
+from dmad_core.errors import Invalid
 
 DEFAULT_TITLE = "DMAD inspection"
 DEFAULT_LABELS: tuple[str, ...] = ("defect",)
@@ -54,7 +54,7 @@ def label_config(defect_labels: Sequence[str] = DEFAULT_LABELS) -> str:
     """
     labels = [str(label).strip() for label in defect_labels]
     if not labels or any(not label for label in labels) or len(set(labels)) != len(labels):
-        raise UserError(f"defect labels must be distinct non-empty names, got {list(defect_labels)}")
+        raise Invalid(f"defect labels must be distinct non-empty names, got {list(defect_labels)}")
     label_tags = "\n".join(f"    <Label value={quoteattr(label)}/>" for label in labels)
     choice_tags = "\n".join(f"    <Choice value={quoteattr(v)}/>" for v in VERDICTS)
     return (
@@ -120,7 +120,7 @@ def ensure_project(
             try:
                 client.projects.update(project_id, label_config=config)
             except ApiError as exc:
-                raise UserError(
+                raise Invalid(
                     f"Label Studio refused the new labelling config of project {project_id} "
                     f"(defect labels {list(defect_labels)}): {exc.body}"
                 ) from exc

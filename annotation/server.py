@@ -10,9 +10,14 @@ Label Studio lives in its own virtual environment (its pins clash with ours), so
   and, after the start, that it answers on the port we asked for.
 * Webhooks to 127.0.0.1 are refused unless ``SSRF_PROTECTION_ENABLED=false``; our receiver runs there.
 
+The server knows only the folders it writes to (:class:`ServerPaths`), not the app's home folder
+(``app.services.labelstudio.label_studio_server`` builds one for a home).
+
 Example::
 
-    server = LabelStudioServer(Home.at("dmad-home"))
+    paths = ServerPaths(data_dir=root / "labelstudio", run_dir=root / "run", logs_dir=root / "logs",
+                        secrets_dir=root / "secrets")
+    server = LabelStudioServer(paths, default_port=8080)
     server.start()            # about 50 s the first time (migrations), 10 s later
     client = server.client()  # label_studio_sdk.LabelStudio with our token
     server.stop()
@@ -35,8 +40,8 @@ from typing import TYPE_CHECKING
 
 import requests
 
-from app.errors import UserError
-from app.home import Home
+from annotation.secret_files import read_secret, write_secret
+from dmad_core.errors import Conflict, Invalid, Unavailable
 
 if TYPE_CHECKING:
     from label_studio_sdk import LabelStudio
@@ -70,7 +75,7 @@ def find_label_studio_bin(explicit: str | os.PathLike[str] | None = None) -> Pat
         if value:
             path = Path(value).expanduser()
             if not (path.is_file() and os.access(path, os.X_OK)):
-                raise UserError(f"{origin} names {path}, which is not an executable label-studio")
+                raise Invalid(f"{origin} names {path}, which is not an executable label-studio")
             return path
     in_repo = _REPO_ROOT / ".venv-labelstudio" / "bin" / "label-studio"
     if in_repo.is_file() and os.access(in_repo, os.X_OK):
@@ -78,7 +83,7 @@ def find_label_studio_bin(explicit: str | os.PathLike[str] | None = None) -> Pat
     on_path = shutil.which("label-studio")
     if on_path:
         return Path(on_path)
-    raise UserError(_INSTALL_HINT)
+    raise Unavailable(_INSTALL_HINT)
 
 
 def redact(text: str, secret_values: list[str]) -> str:
@@ -133,6 +138,18 @@ def _is_label_studio(pid: int) -> bool:
 
 
 @dataclass(frozen=True)
+class ServerPaths:
+    """Where one Label Studio keeps its files, and how messages name it."""
+
+    data_dir: Path  # Label Studio's own data folder (its SQLite database)
+    run_dir: Path  # pid and port files of the running server
+    logs_dir: Path
+    secrets_dir: Path  # API token and admin password, 0600
+    owner: str = ""  # what messages call the owner of this server (e.g. the home folder)
+    start_command: str = "dmad labelstudio start"  # what a user runs to start it
+
+
+@dataclass(frozen=True)
 class ServerStatus:
     """What `dmad labelstudio status` reports."""
 
@@ -143,17 +160,18 @@ class ServerStatus:
 
 
 class LabelStudioServer:
-    """Starts, checks and stops the Label Studio of one home folder.
+    """Starts, checks and stops the Label Studio that keeps its files in ``paths``.
 
-    ``port`` defaults to the port of the running server of this home, else the home's
-    ``label_studio_port`` setting; ``bin`` defaults to :func:`find_label_studio_bin`.
+    ``port`` defaults to the port of the running server of these paths, else ``default_port``;
+    ``bin`` defaults to :func:`find_label_studio_bin`.
     """
 
-    def __init__(self, home: Home, port: int | None = None, bin: str | os.PathLike[str] | None = None) -> None:
-        self.home = home
+    def __init__(self, paths: ServerPaths, port: int | None = None, bin: str | os.PathLike[str] | None = None,
+                 default_port: int = 8080) -> None:
+        self.paths = paths
         self._bin = bin
         self._proc: subprocess.Popen[bytes] | None = None
-        self.port = int(port) if port is not None else self._running_port() or home.load_settings().label_studio_port
+        self.port = int(port) if port is not None else self._running_port() or int(default_port)
 
     def _running_port(self) -> int | None:
         """The port recorded by the start of the server that is running now, if any."""
@@ -171,27 +189,27 @@ class LabelStudioServer:
 
     @property
     def pid_path(self) -> Path:
-        return self.home.run_dir / _PID_FILE
+        return self.paths.run_dir / _PID_FILE
 
     @property
     def port_path(self) -> Path:
-        return self.home.run_dir / _PORT_FILE
+        return self.paths.run_dir / _PORT_FILE
 
     @property
     def log_path(self) -> Path:
-        return self.home.logs_dir / _LOG_FILE
+        return self.paths.logs_dir / _LOG_FILE
 
     @property
     def database_path(self) -> Path:
-        return self.home.labelstudio_dir / _DB_FILE
+        return self.paths.data_dir / _DB_FILE
 
     def token(self) -> str:
         """The admin's API token (send as ``Authorization: Token <token>``)."""
-        token = self.home.read_secret(TOKEN_SECRET)
+        token = read_secret(self.paths.secrets_dir, TOKEN_SECRET)
         if not token:
-            raise UserError(
-                f"no Label Studio token in {self.home.secrets_dir}: start it once with "
-                f"`dmad labelstudio start --home {self.home.root}`"
+            raise Unavailable(
+                f"no Label Studio token in {self.paths.secrets_dir}: start it once with "
+                f"`{self.paths.start_command}`"
             )
         return token
 
@@ -231,18 +249,20 @@ class LabelStudioServer:
         Does nothing when our server is already running. Raises ``UserError`` when the port is taken by
         another process, when the server exits, or when it does not answer within ``timeout`` seconds.
         """
-        self.home.create()
+        for folder in (self.paths.data_dir, self.paths.run_dir, self.paths.logs_dir):
+            folder.mkdir(parents=True, exist_ok=True)
         if self.pid() is not None:
             running_port = self._running_port()
             if running_port is not None and running_port != self.port:
-                raise UserError(f"Label Studio of {self.home.root} already runs on port {running_port}; "
+                owner = self.paths.owner or self.paths.data_dir
+                raise Conflict(f"Label Studio of {owner} already runs on port {running_port}; "
                                 "stop it first to move it to another port")
             log.info("Label Studio already running (pid %s) at %s", self.pid(), self.url)
             return self.status()
         if port_in_use(self.port):
-            raise UserError(
+            raise Conflict(
                 f"port {self.port} on {HOST} is already in use by another process; stop it or choose "
-                f"another port (label_studio_port in {self.home.settings_path})"
+                f"another port (label_studio_port in the settings of {self.paths.owner or self.paths.data_dir})"
             )
         executable = find_label_studio_bin(self._bin)
         first_start = not self.database_path.exists()
@@ -256,7 +276,7 @@ class LabelStudioServer:
             logfile.write(redact(note, secret_values).encode())
             logfile.flush()
             self._proc = subprocess.Popen(
-                cmd, env=env, cwd=self.home.labelstudio_dir, stdin=subprocess.DEVNULL,
+                cmd, env=env, cwd=self.paths.data_dir, stdin=subprocess.DEVNULL,
                 stdout=logfile, stderr=subprocess.STDOUT, start_new_session=True,
             )
         self.pid_path.parent.mkdir(parents=True, exist_ok=True)
@@ -275,7 +295,7 @@ class LabelStudioServer:
         start: Label Studio applies them when it creates its database and ignores them afterwards."""
         env = {k: v for k, v in os.environ.items() if not k.startswith(("LABEL_STUDIO_", "HEARTEX_"))}
         env.update({
-            "LABEL_STUDIO_BASE_DATA_DIR": str(self.home.labelstudio_dir),
+            "LABEL_STUDIO_BASE_DATA_DIR": str(self.paths.data_dir),
             "SSRF_PROTECTION_ENABLED": "false",  # our webhook receiver is on 127.0.0.1
             "LABEL_STUDIO_LOCAL_FILES_SERVING_ENABLED": "false",  # images come from our receiver
             "LABEL_STUDIO_DISABLE_SIGNUP_WITHOUT_LINK": "true",
@@ -289,18 +309,18 @@ class LabelStudioServer:
         if first_start:
             token = secrets.token_hex(20)
             password = secrets.token_urlsafe(18)
-            self.home.write_secret(TOKEN_SECRET, token)
-            self.home.write_secret(PASSWORD_SECRET, password)
+            write_secret(self.paths.secrets_dir, TOKEN_SECRET, token)
+            write_secret(self.paths.secrets_dir, PASSWORD_SECRET, password)
             env.update({
                 "LABEL_STUDIO_USERNAME": ADMIN_EMAIL,
                 "LABEL_STUDIO_PASSWORD": password,
                 "LABEL_STUDIO_USER_TOKEN": token,
                 "LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN": "true",
             })
-        elif not self.home.read_secret(TOKEN_SECRET):
-            raise UserError(
+        elif not read_secret(self.paths.secrets_dir, TOKEN_SECRET):
+            raise Conflict(
                 f"Label Studio's database exists ({self.database_path}) but its API token is missing from "
-                f"{self.home.secrets_dir}; delete {self.home.labelstudio_dir} to start over"
+                f"{self.paths.secrets_dir}; delete {self.paths.data_dir} to start over"
             )
         return env
 
@@ -309,20 +329,20 @@ class LabelStudioServer:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
-                raise UserError(
+                raise Unavailable(
                     f"Label Studio exited with code {self._proc.returncode} while starting; "
                     f"last lines of {self.log_path}:\n{self._log_tail(log_offset)}"
                 )
             moved = self._moved_port(log_offset)
             if moved is not None:
-                raise UserError(
+                raise Conflict(
                     f"port {self.port} was taken while Label Studio started (it moved to {moved}); "
                     "stop the other process or choose another port"
                 )
             if self.healthy(timeout=1.0) and self._proc.poll() is None:
                 return
             time.sleep(0.5)
-        raise UserError(
+        raise Unavailable(
             f"Label Studio did not answer on {self.url} within {timeout:.0f} s; "
             f"last lines of {self.log_path}:\n{self._log_tail(log_offset)}"
         )
@@ -336,7 +356,8 @@ class LabelStudioServer:
             return ""
 
     def _log_tail(self, offset: int, lines: int = 20) -> str:
-        secret_values = [self.home.read_secret(TOKEN_SECRET) or "", self.home.read_secret(PASSWORD_SECRET) or ""]
+        secret_values = [read_secret(self.paths.secrets_dir, TOKEN_SECRET) or "",
+                         read_secret(self.paths.secrets_dir, PASSWORD_SECRET) or ""]
         return redact("\n".join(self._log_since(offset).splitlines()[-lines:]), secret_values)
 
     def _moved_port(self, offset: int) -> int | None:

@@ -1,8 +1,8 @@
 """Where parsed annotations go: the receiver and the sync only talk to an :class:`AnnotationSink`.
 
 The protocol keeps the receiver free of the database and lets it be tested against
-:class:`MemorySink`, which has the same semantics as ``app.services.annotations`` (what
-:class:`DatabaseSink` calls):
+:class:`MemorySink`, which has the same semantics as the database sink the app plugs in
+(``app.services.annotation_sink.DatabaseSink``):
 
 * ``record`` is idempotent on (external id, updated time): the same delivery twice stores one row, and
   an older version arriving after a newer one does not overwrite it (both ``"unchanged"``); otherwise
@@ -18,15 +18,9 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 from datetime import datetime
-from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 import numpy as np
-
-if TYPE_CHECKING:
-    from sqlalchemy.orm import Session, sessionmaker
-
-    from app.home import Home
 
 OUTCOMES: tuple[str, ...] = ("created", "updated", "unchanged")
 SOURCE = "labelstudio"
@@ -105,64 +99,3 @@ class MemorySink:
     def known_external_ids(self) -> set[str]:
         with self._lock:
             return set(self.rows)
-
-
-class DatabaseSink:
-    """The real sink: ``app.services.annotations`` in a session of its own per call (the receiver
-    serves each request on its own thread). Source ``"labelstudio"``, external id = annotation id."""
-
-    def __init__(self, home: Home, sessions: sessionmaker[Session]) -> None:
-        self.home = home
-        self._sessions = sessions
-
-    @classmethod
-    def for_home(cls, home: Home) -> DatabaseSink:
-        """A sink on the home's database (which must already be at the newest schema)."""
-        from db.engine import cached_engine, session_factory
-
-        return cls(home, session_factory(cached_engine(home.db_url())))
-
-    def record(self, *, image_id: int, kind: str, mask: np.ndarray | None, external_id: str,
-               updated_at: datetime) -> str:
-        from app.services.annotations import record_annotation
-
-        if self.image_size(image_id) is None:
-            raise UnknownImageError(f"image {image_id} is not in the database")
-        with self._sessions() as session:
-            result = record_annotation(session, self.home, image=image_id, kind=kind,  # type: ignore[arg-type]
-                                       mask=mask, source=SOURCE, external_id=external_id,
-                                       source_updated_at=updated_at)
-        return result.outcome
-
-    def delete(self, *, external_id: str) -> bool:
-        from app.services.annotations import delete_annotation
-
-        with self._sessions() as session:
-            return delete_annotation(session, self.home, source=SOURCE, external_id=external_id)
-
-    def image_size(self, image_id: int) -> tuple[int, int] | None:
-        from db.models import Image
-
-        with self._sessions() as session:
-            image = session.get(Image, image_id)
-            return None if image is None else (int(image.height), int(image.width))
-
-    def known_external_ids(self) -> set[str]:
-        from sqlalchemy import select
-
-        from db.models import Annotation
-
-        with self._sessions() as session:
-            rows = session.scalars(select(Annotation.external_id).where(
-                Annotation.source == SOURCE, Annotation.external_id.is_not(None), Annotation.deleted_at.is_(None)))
-            return {str(r) for r in rows}
-
-    def image_path(self, content_hash: str) -> Path | None:
-        """The file of a known image by content hash, for ``GET /images/<content_hash>``."""
-        from sqlalchemy import select
-
-        from db.models import Image
-
-        with self._sessions() as session:
-            path = session.scalars(select(Image.path).where(Image.content_hash == content_hash).limit(1)).first()
-        return Path(path) if path else None

@@ -21,7 +21,7 @@ from label_studio_sdk import LabelStudio
 
 from annotation.parse import PayloadError, annotation_id, parse_annotation, task_image_id
 from annotation.sink import AnnotationSink, UnknownImageError
-from app.errors import UserError
+from dmad_core.errors import UserError
 
 log = logging.getLogger(__name__)
 

@@ -15,15 +15,16 @@ Routes:
   only reachable by its full content hash).
 * ``GET /health``.
 
-Answers: every client error is a 4xx with a JSON body ``{"error": "..."}``, never a 5xx:
-401 no secret, 403 wrong secret, 411 no Content-Length, 413 body over the cap (20 MB), 415 not JSON,
-400 malformed JSON or payload shape, 404 unknown image, 422 a mask that does not fit its image (or is
-corrupt), 500 only for our own bugs (logged). Actions other than the four annotation actions are
-answered 200 ``{"outcome": "ignored"}``: Label Studio may be configured to send more than we need,
-and a 4xx would only fill its log. A payload is checked completely before anything is stored, so a bad
-item in a bulk delivery stores nothing. An empty annotation (nothing drawn, no verdict, or a skipped
-task) is answered 200 ``"ignored_empty"`` and stores nothing; if it replaced a label we hold, the next
-sync removes that label (see :mod:`annotation.sync`).
+Answers: every client error is a 4xx with a JSON body ``{"error": "..."}``, never a 5xx: 401 no secret,
+403 wrong secret, 411 no Content-Length, 413 body over the cap (20 MB), 415 not JSON, 400 malformed JSON
+or payload shape, 404 unknown image, 422 a mask that does not fit its image (or is corrupt); an error
+the sink raises answers the status of its type (:data:`HTTP_STATUS`: ``NotFound`` 404, ``Invalid`` 422,
+``Conflict`` 409, ``Unavailable`` 503); 500 only for our own bugs (logged). Actions other than the four
+annotation actions are answered 200 ``{"outcome": "ignored"}``: Label Studio may be configured to send
+more than we need, and a 4xx would only fill its log. A payload is checked completely before anything is
+stored, so a bad item in a bulk delivery stores nothing. An empty annotation (nothing drawn, no verdict,
+or a skipped task) is answered 200 ``"ignored_empty"`` and stores nothing; if it replaced a label we
+hold, the next sync removes that label (see :mod:`annotation.sync`).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from typing import Any, Callable
 from annotation.parse import ParsedAnnotation, PayloadError, annotation_id, parse_annotation, task_image_id
 from annotation.project import SECRET_HEADER
 from annotation.sink import AnnotationSink, UnknownImageError
-from app.errors import UserError
+from dmad_core.errors import Conflict, Invalid, NotFound, Unavailable, UserError
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +90,7 @@ def make_webhook_server(host: str, port: int, handler: AnnotationSink, secret: s
     try:
         return WebhookServer((host, port), handler, secret, image_path, max_body, cors_origin)
     except OSError as exc:
-        raise UserError(f"cannot listen on {host}:{port} for webhooks: {exc.strerror or exc}") from exc
+        raise Conflict(f"cannot listen on {host}:{port} for webhooks: {exc.strerror or exc}") from exc
 
 
 def serve_in_thread(server: WebhookServer, poll_interval: float = 0.1) -> threading.Thread:
@@ -306,8 +307,10 @@ class _Handler(BaseHTTPRequestHandler):
             return _error(exc.status, str(exc))
         except (UnknownImageError, LookupError) as exc:
             return _error(404, str(exc))
-        except (UserError, ValueError) as exc:  # the sink refused the content (AnnotationError is a UserError)
-            return _error(_status_of(exc), str(exc))
+        except UserError as exc:  # the sink refused the content: its type says why
+            return _error(http_status(exc), str(exc))
+        except ValueError as exc:  # a sink without typed errors (MemorySink) refusing the content
+            return _error(422, str(exc))
         except RecursionError:
             return _error(400, "payload nested too deeply")
         except Exception:
@@ -315,7 +318,12 @@ class _Handler(BaseHTTPRequestHandler):
             return _error(500, "internal error (logged)")
 
 
-def _status_of(exc: Exception) -> int:
-    """404 when the sink says the image or task is unknown, else 422."""
-    text = str(exc).lower()
-    return 404 if any(m in text for m in ("unknown", "not found", "not in the database")) else 422
+HTTP_STATUS: dict[type[UserError], int] = {NotFound: 404, Invalid: 422, Conflict: 409, Unavailable: 503}
+
+
+def http_status(exc: UserError) -> int:
+    """The HTTP status of an error the sink raised, from its type (422 for a plain ``UserError``)."""
+    for kind, status in HTTP_STATUS.items():
+        if isinstance(exc, kind):
+            return status
+    return 422

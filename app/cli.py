@@ -7,8 +7,23 @@ import argparse
 import logging
 import sys
 
-from app.commands import engine, labelstudio, loop, ui
-from app.errors import UserError
+from app.commands import engine, labelstudio, loop, processes
+from dmad_core.errors import Conflict, Invalid, NotFound, Unavailable, UserError
+
+# The CLI's edge of the error types (dmad_core/errors.py): every error the user can fix is one line on
+# stderr, no traceback, and exit code 2, whatever its kind, so scripts tell it from a crash (1) and from
+# Ctrl-C (130); the message says what to do.
+EXIT_CODES: dict[type[UserError], int] = {NotFound: 2, Invalid: 2, Conflict: 2, Unavailable: 2, UserError: 2}
+
+
+def error_line(exc: UserError) -> str:
+    """What the CLI prints for an error the user can fix."""
+    return f"dmad: error: {exc}"
+
+
+def exit_code(exc: UserError) -> int:
+    """The exit code of an error the user can fix (the most specific type in EXIT_CODES)."""
+    return next(code for kind, code in EXIT_CODES.items() if isinstance(exc, kind))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -18,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (engine, loop, labelstudio, ui):
+    for module in (engine, loop, labelstudio, processes):
         module.register(sub)
     return parser
 
@@ -37,8 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except UserError as exc:  # an error the user can fix: one clear line, no traceback
-        print(f"dmad: error: {exc}", file=sys.stderr)
-        return 2
+        print(error_line(exc), file=sys.stderr)
+        return exit_code(exc)
 
 
 if __name__ == "__main__":

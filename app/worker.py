@@ -12,9 +12,9 @@ coalesce into one), 'score_upload' (one uploaded image, result written into the 
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
-import signal
 import socket
 import threading
 import time
@@ -26,10 +26,11 @@ from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.home import Home
+from app.home_folder import Home
 from db import queue
-from db.engine import begin_write
+from db.engine import write_transaction
 from db.models import Job
+from dmad_core.errors import Conflict
 
 log = logging.getLogger(__name__)
 
@@ -121,28 +122,23 @@ def _score_upload(home: Home, sessions: sessionmaker[Session], run: JobRun) -> s
     run.progress(0.1, "scoring the uploaded image")
     result = score_file(home, version, run.payload["path"], run.payload["category"])
     run.checkpoint("storing the result")
-    with sessions() as session:
-        begin_write(session)
+    with sessions() as session, write_transaction(session):
         job = session.get(Job, run.job_id)
         job.payload = {**run.payload, "result": result}
-        session.commit()
     return f"score {result['score']:.3f} under {version.name}"
 
 
 def _labelstudio_sync(home: Home, sessions: sessionmaker[Session], run: JobRun) -> str:
-    from annotation.sink import DatabaseSink
-    from annotation.sync import sync_annotations
-    from app.commands.labelstudio import connect_project
+    from app.services.labelstudio import sync_project
 
-    client, project_id = connect_project(home)
-    report = sync_annotations(client, project_id, DatabaseSink(home, sessions))
+    report, _project_id = sync_project(home, sessions)
     return (f"{report.created} created, {report.updated} updated, {report.deleted} deleted, "
             f"{len(report.failed)} failed")
 
 
 HANDLERS: dict[str, Callable[[Home, sessionmaker[Session], JobRun], str]] = {
-    "train": lambda h, s, r: _train(h, s, r, warm_start=False),
-    "retrain": lambda h, s, r: _train(h, s, r, warm_start=True),
+    "train": functools.partial(_train, warm_start=False),
+    "retrain": functools.partial(_train, warm_start=True),
     "score_upload": _score_upload,
     "labelstudio_sync": _labelstudio_sync,
 }
@@ -176,18 +172,34 @@ def run_job(home: Home, sessions: sessionmaker[Session], job: Job, options: Work
     return True
 
 
+def train_in_foreground(home: Home, sessions: sessionmaker[Session],
+                        on_claimed: Callable[[int], None] | None = None,
+                        on_progress: Callable[[float, str], None] | None = None) -> tuple[bool, Job]:
+    """Queues a 'train' job and runs it in this process, so the UI sees its progress like any other
+    job's; (succeeded, the finished job row). `on_claimed` gets the job id once this process owns it."""
+    with sessions() as session, write_transaction(session):
+        job_id = queue.enqueue(session, "train", {"trigger": "cli"}, coalesce_key="train").id
+    worker_id = default_worker_id()
+    claimed = queue.claim(sessions, worker_id, ["train"])
+    if claimed is None or claimed.id != job_id:
+        raise Conflict("another worker took the training job; follow it with `dmad status`")
+    if on_claimed is not None:
+        on_claimed(job_id)
+    ok = run_job(home, sessions, claimed, WorkerOptions(), worker_id, on_progress=on_progress)
+    with sessions() as session:
+        return ok, session.get(Job, job_id)
+
+
 def _sync_due(home: Home, sessions: sessionmaker[Session], options: WorkerOptions, last: float) -> bool:
     """Queue a Label Studio sync when one is due and the home has a Label Studio project."""
-    from app.commands.labelstudio import has_project
+    from app.services.labelstudio import has_project
 
     if options.sync_every_seconds is None or time.monotonic() - last < options.sync_every_seconds:
         return False
     if not has_project(home):
         return False
-    with sessions() as session:
-        begin_write(session)
+    with sessions() as session, write_transaction(session):
         queue.enqueue(session, "labelstudio_sync", {"trigger": "periodic"}, coalesce_key="labelstudio_sync")
-        session.commit()
     return True
 
 
@@ -232,15 +244,3 @@ def _load_engine() -> None:
     an idle worker answers the next annotation at once."""
     import app.services.training  # noqa: F401
     import dmad_core.banks  # noqa: F401
-
-
-def install_stop_signals(stop: threading.Event) -> None:
-    """SIGTERM and SIGINT finish the current job's step and stop (a second Ctrl-C kills at once)."""
-    def handler(signum: int, _frame: Any) -> None:
-        if stop.is_set():
-            raise KeyboardInterrupt
-        log.info("stopping after the current job (signal %s)", signum)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, handler)
-    signal.signal(signal.SIGINT, handler)

@@ -51,7 +51,7 @@ def status(home: Path) -> dict:
 
 @functools.lru_cache(maxsize=None)
 def _sessions(home: Path):
-    from app.home import Home
+    from app.home_folder import Home
     from app.services.database import open_database
 
     return open_database(Home.at(home))

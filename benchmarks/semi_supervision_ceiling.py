@@ -35,7 +35,7 @@ from scipy.ndimage import binary_dilation
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 
-from dmad_core import banks as B
+from dmad_core import banks
 from dmad_core.config import DMADConfig
 from dmad_core.data import load_image, load_mask, read_category
 from dmad_core.evaluation import draw_annotated, outlier_items
@@ -48,7 +48,7 @@ def top5(scores: np.ndarray) -> np.ndarray:
     return np.sort(scores, axis=1)[:, -5:].mean(axis=1)
 
 
-def nearest_distance(bank: B.MemoryBank, feats: list[np.ndarray], part: str | None = None,
+def nearest_distance(bank: banks.MemoryBank, feats: list[np.ndarray], part: str | None = None,
                      sources: list[int] | None = None, category: str | None = None) -> np.ndarray:
     """(images, patches) Euclidean distance to the nearest entry of the bank (or of one of its parts, or of
     one class); with ``sources``, entries of the image itself are excluded (training images)."""
@@ -92,9 +92,9 @@ def analyse(k: int, seed: int, cache: Path, picture: Path | None = None) -> None
     masks = np.stack([load_mask(r.mask_path, grid) if r.mask_path else np.zeros(grid, bool) for r in records])
     masks = masks.reshape(len(records), -1)
     d_normal = nearest_distance(model.normal_bank_, feats, category="tire")
-    d_seen = nearest_distance(model.abnormal_bank_, feats, B.SEEN)
+    d_seen = nearest_distance(model.abnormal_bank_, feats, banks.SEEN)
     sizes = model.abnormal_bank_.part_sizes()
-    print(f"\n== K = {k} annotated tire defects (seed {seed}): {sizes.get(B.SEEN, 0)} seen patches; "
+    print(f"\n== K = {k} annotated tire defects (seed {seed}): {sizes.get(banks.SEEN, 0)} seen patches; "
           f"{len(records)} test images ({int((labels == 0).sum())} normal) ==")
 
     good = labels == 0
@@ -124,7 +124,7 @@ def analyse(k: int, seed: int, cache: Path, picture: Path | None = None) -> None
     train_feats = model.patch_features(train_items)
     d_train = nearest_distance(model.normal_bank_, train_feats, sources=[it.source for it in train_items], category="tire")
     hard = np.concatenate([f.reshape(-1, f.shape[-1])[np.argsort(d)[-20:]] for f, d in zip(train_feats, d_train)])
-    seen = model.abnormal_bank_.parts[B.SEEN].vectors
+    seen = model.abnormal_bank_.parts[banks.SEEN].vectors
     x = np.concatenate([seen, hard])
     y = np.r_[np.ones(len(seen)), np.zeros(len(hard))]
     flat = np.stack([f.reshape(-1, f.shape[-1]) for f in feats])
@@ -145,10 +145,10 @@ def analyse(k: int, seed: int, cache: Path, picture: Path | None = None) -> None
         cover = binary_dilation(load_mask(r.mask_path, grid), iterations=2)
         away.append(f.reshape(-1, f.shape[-1])[~cover.ravel()])
     away = np.concatenate(away)
-    normal_part = model.normal_bank_.parts[B.NORMAL]
+    normal_part = model.normal_bank_.parts[banks.NORMAL]
     rows = normal_part.categories == "tire"
-    extended = B.MemoryBank(dim=away.shape[1])
-    extended.set_part(B.NORMAL, B.BankPart(np.concatenate([normal_part.vectors[rows], away]),
+    extended = banks.MemoryBank(dim=away.shape[1])
+    extended.set_part(banks.NORMAL, banks.BankPart(np.concatenate([normal_part.vectors[rows], away]),
                                            np.full(int(rows.sum()) + len(away), -1, np.int64),
                                            np.full(int(rows.sum()) + len(away), "tire")))
     extended.build_index(cfg.bank)

@@ -134,7 +134,7 @@ def main() -> None:
 
     import streamlit as st
 
-    from app.services import ui_queries as q
+    from app.services import ui_queries as queries
     from tests.ui_fixtures import add_bulk_pool, build_home
 
     tmp = Path(tempfile.mkdtemp(prefix="dmad-ui-bench-"))
@@ -149,7 +149,7 @@ def main() -> None:
         os.environ["DMAD_HOME"] = str(prepared.home.root)
         version_id = prepared.version_ids[-1]
         with prepared.sessions()() as session:
-            top_id = q.top_image_id(session, version_id)
+            top_id = queries.top_image_id(session, version_id)
 
         load_page(PAGES["Home"])  # imports Streamlit's and the app's modules once, outside the figures
         for name in list(logging.root.manager.loggerDict):
@@ -166,18 +166,18 @@ def main() -> None:
         print(f"\n{'Review query':<34}{'seconds':>10}")
         sessions = prepared.sessions()
         with sessions() as session:
-            everything = q.ReviewFilter(version_id)
-            one_class = q.ReviewFilter(version_id, ("tiles",))
-            lo, hi = q.score_range(session, version_id)
-            high = q.ReviewFilter(version_id, min_score=(lo + hi) / 2)
+            everything = queries.ReviewFilter(version_id)
+            one_class = queries.ReviewFilter(version_id, ("tiles",))
+            lo, hi = queries.score_range(session, version_id)
+            high = queries.ReviewFilter(version_id, min_score=(lo + hi) / 2)
             figures = {
-                "count, all classes": lambda: q.review_count(session, everything),
-                "first page (50)": lambda: q.review_page(session, everything, 50),
-                "page 200 (offset 9,950)": lambda: q.review_page(session, everything, 50, 9_950),
-                "one class, first page": lambda: q.review_page(session, one_class, 50),
-                "score above the middle": lambda: q.review_page(session, high, 50),
-                "score range": lambda: q.score_range(session, version_id),
-                "overview (Home)": lambda: q.overview(session),
+                "count, all classes": lambda: queries.review_count(session, everything),
+                "first page (50)": lambda: queries.review_page(session, everything, 50),
+                "page 200 (offset 9,950)": lambda: queries.review_page(session, everything, 50, 9_950),
+                "one class, first page": lambda: queries.review_page(session, one_class, 50),
+                "score above the middle": lambda: queries.review_page(session, high, 50),
+                "score range": lambda: queries.score_range(session, version_id),
+                "overview (Home)": lambda: queries.overview(session),
             }
             for label, fn in figures.items():
                 fn()

@@ -8,6 +8,8 @@ with "database is locked" when another connection wrote in between, instead of w
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -77,6 +79,25 @@ def begin_write(session: Session) -> None:
     bind = session.get_bind()
     if bind.dialect.name == "sqlite":
         session.connection(execution_options={_BEGIN_OPTION: "IMMEDIATE"})
+
+
+@contextmanager
+def write_transaction(session: Session) -> Iterator[Session]:
+    """One write transaction on ``session``: begun as a writer (:func:`begin_write`), committed when the
+    block ends, rolled back when anything (even KeyboardInterrupt) escapes it.
+
+    Example::
+
+        with sessions() as session, write_transaction(session):
+            session.add(row)
+    """
+    begin_write(session)
+    try:
+        yield session
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise
 
 
 def alembic_config(url: str) -> Config:

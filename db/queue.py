@@ -20,21 +20,15 @@ from sqlalchemy import and_, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from db.engine import begin_write
+from db.engine import write_transaction
 from db.models import Job, utcnow
 
 
 @contextmanager
 def _write(session_factory: sessionmaker[Session]) -> Iterator[Session]:
     """One committed write transaction (IMMEDIATE on SQLite); rolled back on error."""
-    with session_factory() as session:
-        begin_write(session)
-        try:
-            yield session
-            session.commit()
-        except BaseException:
-            session.rollback()
-            raise
+    with session_factory() as session, write_transaction(session):
+        yield session
 
 
 def _detach(session: Session, job: Job) -> Job:

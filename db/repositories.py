@@ -16,7 +16,6 @@ from sqlalchemy import delete, exists, func, insert, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, contains_eager
 
-from app.errors import UserError
 from db.models import (
     IMAGE_ROLES,
     Annotation,
@@ -27,6 +26,7 @@ from db.models import (
     ModelVersion,
     PoolScore,
 )
+from dmad_core.errors import Invalid, NotFound
 
 COUNT_KEYS = ("normal_images", "defect_masks", "confirmed_normals", "weak_defects")
 _KIND_COUNT = {"defect_mask": "defect_masks", "normal": "confirmed_normals", "defect_no_mask": "weak_defects"}
@@ -37,7 +37,7 @@ def get_or_create_category(session: Session, name: str) -> Category:
     """The category called `name`, created if new (safe against a concurrent creator)."""
     name = name.strip()
     if not name:
-        raise UserError("a category name cannot be empty")
+        raise Invalid("a category name cannot be empty")
     for _ in range(2):
         found = session.scalars(select(Category).where(Category.name == name)).first()
         if found is not None:
@@ -60,16 +60,8 @@ def _category(session: Session, category: Category | str | int) -> Category:
     else:
         found = session.scalars(select(Category).where(Category.name == category)).first()
     if found is None:
-        raise UserError(f"category {category!r} does not exist; ingest its images first with `dmad ingest`")
+        raise NotFound(f"category {category!r} does not exist; ingest its images first with `dmad ingest`")
     return found
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def add_image(session: Session, category: Category | str, path: str | Path, role: ImageRole, *,
@@ -86,7 +78,7 @@ def add_image(session: Session, category: Category | str, path: str | Path, role
     try:
         data = file.read_bytes()
     except OSError as exc:
-        raise UserError(f"cannot read image file {file}: {exc.strerror or exc}") from exc
+        raise Invalid(f"cannot read image file {file}: {exc.strerror or exc}") from exc
     content_hash = hashlib.sha256(data).hexdigest()
     cat = category if isinstance(category, Category) else get_or_create_category(session, category)
     if cat.id is not None:
@@ -100,7 +92,7 @@ def add_image(session: Session, category: Category | str, path: str | Path, role
             im.load()
             width, height = im.size
     except Exception as exc:
-        raise UserError(f"corrupt or unreadable image file {file}: {exc}") from exc
+        raise Invalid(f"corrupt or unreadable image file {file}: {exc}") from exc
     image = Image(category=cat, content_hash=content_hash, path=str(file), role=role, width=width,
                   height=height, gt_label=gt_label,
                   gt_mask_path=str(Path(gt_mask_path).expanduser().resolve()) if gt_mask_path else None,

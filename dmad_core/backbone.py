@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import timm
 import torch
-import torch.nn.functional as F
+from torch.nn import functional
 from torch import nn
 
 from dmad_core import resnet50_weights
@@ -165,14 +165,14 @@ class PatchFeatureHead(nn.Module):
 
     def forward(self, maps: list[torch.Tensor]) -> torch.Tensor:
         k = self.neighbourhood
-        pooled = [F.avg_pool2d(m, k, stride=1, padding=k // 2, count_include_pad=False) for m in maps]
+        pooled = [functional.avg_pool2d(m, k, stride=1, padding=k // 2, count_include_pad=False) for m in maps]
         size = pooled[0].shape[-2:]
-        aligned = [pooled[0]] + [F.interpolate(m, size=size, mode="bilinear", align_corners=False) for m in pooled[1:]]
+        aligned = [pooled[0]] + [functional.interpolate(m, size=size, mode="bilinear", align_corners=False) for m in pooled[1:]]
         x = torch.cat(aligned, dim=1)  # (B, sum C_l, H, W)
         b, c, h, w = x.shape
         x = x.permute(0, 2, 3, 1)  # (B, H, W, C)
         if c != self.feature_dim:
-            x = F.adaptive_avg_pool1d(x.reshape(-1, 1, c), self.feature_dim).reshape(b, h, w, self.feature_dim)
+            x = functional.adaptive_avg_pool1d(x.reshape(-1, 1, c), self.feature_dim).reshape(b, h, w, self.feature_dim)
         return x
 
 
@@ -207,7 +207,7 @@ class FeatureExtractor(nn.Module):
         for img in images:
             t = torch.from_numpy(np.array(img, dtype=np.uint8, copy=True)).permute(2, 0, 1).float().unsqueeze(0) / 255.0
             if t.shape[-2:] != (s, s):
-                t = F.interpolate(t, size=(s, s), mode="bilinear", align_corners=False, antialias=True)
+                t = functional.interpolate(t, size=(s, s), mode="bilinear", align_corners=False, antialias=True)
             batch.append(t)
         x = torch.cat(batch).to(self.device)
         return (x - self.mean) / self.std

@@ -161,18 +161,21 @@ def write_scores_csv(result: EvalResult, path: Path, method: str = "dmad") -> No
                 w.writerow([cat, str(rec.path), rec.label, f"{score:.6f}"])
 
 
+def _percent_cell(value: float | None) -> str:
+    return "   -  " if value is None else f"{100 * value:6.1f}"
+
+
 def format_table(result: EvalResult) -> str:
     """Per-class table like the paper's (percent), one block per method, kNN ratio on the DMAD block."""
     short = {"image_auroc": "I-AUROC", "image_ap": "I-AP", "image_f1max": "I-F1", "pixel_auroc": "P-AUROC",
              "pixel_ap": "P-AP", "pixel_f1max": "P-F1", "pro": "PRO"}
     lines = []
-    fmt = lambda v: "   -  " if v is None else f"{100 * v:6.1f}"  # noqa: E731
     for method, res in result.results.items():
         lines.append(f"[{method}]")
         lines.append(f"{'class':<16}" + "".join(f"{short[n]:>9}" for n in METRIC_NAMES))
         rows = {c: m.to_dict() for c, m in res.per_class.items()} | {"mean": mean_metrics(res.per_class)}
         for c, d in rows.items():
-            lines.append(f"{c:<16}" + "".join(f"{fmt(d[n]):>9}" for n in METRIC_NAMES))
+            lines.append(f"{c:<16}" + "".join(f"{_percent_cell(d[n]):>9}" for n in METRIC_NAMES))
     if "dmad" in result.results and "knn" in result.results:
         a, b = mean_metrics(result.results["dmad"].per_class), mean_metrics(result.results["knn"].per_class)
         ratios = [f"{short[n]} x{a[n] / b[n]:.3f}" for n in METRIC_NAMES if a[n] is not None and b[n]]

@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+from torch.nn import functional
 
 from dmad_core import banks
 from dmad_core.banks import BankPart, MemoryBank
@@ -115,7 +115,7 @@ class DualMemory:
         gh, gw = feat.shape[:2]
         if annotation.mask is not None:
             m = torch.from_numpy(np.asarray(annotation.mask, np.float32))[None, None]
-            cover = F.interpolate(m, size=(gh, gw), mode="bilinear", align_corners=False).reshape(-1).numpy()
+            cover = functional.interpolate(m, size=(gh, gw), mode="bilinear", align_corners=False).reshape(-1).numpy()
             idx = np.flatnonzero(cover > self.config.mask_threshold)
             if len(idx) == 0 and cover.max() > 0:
                 idx = np.array([int(cover.argmax())])

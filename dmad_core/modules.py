@@ -24,7 +24,7 @@ import math
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+from torch.nn import functional
 from torch import nn
 
 
@@ -38,7 +38,7 @@ def pool_patch_grid(feats: torch.Tensor, factor: int) -> torch.Tensor:
     if g * g != n or g % factor:
         return feats
     x = feats.transpose(1, 2).reshape(b, c, g, g)
-    return F.avg_pool2d(x, factor).reshape(b, c, -1).transpose(1, 2)
+    return functional.avg_pool2d(x, factor).reshape(b, c, -1).transpose(1, 2)
 
 
 class BankAttention(nn.Module):
@@ -57,7 +57,7 @@ class BankAttention(nn.Module):
         image_feats = pool_patch_grid(image_feats, self.key_pool)
         k = self.to_key(image_feats)
         v = self.to_value(image_feats)
-        return F.scaled_dot_product_attention(q, k, v)
+        return functional.scaled_dot_product_attention(q, k, v)
 
 
 class DistanceScaler(nn.Module):
@@ -161,7 +161,7 @@ class ScoreMapper(nn.Module):
         if input_layer is None:
             x = self.input(x)
         else:
-            x = self.input[1:](F.linear(x, *input_layer))
+            x = self.input[1:](functional.linear(x, *input_layer))
         for block in self.blocks:
             x = x + block(x)
         return self.head(x).reshape(shape)
@@ -231,9 +231,9 @@ def hinge_loss(
     lambda_annotated: float,
 ) -> torch.Tensor:
     """``max(0, m - Psi(o_n)) + l1 max(0, m + Psi(o_pseudo)) + l2 max(0, m + Psi(o_annotated))``, each a mean."""
-    loss = F.relu(margin - out_normal).mean() + lambda_pseudo * F.relu(margin + out_pseudo).mean()
+    loss = functional.relu(margin - out_normal).mean() + lambda_pseudo * functional.relu(margin + out_pseudo).mean()
     if out_annotated is not None and out_annotated.numel() and lambda_annotated:
-        loss = loss + lambda_annotated * F.relu(margin + out_annotated).mean()
+        loss = loss + lambda_annotated * functional.relu(margin + out_annotated).mean()
     return loss
 
 
@@ -251,8 +251,8 @@ def smooth_maps(maps: torch.Tensor, sigma: float) -> torch.Tensor:
     k = gaussian_kernel(sigma).to(maps)
     r = (len(k) - 1) // 2
     x = maps.unsqueeze(1)
-    x = F.conv2d(F.pad(x, (r, r, 0, 0), mode="reflect"), k.view(1, 1, 1, -1))
-    x = F.conv2d(F.pad(x, (0, 0, r, r), mode="reflect"), k.view(1, 1, -1, 1))
+    x = functional.conv2d(functional.pad(x, (r, r, 0, 0), mode="reflect"), k.view(1, 1, 1, -1))
+    x = functional.conv2d(functional.pad(x, (0, 0, r, r), mode="reflect"), k.view(1, 1, -1, 1))
     return x.squeeze(1)
 
 
@@ -261,8 +261,8 @@ def anomaly_maps(grids: np.ndarray, size: tuple[int, int], sigma: float, base_si
     model's input resolution, where ``sigma`` is defined), Gaussian-smoothed there, then resized to ``size``.
     Use ``DMAD.anomaly_map``, which passes the model's own sigma and input size."""
     t = torch.from_numpy(np.asarray(grids, np.float32)).unsqueeze(1)
-    t = F.interpolate(t, size=(base_size, base_size), mode="bilinear", align_corners=False).squeeze(1)
+    t = functional.interpolate(t, size=(base_size, base_size), mode="bilinear", align_corners=False).squeeze(1)
     t = smooth_maps(t, sigma)
     if tuple(size) != (base_size, base_size):
-        t = F.interpolate(t.unsqueeze(1), size=tuple(size), mode="bilinear", align_corners=False).squeeze(1)
+        t = functional.interpolate(t.unsqueeze(1), size=tuple(size), mode="bilinear", align_corners=False).squeeze(1)
     return t.numpy()

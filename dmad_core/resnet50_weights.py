@@ -295,7 +295,7 @@ def build_model(state_dict: Mapping[str, torch.Tensor] | None = None) -> nn.Modu
 def sample_predictions(model: nn.Module) -> dict[str, tuple[int, float]]:
     """Top-1 ImageNet class and its probability for scikit-image's cat (``chelsea``) and ``coffee`` photos
     (shorter side resized to 256, centre crop 224, ImageNet normalisation)."""
-    import torch.nn.functional as F
+    from torch.nn import functional
     from skimage import data
 
     mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
@@ -305,7 +305,7 @@ def sample_predictions(model: nn.Module) -> dict[str, tuple[int, float]]:
         x = torch.from_numpy(getattr(data, name)()).permute(2, 0, 1).float().unsqueeze(0) / 255.0
         h, w = x.shape[-2:]
         scale = 256 / min(h, w)
-        x = F.interpolate(x, size=(round(h * scale), round(w * scale)), mode="bilinear", antialias=True,
+        x = functional.interpolate(x, size=(round(h * scale), round(w * scale)), mode="bilinear", antialias=True,
                           align_corners=False)
         top, left = (x.shape[-2] - 224) // 2, (x.shape[-1] - 224) // 2
         x = x[..., top:top + 224, left:left + 224]

@@ -21,7 +21,7 @@ from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.home import Home
+from app.home_folder import Home
 from db.engine import make_engine, session_factory, upgrade_to_head
 from db.models import Image
 from db.repositories import add_image

@@ -18,8 +18,9 @@ import PIL.Image
 import pytest
 
 from annotation.server import LabelStudioServer, find_label_studio_bin
-from app.errors import UserError
-from app.home import Home
+from app.home_folder import Home
+from app.services.labelstudio import label_studio_server
+from dmad_core.errors import UserError
 from tests.processes import free_port
 
 
@@ -36,7 +37,7 @@ def labelstudio(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabelStudi
     executable = label_studio_bin_or_skip()
     home = Home.at(tmp_path_factory.mktemp("labelstudio-home"))
     home.create()
-    server = LabelStudioServer(home, port=free_port(), bin=executable)
+    server = label_studio_server(home, port=free_port(), bin=executable)
     server.start(timeout=300)
     try:
         yield server

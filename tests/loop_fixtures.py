@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from app.cli import main as dmad
-from app.home import Home
+from app.home_folder import Home
 from dmad_core.data.synthetic import make_synthetic_category
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -28,7 +28,7 @@ from sqlalchemy import insert, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.cli import main as dmad
-from app.home import Home
+from app.home_folder import Home
 from app.services.annotations import record_annotation
 from app.services.training import train_version
 from db.engine import cached_engine, session_factory, upgrade_to_head

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import tempfile
 from pathlib import Path
 
-from app.errors import UserError
 from dmad_core.config import PRESETS
+from dmad_core.errors import Invalid, Unavailable
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -42,9 +41,9 @@ def run_eval(args: argparse.Namespace) -> int:
 
     for d in args.data:
         if not d.is_dir():
-            raise UserError(f"--data {d}: not a folder")
+            raise Invalid(f"--data {d}: not a folder")
     if args.setting == "semi" and args.anomalies_per_class <= 0:
-        raise UserError("--setting semi needs --anomalies-per-class K (K >= 1)")
+        raise Invalid("--setting semi needs --anomalies-per-class K (K >= 1)")
     config = DMADConfig.preset(args.preset)
     if args.weights:
         config = dataclasses.replace(config, backbone=dataclasses.replace(
@@ -61,9 +60,9 @@ def run_eval(args: argparse.Namespace) -> int:
             result = run_evaluation(request, config, args.cache or Path(tmp),
                                     allow_random_weights=args.random_weights_for_tests)
         except WeightsUnavailableError as exc:
-            raise UserError(str(exc)) from exc
+            raise Unavailable(str(exc)) from exc
         except (ValueError, FileNotFoundError) as exc:
-            raise UserError(str(exc)) from exc
+            raise Invalid(str(exc)) from exc
     print(format_table(result))
     primary = methods[0]
     if args.json:

@@ -12,9 +12,9 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-from app.errors import UserError
-from app.home import DEFAULT_HOME, Home, HomeSettings
+from app.home_folder import DEFAULT_HOME, Home
 from dmad_core.config import PRESETS
+from dmad_core.errors import Invalid, NotFound, UserError
 
 log = logging.getLogger(__name__)
 
@@ -105,9 +105,9 @@ def cmd_init(args: argparse.Namespace) -> int:
         "outliers_dir": str(Path(args.outliers).resolve()) if args.outliers else None,
         "train_epochs": args.train_epochs, "retrain_epochs": args.retrain_epochs}.items() if v is not None}
     if args.outliers and not Path(args.outliers).is_dir():
-        raise UserError(f"--outliers {args.outliers} is not a folder")
+        raise Invalid(f"--outliers {args.outliers} is not a folder")
     if args.weights and not Path(args.weights).is_file():
-        raise UserError(f"--weights {args.weights} is not a file")
+        raise Invalid(f"--weights {args.weights} is not a file")
     settings = replace(settings, **changes)
     home.create()
     home.save_settings(settings)
@@ -146,25 +146,13 @@ def _progress_printer(enabled: bool) -> Any:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Queues a 'train' job and runs it here, so the UI sees its progress like any other job."""
-    from app.worker import WorkerOptions, default_worker_id, run_job
-    from db import queue
-    from db.engine import begin_write
-    from db.models import Job
+    from app.worker import train_in_foreground
 
     home, sessions = _open(args)
-    with sessions() as session:
-        begin_write(session)
-        job = queue.enqueue(session, "train", {"trigger": "cli"}, coalesce_key="train")
-        session.commit()
-        job_id = job.id
-    worker_id = default_worker_id()
-    claimed = queue.claim(sessions, worker_id, ["train"])
-    if claimed is None or claimed.id != job_id:
-        raise UserError("another worker took the training job; follow it with `dmad status`")
-    print(f"training from scratch (job {job_id}); this takes a few minutes on a CPU", flush=True)
-    ok = run_job(home, sessions, claimed, WorkerOptions(), worker_id, on_progress=_progress_printer(not args.json))
-    with sessions() as session:
-        job = session.get(Job, job_id)
+    ok, job = train_in_foreground(
+        home, sessions, on_progress=_progress_printer(not args.json),
+        on_claimed=lambda job_id: print(f"training from scratch (job {job_id}); this takes a few minutes on a CPU",
+                                        flush=True))
     if not ok:
         raise UserError(f"training failed: {(job.error or job.message).splitlines()[0]}")
     from app.services.status import home_status
@@ -175,11 +163,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from app.worker import WorkerOptions, install_stop_signals, run_worker
+    from app.signals import install_stop_signals
+    from app.worker import WorkerOptions, run_worker
 
     home, sessions = _open(args)
     stop = threading.Event()
-    install_stop_signals(stop)
+    install_stop_signals(stop, second_interrupts=True)
     options = WorkerOptions(once=args.once, lease_seconds=args.lease_seconds, poll_seconds=args.poll_seconds,
                             sync_every_seconds=args.sync_every or None)
     print(f"worker on {home.root}" + (" (once)" if args.once else " (Ctrl-C to stop)"), flush=True)
@@ -197,28 +186,20 @@ def _read_mask(path: str) -> Any:
         with PIL.Image.open(path) as im:
             return np.asarray(im.convert("L")) > 0
     except FileNotFoundError as exc:
-        raise UserError(f"mask file {path} does not exist") from exc
+        raise NotFound(f"mask file {path} does not exist") from exc
     except Exception as exc:  # noqa: BLE001 - any decoder error is the same user problem
-        raise UserError(f"mask file {path} is not a readable image: {exc}") from exc
+        raise Invalid(f"mask file {path} is not a readable image: {exc}") from exc
 
 
 def cmd_annotate(args: argparse.Namespace) -> int:
-    from sqlalchemy import select
-
-    from app.services.annotations import find_image, record_annotation
-    from db.models import Category
+    from app.services.annotations import record_annotation
 
     home, sessions = _open(args)
     mask = _read_mask(args.mask) if args.mask else None
     kind = "defect_mask" if mask is not None else "normal" if args.normal else "defect_no_mask"
     with sessions() as session:
-        if args.category is not None:
-            if session.scalars(select(Category).where(Category.name == args.category)).first() is None:
-                raise UserError(f"unknown category {args.category!r}; ingest it first with `dmad ingest`")
-            image = find_image(session, args.image)
-            if image.category.name != args.category:
-                raise UserError(f"{args.image} is in category {image.category.name!r}, not {args.category!r}")
-        result = record_annotation(session, home, image=args.image, kind=kind, mask=mask, source="cli")
+        result = record_annotation(session, home, image=args.image, kind=kind, mask=mask, source="cli",
+                                   category=args.category)
     _emit(args, asdict(result), f"annotation {result.annotation_id} {result.outcome}"
           + (f"; retrain job {result.job_id} queued (run `dmad worker`)" if result.job_id else ""))
     return 0
@@ -251,12 +232,13 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_versions(args: argparse.Namespace) -> int:
+    from app.services.read_models import version_info
     from app.services.status import version_dict
     from app.services.versions import list_versions
 
     _home, sessions = _open(args)
     with sessions() as session:
-        rows = [version_dict(v) for v in list_versions(session)]
+        rows = [version_dict(version_info(v)) for v in list_versions(session)]
     text = "\n".join(f"{'*' if r['status'] == 'active' else ' '} {r['name']}  {r['status']:<9} {r['created_at']:%Y-%m-%d %H:%M:%S}  "
                      f"{r['mode'] or '':<10} annotations {r['annotations']:>3}  {r['message']}" for r in rows)
     _emit(args, rows, text or "no versions yet: run `dmad train`")
@@ -265,21 +247,23 @@ def cmd_versions(args: argparse.Namespace) -> int:
 
 def cmd_promote(args: argparse.Namespace) -> int:
     from app.services import versions
+    from app.services.read_models import version_info
     from app.services.status import version_dict
 
     _home, sessions = _open(args)
     with sessions() as session:
         version = versions.promote(session, versions.get_version(session, args.version).id)
-        _emit(args, version_dict(version), f"{version.name} is active")
+        _emit(args, version_dict(version_info(version)), f"{version.name} is active")
     return 0
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
     from app.services import versions
+    from app.services.read_models import version_info
     from app.services.status import version_dict
 
     _home, sessions = _open(args)
     with sessions() as session:
         version = versions.rollback(session)
-        _emit(args, version_dict(version), f"rolled back: {version.name} is active")
+        _emit(args, version_dict(version_info(version)), f"rolled back: {version.name} is active")
     return 0

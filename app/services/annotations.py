@@ -31,12 +31,12 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 
-from app.errors import UserError
-from app.home import Home
-from db.engine import begin_write
-from db.models import ANNOTATION_KINDS, Annotation, AnnotationKind, Image, utcnow
+from app.home_folder import Home
+from db.engine import write_transaction
+from db.models import ANNOTATION_KINDS, Annotation, AnnotationKind, Category, Image, utcnow
 from db.queue import enqueue
 from dmad_core.data.readers import load_mask as read_mask
+from dmad_core.errors import Invalid, NotFound, UserError
 
 RETRAIN_KEY = "retrain"
 _HEX = re.compile(r"^[0-9a-fA-F]{8,64}$")
@@ -44,6 +44,14 @@ _HEX = re.compile(r"^[0-9a-fA-F]{8,64}$")
 
 class AnnotationError(UserError):
     """An annotation that cannot be stored; the message says what is wrong and what to do."""
+
+
+class UnknownAnnotationTarget(AnnotationError, NotFound):
+    """The image (or mask file) the annotation names does not exist."""
+
+
+class InvalidAnnotation(AnnotationError, Invalid):
+    """The annotation itself, or the image file it is on, cannot be stored as it is."""
 
 
 @dataclass(frozen=True)
@@ -59,12 +67,12 @@ def find_image(session: Session, ref: Image | str | int) -> Image:
     if isinstance(ref, Image):
         found = session.get(Image, ref.id)
         if found is None:
-            raise AnnotationError(f"image {ref.id} is not in the database; ingest it first with `dmad ingest`")
+            raise UnknownAnnotationTarget(f"image {ref.id} is not in the database; ingest it first with `dmad ingest`")
         return found
     if isinstance(ref, int) and not isinstance(ref, bool):
         found = session.get(Image, ref)
         if found is None:
-            raise AnnotationError(f"image {ref} is not in the database; ingest it first with `dmad ingest`")
+            raise UnknownAnnotationTarget(f"image {ref} is not in the database; ingest it first with `dmad ingest`")
         return found
     text = str(ref).strip()
     if text:
@@ -74,7 +82,7 @@ def find_image(session: Session, ref: Image | str | int) -> Image:
         if len(by_path) == 1:
             return by_path[0]
         if len(by_path) > 1:
-            raise AnnotationError(f"image file {text} was ingested in several categories; refer to it by id")
+            raise InvalidAnnotation(f"image file {text} was ingested in several categories; refer to it by id")
         if text.isdigit() and (found := session.get(Image, int(text))) is not None:
             return found
         if _HEX.match(text):
@@ -83,27 +91,27 @@ def find_image(session: Session, ref: Image | str | int) -> Image:
             if len(by_hash) == 1:
                 return by_hash[0]
             if len(by_hash) > 1:
-                raise AnnotationError(f"hash prefix {text} matches several images; give more characters or the id")
-    raise AnnotationError(f"image {text or ref!r} is not in the database; ingest it first with `dmad ingest`")
+                raise InvalidAnnotation(f"hash prefix {text} matches several images; give more characters or the id")
+    raise UnknownAnnotationTarget(f"image {text or ref!r} is not in the database; ingest it first with `dmad ingest`")
 
 
 def _as_mask(mask: np.ndarray, image: Image) -> np.ndarray:
     """A validated boolean mask of exactly the image's (height, width)."""
     arr = np.asarray(mask)
     if arr.ndim != 2:
-        raise AnnotationError(f"the mask must be a 2-D (height, width) array; got shape {arr.shape}")
+        raise InvalidAnnotation(f"the mask must be a 2-D (height, width) array; got shape {arr.shape}")
     if arr.dtype == np.bool_:
         out = arr
     elif np.issubdtype(arr.dtype, np.integer):
         zero = arr == 0
         if not (zero | (arr == 1)).all() and not (zero | (arr == 255)).all():
-            raise AnnotationError(f"mask values must be 0/1 or 0/255; found {np.unique(arr)[:10].tolist()}")
+            raise InvalidAnnotation(f"mask values must be 0/1 or 0/255; found {np.unique(arr)[:10].tolist()}")
         out = ~zero
     else:
-        raise AnnotationError(f"the mask must be boolean or uint8 (0/1 or 0/255), not {arr.dtype}; "
+        raise InvalidAnnotation(f"the mask must be boolean or uint8 (0/1 or 0/255), not {arr.dtype}; "
                               "threshold it first, e.g. mask > 0.5")
     if arr.shape != (image.height, image.width):
-        raise AnnotationError(
+        raise InvalidAnnotation(
             f"the mask is {arr.shape[1]}x{arr.shape[0]} (width x height) but image {image.id} ({image.path}) "
             f"is {image.width}x{image.height}; masks must match the image exactly")
     return out
@@ -120,13 +128,13 @@ def _check_image_file(image: Image) -> None:
             im.load()
             size = im.size
     except FileNotFoundError as exc:
-        raise AnnotationError(f"image file {image.path} (image {image.id}) no longer exists; "
+        raise InvalidAnnotation(f"image file {image.path} (image {image.id}) no longer exists; "
                               "restore it or re-ingest with `dmad ingest`") from exc
     except Exception as exc:
-        raise AnnotationError(f"corrupt or unreadable image file {image.path} (image {image.id}): {exc}; "
+        raise InvalidAnnotation(f"corrupt or unreadable image file {image.path} (image {image.id}): {exc}; "
                               "replace the file and re-ingest it with `dmad ingest`") from exc
     if size != (image.width, image.height):
-        raise AnnotationError(f"image file {image.path} is now {size[0]}x{size[1]} but was ingested as "
+        raise InvalidAnnotation(f"image file {image.path} is now {size[0]}x{size[1]} but was ingested as "
                               f"{image.width}x{image.height}; re-ingest it with `dmad ingest`")
 
 
@@ -189,7 +197,8 @@ def mask_file(home: Home, annotation_id: int) -> Path:
 
 def record_annotation(session: Session, home: Home, *, image: Image | str | int, kind: AnnotationKind,
                       mask: np.ndarray | None = None, source: str = "cli", external_id: str | None = None,
-                      source_updated_at: datetime | None = None, enqueue_retrain: bool = True) -> RecordResult:
+                      source_updated_at: datetime | None = None, enqueue_retrain: bool = True,
+                      category: str | None = None) -> RecordResult:
     """Validate and store one annotation, with its mask file and a coalesced retrain job, atomically.
 
     Outcomes: 'created'; 'updated' (a newer `source_updated_at`, or different content when the source
@@ -198,13 +207,15 @@ def record_annotation(session: Session, home: Home, *, image: Image | str | int,
     The session's open transaction, if any, is committed first; on error everything is rolled back.
     """
     if kind not in ANNOTATION_KINDS:
-        raise AnnotationError(f"annotation kind must be one of {', '.join(ANNOTATION_KINDS)}, not {kind!r}")
+        raise InvalidAnnotation(f"annotation kind must be one of {', '.join(ANNOTATION_KINDS)}, not {kind!r}")
     if kind == "defect_mask" and mask is None:
-        raise AnnotationError("a 'defect_mask' annotation needs a mask; without one use kind 'defect_no_mask'")
+        raise InvalidAnnotation("a 'defect_mask' annotation needs a mask; without one use kind 'defect_no_mask'")
     if kind != "defect_mask" and mask is not None:
-        raise AnnotationError(f"a {kind!r} annotation takes no mask; for a defect with a mask use 'defect_mask'")
+        raise InvalidAnnotation(f"a {kind!r} annotation takes no mask; for a defect with a mask use 'defect_mask'")
     if not source:
-        raise AnnotationError("an annotation needs a source ('cli', 'labelstudio', 'ui')")
+        raise InvalidAnnotation("an annotation needs a source ('cli', 'labelstudio', 'ui')")
+    if category is not None:
+        _check_category(session, image, category)
     external_id = None if external_id is None else str(external_id)
     ts = _utc(source_updated_at)
     for attempt in range(2):
@@ -216,57 +227,63 @@ def record_annotation(session: Session, home: Home, *, image: Image | str | int,
     raise AssertionError("unreachable")
 
 
+def _check_category(session: Session, image: Image | str | int, category: str) -> None:
+    """The caller says which category the image is in (`dmad annotate --category`): a typo in the image
+    reference must not annotate an image of another product class."""
+    if session.scalars(select(Category).where(Category.name == category)).first() is None:
+        raise UnknownAnnotationTarget(f"unknown category {category!r}; ingest it first with `dmad ingest`")
+    found = find_image(session, image)
+    if found.category.name != category:
+        raise InvalidAnnotation(f"{image} is in category {found.category.name!r}, not {category!r}")
+
+
 def _record(session: Session, home: Home, image_ref: Image | str | int, kind: AnnotationKind,
             mask: np.ndarray | None, source: str, external_id: str | None, ts: datetime | None,
             enqueue_retrain: bool) -> RecordResult:
     image_id = image_ref.id if isinstance(image_ref, Image) else None
-    begin_write(session)
     files = _MaskFiles()
     try:
-        image = find_image(session, image_id if image_id is not None else image_ref)
-        bool_mask = _as_mask(mask, image) if mask is not None else None
-        if bool_mask is not None and not bool_mask.any():
-            raise AnnotationError("the mask is empty; mark the image 'normal' or draw the defect")
-        mask_hash = _mask_sha256(bool_mask) if bool_mask is not None else None
+        with write_transaction(session):
+            image = find_image(session, image_id if image_id is not None else image_ref)
+            bool_mask = _as_mask(mask, image) if mask is not None else None
+            if bool_mask is not None and not bool_mask.any():
+                raise InvalidAnnotation("the mask is empty; mark the image 'normal' or draw the defect")
+            mask_hash = _mask_sha256(bool_mask) if bool_mask is not None else None
 
-        existing = _existing(session, image, source, external_id)
-        outcome = _outcome(existing, image, kind, mask_hash, ts)
-        if outcome == "unchanged":
-            assert existing is not None
-            unchanged = RecordResult(existing.id, "unchanged", None)
-            session.rollback()  # nothing was written; just end the transaction
-            return unchanged
+            existing = _existing(session, image, source, external_id)
+            outcome = _outcome(existing, image, kind, mask_hash, ts)
+            if outcome == "unchanged":
+                assert existing is not None
+                return RecordResult(existing.id, "unchanged", None)  # nothing was written
 
-        _check_image_file(image)
-        now = utcnow()
-        if existing is None:
-            annotation = Annotation(image_id=image.id, kind=kind, source=source, external_id=external_id,
-                                    source_updated_at=ts, created_at=now, updated_at=now)
-            session.add(annotation)
+            _check_image_file(image)
+            now = utcnow()
+            if existing is None:
+                annotation = Annotation(image_id=image.id, kind=kind, source=source, external_id=external_id,
+                                        source_updated_at=ts, created_at=now, updated_at=now)
+                session.add(annotation)
+                session.flush()
+            else:
+                annotation = existing
+                annotation.image_id = image.id
+                annotation.kind = kind
+                annotation.source_updated_at = ts if ts is not None else annotation.source_updated_at
+                annotation.updated_at = now
+                annotation.deleted_at = None
+            path = mask_file(home, annotation.id)
+            if bool_mask is not None:
+                files.put(path, bool_mask)
+                annotation.mask_path = str(path)
+            else:
+                files.remove(path)
+                annotation.mask_path = None
+            annotation.mask_sha256 = mask_hash
+            job_id = None
+            if enqueue_retrain:
+                job_id = enqueue(session, "retrain", {"trigger": "annotations"}, coalesce_key=RETRAIN_KEY).id
             session.flush()
-        else:
-            annotation = existing
-            annotation.image_id = image.id
-            annotation.kind = kind
-            annotation.source_updated_at = ts if ts is not None else annotation.source_updated_at
-            annotation.updated_at = now
-            annotation.deleted_at = None
-        path = mask_file(home, annotation.id)
-        if bool_mask is not None:
-            files.put(path, bool_mask)
-            annotation.mask_path = str(path)
-        else:
-            files.remove(path)
-            annotation.mask_path = None
-        annotation.mask_sha256 = mask_hash
-        job_id = None
-        if enqueue_retrain:
-            job_id = enqueue(session, "retrain", {"trigger": "annotations"}, coalesce_key=RETRAIN_KEY).id
-        session.flush()
-        result = RecordResult(annotation.id, outcome, job_id)
-        session.commit()
+            result = RecordResult(annotation.id, outcome, job_id)
     except BaseException:
-        session.rollback()
         files.rollback()
         raise
     files.commit()
@@ -302,9 +319,8 @@ def delete_annotation(session: Session, home: Home, *, source: str | None = None
     """Soft-delete an annotation by (source, external_id) or by id; the row and its mask file stay
     for history. Idempotent: False when there is nothing (left) to delete."""
     if annotation_id is None and (source is None or external_id is None):
-        raise AnnotationError("say which annotation to delete: a source and external id, or an annotation id")
-    begin_write(session)
-    try:
+        raise InvalidAnnotation("say which annotation to delete: a source and external id, or an annotation id")
+    with write_transaction(session):
         if annotation_id is not None:
             annotation = session.get(Annotation, annotation_id, populate_existing=True)
         else:
@@ -313,17 +329,12 @@ def delete_annotation(session: Session, home: Home, *, source: str | None = None
                 .execution_options(populate_existing=True)
             ).first()
         if annotation is None or annotation.deleted_at is not None:
-            session.rollback()
             return False
         now = utcnow()
         annotation.deleted_at = now
         annotation.updated_at = now
         if enqueue_retrain:
             enqueue(session, "retrain", {"trigger": "annotations"}, coalesce_key=RETRAIN_KEY)
-        session.commit()
-    except BaseException:
-        session.rollback()
-        raise
     return True
 
 
@@ -339,9 +350,9 @@ def load_mask(annotation: Annotation, home: Home) -> np.ndarray:
     """The annotation's defect mask as a boolean (height, width) array, read by the engine's one
     `load_mask` (any nonzero pixel is defect; the masks this module writes are 0/255)."""
     if annotation.kind != "defect_mask":
-        raise AnnotationError(f"annotation {annotation.id} is {annotation.kind!r} and has no mask")
+        raise InvalidAnnotation(f"annotation {annotation.id} is {annotation.kind!r} and has no mask")
     path = mask_file(home, annotation.id)
     try:
         return read_mask(path)
     except FileNotFoundError as exc:
-        raise AnnotationError(f"mask file {path} of annotation {annotation.id} is missing") from exc
+        raise UnknownAnnotationTarget(f"mask file {path} of annotation {annotation.id} is missing") from exc

@@ -6,9 +6,9 @@ from __future__ import annotations
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.errors import UserError
-from app.home import Home
+from app.home_folder import Home
 from db.engine import cached_engine, session_factory, upgrade_to_head
+from dmad_core.errors import NotFound, Unavailable
 
 
 def has_database(home: Home) -> bool:
@@ -19,12 +19,12 @@ def open_database(home: Home, create: bool = False) -> sessionmaker[Session]:
     """A session factory on the home's database at the newest schema; a clear error when the home
     was never initialised (unless `create`, which `dmad init` passes) or the database does not answer."""
     if not create and not has_database(home):
-        raise UserError(f"no database in {home.root}; create the home with `dmad init --home {home.root}`")
+        raise NotFound(f"no database in {home.root}; create the home with `dmad init --home {home.root}`")
     url = home.db_url()
     try:
         upgrade_to_head(url)
     except OperationalError as exc:
-        raise UserError(f"cannot open the database {redact_url(url)}: {exc.orig}") from exc
+        raise Unavailable(f"cannot open the database {redact_url(url)}: {exc.orig}") from exc
     return session_factory(cached_engine(url))
 
 

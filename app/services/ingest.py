@@ -13,11 +13,11 @@ from pathlib import Path
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app.errors import UserError
-from db.engine import begin_write
+from db.engine import write_transaction
 from db.models import Category, Image
 from db.repositories import add_image
 from dmad_core.data.readers import read_category
+from dmad_core.errors import Invalid, UserError
 
 
 @dataclass
@@ -48,16 +48,15 @@ def ingest_folders(session: Session, folders: list[str | Path]) -> IngestReport:
     for folder in folders:
         root = Path(folder).expanduser()
         if not root.is_dir():
-            raise UserError(f"{root} is not a folder; pass one folder per product class (e.g. DATA/bottle)")
+            raise Invalid(f"{root} is not a folder; pass one folder per product class (e.g. DATA/bottle)")
         try:
             datasets.append(read_category(root))
         except (ValueError, OSError) as exc:
-            raise UserError(f"cannot read {root}: {exc}") from exc
-    begin_write(session)
-    try:
+            raise Invalid(f"cannot read {root}: {exc}") from exc
+    with write_transaction(session):
         for ds in datasets:
             if not ds.train and not ds.test:
-                raise UserError(f"{ds.root} holds no readable images in a known layout "
+                raise Invalid(f"{ds.root} holds no readable images in a known layout "
                                 "(MVTec AD, MVTec 3D-AD RGB, or a plain folder of images)")
             known = _known_ids(session, ds.name)
             entry = CategoryIngest(ds.name, str(ds.layout))
@@ -70,10 +69,6 @@ def ingest_folders(session: Session, folders: list[str | Path]) -> IngestReport:
                              gt_mask_path=record.mask_path, defect_type=record.defect_type)
                 _tally(entry, known, image)
             report.categories.append(entry)
-        session.commit()
-    except BaseException:
-        session.rollback()
-        raise
     return report
 
 

@@ -1,9 +1,9 @@
-"""Send chosen pool images to Label Studio as tasks, with the model's heat map as pre-annotation.
+"""Send pool images to Label Studio as tasks, with the model's heat map as pre-annotation.
 
-The same path as `dmad labelstudio push` (items built from the active version's pool scores, the heat
-map thresholded at the version's `pixel_threshold`, `annotation.project.push_tasks` for idempotent
-creation), for images an inspector picked in the UI rather than the top N. It also returns each
-image's task id, so the UI can link straight to the task.
+One path for `dmad labelstudio push` (the active version's top N, :func:`push_top`) and for images an
+inspector picked in the UI (:func:`send_images`): items built from the active version's pool scores,
+the heat map thresholded at the version's `pixel_threshold`, `annotation.project.push_tasks` for
+idempotent creation. The UI's path also returns each image's task id, so it can link straight to it.
 """
 
 from __future__ import annotations
@@ -13,26 +13,25 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select
-from sqlalchemy.orm import Session, contains_eager
+from sqlalchemy.orm import Session, contains_eager, sessionmaker
 
-from app.commands.labelstudio import PIXEL_THRESHOLD_KEY, connect_project, heatmap_mask, webhook_base_url
-from app.errors import UserError
-from app.home import Home
+from app.home_folder import Home
+from app.services.labelstudio import (
+    PIXEL_THRESHOLD_KEY,
+    Connection,
+    connect,
+    connect_project,
+    heatmap_mask,
+    webhook_base_url,
+)
 from app.services.versions import active_version
 from db.models import Image, ModelVersion, PoolScore
+from db.repositories import top_pool_scores
 from dmad_core.config import DMADConfig
+from dmad_core.errors import Conflict, Invalid
 
 if TYPE_CHECKING:
     from annotation.project import TaskItem
-
-
-@dataclass(frozen=True)
-class Connection:
-    """A client on the home's Label Studio, its project, and the address inspectors open."""
-
-    client: Any  # label_studio_sdk.LabelStudio
-    project_id: int
-    url: str
 
 
 @dataclass(frozen=True)
@@ -43,6 +42,15 @@ class SentTask:
 
 
 @dataclass(frozen=True)
+class PushTopResult:
+    created: int
+    skipped_existing: int
+    project_id: int
+    model_version: str
+    pre_annotation_masks: bool  # False when the version records no pixel threshold
+
+
+@dataclass(frozen=True)
 class SendResult:
     created: int
     skipped_existing: int
@@ -50,15 +58,6 @@ class SendResult:
     model_version: str
     pre_annotation_masks: bool  # False when the version records no pixel threshold
     tasks: list[SentTask]
-
-
-def connect(home: Home) -> Connection:
-    """The home's project on its running Label Studio, with config and webhook brought up to date;
-    a UserError that says how to start it when it is not answering."""
-    from annotation.server import LabelStudioServer
-
-    client, project_id = connect_project(home)
-    return Connection(client, project_id, LabelStudioServer(home).url)
 
 
 def task_items(version: ModelVersion, rows: Sequence[PoolScore], image_base_url: str) -> list[TaskItem]:
@@ -95,17 +94,17 @@ def send_images(session: Session, home: Home, image_ids: Sequence[int]) -> SendR
     from annotation.project import push_tasks
 
     if not image_ids:
-        raise UserError("select at least one image first")
+        raise Invalid("select at least one image first")
     version = active_version(session)
     if version is None:
-        raise UserError("no active model version; train one first (`dmad train`)")
+        raise Conflict("no active model version; train one first (`dmad train`)")
     rows = list(session.scalars(
         select(PoolScore).join(PoolScore.image).options(contains_eager(PoolScore.image).joinedload(Image.category))
         .where(PoolScore.version_id == version.id, PoolScore.image_id.in_([int(i) for i in image_ids]))
         .order_by(PoolScore.score.desc())))
     if not rows:
-        raise UserError(f"model {version.name} has not scored the selected images")
-    connection = connect(home)
+        raise Conflict(f"model {version.name} has not scored the selected images")
+    connection: Connection = connect(home)
     items = task_items(version, rows, webhook_base_url(home))
     result = push_tasks(connection.client, connection.project_id, items,
                         label=home.load_settings().defect_labels[0])
@@ -117,3 +116,25 @@ def send_images(session: Session, home: Home, image_ids: Sequence[int]) -> SendR
         tasks.append(SentTask(item.image_id, task_id, link))
     return SendResult(result.created, result.skipped_existing, connection.project_id, version.name,
                       (version.config or {}).get(PIXEL_THRESHOLD_KEY) is not None, tasks)
+
+
+def push_top(home: Home, sessions: sessionmaker[Session], limit: int = 50, category: str | None = None,
+             min_score: float | None = None) -> PushTopResult:
+    """Create tasks for the active version's highest-scoring pool images that have no annotation yet
+    (those already in the project are skipped)."""
+    from annotation.project import push_tasks
+
+    client, project_id = connect_project(home)
+    with sessions() as session:
+        version = active_version(session)
+        if version is None:
+            raise Conflict("no active model version; train one first (`dmad train`)")
+        rows = top_pool_scores(session, version.id, limit=limit, category=category, min_score=min_score,
+                               unannotated=True)
+        if not rows:
+            raise Conflict(f"model {version.name} has no unannotated pool images to send "
+                           "(all are annotated, or none match the filters)")
+        items = task_items(version, rows, webhook_base_url(home))
+    result = push_tasks(client, project_id, items, label=home.load_settings().defect_labels[0])
+    return PushTopResult(result.created, result.skipped_existing, project_id, version.name,
+                         (version.config or {}).get(PIXEL_THRESHOLD_KEY) is not None)

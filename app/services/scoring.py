@@ -12,12 +12,12 @@ from typing import Any
 import numpy as np
 from sqlalchemy.orm import Session
 
-from app.errors import UserError
-from app.home import Home
+from app.home_folder import Home
 from db.models import Image, ModelVersion
 from db.repositories import PoolScoreRow
 from dmad_core.config import DMADConfig
 from dmad_core.data.readers import load_image
+from dmad_core.errors import NotFound
 from dmad_core.model import DMAD, FeatureStore, ImageItem, Prediction, Progress, no_progress
 from dmad_core.persistence import saved_config
 
@@ -91,7 +91,7 @@ def score_file(home: Home, version: ModelVersion, path: str | Path, category: st
     with the version's image threshold (the highest score of a normal validation image)."""
     model = load_model(home, version)
     if category not in model.categories_:
-        raise UserError(f"unknown category {category!r}; this model knows {', '.join(model.categories_)}")
+        raise NotFound(f"unknown category {category!r}; this model knows {', '.join(model.categories_)}")
     array = load_image(path)
     pred = model.predict([ImageItem.from_path(path, category)], progress_bar=False)[0]
     height, width = array.shape[:2]

@@ -1,4 +1,5 @@
-"""What `dmad status` and `dmad versions` report: plain dictionaries, ready for JSON."""
+"""What `dmad status` and `dmad versions` report: plain dictionaries, ready for JSON, built from the
+read models of `app.services.read_models` (the same the UI shows)."""
 
 from __future__ import annotations
 
@@ -7,23 +8,23 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.home import Home
-from app.services import versions
-from db.models import JOB_STATUSES, Job, ModelVersion
+from app.home_folder import Home
+from app.services.read_models import JobInfo, VersionInfo, active_version_info, job_info
+from db.models import JOB_STATUSES, Job
 from db.queue import list_jobs
 from db.repositories import metric_history, training_counts
 
 
-def version_dict(v: ModelVersion) -> dict[str, Any]:
-    config = v.config or {}
-    return {"id": v.id, "name": v.name, "status": v.status, "mode": config.get("mode"),
+def version_dict(v: VersionInfo) -> dict[str, Any]:
+    """A version as `dmad status` / `dmad versions` print it in JSON."""
+    return {"id": v.id, "name": v.name, "status": v.status, "mode": v.mode,
             "created_at": v.created_at, "activated_at": v.activated_at, "parent_id": v.parent_id,
-            "annotations": len((v.trained_on or {}).get("annotation_ids", [])),
-            "trained_on": v.trained_on, "seconds": config.get("seconds", {}), "message": v.message,
+            "annotations": v.annotations, "trained_on": v.trained_on, "seconds": v.seconds, "message": v.message,
             "folder": v.folder}
 
 
-def job_dict(job: Job) -> dict[str, Any]:
+def job_dict(job: JobInfo) -> dict[str, Any]:
+    """A job as `dmad status` prints it in JSON."""
     return {"id": job.id, "type": job.type, "status": job.status, "progress": job.progress,
             "message": job.message, "attempts": job.attempts, "max_attempts": job.max_attempts,
             "error": job.error, "created_at": job.created_at, "started_at": job.started_at,
@@ -43,13 +44,13 @@ def metrics_by_category(session: Session) -> dict[str, list[dict[str, Any]]]:
 
 def home_status(home: Home, sessions: sessionmaker[Session]) -> dict[str, Any]:
     with sessions() as session:
-        active = versions.active_version(session)
+        active = active_version_info(session)
         counts = dict(session.execute(select(Job.status, func.count(Job.id)).group_by(Job.status)).all())
         return {
             "home": str(home.root),
             "active_version": version_dict(active) if active else None,
             "queue": {**{s: counts.get(s, 0) for s in JOB_STATUSES},
-                      "recent": [job_dict(j) for j in list_jobs(session, limit=10)]},
+                      "recent": [job_dict(job_info(j)) for j in list_jobs(session, limit=10)]},
             "metrics": metrics_by_category(session),
             "training_data": training_counts(session),
         }

@@ -27,15 +27,15 @@ from typing import Any, Literal
 from sqlalchemy import select
 from sqlalchemy.orm import Session, selectinload, sessionmaker
 
-from app.errors import UserError
-from app.home import Home
+from app.home_folder import Home
 from app.services import versions
 from app.services.annotations import active_annotations, load_mask
 from app.services.scoring import engine_config, feature_store, image_item, load_model, pool_rows
-from db.engine import begin_write
+from db.engine import write_transaction
 from db.models import Image, ModelVersion
 from db.repositories import build_trained_on, record_metrics, store_pool_scores
 from dmad_core.data.readers import ImageRecord
+from dmad_core.errors import Conflict
 from dmad_core.evaluation import class_metrics, outlier_items
 from dmad_core.model import DMAD, DefectAnnotation, ImageItem, Progress, no_progress
 
@@ -120,7 +120,7 @@ def train_version(home: Home, sessions: sessionmaker[Session], *, warm_start: bo
         data = gather_training_data(session, home)
         parent = versions.active_version(session)
     if not data.normal:
-        raise UserError("no normal training images; ingest category folders with `dmad ingest` first")
+        raise Conflict("no normal training images; ingest category folders with `dmad ingest` first")
     seconds: dict[str, float] = {}
     mode: Literal["scratch", "warm_start"] = "warm_start" if warm_start and parent is not None else "scratch"
     t0 = time.perf_counter()
@@ -174,14 +174,14 @@ def train_version(home: Home, sessions: sessionmaker[Session], *, warm_start: bo
             version = versions.commit_version(
                 session, home, name, tmp, config_record, parent.id if parent else None, data.trained_on,
                 status="candidate", message=f"{mode.replace('_', ' ')}; job {job_id}" if job_id else mode)
-            begin_write(session)
-            record_metrics(session, version.id, metrics)
-            store_pool_scores(session, version.id, pool_rows(data.pool, [predictions[img.id] for img in data.pool]))
-            session.commit()
+            with write_transaction(session):
+                record_metrics(session, version.id, metrics)
+                store_pool_scores(session, version.id,
+                                  pool_rows(data.pool, [predictions[img.id] for img in data.pool]))
             checkpoint("promoting")
             versions.promote(session, version.id)
         except BaseException:
-            session.rollback()
+            session.rollback()  # whatever read or write was still open when the failure came
             if version is None:
                 shutil.rmtree(tmp, ignore_errors=True)
             else:
@@ -193,21 +193,19 @@ def train_version(home: Home, sessions: sessionmaker[Session], *, warm_start: bo
 
 
 def _mark_failed(session: Session, version_id: int) -> None:
-    begin_write(session)
-    version = session.get(ModelVersion, version_id, populate_existing=True)
-    if version is not None and version.status == "candidate":
-        version.status = "failed"
-    session.commit()
+    with write_transaction(session):
+        version = session.get(ModelVersion, version_id, populate_existing=True)
+        if version is not None and version.status == "candidate":
+            version.status = "failed"
 
 
 def _fail_stale_candidates(session: Session, job_id: int | None) -> None:
     """A worker that died between publishing and promoting left a candidate: the retry replaces it."""
     if job_id is None:
         return
-    begin_write(session)
-    for version in session.scalars(select(ModelVersion).where(ModelVersion.status == "candidate")):
-        if (version.config or {}).get("job_id") == job_id:
-            version.status = "failed"
-            version.message = f"{version.message}; abandoned: its worker stopped before promoting it"
-    session.commit()
+    with write_transaction(session):
+        for version in session.scalars(select(ModelVersion).where(ModelVersion.status == "candidate")):
+            if (version.config or {}).get("job_id") == job_id:
+                version.status = "failed"
+                version.message = f"{version.message}; abandoned: its worker stopped before promoting it"
 

@@ -9,7 +9,6 @@ The few writes (enqueueing jobs) commit their own short transaction, like the se
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -19,42 +18,26 @@ from sqlalchemy import Select, exists, func, select
 from sqlalchemy.orm import Session
 
 from app.services.annotations import RETRAIN_KEY
-from db.engine import begin_write
+from app.services.read_models import (
+    ACTIVE_JOB_STATUSES,
+    JobInfo,
+    VersionInfo,
+    active_version_info,
+    job_info,
+    version_info,
+)
+from db.engine import write_transaction
 from db.models import Annotation, Category, Image, Job, ModelVersion, PoolScore
 from db.queue import enqueue, list_jobs
 from db.repositories import COUNT_KEYS, annotation_counts_by_version, metric_history
-
-ACTIVE_JOB_STATUSES = ("queued", "running")
-METRIC_NAMES = ("image_auroc", "pixel_auroc", "pro", "image_ap", "pixel_ap", "image_f1max", "pixel_f1max")
+from dmad_core.metrics import METRIC_NAMES
 
 
 # -- versions ---------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class VersionInfo:
-    id: int
-    name: str
-    status: str
-    created_at: datetime
-    activated_at: datetime | None
-    message: str
-    trained_on: dict[str, Any]
-    config: dict[str, Any]
-
-
-def _version_info(v: ModelVersion) -> VersionInfo:
-    return VersionInfo(v.id, v.name, v.status, v.created_at, v.activated_at, v.message or "",
-                       dict(v.trained_on or {}), dict(v.config or {}))
-
-
-def active_version(session: Session) -> VersionInfo | None:
-    version = session.scalars(select(ModelVersion).where(ModelVersion.status == "active")).first()
-    return None if version is None else _version_info(version)
-
-
 def versions(session: Session) -> list[VersionInfo]:
     """All versions, oldest first (the order the metric charts use)."""
     rows = session.scalars(select(ModelVersion).order_by(ModelVersion.created_at, ModelVersion.id))
-    return [_version_info(v) for v in rows]
+    return [version_info(v) for v in rows]
 
 
 def trained_on_summary(trained_on: dict[str, Any]) -> str:
@@ -109,7 +92,7 @@ def overview(session: Session) -> Overview:
     images = images.rename(columns={"defect_mask": "annotated defect (mask)", "normal": "confirmed normal",
                                     "defect_no_mask": "annotated defect (no mask)"}).sort_index()
     images.index.name = "category"
-    active = active_version(session)
+    active = active_version_info(session)
     pool_scored = 0 if active is None else int(session.scalar(
         select(func.count(PoolScore.id)).where(PoolScore.version_id == active.id)) or 0)
     jobs = {status: int(n) for status, n in session.execute(
@@ -266,40 +249,14 @@ def image_annotations(session: Session, image_id: int) -> list[Annotation]:
 
 
 # -- jobs -------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class JobInfo:
-    id: int
-    type: str
-    status: str
-    progress: float
-    message: str
-    attempts: int
-    max_attempts: int
-    created_at: datetime
-    started_at: datetime | None
-    finished_at: datetime | None
-    error: str | None
-    payload: dict[str, Any]
-
-    @property
-    def active(self) -> bool:
-        return self.status in ACTIVE_JOB_STATUSES
-
-
-def _job_info(job: Job) -> JobInfo:
-    return JobInfo(job.id, job.type, job.status, float(job.progress or 0.0), job.message or "", job.attempts,
-                   job.max_attempts, job.created_at, job.started_at, job.finished_at, job.error,
-                   dict(job.payload or {}))
-
-
 def jobs(session: Session, limit: int = 50) -> list[JobInfo]:
     """The newest jobs, newest first."""
-    return [_job_info(j) for j in list_jobs(session, limit=limit)]
+    return [job_info(j) for j in list_jobs(session, limit=limit)]
 
 
 def job(session: Session, job_id: int) -> JobInfo | None:
     found = session.get(Job, job_id, populate_existing=True)
-    return None if found is None else _job_info(found)
+    return None if found is None else job_info(found)
 
 
 def any_active_job(session: Session) -> bool:
@@ -307,14 +264,9 @@ def any_active_job(session: Session) -> bool:
 
 
 def _enqueue(session: Session, type: str, payload: dict[str, Any], coalesce_key: str | None) -> JobInfo:
-    begin_write(session)
-    try:
+    with write_transaction(session):
         queued = enqueue(session, type, payload, coalesce_key=coalesce_key)
-        session.commit()
-    except BaseException:
-        session.rollback()
-        raise
-    return _job_info(queued)
+    return job_info(queued)
 
 
 def enqueue_retrain(session: Session) -> JobInfo:

@@ -21,10 +21,10 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app.errors import UserError
-from app.home import Home
-from db.engine import begin_write
+from app.home_folder import Home
+from db.engine import write_transaction
 from db.models import ModelVersion, VersionStatus, utcnow
+from dmad_core.errors import Conflict, NotFound, UserError
 
 _NAME = re.compile(r"^v(\d{4,})$")
 _TMP = re.compile(r"^\.tmp-(v\d{4,})-[0-9a-f]+$")
@@ -32,7 +32,15 @@ TMP_MAX_AGE_SECONDS = 3600.0
 
 
 class VersionError(UserError):
-    """A version operation the current state does not allow (message says why and what to do)."""
+    """A version operation that cannot be done (message says why and what to do)."""
+
+
+class VersionNotFound(VersionError, NotFound):
+    """No such version (or no such temporary folder to publish)."""
+
+
+class VersionConflict(VersionError, Conflict):
+    """The registry's current state does not allow the operation."""
 
 
 def _number(name: str) -> int | None:
@@ -93,27 +101,25 @@ def commit_version(session: Session, home: Home, name: str, tmp_path: Path, conf
         raise ValueError(f"bad version name {name!r}; use new_version_dir() to allocate one")
     tmp_path = Path(tmp_path)
     if not tmp_path.is_dir():
-        raise VersionError(f"temporary version folder {tmp_path} does not exist")
+        raise VersionNotFound(f"temporary version folder {tmp_path} does not exist")
     final = home.models_dir / name
     if final.exists():
-        raise VersionError(f"version folder {final} already exists; allocate a new name with new_version_dir()")
+        raise VersionConflict(f"version folder {final} already exists; allocate a new name with new_version_dir()")
     _fsync_tree(tmp_path)
     os.rename(tmp_path, final)  # atomic on one file system; fails if `final` appeared meanwhile
     _fsync_dir(home.models_dir)
     try:
-        begin_write(session)
-        version = ModelVersion(name=name, folder=str(final.resolve()), config=dict(config),
-                               parent_id=parent_id, status="candidate", trained_on=dict(trained_on),
-                               message=message)
-        session.add(version)
-        session.flush()
-        if status == "active":
-            _activate(session, version)
-        else:
-            version.status = status
-        session.commit()
+        with write_transaction(session):
+            version = ModelVersion(name=name, folder=str(final.resolve()), config=dict(config),
+                                   parent_id=parent_id, status="candidate", trained_on=dict(trained_on),
+                                   message=message)
+            session.add(version)
+            session.flush()
+            if status == "active":
+                _activate(session, version)
+            else:
+                version.status = status
     except BaseException:
-        session.rollback()
         os.rename(final, tmp_path)
         raise
     return version
@@ -135,7 +141,7 @@ def get_version(session: Session, ref: int | str) -> ModelVersion:
     else:
         version = session.scalars(select(ModelVersion).where(ModelVersion.name == ref)).first()
     if version is None:
-        raise VersionError(f"model version {ref} does not exist; list them with `dmad versions`")
+        raise VersionNotFound(f"model version {ref} does not exist; list them with `dmad versions`")
     return version
 
 
@@ -158,19 +164,14 @@ def _activate(session: Session, version: ModelVersion) -> None:
 
 def promote(session: Session, version_id: int) -> ModelVersion:
     """Make a version the active one, retiring the current one, in one transaction."""
-    begin_write(session)
-    try:
+    with write_transaction(session):
         version = session.get(ModelVersion, version_id, populate_existing=True)
         if version is None:
-            raise VersionError(f"model version {version_id} does not exist; list them with `dmad versions`")
+            raise VersionNotFound(f"model version {version_id} does not exist; list them with `dmad versions`")
         if version.status == "failed":
-            raise VersionError(f"model version {version.name} failed to train and cannot be promoted")
+            raise VersionConflict(f"model version {version.name} failed to train and cannot be promoted")
         if version.status != "active":
             _activate(session, version)
-        session.commit()
-    except BaseException:
-        session.rollback()
-        raise
     return version
 
 
@@ -180,14 +181,13 @@ def rollback(session: Session) -> ModelVersion:
     The current version becomes 'retired' and is marked rolled back, so that a second rollback goes
     one further back instead of returning to it. Returns the version now active.
     """
-    begin_write(session)
-    try:
+    with write_transaction(session):
         current = session.scalars(
             select(ModelVersion).where(ModelVersion.status == "active").with_for_update()
             .execution_options(populate_existing=True)
         ).first()
         if current is None or current.activated_at is None:
-            raise VersionError("there is no active model version to roll back from")
+            raise VersionConflict("there is no active model version to roll back from")
         previous = session.scalars(
             select(ModelVersion)
             .where(ModelVersion.status == "retired", ModelVersion.activated_at.is_not(None),
@@ -196,7 +196,8 @@ def rollback(session: Session) -> ModelVersion:
             .limit(1).execution_options(populate_existing=True)
         ).first()
         if previous is None:
-            raise VersionError(f"{current.name} is the first version ever activated; there is nothing to roll back to")
+            raise VersionConflict(
+                f"{current.name} is the first version ever activated; there is nothing to roll back to")
         now = utcnow()
         current.status = "retired"
         current.rolled_back_at = now
@@ -204,10 +205,6 @@ def rollback(session: Session) -> ModelVersion:
         previous.status = "active"
         previous.activated_at = now
         session.flush()
-        session.commit()
-    except BaseException:
-        session.rollback()
-        raise
     return previous
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from app.services import ui_queries as q
+from app.services import ui_queries as queries
 from app.ui import context as ui
 
 ui.page("Home", "🏭")
@@ -16,7 +16,7 @@ home, sessions = ui.open_home()
 st.caption(f"Home folder `{home.root}`")
 
 with sessions() as session:
-    info = q.overview(session)
+    info = queries.overview(session)
 
 top = st.columns(5)
 top[0].metric("Images", info.n_images)
@@ -38,7 +38,7 @@ else:
     v = info.active
     activated = v.activated_at.strftime("%Y-%m-%d %H:%M UTC") if v.activated_at else "-"
     st.markdown(f"Active version **{v.name}**, activated {activated}; it has scored **{info.pool_scored}** "
-                f"pool images. Trained on: {q.trained_on_summary(v.trained_on)}.")
+                f"pool images. Trained on: {queries.trained_on_summary(v.trained_on)}.")
     if info.pool_scored == 0:
         st.info(f"{v.name} has not scored the pool yet: the Review page fills once a scoring job has run.")
 

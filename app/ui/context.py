@@ -14,8 +14,10 @@ import numpy as np
 import streamlit as st
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.home import Home
+from app.home_folder import Home
+from app.services.database import has_database
 from app.ui import imaging
+from dmad_core.errors import Conflict, Invalid, NotFound, Unavailable, UserError
 
 if TYPE_CHECKING:
     from annotation.server import ServerStatus
@@ -26,6 +28,21 @@ NO_DATA = "No data yet: run `dmad ingest DIR` to add images of a product class."
 NO_MODEL = "No model yet: run `dmad train` to train the first (unsupervised) version."
 NO_LABEL_STUDIO = "Label Studio is not running: start it with `dmad labelstudio start`."
 
+# The UI's edge of the error types (dmad_core/errors.py): what is missing is a warning (the page goes
+# on without it); everything else the user must act on is an error.
+STREAMLIT_LEVEL: dict[type[UserError], str] = {NotFound: "warning", Invalid: "error", Conflict: "error",
+                                               Unavailable: "error", UserError: "error"}
+
+
+def error_level(exc: UserError) -> str:
+    """"warning" or "error": the Streamlit call that shows this error (the most specific type wins)."""
+    return next(level for kind, level in STREAMLIT_LEVEL.items() if isinstance(exc, kind))
+
+
+def show_error(exc: UserError, prefix: str = "") -> None:
+    """Shows an error the user can fix, at the level its type calls for."""
+    getattr(st, error_level(exc))(prefix + str(exc))
+
 
 def page(title: str, icon: str = "🔍") -> None:
     """Page settings; must be the page's first Streamlit call."""
@@ -34,10 +51,6 @@ def page(title: str, icon: str = "🔍") -> None:
 
 def current_home() -> Home:
     return Home.at(os.environ.get(HOME_ENV) or None)
-
-
-def has_database(home: Home) -> bool:
-    return home.load_settings().db_url is not None or home.db_path.exists()
 
 
 @st.cache_resource(show_spinner=False)
@@ -63,9 +76,9 @@ def open_home() -> tuple[Home, sessionmaker[Session]]:
 @st.cache_data(ttl=5, show_spinner=False)
 def labelstudio_status(home_root: str) -> ServerStatus:
     """Is the home's Label Studio running and answering? Cached a few seconds: it is an HTTP call."""
-    from annotation.server import LabelStudioServer
+    from app.services.labelstudio import label_studio_server
 
-    return LabelStudioServer(Home.at(home_root)).status()
+    return label_studio_server(Home.at(home_root)).status()
 
 
 @st.cache_data(max_entries=2000, show_spinner=False)

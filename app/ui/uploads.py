@@ -10,8 +10,8 @@ from pathlib import Path
 
 import PIL.Image
 
-from app.errors import UserError
-from app.home import Home
+from app.home_folder import Home
+from dmad_core.errors import Invalid
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -23,7 +23,7 @@ def save_upload(home: Home, filename: str, data: bytes) -> Path:
         with PIL.Image.open(io.BytesIO(data)) as im:
             im.load()
     except Exception as exc:
-        raise UserError(f"{filename} is not a readable image: {exc}") from exc
+        raise Invalid(f"{filename} is not a readable image: {exc}") from exc
     name = _UNSAFE.sub("_", Path(filename).name).strip("._") or "upload"
     home.uploads_dir.mkdir(parents=True, exist_ok=True)
     path = home.uploads_dir / f"{uuid.uuid4().hex[:12]}-{name}"

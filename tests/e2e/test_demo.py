@@ -20,7 +20,7 @@ import pytest
 import requests
 from sqlalchemy import func, select
 
-from app.home import Home, HomeSettings
+from app.home_folder import Home, HomeSettings
 from db.engine import cached_engine, session_factory
 from db.models import Image, ModelVersion, PoolScore
 from tests.processes import alive, dmad, free_port

@@ -27,8 +27,8 @@ import pytest
 import requests
 
 from annotation.rle import brush_result
-from annotation.server import LabelStudioServer
-from app.services import ui_queries as q
+from app.services import ui_queries as queries
+from app.services.labelstudio import label_studio_server
 from db.models import Annotation, Image, Job
 from tests.labelstudio_fixtures import label_studio_bin_or_skip
 from tests.ui_fixtures import PreparedHome, copy_prepared, ui_template  # noqa: F401
@@ -115,7 +115,7 @@ def app(ui_template: PreparedHome, tmp_path: Path) -> Iterator[App]:  # noqa: F8
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
-        LabelStudioServer(home).stop()  # only acts if `dmad up` did not stop it
+        label_studio_server(home).stop()  # only acts if `dmad up` did not stop it
         if ARTEFACTS.is_dir():  # what `dmad up` printed, next to the screenshots
             shutil.copy(output, ARTEFACTS / "dmad-up.out")
 
@@ -126,7 +126,7 @@ def test_review_send_annotate_retrain_metrics(app: App) -> None:
     ARTEFACTS.mkdir(parents=True, exist_ok=True)
     prepared = app.prepared
     sessions = prepared.sessions()
-    server = LabelStudioServer(prepared.home)
+    server = label_studio_server(prepared.home)
 
     def settle(page) -> None:  # noqa: ANN001
         """Waits until the page's script has finished (Streamlit marks its root), then checks that it
@@ -220,8 +220,8 @@ def test_review_send_annotate_retrain_metrics(app: App) -> None:
             assert seen
             expect(bar).to_have_count(0, timeout=RETRAIN_TIMEOUT * 1000)  # done: the page redraws itself
             with sessions() as session:
-                finished = q.job(session, job.id)
-                active = q.active_version(session)
+                finished = queries.job(session, job.id)
+                active = queries.active_version_info(session)
             assert finished.status == "succeeded", (finished.message, finished.error)
             assert active.name == "v0003" and active.trained_on["categories"]
             shot(page, "06-training-done")
@@ -245,5 +245,5 @@ def test_review_send_annotate_retrain_metrics(app: App) -> None:
     app.process.send_signal(signal.SIGINT)
     assert app.process.wait(timeout=90) == 0, app.log()
     assert "dmad up: stopped" in app.log() and "Label Studio stopped" in app.log()
-    assert LabelStudioServer(prepared.home).pid() is None
+    assert label_studio_server(prepared.home).pid() is None
     assert list(prepared.home.run_dir.glob("*.pid")) == []

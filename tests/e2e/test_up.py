@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from app.home import Home, HomeSettings
+from app.home_folder import Home, HomeSettings
 from tests.processes import alive, dmad, free_port
 
 pytestmark = pytest.mark.slow

@@ -36,16 +36,17 @@ from annotation.server import PASSWORD_SECRET, TOKEN_SECRET, LabelStudioServer
 from annotation.sink import MemorySink
 from annotation.sync import sync_annotations
 from annotation.webhook import WebhookServer, make_webhook_server, serve_in_thread
-from app.errors import UserError
-from app.home import Home
+from app.home_folder import Home
 from app.services.database import open_database
-from tests.loop_fixtures import LoopHome, copy_home, trained_home_template  # noqa: F401 (fixture)
+from app.services.labelstudio import label_studio_server
+from dmad_core.errors import UserError
 from tests.labelstudio_fixtures import (
     SampleImage,
     blob_mask,
     label_studio_bin_or_skip,
     write_test_images,
 )
+from tests.loop_fixtures import LoopHome, copy_home, trained_home_template  # noqa: F401 (fixture)
 from tests.processes import free_port, wait_until
 
 pytestmark = pytest.mark.integration
@@ -106,7 +107,7 @@ def receiver(images: list[SampleImage]) -> Iterator[Receiver]:
 def setup(labelstudio: LabelStudioServer, images: list[SampleImage], receiver: Receiver) -> Setup:  # noqa: F811
     client = labelstudio.client()
     project_id = ensure_project(client, TITLE, LABELS,
-                               state_path=labelstudio.home.labelstudio_dir / STATE_FILE)
+                               state_path=labelstudio.paths.data_dir / STATE_FILE)
     ensure_webhook(client, project_id, f"{receiver.url}/webhook", SECRET)
     return Setup(labelstudio, client, project_id, images, receiver.sink)
 
@@ -134,7 +135,7 @@ def test_port_in_use_is_refused_and_nothing_starts(tmp_path: Path) -> None:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        server = LabelStudioServer(home, port=port, bin=executable)
+        server = label_studio_server(home, port=port, bin=executable)
         with pytest.raises(UserError, match="already in use"):
             server.start(timeout=60)
     assert server.status().running is False
@@ -150,7 +151,7 @@ def test_token_works_is_private_and_is_not_logged(labelstudio: LabelStudioServer
     wrong = requests.get(f"{labelstudio.url}/api/projects", timeout=30,
                          headers={"Authorization": "Token " + "0" * 40})
     assert wrong.status_code == 401
-    home = labelstudio.home
+    home = Home.at(labelstudio.paths.owner)
     for name in (TOKEN_SECRET, PASSWORD_SECRET):
         assert stat.S_IMODE((home.secrets_dir / name).stat().st_mode) == 0o600
     assert stat.S_IMODE(home.secrets_dir.stat().st_mode) == 0o700
@@ -164,7 +165,7 @@ def test_token_works_is_private_and_is_not_logged(labelstudio: LabelStudioServer
 # -- project ----------------------------------------------------------------------------------------
 def test_project_and_webhook_are_idempotent(setup: Setup, receiver: Receiver) -> None:
     client, server = setup.client, setup.server
-    state = server.home.labelstudio_dir / STATE_FILE
+    state = server.paths.data_dir / STATE_FILE
     assert ensure_project(client, TITLE, LABELS, state_path=state) == setup.project_id
     state.unlink()  # lost state: found again by title
     assert ensure_project(client, TITLE, LABELS, state_path=state) == setup.project_id
@@ -294,14 +295,14 @@ def test_cli_push_webhook_and_sync_on_the_database(labelstudio: LabelStudioServe
     """The `dmad` commands end to end: a real database with an active version and pool scores, pushed
     as tasks, annotated through the API, received by `dmad webhook` (a subprocess), then synced."""
     from app.cli import main
-    from app.commands.labelstudio import heatmap_mask, webhook_secret
-    from app.home import HomeSettings
+    from app.home_folder import HomeSettings
+    from app.services.labelstudio import heatmap_mask, webhook_secret
     from app.services.versions import commit_version, new_version_dir
     from db.engine import make_engine, session_factory, upgrade_to_head
     from db.models import Annotation
     from db.repositories import PoolScoreRow, add_image, store_pool_scores
 
-    home = labelstudio.home
+    home = Home.at(labelstudio.paths.owner)
     webhook_port = free_port()
     home.save_settings(HomeSettings(webhook_port=webhook_port, defect_labels=("defect", "crack")))
     upgrade_to_head(home.db_url())
@@ -406,7 +407,7 @@ def test_webhook_annotation_on_a_trained_home_retrains_and_promotes(
     loop = copy_home(trained_home_template, tmp_path / "home")
     home = loop.home
     for name in (TOKEN_SECRET, PASSWORD_SECRET):  # the module's server, with this home's own project
-        home.write_secret(name, labelstudio.home.read_secret(name) or "")
+        home.write_secret(name, Home.at(labelstudio.paths.owner).read_secret(name) or "")
     webhook_port = free_port()
     home.save_settings(replace(home.load_settings(), label_studio_port=labelstudio.port, webhook_port=webhook_port,
                                label_studio_project="DMAD loop integration"))
@@ -479,6 +480,6 @@ def test_secrets_never_reach_the_log(labelstudio: LabelStudioServer) -> None:  #
     log_text = labelstudio.log_path.read_text()
     assert "Starting development server" in log_text
     for name in (TOKEN_SECRET, PASSWORD_SECRET):
-        secret = labelstudio.home.read_secret(name)
+        secret = Home.at(labelstudio.paths.owner).read_secret(name)
         assert secret and secret not in log_text
     assert SECRET not in log_text

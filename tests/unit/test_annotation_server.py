@@ -23,13 +23,13 @@ from annotation.server import (
     BIN_ENV,
     PASSWORD_SECRET,
     TOKEN_SECRET,
-    LabelStudioServer,
     find_label_studio_bin,
     port_in_use,
     redact,
 )
-from app.errors import UserError
-from app.home import Home
+from app.home_folder import Home
+from app.services.labelstudio import label_studio_server
+from dmad_core.errors import UserError
 from tests.processes import alive, free_port
 
 FAKE = """#!{python}
@@ -71,7 +71,7 @@ def fake_bin(tmp_path: Path) -> Path:
 
 def test_lifecycle(tmp_path: Path, fake_bin: Path) -> None:
     home = Home.at(tmp_path / "home")
-    srv = LabelStudioServer(home, port=free_port(), bin=fake_bin)
+    srv = label_studio_server(home, port=free_port(), bin=fake_bin)
     assert srv.status().running is False
     with pytest.raises(UserError, match="dmad labelstudio start"):
         srv.token()
@@ -94,20 +94,20 @@ def test_lifecycle(tmp_path: Path, fake_bin: Path) -> None:
         assert token.encode() not in Path(f"/proc/{pid}/cmdline").read_bytes()
         assert token not in srv.log_path.read_text()
 
-        again = LabelStudioServer(home, port=srv.port, bin=fake_bin).start(timeout=30)  # already running
+        again = label_studio_server(home, port=srv.port, bin=fake_bin).start(timeout=30)  # already running
         assert again.pid == pid
-        assert LabelStudioServer(home).port == srv.port  # the running server's port, not the setting
+        assert label_studio_server(home).port == srv.port  # the running server's port, not the setting
         with pytest.raises(UserError, match="already runs on port"):
-            LabelStudioServer(home, port=srv.port + 1, bin=fake_bin).start(timeout=30)
+            label_studio_server(home, port=srv.port + 1, bin=fake_bin).start(timeout=30)
     finally:
         assert srv.stop() is True
     assert not alive(pid) and not srv.pid_path.exists() and not srv.port_path.exists()
-    assert LabelStudioServer(home).port == home.load_settings().label_studio_port
+    assert label_studio_server(home).port == home.load_settings().label_studio_port
     assert srv.status().running is False
     assert srv.stop() is False
 
     # a later start keeps the credentials and passes none of them
-    other = LabelStudioServer(home, port=srv.port, bin=fake_bin)
+    other = label_studio_server(home, port=srv.port, bin=fake_bin)
     other.start(timeout=30)
     try:
         env = json.loads((home.labelstudio_dir / "fake_env.json").read_text())
@@ -125,7 +125,7 @@ def test_port_in_use_is_refused_before_anything_starts(tmp_path: Path, fake_bin:
         port = busy.getsockname()[1]
         assert port_in_use(port)
         with pytest.raises(UserError, match=f"port {port} .* already in use"):
-            LabelStudioServer(home, port=port, bin=fake_bin).start(timeout=30)
+            label_studio_server(home, port=port, bin=fake_bin).start(timeout=30)
     assert not (home.run_dir / "labelstudio.pid").exists()
     assert not (home.labelstudio_dir / "fake_env.json").exists()
     assert home.read_secret(TOKEN_SECRET) is None
@@ -135,7 +135,7 @@ def test_early_exit_reports_the_log_without_secrets(tmp_path: Path, fake_bin: Pa
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FAKE_LS_MODE", "leak")
     home = Home.at(tmp_path / "home")
-    srv = LabelStudioServer(home, port=free_port(), bin=fake_bin)
+    srv = label_studio_server(home, port=free_port(), bin=fake_bin)
     with pytest.raises(UserError) as info:
         srv.start(timeout=30)
     message = str(info.value)
@@ -147,7 +147,7 @@ def test_early_exit_reports_the_log_without_secrets(tmp_path: Path, fake_bin: Pa
 def test_a_moved_port_is_detected_and_the_server_stopped(tmp_path: Path, fake_bin: Path,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FAKE_LS_MODE", "moved")
-    srv = LabelStudioServer(Home.at(tmp_path / "home"), port=free_port(), bin=fake_bin)
+    srv = label_studio_server(Home.at(tmp_path / "home"), port=free_port(), bin=fake_bin)
     with pytest.raises(UserError, match="moved to"):
         srv.start(timeout=30)
     assert srv.status().running is False
@@ -155,7 +155,7 @@ def test_a_moved_port_is_detected_and_the_server_stopped(tmp_path: Path, fake_bi
 
 def test_no_answer_within_the_timeout(tmp_path: Path, fake_bin: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FAKE_LS_MODE", "silent")
-    srv = LabelStudioServer(Home.at(tmp_path / "home"), port=free_port(), bin=fake_bin)
+    srv = label_studio_server(Home.at(tmp_path / "home"), port=free_port(), bin=fake_bin)
     with pytest.raises(UserError, match="did not answer"):
         srv.start(timeout=2)
     assert srv.status().running is False
@@ -164,7 +164,7 @@ def test_no_answer_within_the_timeout(tmp_path: Path, fake_bin: Path, monkeypatc
 def test_stop_kills_a_server_that_ignores_sigterm(tmp_path: Path, fake_bin: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FAKE_LS_MODE", "ignore_term")
-    srv = LabelStudioServer(Home.at(tmp_path / "home"), port=free_port(), bin=fake_bin)
+    srv = label_studio_server(Home.at(tmp_path / "home"), port=free_port(), bin=fake_bin)
     pid = srv.start(timeout=30).pid
     assert pid is not None
     time.sleep(0.3)  # let it install its SIGTERM handler
@@ -178,7 +178,7 @@ def test_stale_pid_file_is_not_trusted(tmp_path: Path, fake_bin: Path) -> None:
     home = Home.at(tmp_path / "home")
     home.create()
     (home.run_dir / "labelstudio.pid").write_text(f"{os.getpid()}\n")  # alive, but not Label Studio
-    srv = LabelStudioServer(home, port=free_port(), bin=fake_bin)
+    srv = label_studio_server(home, port=free_port(), bin=fake_bin)
     assert srv.pid() is None and srv.status().running is False
 
 

@@ -12,12 +12,12 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.errors import UserError
-from app.home import Home
+from app.home_folder import Home
 from app.services import annotations as svc
 from app.services.annotations import AnnotationError, find_image, load_mask, record_annotation
 from db import queue
 from db.models import Annotation, Image, Job
+from dmad_core.errors import UserError
 from tests.db_fixtures import add_test_image, home, sqlite_engine, sqlite_sf, sqlite_url  # noqa: F401
 
 T0 = datetime(2025, 3, 1, 9, 0, 0, tzinfo=UTC)

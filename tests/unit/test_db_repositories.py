@@ -12,11 +12,11 @@ import pytest
 from sqlalchemy import insert
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.errors import UserError
-from app.home import Home
+from app.home_folder import Home
 from app.services.annotations import delete_annotation, record_annotation
 from db import repositories as repo
 from db.models import Image, ModelVersion
+from dmad_core.errors import UserError
 from tests.db_fixtures import home, sqlite_engine, sqlite_sf, sqlite_url, write_png  # noqa: F401
 
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import timm
 import torch
-import torch.nn.functional as F
+from torch.nn import functional
 
 from app.cli import main as dmad
 from dmad_core import resnet50_weights as rw
@@ -84,25 +84,25 @@ def keras_forward(tensors: dict[str, np.ndarray], rgb255: torch.Tensor) -> dict[
     t = {k: torch.from_numpy(v).double() for k, v in tensors.items()}
 
     def conv_bn(x, name, bn, stride=1, padding=0):
-        x = F.conv2d(x, t[f"{name}/kernel"].permute(3, 2, 0, 1), t[f"{name}/bias"], stride=stride, padding=padding)
+        x = functional.conv2d(x, t[f"{name}/kernel"].permute(3, 2, 0, 1), t[f"{name}/bias"], stride=stride, padding=padding)
         return (t[f"{bn}/gamma"].view(1, -1, 1, 1) * (x - t[f"{bn}/moving_mean"].view(1, -1, 1, 1))
                 / torch.sqrt(t[f"{bn}/moving_variance"].view(1, -1, 1, 1) + 1e-3) + t[f"{bn}/beta"].view(1, -1, 1, 1))
 
     mean_pixel = 255 * torch.tensor(rw.IMAGENET_MEAN, dtype=torch.float64).view(1, 3, 1, 1)
-    x = F.pad(rgb255 - mean_pixel, (3, 3, 3, 3)) + mean_pixel
+    x = functional.pad(rgb255 - mean_pixel, (3, 3, 3, 3)) + mean_pixel
     x = x.flip(1) - torch.tensor(rw.CAFFE_MEAN_BGR, dtype=torch.float64).view(1, 3, 1, 1)
-    x = F.relu(conv_bn(x, "conv1", "bn_conv1", stride=2))
-    x = F.max_pool2d(F.pad(x, (1, 1, 1, 1)), 3, stride=2)
+    x = functional.relu(conv_bn(x, "conv1", "bn_conv1", stride=2))
+    x = functional.max_pool2d(functional.pad(x, (1, 1, 1, 1)), 3, stride=2)
     stages = {}
     for stage, letters in BLOCKS.items():
         for letter in letters:
             stride = 2 if letter == "a" and stage > 2 else 1
             name, bn = f"res{stage}{letter}_branch", f"bn{stage}{letter}_branch"
-            h = F.relu(conv_bn(x, name + "2a", bn + "2a", stride=stride))
-            h = F.relu(conv_bn(h, name + "2b", bn + "2b", padding=1))
+            h = functional.relu(conv_bn(x, name + "2a", bn + "2a", stride=stride))
+            h = functional.relu(conv_bn(h, name + "2b", bn + "2b", padding=1))
             h = conv_bn(h, name + "2c", bn + "2c")
             shortcut = conv_bn(x, name + "1", bn + "1", stride=stride) if letter == "a" else x
-            x = F.relu(h + shortcut)
+            x = functional.relu(h + shortcut)
         stages[f"layer{stage - 1}"] = x
     logits = x.mean(dim=(2, 3)) @ t["fc1000/kernel"] + t["fc1000/bias"]
     return {**stages, "logits": logits}

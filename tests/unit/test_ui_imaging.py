@@ -9,11 +9,11 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from app.errors import UserError
-from app.home import Home
+from app.home_folder import Home
 from app.ui import imaging
 from app.ui.diversity import crops_for, iou, pick_patches
 from app.ui.uploads import save_upload
+from dmad_core.errors import UserError
 
 
 def test_upsample_is_bilinear_to_the_image_size() -> None:

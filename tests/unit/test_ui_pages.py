@@ -11,14 +11,14 @@ import pytest
 from sqlalchemy import select
 from streamlit.testing.v1 import AppTest
 
-from app.home import Home
+from app.home_folder import Home
 from app.services import labelstudio_tasks
-from app.services import ui_queries as q
+from app.services import ui_queries as queries
 from app.services.annotations import RETRAIN_KEY
-from db.models import Annotation, Job
-from db.queue import claim, heartbeat
 from app.ui.diversity import iou, pick_patches
 from app.ui.imaging import clip_box
+from db.models import Annotation, Job
+from db.queue import claim, heartbeat
 from tests.ui_fixtures import N_TRAIN, PreparedHome, ui_empty_home, ui_home, ui_no_database, ui_template  # noqa: F401
 
 UI = Path(__file__).resolve().parents[2] / "app" / "ui"
@@ -76,7 +76,7 @@ def test_pages_explain_what_to_do_on_an_empty_home(ui_empty_home: Home, page: Pa
 def test_pages_explain_a_missing_model_once_data_is_in(ui_home: PreparedHome) -> None:  # noqa: F811
     """Images ingested, no model trained yet (the versions removed, with their scores and metrics)."""
     with ui_home.sessions()() as session:
-        session.execute(q.ModelVersion.__table__.delete())
+        session.execute(queries.ModelVersion.__table__.delete())
         session.commit()
     for page in (HOME_PAGE, REVIEW, INSPECT, TRAINING, METRICS):
         shown = texts(run(page))
@@ -92,7 +92,8 @@ def test_pages_explain_a_missing_model_once_data_is_in(ui_home: PreparedHome) ->
 
 def test_review_says_when_the_active_model_has_not_scored_the_pool(ui_home: PreparedHome) -> None:  # noqa: F811
     with ui_home.sessions()() as session:
-        session.execute(q.PoolScore.__table__.delete().where(q.PoolScore.version_id == ui_home.version_ids[-1]))
+        session.execute(queries.PoolScore.__table__.delete()
+                        .where(queries.PoolScore.version_id == ui_home.version_ids[-1]))
         session.commit()
     assert "has not scored the pool yet" in texts(run(REVIEW))
 
@@ -132,7 +133,7 @@ def test_review_filters_and_diversity(ui_home: PreparedHome) -> None:  # noqa: F
     # holds exactly what the diversity rule keeps of each image's stored top patches.
     n_tiles = len([c for c in at.checkbox if c.key.startswith("select-")])
     with ui_home.sessions()() as session:
-        rows = q.review_page(session, q.ReviewFilter(ui_home.version_ids[-1], ("tiles",)), limit=100)
+        rows = queries.review_page(session, queries.ReviewFilter(ui_home.version_ids[-1], ("tiles",)), limit=100)
     kept = {r.image_id: pick_patches(r.top_patches, r.width, r.height, per_image=3) for r in rows}
     assert all(iou(a, b) == 0 for boxes in kept.values() for i, (a, _) in enumerate(boxes)
                for b, _ in boxes[i + 1:])
@@ -151,8 +152,8 @@ def test_review_filters_and_diversity(ui_home: PreparedHome) -> None:  # noqa: F
     assert len([c for c in at.checkbox if c.key.startswith("select-")]) == 10
     slider = at.slider(key=f"review-min-score-{ui_home.version_ids[-1]}")
     with ui_home.sessions()() as session:
-        top = q.review_page(session, q.ReviewFilter(ui_home.version_ids[-1], ("tiles",), hide_annotated=False),
-                            limit=1)[0]
+        top = queries.review_page(
+            session, queries.ReviewFilter(ui_home.version_ids[-1], ("tiles",), hide_annotated=False), limit=1)[0]
     slider.set_value(top.score).run()
     assert [c.key for c in at.checkbox if c.key.startswith("select-")] == \
         [f"select-{ui_home.version_ids[-1]}-{top.image_id}"]
@@ -263,8 +264,8 @@ def test_inspect_defaults_to_the_top_image_and_handles_unknown_ids(ui_home: Prep
 def test_inspect_shows_an_upload_job_then_its_result(ui_home: PreparedHome) -> None:  # noqa: F811
     sessions = ui_home.sessions()
     with sessions() as session:
-        info = q.image_info(session, ui_home.defect_ids[0])
-        job = q.enqueue_score_upload(session, info.path, info.category)
+        info = queries.image_info(session, ui_home.defect_ids[0])
+        job = queries.enqueue_score_upload(session, info.path, info.category)
     at = AppTest.from_file(str(INSPECT), default_timeout=30)
     at.session_state["inspect-upload-job"] = job.id
     at.run()
@@ -302,10 +303,10 @@ def test_inspect_upload_scored_by_the_real_worker(ui_home: PreparedHome) -> None
 
     sessions = ui_home.sessions()
     with sessions() as session:
-        info = q.image_info(session, ui_home.defect_ids[-1])
+        info = queries.image_info(session, ui_home.defect_ids[-1])
     path = save_upload(ui_home.home, "line-camera.png", Path(info.path).read_bytes())
     with sessions() as session:
-        job = q.enqueue_score_upload(session, path, info.category)
+        job = queries.enqueue_score_upload(session, path, info.category)
     assert run_worker(ui_home.home, sessions, WorkerOptions(once=True, sync_every_seconds=None),
                       threading.Event()) == 1
     at = AppTest.from_file(str(INSPECT), default_timeout=30)
@@ -313,7 +314,7 @@ def test_inspect_upload_scored_by_the_real_worker(ui_home: PreparedHome) -> None
     at.run()
     assert not at.exception
     with sessions() as session:
-        result = q.job(session, job.id).payload["result"]
+        result = queries.job(session, job.id).payload["result"]
     assert any(m.label == "Score (v0002)" and m.value == f"{result['score']:.4f}" for m in at.metric)
     assert f"Job #{job.id} (score_upload) for `{path}`: **succeeded**" in texts(at)
     assert any("image threshold" in e.value for e in [*at.warning, *at.success])
@@ -322,7 +323,7 @@ def test_inspect_upload_scored_by_the_real_worker(ui_home: PreparedHome) -> None
 
 def test_inspect_shows_a_failed_upload_job(ui_home: PreparedHome) -> None:  # noqa: F811
     with ui_home.sessions()() as session:
-        job = q.enqueue_score_upload(session, "/nowhere.png", "tiles")
+        job = queries.enqueue_score_upload(session, "/nowhere.png", "tiles")
         row = session.get(Job, job.id)
         row.status, row.message, row.error = "failed", "failed after 3 attempts", "no such file"
         session.commit()
@@ -351,8 +352,8 @@ def test_training_retrain_now_queues_one_job(ui_home: PreparedHome) -> None:  # 
 def test_training_shows_running_jobs_with_progress(ui_home: PreparedHome) -> None:  # noqa: F811
     sessions = ui_home.sessions()
     with sessions() as session:
-        job = q.enqueue_retrain(session)
-        done = q.enqueue_score_upload(session, "/x.png", "tiles")
+        job = queries.enqueue_retrain(session)
+        done = queries.enqueue_score_upload(session, "/x.png", "tiles")
         row = session.get(Job, done.id)
         row.status, row.message = "succeeded", "done"
         session.commit()
@@ -391,7 +392,7 @@ def test_training_queue_polls_while_idle_and_shows_a_job_queued_elsewhere(ui_hom
 
     sessions = ui_home.sessions()
     with sessions() as session:  # what the webhook receiver does on an annotation
-        job = q.enqueue_retrain(session)
+        job = queries.enqueue_retrain(session)
     at.run()
     assert not at.exception
     assert [p.proto.text for p in at.get("progress")] == [f"#{job.id} retrain · queued · waiting for a worker"]
@@ -421,12 +422,12 @@ def test_training_versions_promote_and_roll_back(ui_home: PreparedHome) -> None:
     at.button(key="training-promote").click().run()
     assert "v0001 is now the active version." in texts(at)
     with ui_home.sessions()() as session:
-        assert q.active_version(session).name == "v0001"
+        assert queries.active_version_info(session).name == "v0001"
 
     at.button(key="training-rollback").click().run()
     assert "Rolled back: v0002 is the active version again." in texts(at)
     with ui_home.sessions()() as session:
-        assert q.active_version(session).name == "v0002"
+        assert queries.active_version_info(session).name == "v0002"
 
     at.button(key="training-rollback").click().run()
     at.button(key="training-rollback").click().run()

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from app.commands import ui as up
-from app.errors import UserError
-from app.home import Home, HomeSettings
+from app import supervisor as up
+from app.home_folder import Home, HomeSettings
+from dmad_core.errors import UserError
 from tests.processes import alive, free_port
 
 

@@ -29,10 +29,10 @@ from sqlalchemy.orm import Session, sessionmaker
 from annotation.project import BRUSH_NAME, DEFAULT_LABELS, IMAGE_NAME, STATE_FILE, TaskItem, image_url_for, push_tasks
 from annotation.rle import brush_result
 from annotation.server import PASSWORD_SECRET, TOKEN_SECRET, LabelStudioServer
-from app.commands.labelstudio import connect_project, has_project, webhook_base_url
-from app.home import Home
+from app.home_folder import Home
 from app.services.annotations import load_mask
 from app.services.database import open_database
+from app.services.labelstudio import connect_project, has_project, webhook_base_url
 from app.worker import WorkerOptions, run_worker
 from db import queue
 from db.engine import begin_write
@@ -173,7 +173,7 @@ def test_worker_pulls_label_studio_annotations_every_period(labelstudio: LabelSt
     home = Home.at(tmp_path / "home")
     home.create()
     for name in (TOKEN_SECRET, PASSWORD_SECRET):  # the session's server, with this home's own project
-        home.write_secret(name, labelstudio.home.read_secret(name) or "")
+        home.write_secret(name, Home.at(labelstudio.paths.owner).read_secret(name) or "")
     home.save_settings(replace(home.load_settings(), label_studio_port=labelstudio.port, webhook_port=free_port(),
                                label_studio_project=f"DMAD worker sync {uuid.uuid4().hex[:8]}"))
     sessions = open_database(home, create=True)

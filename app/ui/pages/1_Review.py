@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import streamlit as st
 
-from app.errors import UserError
-from app.services import ui_queries as q
+from app.services import ui_queries as queries
 from app.ui import context as ui
 from app.ui.diversity import crops_for
+from dmad_core.errors import UserError
 
 PAGE_SIZE = 30  # crops per page: with 50, drawing the page took Chromium over a second (docs/ui.md)
 COLUMNS = 5
@@ -23,9 +23,9 @@ st.title("Review the most anomalous patches")
 home, sessions = ui.open_home()
 
 with sessions() as session:
-    categories = q.category_names(session)
-    version = q.active_version(session)
-    score_range = q.score_range(session, version.id) if version else None
+    categories = queries.category_names(session)
+    version = queries.active_version_info(session)
+    score_range = queries.score_range(session, version.id) if version else None
 if not categories:
     st.info(ui.NO_DATA)
     st.stop()
@@ -57,7 +57,7 @@ with st.sidebar:
     hide_annotated = st.checkbox("Hide images already annotated", True, key="review-hide-annotated",
                                  on_change=first_page)
 
-flt = q.ReviewFilter(version.id, tuple(chosen), float(min_score) if min_score > lo else None, hide_annotated)
+flt = queries.ReviewFilter(version.id, tuple(chosen), float(min_score) if min_score > lo else None, hide_annotated)
 
 # -- actions on the selection (before the grid, so that acted-on images leave it at once) --------------
 prefix = f"select-{version.id}-"
@@ -86,7 +86,7 @@ if send:
         with sessions() as session:
             sent = send_images(session, home, selected)
     except UserError as exc:
-        st.error(str(exc))
+        ui.show_error(exc)
     else:
         note = "" if sent.pre_annotation_masks else " (this model records no pixel threshold: no mask pre-annotation)"
         st.success(f"{sent.created} new task(s) in Label Studio project {sent.project_id}, "
@@ -104,20 +104,20 @@ if mark:
             try:
                 result = record_annotation(session, home, image=image_id, kind="normal", source="ui")
             except UserError as exc:
-                errors.append(f"image {image_id}: {exc}")
+                errors.append((image_id, exc))
                 continue
             marked += 1
             job_id = result.job_id or job_id
     if marked:
         st.success(f"{marked} image(s) marked normal" + (f"; retrain job #{job_id} is queued." if job_id else "."))
-    for error in errors:
-        st.error(error)
+    for image_id, error in errors:
+        ui.show_error(error, prefix=f"image {image_id}: ")
     clear_selection()
 
 # -- the grid -----------------------------------------------------------------------------------------
 images_per_page = max(1, PAGE_SIZE // per_image)
 with sessions() as session:
-    total = q.review_count(session, flt)
+    total = queries.review_count(session, flt)
 pages = max(1, -(-total // images_per_page))
 if st.session_state.get(PAGE_KEY, 1) > pages:
     st.session_state[PAGE_KEY] = pages
@@ -127,7 +127,7 @@ if total == 0:
     st.stop()
 page_number = int(st.number_input(f"Page (of {pages}; {total} images)", 1, pages, key=PAGE_KEY))
 with sessions() as session:
-    rows = q.review_page(session, flt, limit=images_per_page, offset=(page_number - 1) * images_per_page)
+    rows = queries.review_page(session, flt, limit=images_per_page, offset=(page_number - 1) * images_per_page)
 
 cells = [(row, crop) for row in rows
          for crop in crops_for(row.image_id, row.top_patches, row.width, row.height, per_image)]

@@ -10,12 +10,12 @@ import altair as alt
 import numpy as np
 import streamlit as st
 
-from app.errors import UserError
-from app.services import ui_queries as q
+from app.services import ui_queries as queries
 from app.services.annotations import load_mask
 from app.ui import context as ui
 from app.ui import imaging
 from app.ui.uploads import save_upload
+from dmad_core.errors import UserError
 
 IMAGE_KEY = "inspect-image-id"
 PARAM_KEY = "inspect-param"  # the query parameter last applied to the picker
@@ -26,9 +26,9 @@ st.title("Inspect an image")
 home, sessions = ui.open_home()
 
 with sessions() as session:
-    active = q.active_version(session)
-    default_id = q.top_image_id(session, active.id) if active else None
-    categories = q.category_names(session)
+    active = queries.active_version_info(session)
+    default_id = queries.top_image_id(session, active.id) if active else None
+    categories = queries.category_names(session)
 if not categories:
     st.info(ui.NO_DATA)
 
@@ -53,9 +53,9 @@ def image_view() -> None:
         st.session_state[PARAM_KEY] = str(image_id)
 
     with sessions() as session:
-        info = q.image_info(session, image_id)
-        history = q.score_history(session, image_id)
-        annotations = q.image_annotations(session, image_id)
+        info = queries.image_info(session, image_id)
+        history = queries.score_history(session, image_id)
+        annotations = queries.image_annotations(session, image_id)
     if info is None:
         st.warning(f"There is no image {image_id}.")
         return
@@ -80,9 +80,9 @@ def image_view() -> None:
     if version_name is not None:
         version_id = int(history.loc[history["version"] == version_name, "version_id"].iloc[0])
         with sessions() as session:
-            scored = q.image_score(session, image_id, version_id)
-            scale = q.score_range(session, version_id)
-            rank, pool = q.score_rank(session, version_id, scored.score) if scored else (0, 0)
+            scored = queries.image_score(session, image_id, version_id)
+            scale = queries.score_range(session, version_id)
+            rank, pool = queries.score_rank(session, version_id, scored.score) if scored else (0, 0)
         if scored is not None:
             right.metric(f"Score ({version_name})", f"{scored.score:.4f}", help=f"rank {rank} of {pool} pool images")
             right.caption(f"Rank {rank} of {pool} pool images under {version_name}.")
@@ -116,7 +116,7 @@ def image_view() -> None:
             try:
                 mask = load_mask(annotation, home)
             except UserError as exc:
-                st.warning(str(exc))
+                ui.show_error(exc)
                 continue
             st.image(imaging.mask_overlay(rgb, mask), width=min(info.width, 480), caption="annotated defect mask")
 
@@ -148,17 +148,17 @@ def upload_form() -> None:
     try:
         path = save_upload(home, upload.name, upload.getvalue())
     except UserError as exc:
-        st.error(str(exc))
+        ui.show_error(exc)
         return
     with sessions() as session:
-        job = q.enqueue_score_upload(session, path, category)
+        job = queries.enqueue_score_upload(session, path, category)
     st.session_state[UPLOAD_JOB_KEY] = job.id
 
 
 def upload_result(job_id: int, was_active: bool) -> None:
     """The scoring job's progress, then its result (the worker stores it in the job's payload)."""
     with sessions() as session:
-        job = q.job(session, job_id)
+        job = queries.job(session, job_id)
     if job is None:
         st.warning(f"Job #{job_id} no longer exists.")
         return
@@ -203,7 +203,7 @@ def show_upload_score(path: str | None, result: dict) -> None:
         lo, hi = float(grid.min()), float(grid.max())
         if active is not None:
             with sessions() as session:
-                lo, hi = q.score_range(session, active.id) or (lo, hi)
+                lo, hi = queries.score_range(session, active.id) or (lo, hi)
         shown = imaging.heat_overlay(rgb, grid, lo, hi, 0.5)
     boxes = [p["box"] for p in result.get("top_patches", [])]
     if boxes:
@@ -218,6 +218,6 @@ upload_form()
 job_id = st.session_state.get(UPLOAD_JOB_KEY)
 if job_id is not None:
     with sessions() as session:
-        current = q.job(session, job_id)
+        current = queries.job(session, job_id)
     running = current is not None and current.active
     st.fragment(run_every=2 if running else None)(upload_result)(job_id, running)

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import streamlit as st
 
-from app.errors import UserError
-from app.services import ui_queries as q
+from app.services import ui_queries as queries
 from app.services import versions as version_service
 from app.ui import context as ui
+from dmad_core.errors import UserError
 
 REFRESH_SECONDS = 2  # the queue's poll while a job is waiting or running
 IDLE_REFRESH_SECONDS = 5  # ... and while nothing is: new jobs appear within this
@@ -30,7 +30,7 @@ FLASH_KEY = "training-flash"  # (kind, text) set by a button's callback, shown b
 
 def retrain_now() -> None:
     with sessions() as session:
-        job = q.enqueue_retrain(session)
+        job = queries.enqueue_retrain(session)
     st.session_state[FLASH_KEY] = ("success", f"Retrain job #{job.id} is queued; a worker will pick it up.")
 
 
@@ -41,7 +41,7 @@ def promote_chosen() -> None:
             version = version_service.get_version(session, name)
             now_active = version_service.promote(session, version.id)
     except UserError as exc:
-        st.session_state[FLASH_KEY] = ("error", str(exc))
+        st.session_state[FLASH_KEY] = (ui.error_level(exc), str(exc))
         return
     st.session_state[FLASH_KEY] = ("success", f"{now_active.name} is now the active version.")
 
@@ -51,14 +51,14 @@ def roll_back() -> None:
         with sessions() as session:
             now_active = version_service.rollback(session)
     except UserError as exc:
-        st.session_state[FLASH_KEY] = ("error", str(exc))
+        st.session_state[FLASH_KEY] = (ui.error_level(exc), str(exc))
         return
     st.session_state[FLASH_KEY] = ("success", f"Rolled back: {now_active.name} is the active version again.")
 
 
 flash = st.session_state.pop(FLASH_KEY, None)
 if flash is not None:
-    (st.success if flash[0] == "success" else st.error)(flash[1])
+    getattr(st, flash[0])(flash[1])  # "success", or the level of the error (ui.error_level)
 
 left, right, _ = st.columns([1, 1, 4])
 left.button("Retrain now", key="training-retrain", type="primary", on_click=retrain_now,
@@ -75,8 +75,8 @@ def job_queue(was_active: bool) -> None:
     """The newest jobs: a progress bar for each waiting or running one, a table for the rest. Rerun by
     its own timer; `was_active` is what the last full run of the page saw."""
     with sessions() as session:
-        jobs = q.jobs(session, JOB_LIMIT)
-        busy = q.any_active_job(session)  # the page's own test: no redraw loop over a job beyond the limit
+        jobs = queries.jobs(session, JOB_LIMIT)
+        busy = queries.any_active_job(session)  # the page's own test: no redraw loop over a job beyond the limit
     active = [j for j in jobs if j.active]
     if busy != was_active:
         # a job was queued from elsewhere (poll faster now), or all are done (new versions): redraw the
@@ -105,13 +105,13 @@ def job_queue(was_active: bool) -> None:
 
 st.subheader("Job queue")
 with sessions() as session:
-    busy = q.any_active_job(session)
+    busy = queries.any_active_job(session)
 st.fragment(run_every=refresh_seconds(busy))(job_queue)(busy)
 
 st.subheader("Model versions")
 with sessions() as session:
-    all_versions = q.versions(session)
-    table = q.versions_frame(session)
+    all_versions = queries.versions(session)
+    table = queries.versions_frame(session)
 if not all_versions:
     st.info(ui.NO_MODEL)
     st.stop()

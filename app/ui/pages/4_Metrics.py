@@ -8,7 +8,7 @@ import altair as alt
 import pandas as pd
 import streamlit as st
 
-from app.services import ui_queries as q
+from app.services import ui_queries as queries
 from app.ui import context as ui
 
 DEFAULT_METRICS = ("image_auroc", "pixel_auroc", "pro")
@@ -18,9 +18,9 @@ st.title("Per-class metric history")
 home, sessions = ui.open_home()
 
 with sessions() as session:
-    all_versions = q.versions(session)
-    metrics = q.metric_frame(session)
-    trained = q.training_data_frame(session)
+    all_versions = queries.versions(session)
+    metrics = queries.metric_frame(session)
+    trained = queries.training_data_frame(session)
 if not all_versions:
     st.info(ui.NO_MODEL)
     st.stop()
@@ -28,7 +28,8 @@ if metrics.empty:
     st.info("No metrics recorded yet: a training or retrain writes them when it evaluates on held-out images.")
     st.stop()
 
-names = [m for m in q.METRIC_NAMES if m in set(metrics["metric"])] + sorted(set(metrics["metric"]) - set(q.METRIC_NAMES))
+names = ([m for m in queries.METRIC_NAMES if m in set(metrics["metric"])]
+         + sorted(set(metrics["metric"]) - set(queries.METRIC_NAMES)))
 categories = sorted(set(metrics["category"]))
 with st.sidebar:
     chosen_metrics = st.multiselect("Metrics", names, [m for m in DEFAULT_METRICS if m in names] or names[:1],
@@ -60,7 +61,7 @@ if chosen_metrics and chosen_categories:
 else:
     st.info("Choose at least one metric and one category in the sidebar.")
 
-version, latest = q.latest_metrics(metrics)
+version, latest = queries.latest_metrics(metrics)
 st.subheader(f"Latest values ({version})")
 st.dataframe(latest, width="stretch",
              column_config={c: st.column_config.NumberColumn(c, format="%.3f") for c in latest.columns})

@@ -21,6 +21,8 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from annotation.secret_files import read_secret, write_secret
+
 DEFAULT_HOME = Path("dmad-home")
 
 
@@ -115,15 +117,8 @@ class Home:
         tmp.replace(self.settings_path)
 
     def write_secret(self, name: str, value: str) -> Path:
-        """Secrets are written 0600 from the first byte (no window where others could read them)."""
-        self.secrets_dir.mkdir(parents=True, exist_ok=True)
-        os.chmod(self.secrets_dir, 0o700)
-        path = self.secrets_dir / name
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(value)
-        return path
+        """Secrets are written 0600 from the first byte (see :mod:`annotation.secret_files`)."""
+        return write_secret(self.secrets_dir, name, value)
 
     def read_secret(self, name: str) -> str | None:
-        path = self.secrets_dir / name
-        return path.read_text().strip() if path.exists() else None
+        return read_secret(self.secrets_dir, name)

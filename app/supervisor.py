@@ -1,4 +1,5 @@
-"""`dmad up`, `dmad down` and `dmad demo`: the whole product from one command, on 127.0.0.1.
+"""The process supervisor of `dmad up`, `dmad down` and `dmad demo`: the whole product from one
+command, on 127.0.0.1 (the commands themselves are in `app/commands/processes.py`).
 
 `up` runs, as child processes of itself, a worker (`dmad worker`), the webhook receiver (`dmad webhook`),
 Label Studio (`dmad labelstudio start`, which detaches it) and the Streamlit UI, on the home's embedded
@@ -13,7 +14,6 @@ skipped when already done) and `up`, so a new user sees the whole loop in a few 
 
 from __future__ import annotations
 
-import argparse
 import os
 import signal
 import subprocess
@@ -25,15 +25,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from app.errors import UserError
-from app.home import DEFAULT_HOME, Home
+from app.home_folder import Home
+from app.signals import install_stop_signals
+from dmad_core.errors import Conflict, UserError
 
 HOST = "127.0.0.1"
 STOP_GRACE_SECONDS = 20.0  # a worker finishes its current step before it exits
 READY_TIMEOUT_SECONDS = 90.0
 SUPERVISOR_PID = "up.pid"
 DEMO_DATA = "demo-data"
-UI_SCRIPT = Path(__file__).resolve().parents[1] / "ui" / "Home.py"
+UI_SCRIPT = Path(__file__).resolve().parent / "ui" / "Home.py"
 
 
 # -- the children -----------------------------------------------------------------------------------
@@ -91,7 +92,7 @@ def port_error(home: Home, taken: Sequence[Service]) -> UserError:
     lines = [f"port {s.port} on {HOST} ({s.name.removesuffix('-start')}) is already in use by another process"
              for s in taken]
     keys = ", ".join(settings_key[s.name] for s in taken if s.name in settings_key)
-    return UserError("; ".join(lines) + f". Stop what uses it (is `dmad up` already running?), or change {keys} "
+    return Conflict("; ".join(lines) + f". Stop what uses it (is `dmad up` already running?), or change {keys} "
                      f"in {home.settings_path}" + (" or pass --port" if any(s.name == "streamlit" for s in taken)
                                                    else ""))
 
@@ -216,20 +217,10 @@ def claim_home(home: Home) -> Path:
     if path.exists():
         text = path.read_text().strip()
         if text.isdigit() and int(text) != os.getpid() and _pid_alive(int(text)):
-            raise UserError(f"`dmad up` already runs for {home.root} (pid {text}); stop it with Ctrl-C in its "
+            raise Conflict(f"`dmad up` already runs for {home.root} (pid {text}); stop it with Ctrl-C in its "
                             f"terminal or `dmad down --home {home.root}`")
     path.write_text(f"{os.getpid()}\n")
     return path
-
-
-def install_stop_signals(stop: threading.Event) -> None:
-    """SIGINT (Ctrl-C) and SIGTERM ask for a clean stop; a second one while stopping is ignored so the
-    children are never left behind."""
-    def handler(_signum: int, _frame: object) -> None:
-        stop.set()
-
-    signal.signal(signal.SIGINT, handler)
-    signal.signal(signal.SIGTERM, handler)
 
 
 # -- preparing a home ---------------------------------------------------------------------------------
@@ -258,43 +249,15 @@ def has_active_version(home: Home) -> bool:
         return active_version(session) is not None
 
 
-# -- the commands ---------------------------------------------------------------------------------------
-def register(sub: argparse._SubParsersAction) -> None:
-    """Adds this area's subcommands; each sets handler via set_defaults."""
-    for name, help_text, handler in (
-        ("up", "start everything (worker, webhook receiver, Label Studio, UI) on 127.0.0.1; Ctrl-C stops it",
-         cmd_up),
-        ("demo", "synthetic data into <home>/demo-data, init, ingest, train, then `dmad up`", cmd_demo),
-    ):
-        p = sub.add_parser(name, help=help_text)
-        p.add_argument("--home", default=str(DEFAULT_HOME), help="home folder (default ./dmad-home)")
-        p.add_argument("--port", type=int, default=None, help="UI port (default: the home's streamlit_port)")
-        p.add_argument("--no-labelstudio", action="store_true", help="do not start Label Studio")
-        p.add_argument("--no-worker", action="store_true", help="do not start a worker (run `dmad worker` yourself)")
-        if name == "demo":
-            p.add_argument("--epochs", type=int, default=None,
-                           help="mapper epochs of the first training (default: the preset's)")
-        p.set_defaults(handler=handler)
-
-    p = sub.add_parser("down", help="stop what a `dmad up` of this home started (if it was killed)")
-    p.add_argument("--home", default=str(DEFAULT_HOME), help="home folder (default ./dmad-home)")
-    p.set_defaults(handler=cmd_down)
-
-
-def cmd_up(args: argparse.Namespace) -> int:
-    home = Home.at(args.home)
-    ensure_initialised(home)
-    return serve(home, port=args.port, labelstudio=not args.no_labelstudio, worker=not args.no_worker)
-
-
 def serve(home: Home, *, port: int | None = None, labelstudio: bool = True, worker: bool = True,
           stop: threading.Event | None = None) -> int:
     """Runs the services until Ctrl-C/SIGTERM (or `stop`), then stops them all; 1 if a child died."""
-    from annotation.server import LabelStudioServer, port_in_use
+    from annotation.server import port_in_use
+    from app.services.labelstudio import label_studio_server
 
     settings = home.load_settings()
     streamlit_port = port or settings.streamlit_port
-    ls_server = LabelStudioServer(home)
+    ls_server = label_studio_server(home)
     ls_was_running = labelstudio and ls_server.pid() is not None
     services = plan_services(home, streamlit_port=streamlit_port, labelstudio=labelstudio, worker=worker,
                              labelstudio_running=ls_was_running)
@@ -356,16 +319,21 @@ def supervise(supervisor: Supervisor, stop: threading.Event, ready_note: Callabl
     return code
 
 
-def cmd_down(args: argparse.Namespace) -> int:
-    """Stops the children recorded in `<home>/run` (after a `dmad up` was killed without cleaning up)."""
-    from annotation.server import LabelStudioServer
+@dataclass(frozen=True)
+class DownResult:
+    asked_pid: int | None  # a live `dmad up` that was asked to stop (it cleans up after itself)
+    stopped: list[str]  # otherwise: what was still running and got stopped
 
-    home = Home.at(args.home)
+
+def down(home: Home) -> DownResult:
+    """Stops the children recorded in `<home>/run` (after a `dmad up` was killed without cleaning up);
+    a `dmad up` still alive is only asked to stop."""
+    from app.services.labelstudio import label_studio_server
+
     supervisor_pid = home.run_dir / SUPERVISOR_PID
     if supervisor_pid.exists() and (text := supervisor_pid.read_text().strip()).isdigit() and _pid_alive(int(text)):
         os.kill(int(text), signal.SIGTERM)  # a live `dmad up` cleans up after itself
-        print(f"asked `dmad up` (pid {text}) to stop")
-        return 0
+        return DownResult(int(text), [])
     stopped = []
     for name in ("webhook", "worker", "streamlit", "labelstudio-start"):
         path = home.run_dir / f"{name}.pid"
@@ -374,11 +342,10 @@ def cmd_down(args: argparse.Namespace) -> int:
             _signal_group(int(text), signal.SIGTERM)
             stopped.append(name)
         path.unlink(missing_ok=True)
-    if LabelStudioServer(home).stop():
+    if label_studio_server(home).stop():
         stopped.append("labelstudio")
     supervisor_pid.unlink(missing_ok=True)
-    print("stopped: " + ", ".join(stopped) if stopped else "nothing was running")
-    return 0
+    return DownResult(None, stopped)
 
 
 def demo_folders(home: Home) -> list[Path]:
@@ -392,12 +359,12 @@ def demo_folders(home: Home) -> list[Path]:
     return make_demo_dataset(root, overwrite=True)
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    home = Home.at(args.home)
+def prepare_demo(home: Home, epochs: int | None = None) -> None:
+    """Demo data, init, ingest and a first training, each skipped when already done."""
     home.create()
     folders = demo_folders(home)
     print(f"dmad: demo data in {home.root / DEMO_DATA} ({', '.join(f.name for f in folders)})", flush=True)
-    ensure_initialised(home, () if args.epochs is None else ("--train-epochs", str(args.epochs)))
+    ensure_initialised(home, () if epochs is None else ("--train-epochs", str(epochs)))
     root = str(home.root)
     run_step(dmad_argv("ingest", "--home", root, *map(str, folders)), "ingesting the demo categories")
     if has_active_version(home):
@@ -406,4 +373,3 @@ def cmd_demo(args: argparse.Namespace) -> int:
         run_step(dmad_argv("train", "--home", root), "training the first (unsupervised) model")
     print("dmad: next, in the UI: Review the most anomalous patches, send some to Label Studio, draw or "
           "correct the defect masks there, and watch the retrain on the Training and Metrics pages.", flush=True)
-    return serve(home, port=args.port, labelstudio=not args.no_labelstudio, worker=not args.no_worker)

@@ -1,0 +1,46 @@
+"""Errors the user can fix, with their meaning in their type.
+
+This module sits at the bottom of the layers (``app -> annotation, db -> dmad_core``) so that every
+layer may raise them. Each edge maps the type once, never the message text:
+
+=================  ===============  ===========  =====================
+type               CLI exit code    HTTP status  Streamlit
+=================  ===============  ===========  =====================
+``NotFound``       2                404          ``st.warning``
+``Invalid``        2                422          ``st.error``
+``Conflict``       2                409          ``st.error``
+``Unavailable``    2                503          ``st.error``
+``UserError``      2                422          ``st.error``
+=================  ===============  ===========  =====================
+
+(``app/cli.py``, ``annotation/webhook.py`` and ``app/ui/context.py`` hold those tables.)
+"""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """A problem with the user's input or environment, with a message that says what to do.
+
+    The base of every error below; raise a subclass, which says what kind of problem it is.
+    """
+
+
+DmadError = UserError
+
+
+class NotFound(UserError):
+    """Something the request names does not exist (an image, a category, a version, a file)."""
+
+
+class Invalid(UserError):
+    """The input itself is wrong (a malformed mask, an unreadable image, a bad option)."""
+
+
+class Conflict(UserError):
+    """The request is fine but the current state does not allow it (already running, port taken,
+    nothing to roll back to)."""
+
+
+class Unavailable(UserError):
+    """A service the request needs is not running or not answering (Label Studio, the database)."""
