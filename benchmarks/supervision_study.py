@@ -520,6 +520,8 @@ def study(data: list[Path], feats: Features, seeds: list[int], ks: list[int], ru
         for k in ks:
             res = run_k(st, k, seed, rules if k > 0 else [], ws, log)
             for (rule, cname), m in res.items():
+                say(f"    K={k} {rule:<10} {cname:<12} " + " / ".join("-" if v is None else f"{100 * v:.1f}" for v in m.values()))
+            for (rule, cname), m in res.items():
                 rows.setdefault((k, rule, cname), []).append(m)
     return rows, log
 
@@ -590,7 +592,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--k", type=int, nargs="+", default=[1, 5, 10], help="masked defects per class (0: unsupervised only)")
     ap.add_argument("--rules", nargs="+", default=["seen", "ratio", "clf", "clf_class"])
-    ap.add_argument("--w", type=float, nargs="+", default=[0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0, 2.0],
+    ap.add_argument("--w", type=float, nargs="+", default=[0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0, 2.0, 4.0, 8.0],
                     help="weights tried by the leave-one-out choice")
     ap.add_argument("--alone", action="store_true", help="also each class in a model of its own")
     ap.add_argument("--alone-only", action="store_true", help="only each class in a model of its own")
