@@ -126,10 +126,14 @@ class Features:
         self._extractor: FeatureExtractor | None = None
         self.seconds, self.computed = 0.0, 0
 
-    def get(self, paths: list[Path]) -> list[np.ndarray]:
+    def get(self, paths: list[Path], native_hw: tuple[int, int]) -> list[np.ndarray]:
+        """Features of the images, all resized for the class's typical size ``native_hw`` (KolektorSDD's widths
+        vary from 199 to 207 px: one input size per class gives one patch grid per class)."""
+        self.size = input_size(native_hw, self.geometry)
+        grid = (self.size[0] // 8, self.size[1] // 8)
         hashes = [content_hash(p) for p in paths]
         out = [self.cache.get(h) for h in hashes]
-        missing = [i for i, f in enumerate(out) if f is None]
+        missing = [i for i, f in enumerate(out) if f is None or f.shape[:2] != grid]
         if missing:
             if self._extractor is None:
                 self._extractor = FeatureExtractor(self.cfg, device="cpu")
@@ -154,7 +158,7 @@ class Features:
         ex = self._extractor
         batches: dict[tuple[int, int], list[int]] = {}
         for i, img in enumerate(imgs):
-            batches.setdefault(input_size(img.shape[:2], self.geometry), []).append(i)
+            batches.setdefault(self.size, []).append(i)
         res: list[np.ndarray] = [None] * len(imgs)  # type: ignore[list-item]
         for size, idx in batches.items():
             ts = [torch.from_numpy(np.array(imgs[i], copy=True)).permute(2, 0, 1).float()[None] / 255.0 for i in idx]
@@ -192,9 +196,11 @@ def load_classes(data: list[Path], feats: Features, seed: int) -> list[ClassData
     for d in data:
         ds = read_category(d)
         bank, val = split_validation([r.path for r in ds.train], seed)
-        c = ClassData(ds.name, ds, bank, val, ds.test, load_image(ds.test[0].path).shape[:2])
-        c.bank_feats, c.val_feats = feats.get(bank), feats.get(val)
-        c.test_feats = feats.get([r.path for r in ds.test])
+        sizes = np.array([load_image(r.path).shape[:2] for r in ds.train[:: max(1, len(ds.train) // 25)]])
+        native = (int(np.median(sizes[:, 0])), int(np.median(sizes[:, 1])))
+        c = ClassData(ds.name, ds, bank, val, ds.test, native)
+        c.bank_feats, c.val_feats = feats.get(bank, native), feats.get(val, native)
+        c.test_feats = feats.get([r.path for r in ds.test], native)
         c.grid = c.test_feats[0].shape[:2]
         out.append(c)
     return out
@@ -340,8 +346,10 @@ def prepare(classes: list[ClassData], seed: int, cache: Path | None = None, neg_
     return Seeded(classes, d_test, d_val, neg, scale, masks)
 
 
-def class_metrics(c: ClassData, st: Seeded, keep: np.ndarray, patch: np.ndarray, agg: str, pixel: bool) -> dict:
-    """Metrics of one class for patch scores (images, patches) of its test images ``keep``."""
+def class_metrics(c: ClassData, st: Seeded, keep: np.ndarray, patch: np.ndarray, agg: str, pixel: bool,
+                  map_patch: np.ndarray | None = None) -> dict:
+    """Metrics of one class for patch scores (images, patches) of its test images ``keep``; the heat maps
+    come from ``map_patch`` when given (image and pixel scores may use different weights)."""
     recs = [c.test[i] for i in keep]
     labels = np.array([r.label for r in recs])
     img = patch.max(1) if agg == "max" else top5(patch)
@@ -349,7 +357,7 @@ def class_metrics(c: ClassData, st: Seeded, keep: np.ndarray, patch: np.ndarray,
     if not pixel or not has_masks:
         m = compute_class_metrics(labels, img)
     else:
-        grids = patch.reshape(len(recs), *c.grid)
+        grids = (patch if map_patch is None else map_patch).reshape(len(recs), *c.grid)
         in_hw = (c.grid[0] * 8, c.grid[1] * 8)  # layer 2's stride is 8 on both backbones
         maps = heat_maps(grids, in_hw, eval_size(c.native_hw))
         m = compute_class_metrics(labels, img, np.stack([st.masks[c.name][i] for i in keep]), maps)
@@ -357,16 +365,22 @@ def class_metrics(c: ClassData, st: Seeded, keep: np.ndarray, patch: np.ndarray,
     return {k: d[k] for k in ("image_auroc", "pixel_auroc", "pro")}
 
 
-def loo_criterion(ann_scores: list[np.ndarray], ann_masks: list[np.ndarray], val_scores: list[np.ndarray]) -> float:
-    """Mean over held-out annotated images of (image rank among the class's validation normals by top score
-    + patch AUROC of its defect patches vs validation normal patches and its own clean patches) / 2."""
-    vals = []
+def loo_criterion(ann_scores: list[np.ndarray], ann_masks: list[np.ndarray], val_scores: list[np.ndarray]) -> tuple[float, float]:
+    """Over held-out annotated images: (mean rank of the image's top score among its class's validation
+    normal images' top scores, mean patch AUROC of its defect patches against the validation normal patches
+    and its own clean patches). The image part chooses the image score's weight, the patch part the map's:
+    one weight for both let the patch gains pull tire's image AUROC down (measured, D_findings.md)."""
+    ranks, aucs = [], []
     for s, m, v in zip(ann_scores, ann_masks, val_scores):
-        rank = float((v.max(1) < s.max()).mean() + 0.5 * (v.max(1) == s.max()).mean())
+        ranks.append(float((v.max(1) < s.max()).mean() + 0.5 * (v.max(1) == s.max()).mean()))
         y = np.r_[np.ones(m.sum()), np.zeros((~m).sum() + v.size)]
-        x = np.r_[s[m], s[~m], v.ravel()]
-        vals.append(0.5 * (rank + roc_auc_score(y, x)))
-    return float(np.mean(vals))
+        aucs.append(roc_auc_score(y, np.r_[s[m], s[~m], v.ravel()]))
+    return float(np.mean(ranks)), float(np.mean(aucs))
+
+
+def pick(crit: dict, part: int):
+    """The weight with the best criterion part; ties (4 decimals) go to the smallest weight (kNN first)."""
+    return max(crit, key=lambda key: (round(crit[key][part], 4), -(key[1] if isinstance(key, tuple) else key)))
 
 
 def zscore(x: np.ndarray, med: float, q99: float) -> np.ndarray:
@@ -436,12 +450,12 @@ def run_k(st: Seeded, k: int, seed: int, rules: list[str], ws: list[float], log:
         crit = {}
         for w in ws:
             crit[w] = loo_criterion(*loo_inputs(lambda n, d, s, j, w=w: d - w * np.minimum(s, 1e6)))
-        w_best = max(ws, key=lambda w: (round(crit[w], 4), -w))
-        choice["seen"] = (w_best, crit)
-        say(f"      seen: LOO done")
+        w_img, w_pix = pick(crit, 0), pick(crit, 1)
+        choice["seen"] = ((w_img, w_pix), crit)
+        say("      seen: LOO done")
         for c in classes:
-            s = st.d_test[c.name][keep[c.name]] - w_best * dseen_test[c.name].min(2)
-            out[("seen", c.name)] = class_metrics(c, st, keep[c.name], s, "max", True)
+            dn, ds_ = st.d_test[c.name][keep[c.name]], dseen_test[c.name].min(2)
+            out[("seen", c.name)] = class_metrics(c, st, keep[c.name], dn - w_img * ds_, "max", True, dn - w_pix * ds_)
     if "ratio" in rules:
         for c in classes:
             dn = st.d_test[c.name][keep[c.name]]
@@ -491,20 +505,20 @@ def run_k(st: Seeded, k: int, seed: int, rules: list[str], ws: list[float], log:
                     a_m.append(ann_mask(j))
                     v_s.append(zn(st.d_val[name]) + w * parts[j][1])
                 crits[(C, w)] = loo_criterion(a_s, a_m, v_s)
-        best = max(crits, key=lambda cw: (round(crits[cw], 4), -cw[1], cw[0]))
+        (C, w_img), (C_pix, w_pix) = pick(crits, 0), pick(crits, 1)
         say(f"      {rule}: LOO done")
-        choice[rule] = (best, {f"{c}/{w}": v for (c, w), v in crits.items()})
-        C, w = best
+        choice[rule] = (((C, w_img), (C_pix, w_pix)), {f"{c}/{w}": v for (c, w), v in crits.items()})
         for c in classes:
             has = (seen_cls == c.name).any() or not per_class
             md = fit(None, c.name if per_class else None, C) if has else None
             tq = flat([c.test_feats[i] for i in keep[c.name]])
             lt = logit(md, tq) if md else np.zeros(tq.shape[:2])
             lv = logit(md, flat(c.val_feats)) if md else np.zeros(st.d_val[c.name].shape)
-            s = zscore(st.d_test[c.name][keep[c.name]], *st.scale[c.name]) + w * zscore(lt, float(np.median(lv)), float(np.quantile(lv, 0.99)))
-            out[(rule, c.name)] = class_metrics(c, st, keep[c.name], s, "max", True)
+            zn = zscore(st.d_test[c.name][keep[c.name]], *st.scale[c.name])
+            zl = zscore(lt, float(np.median(lv)), float(np.quantile(lv, 0.99)))
+            out[(rule, c.name)] = class_metrics(c, st, keep[c.name], zn + w_img * zl, "max", True, zn + w_pix * zl)
         say(f"      {rule}: test metrics done")
-    log[f"seed{seed}/K{k}"] = {r: (str(v[0]), {str(a): round(b, 4) for a, b in v[1].items()}) for r, v in choice.items()}
+    log[f"seed{seed}/K{k}"] = {r: (str(v[0]), {str(a): [round(x, 4) for x in b] for a, b in v[1].items()}) for r, v in choice.items()}
     say(f"    K={k} choices: " + "; ".join(f"{r} -> {v[0]}" for r, v in choice.items()))
     return out
 
