@@ -21,12 +21,13 @@ What it does, per seed (everything on cached patch features; the backbone runs o
    - ``clf`` / ``clf_class``: s = z_n + w * z_logit, a logistic regression on the seen patches against the
      hardest and random patches of the bank's own training images (self-excluded kNN), shared by all
      classes or one per class; z = (x - median) / (q99 - median) on the class's validation normals.
-   The LOO criterion: the mean of (a) the held-out annotated image's top score ranked among the validation
-   normal images' top scores of its class and (b) the patch AUROC of its defect patches against the
-   validation normal patches and its own defect-free patches; ties go to the smaller w (kNN itself).
-4. Metrics with dmad_core.metrics (image AUROC, pixel AUROC, PRO), heat maps mapped back onto each image's
-   own aspect ratio (evaluated with the shorter side at most 256 px: tire 256 x 341, bottle 256 x 256,
-   KolektorSDD at its native 202 x 512 so thin cracks survive).
+   The LOO criterion has two parts, each choosing its own weight: the held-out annotated image's top score
+   ranked among the validation normal images' top scores of its class (the image score's w), and the patch
+   AUROC of its defect patches against the validation normal patches and its own defect-free patches (the
+   heat map's w); ties go to the smaller w (kNN itself).
+4. Metrics with dmad_core.metrics (image AUROC, pixel AUROC, PRO), heat maps mapped back onto each class's
+   own aspect ratio (evaluated with the shorter side at most 128 px: tire 128 x 171, bottle 128 x 128,
+   KolektorSDD 128 x 323; every rule is compared with kNN at the same resolution).
 
 Geometry: ``square`` squashes every image to 256 x 256 (today's product); ``aspect`` resizes the shorter side
 to 256 and keeps the aspect ratio (the longer side rounded to a multiple of 16).
