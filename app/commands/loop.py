@@ -8,6 +8,7 @@ import argparse
 import json
 import logging
 import threading
+import time
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -147,14 +148,19 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
 
 # -- train / worker -------------------------------------------------------------------------------
-def _progress_printer(enabled: bool) -> Any:
-    state = {"last": ""}
+PRINT_EVERY_S = 5.0  # within one step ("normal bank coreset: ...") a progress line at most this often
+
+
+def _progress_printer(enabled: bool, every_s: float = PRINT_EVERY_S) -> Any:
+    """Prints progress reports: the first of each step (the text before its first ':'), then at most one
+    every ``every_s`` seconds, so a step that reports twenty times in a second leaves one line."""
+    state: dict[str, Any] = {"step": None, "at": 0.0}
 
     def show(fraction: float, message: str) -> None:
-        text = f"[{fraction * 100:5.1f}%] {message}"
-        if enabled and text != state["last"]:
-            print(text, flush=True)
-            state["last"] = text
+        step, now = message.split(":")[0], time.monotonic()
+        if enabled and (step != state["step"] or now - state["at"] >= every_s):
+            print(f"[{fraction * 100:5.1f}%] {message}", flush=True)
+            state["step"], state["at"] = step, now
     return show
 
 

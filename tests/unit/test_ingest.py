@@ -122,3 +122,17 @@ def test_faiss_loader_info_is_quiet_unless_verbose(tmp_path, monkeypatch) -> Non
     assert logger.level == logging.NOTSET  # -v: faiss says which library it loaded
     run_cli("down", "--home", tmp_path / "home")
     assert logger.level == logging.WARNING  # its "Could not load library with AVX2 support" INFO is hidden
+
+
+def test_train_progress_prints_each_step_and_a_burst_of_reports_once(capsys) -> None:
+    from app.commands.loop import _progress_printer
+
+    show = _progress_printer(True, every_s=3600.0)
+    for i in range(1, 21):
+        show(0.3, f"normal bank coreset: {i}/20 patches selected")
+    show(0.4, "epoch 1/3: loss 0.5, validation 0.4")
+    show(0.6, "epoch 2/3: loss 0.4, validation 0.3")
+    assert capsys.readouterr().out.splitlines() == [
+        "[ 30.0%] normal bank coreset: 1/20 patches selected",
+        "[ 40.0%] epoch 1/3: loss 0.5, validation 0.4",
+        "[ 60.0%] epoch 2/3: loss 0.4, validation 0.3"]
