@@ -45,8 +45,12 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    if not args.verbose:  # schema upgrades at every start are routine, not news
-        logging.getLogger("alembic").setLevel(logging.WARNING)
+    if not args.verbose:
+        # Schema upgrades at every start are routine, not news; faiss's INFO "Could not load library with
+        # AVX2 support due to: ModuleNotFoundError(...)" only says it uses its generic build, yet reads
+        # like an error.
+        for name in ("alembic", "faiss.loader"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     try:
         return int(args.handler(args) or 0)
     except KeyboardInterrupt:

@@ -364,9 +364,10 @@ def prepare_demo(home: Home, epochs: int | None = None) -> None:
     home.create()
     folders = demo_folders(home)
     print(f"dmad: demo data in {home.root / DEMO_DATA} ({', '.join(f.name for f in folders)})", flush=True)
-    ensure_initialised(home, () if epochs is None else ("--train-epochs", str(epochs)))
+    # --no-hint: the demo runs the next step itself, so no "next: dmad ..." line
+    ensure_initialised(home, ("--no-hint",) if epochs is None else ("--no-hint", "--train-epochs", str(epochs)))
     root = str(home.root)
-    run_step(dmad_argv("ingest", "--home", root, *map(str, folders)), "ingesting the demo categories")
+    run_step(dmad_argv("ingest", "--home", root, "--no-hint", *map(str, folders)), "ingesting the demo categories")
     if has_active_version(home):
         print("dmad: a model is already active: skipping training (`dmad train` retrains from scratch)")
     else:

@@ -11,6 +11,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from dmad_core.items import Progress, no_progress
+from dmad_core.progress_bar import make_bar
+
+REPORTS_PER_SELECTION = 20  # Progress calls per selection: a retrain's log gets a line per 5 %, not per point
+
 
 def _project(features: np.ndarray, dim: int, seed: int) -> torch.Tensor:
     x = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))
@@ -28,11 +33,14 @@ def greedy_coreset(
     seed: int = 0,
     initial: np.ndarray | None = None,
     max_candidates: int = 100_000,
+    progress: Progress = no_progress,
+    desc: str = "coreset",
 ) -> np.ndarray:
     """Indices (into ``features``) of ``n_select`` points chosen by farthest-point greedy selection.
 
     ``initial``: features of centres that already exist (e.g. the current bank when new normal images are
     added); selection then continues from them instead of starting from a random point.
+    ``progress``/``desc``: reports of the selection (a bar on stderr too); they change nothing selected.
     """
     n = len(features)
     n_select = int(min(max(n_select, 1), n))
@@ -52,12 +60,17 @@ def greedy_coreset(
         first = int(rng.integers(len(x)))
     selected = np.empty(n_select, dtype=np.int64)
     idx = first
-    for i in range(n_select):
-        selected[i] = idx
-        d = sq - 2.0 * (x @ x[idx]) + sq[idx]
-        torch.minimum(min_d, d, out=min_d)
-        min_d[idx] = -1.0  # never pick the same point twice (rounding can leave it slightly positive)
-        idx = int(torch.argmax(min_d))
+    report_every = max(1, -(-n_select // REPORTS_PER_SELECTION))
+    with make_bar(total=n_select, desc=desc, unit="pt") as bar:
+        for i in range(n_select):
+            selected[i] = idx
+            d = sq - 2.0 * (x @ x[idx]) + sq[idx]
+            torch.minimum(min_d, d, out=min_d)
+            min_d[idx] = -1.0  # never pick the same point twice (rounding can leave it slightly positive)
+            idx = int(torch.argmax(min_d))
+            if (i + 1) % report_every == 0 or i + 1 == n_select:
+                bar.update(i + 1 - bar.n)
+                progress((i + 1) / n_select, f"{desc}: {i + 1}/{n_select} patches selected")
     return candidates[selected]
 
 

@@ -9,12 +9,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from dmad_core.backbone import FeatureExtractor
 from dmad_core.cache import FeatureCache
 from dmad_core.config import DMADConfig
 from dmad_core.items import ImageItem, Progress, no_progress
+from dmad_core.progress_bar import make_bar
 
 
 class FeatureStore:
@@ -40,7 +40,7 @@ class FeatureStore:
         out: list[np.ndarray | None] = [self.cache.get(it.hash) for it in items]
         missing = [i for i, f in enumerate(out) if f is None]
         if missing:
-            bar = tqdm(total=len(missing), desc=desc, unit="img", leave=False, disable=None)
+            bar = make_bar(total=len(missing), desc=desc, unit="img")
             for start in range(0, len(missing), self.batch_size):
                 chunk = missing[start:start + self.batch_size]
                 feats = self.compute([items[i].load() for i in chunk])

@@ -19,7 +19,8 @@ from dmad_core import banks
 from dmad_core.banks import BankPart, MemoryBank
 from dmad_core.config import BankConfig
 from dmad_core.coreset import coreset_size, greedy_coreset
-from dmad_core.items import DefectAnnotation, ImageItem
+from dmad_core.items import DefectAnnotation, ImageItem, Progress, no_progress
+from dmad_core.progress_bar import make_bar
 
 # (features (gh, gw, C) of one image, its class) -> (gh * gw,) patch scores, higher = more anomalous
 PatchScorer = Callable[[np.ndarray, str], np.ndarray]
@@ -57,34 +58,38 @@ class DualMemory:
 
     # ------------------------------------------------------------------------------------ building
     def build(self, items: Sequence[ImageItem], feats: Sequence[np.ndarray],
-              outlier_feats: Sequence[np.ndarray]) -> None:
+              outlier_feats: Sequence[np.ndarray], progress: Progress = no_progress) -> None:
         """Mn as a coreset of the normal training patches, Ma with its outlier part (the annotated parts
         follow with ``set_annotations``, which also builds Ma's index)."""
         flat, sources, cats = _provenance(items, feats, self.dim)
         sel = greedy_coreset(flat, coreset_size(len(flat), self.config.coreset_ratio),
                              self.config.coreset_projection_dim, self.seed,
-                             max_candidates=self.config.coreset_max_candidates)
+                             max_candidates=self.config.coreset_max_candidates,
+                             progress=lambda f, m: progress(0.8 * f, m), desc="normal bank coreset")
         self.normal_bank_ = MemoryBank(dim=self.dim)
         self.normal_bank_.set_part(banks.NORMAL, BankPart(flat[sel].astype(np.float32), sources[sel], cats[sel]))
         self.normal_bank_.build_index(self.config)
         self.normal_nn_cache_, self.outlier_nn_cache_ = {}, {}
         self.abnormal_bank_ = MemoryBank(dim=self.dim)
-        self.abnormal_bank_.set_part(banks.OUTLIER, self._outlier_part(outlier_feats, items, feats))
+        self.abnormal_bank_.set_part(banks.OUTLIER, self._outlier_part(
+            outlier_feats, items, feats, lambda f, m: progress(0.8 + 0.2 * f, m)))
 
-    def extend_normal(self, items: Sequence[ImageItem], feats: Sequence[np.ndarray]) -> None:
+    def extend_normal(self, items: Sequence[ImageItem], feats: Sequence[np.ndarray],
+                      progress: Progress = no_progress) -> None:
         """Confirmed normal images join Mn: the greedy coreset continued from the current bank."""
         flat, sources, cats = _provenance(items, feats, self.dim)
         flat = flat.astype(np.float32)
         current = self.normal_bank_.parts[banks.NORMAL]
         sel = greedy_coreset(flat, coreset_size(len(flat), self.config.coreset_ratio),
-                             self.config.coreset_projection_dim, self.seed, initial=current.vectors)
+                             self.config.coreset_projection_dim, self.seed, initial=current.vectors,
+                             progress=progress, desc="normal bank coreset")
         self.normal_bank_.set_part(banks.NORMAL, BankPart.concat(
             [current, BankPart(flat[sel], sources[sel], cats[sel])], self.dim))
         self.normal_bank_.build_index(self.config)
         self.normal_nn_cache_ = {}
 
     def _outlier_part(self, out_feats: Sequence[np.ndarray], items: Sequence[ImageItem],
-                      feats: Sequence[np.ndarray]) -> BankPart:
+                      feats: Sequence[np.ndarray], progress: Progress = no_progress) -> BankPart:
         """Mo: beta * F(outlier) + (1 - beta) * F(normal), patch for patch, then coreset-reduced. The fused
         entry keeps the normal image as its source (it carries that image's features)."""
         cfg = self.config
@@ -100,7 +105,8 @@ class DualMemory:
             cats.append(np.full(len(fused[-1]), items[j].category, "<U64"))
         flat = np.concatenate(fused)
         sel = greedy_coreset(flat, coreset_size(len(flat), cfg.outlier_coreset_ratio), cfg.coreset_projection_dim,
-                             self.seed + 1, max_candidates=cfg.coreset_max_candidates)
+                             self.seed + 1, max_candidates=cfg.coreset_max_candidates, progress=progress,
+                             desc="outlier bank coreset")
         return BankPart(flat[sel], np.concatenate(sources)[sel], np.concatenate(cats)[sel])
 
     def annotated_patches(self, annotation: DefectAnnotation, feat: np.ndarray,
@@ -178,13 +184,17 @@ class DualMemory:
         i_a = self.abnormal_bank_.search(q, sources)[1]
         return self.normal_bank_.vectors[i_n], self.abnormal_bank_.vectors[i_a]
 
-    def neighbours(self, items: Sequence[ImageItem], feats: Sequence[np.ndarray], exclude: bool
+    def neighbours(self, items: Sequence[ImageItem], feats: Sequence[np.ndarray], exclude: bool,
+                   progress: Progress = no_progress, desc: str = "nearest neighbours"
                    ) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """Indices of the nearest normal-bank and abnormal-bank entries of every patch of the training
-        images (``exclude``: not from the patch's own image), from the caches where they are known."""
+        images (``exclude``: not from the patch's own image), from the caches where they are known;
+        ``progress``/``desc`` report the images done (a bar on stderr too)."""
         exclude = exclude and self.config.exclude_same_image
         nn_n, nn_a = [], []
-        for it, f in zip(items, feats):
+        report_every = max(1, -(-len(items) // 20))  # about 20 reports, not one per image
+        bar = make_bar(total=len(items), desc=desc, unit="img")
+        for done, (it, f) in enumerate(zip(items, feats), start=1):
             q = f.reshape(-1, self.dim).astype(np.float32)
             src = np.full(len(q), it.source, np.int64) if exclude else None
             key = f"{it.hash}:{'x' if exclude else 'a'}"
@@ -192,6 +202,10 @@ class DualMemory:
                 self.normal_nn_cache_[key] = self.search_normal(q, src, it.category)[1].astype(np.int32)
             nn_n.append(self.normal_nn_cache_[key].astype(np.int64))
             nn_a.append(self.abnormal_neighbours(key, q, src))
+            bar.update(1)
+            if done % report_every == 0 or done == len(items):
+                progress(done / len(items), f"{desc}: {done}/{len(items)} images")
+        bar.close()
         return nn_n, nn_a
 
     def abnormal_neighbours(self, key: str, q: np.ndarray, src: np.ndarray | None) -> np.ndarray:

@@ -23,7 +23,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from dmad_core import persistence
 from dmad_core.backbone import pick_device
@@ -33,6 +32,7 @@ from dmad_core.features import FeatureScaling, FeatureStore
 from dmad_core.items import DefectAnnotation, ImageItem, Prediction, Progress, no_progress, top_k_mean
 from dmad_core.memory import DualMemory
 from dmad_core.modules import DMADNet, anomaly_maps
+from dmad_core.progress_bar import make_bar
 from dmad_core.training import MapperTrainer, TrainSet, split_validation, validation_patches
 
 __all__ = ["DMAD", "anomaly_map", "FORMAT_VERSION", "DefectAnnotation", "FeatureStore", "ImageItem", "Prediction", "Progress",
@@ -100,7 +100,7 @@ class DMAD:
         progress(0.3, "building the normal bank (coreset)")
         t0 = time.perf_counter()
         memory = DualMemory(cfg.bank, cfg.backbone.feature_dim, cfg.mapper.seed)
-        memory.build(train_items, feats, out_feats)
+        memory.build(train_items, feats, out_feats, lambda f, m: progress(0.3 + 0.1 * f, m))
         memory.set_annotations(annotations, ann_feats, net_scores=None)  # no mapper yet: weak = kNN distance
         timings["banks"] = time.perf_counter() - t0
         mc, t0 = self._mapper_config(annotations), time.perf_counter()
@@ -131,7 +131,8 @@ class DMAD:
         new_normals = [it for it in confirmed_normals if it.hash not in known]
         if new_normals:
             progress(0.05, f"adding {len(new_normals)} confirmed normal images to the normal bank")
-            memory.extend_normal(new_normals, self.patch_features(new_normals, "features: confirmed normal"))
+            memory.extend_normal(new_normals, self.patch_features(new_normals, "features: confirmed normal"),
+                                 lambda f, m: progress(0.05 + 0.05 * f, m))
             self.normal_items_ = self.normal_items_ + new_normals
             self.categories_ = sorted(set(self.categories_) | {it.category for it in new_normals})
         timings["features"], t0 = time.perf_counter() - t0, time.perf_counter()
@@ -156,7 +157,7 @@ class DMAD:
     def predict(self, items: Sequence[ImageItem], batch_size: int = 16, progress: Progress = no_progress,
                 progress_bar: bool = True) -> list[Prediction]:
         preds: list[Prediction] = []
-        bar = tqdm(total=len(items), desc="predict", unit="img", leave=False, disable=None if progress_bar else True)
+        bar = make_bar(total=len(items), desc="predict", unit="img", enabled=progress_bar)
         for start in range(0, len(items), batch_size):
             chunk = items[start:start + batch_size]
             grids = self._score_features(self.patch_features(chunk), [it.category for it in chunk])
@@ -210,11 +211,17 @@ class DMAD:
                progress: Progress, patience: int) -> tuple[DMADNet, list[dict]]:
         progress(0.0, "nearest neighbours of training patches")
         val_feats = scaling.apply(self.features.get(val_items, desc="features: validation"))
+
+        def at_start(fraction: float, message: str) -> None:  # the mapper's epochs own the fraction
+            progress(0.0, message)
+
         normal = TrainSet.of(memory, train_items, scaling.apply(self.features.get(train_items, desc="features: normal")),
-                             exclude=True)
-        val = TrainSet.of(memory, val_items, val_feats, exclude=False, patches=validation_patches(val_feats, mc))
+                             exclude=True, progress=at_start, desc="nearest neighbours: normal")
+        val = TrainSet.of(memory, val_items, val_feats, exclude=False, patches=validation_patches(val_feats, mc),
+                          progress=at_start, desc="nearest neighbours: validation")
         ann = TrainSet.of(memory, [a.item for a in annotations], ann_feats, exclude=True,
-                          patches=[memory.annotated_patches_[a.item.hash] for a in annotations])
+                          patches=[memory.annotated_patches_[a.item.hash] for a in annotations],
+                          progress=at_start, desc="nearest neighbours: annotated")
         return MapperTrainer(mc, memory, self.device).train(net, normal, val, ann, epochs, progress, patience)
 
     def _thresholds(self, validation: Sequence[ImageItem]) -> tuple[float | None, float | None]:

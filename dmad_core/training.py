@@ -13,12 +13,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from dmad_core.config import MapperConfig
-from dmad_core.items import ImageItem, Progress
+from dmad_core.items import ImageItem, Progress, no_progress
 from dmad_core.memory import DualMemory
 from dmad_core.modules import DMADNet, hinge_loss
+from dmad_core.progress_bar import make_bar
 
 
 @dataclass
@@ -34,9 +34,10 @@ class TrainSet:
 
     @staticmethod
     def of(memory: DualMemory, items: Sequence[ImageItem], feats: Sequence[np.ndarray], exclude: bool,
-           patches: list[np.ndarray | None] | None = None) -> TrainSet:
+           patches: list[np.ndarray | None] | None = None, progress: Progress = no_progress,
+           desc: str = "nearest neighbours") -> TrainSet:
         flat = [f.reshape(-1, memory.dim) for f in feats]
-        return TrainSet(flat, *memory.neighbours(items, flat, exclude), patches or [None] * len(flat),
+        return TrainSet(flat, *memory.neighbours(items, flat, exclude, progress, desc), patches or [None] * len(flat),
                         [it.source for it in items], [it.category for it in items])
 
 
@@ -111,7 +112,7 @@ class MapperTrainer:
         best_val = self.validation_loss(net, val, ann, rng, factor) if val.feats else float("inf")
         best_state, history = copy.deepcopy(net.state_dict()), [{"epoch": -1, "train_loss": None, "val_loss": best_val}]
         since_best = 0
-        bar = tqdm(range(epochs), desc="training mapper", unit="epoch", leave=False, disable=None)
+        bar = make_bar(range(epochs), desc="training mapper", unit="epoch")
         for epoch in bar:
             net.train()
             losses = [self._step(net, opt, normal, ann, rng, factor) for _ in range(mc.steps_per_epoch)]

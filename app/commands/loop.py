@@ -8,6 +8,7 @@ import argparse
 import json
 import logging
 import threading
+import time
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,12 @@ def _common(p: argparse.ArgumentParser, json_flag: bool = True) -> None:
         p.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
+def _hint_flag(p: argparse.ArgumentParser) -> None:
+    """``--no-hint``: leave out the "next: dmad ..." line, for a caller that runs the next step itself
+    (`dmad demo`); hidden from --help, a person running the step by hand wants the hint."""
+    p.add_argument("--no-hint", dest="hint", action="store_false", help=argparse.SUPPRESS)
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     """Adds this area's subcommands; each sets handler via set_defaults."""
     p = sub.add_parser("init", help="create a home: settings, folders and the database at the newest schema")
@@ -36,11 +43,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--outliers", default=None, help="folder of outlier textures (DTD-like); default procedural")
     p.add_argument("--train-epochs", type=int, default=None, help="mapper epochs when training from scratch")
     p.add_argument("--retrain-epochs", type=int, default=None, help="mapper epochs of a warm-started retrain")
+    _hint_flag(p)
     p.set_defaults(handler=cmd_init)
 
     p = sub.add_parser("ingest", help="add category folders: train/good -> normal data, test -> the pool")
     _common(p)
-    p.add_argument("folders", nargs="+", metavar="DIR", help="one folder per product class")
+    p.add_argument("folders", nargs="+", metavar="DIR",
+                   help="one folder per product class: MVTec AD (train/good, test/<defect>), MVTec 3D-AD "
+                        "(train/good/rgb, test/<defect>/rgb), or a flat folder of normal images with --category")
+    p.add_argument("--category", default=None, metavar="NAME",
+                   help="the class of a flat folder of images (dataset layouts are named after their folder)")
+    _hint_flag(p)
     p.set_defaults(handler=cmd_ingest)
 
     p = sub.add_parser("train", help="train a version from scratch and make it active (runs in the foreground)")
@@ -113,8 +126,8 @@ def cmd_init(args: argparse.Namespace) -> int:
     home.save_settings(settings)
     open_database(home, create=True)
     _emit(args, {"home": str(home.root), "db": redact_url(home.db_url()), "settings": asdict(settings)},
-          f"home ready at {home.root} (database {redact_url(home.db_url())}, preset {settings.preset}).\n"
-          f"next: dmad ingest --home {args.home} DATA/<category> ...")
+          f"home ready at {home.root} (database {redact_url(home.db_url())}, preset {settings.preset})."
+          + (f"\nnext: dmad ingest --home {args.home} DATA/<category> ..." if args.hint else ""))
     return 0
 
 
@@ -123,24 +136,31 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
     home, sessions = _open(args)
     with sessions() as session:
-        report = ingest_folders(session, args.folders)
+        report = ingest_folders(session, args.folders, category=args.category)
     lines = [f"{c.name} ({c.layout}): {c.train_normal} normal training images, {c.pool} pool images "
-             f"({c.with_masks} with ground-truth masks), {c.already_known} already known" for c in report.categories]
+             f"({c.with_masks} with ground-truth masks), {c.already_known} already known, {c.skipped} skipped"
+             for c in report.categories]
     lines += [f"skipped {path}: {reason}" for path, reason in report.skipped]
-    lines.append(f"next: dmad train --home {args.home}")
+    if args.hint:
+        lines.append(f"next: dmad train --home {args.home}")
     _emit(args, asdict(report), "\n".join(lines))
     return 0
 
 
 # -- train / worker -------------------------------------------------------------------------------
-def _progress_printer(enabled: bool) -> Any:
-    state = {"last": ""}
+PRINT_EVERY_S = 5.0  # within one step ("normal bank coreset: ...") a progress line at most this often
+
+
+def _progress_printer(enabled: bool, every_s: float = PRINT_EVERY_S) -> Any:
+    """Prints progress reports: the first of each step (the text before its first ':'), then at most one
+    every ``every_s`` seconds, so a step that reports twenty times in a second leaves one line."""
+    state: dict[str, Any] = {"step": None, "at": 0.0}
 
     def show(fraction: float, message: str) -> None:
-        text = f"[{fraction * 100:5.1f}%] {message}"
-        if enabled and text != state["last"]:
-            print(text, flush=True)
-            state["last"] = text
+        step, now = message.split(":")[0], time.monotonic()
+        if enabled and (step != state["step"] or now - state["at"] >= every_s):
+            print(f"[{fraction * 100:5.1f}%] {message}", flush=True)
+            state["step"], state["at"] = step, now
     return show
 
 

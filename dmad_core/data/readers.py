@@ -282,11 +282,12 @@ def _problem(candidate: _Candidate) -> tuple[Path, str] | None:
     return None
 
 
-def read_category(root: str | Path) -> CategoryDataset:
+def read_category(root: str | Path, log_skipped: bool = True) -> CategoryDataset:
     """Read one category folder in any accepted layout (detected from its structure).
 
     The category is named after the folder. Paths in the records are absolute. Unreadable images are
-    left out and listed in ``skipped`` with the reason.
+    left out and listed in ``skipped`` with the reason; ``log_skipped=False`` leaves reporting them to
+    the caller (`dmad ingest` prints them once in its summary).
     """
     root = Path(root).expanduser()
     if not root.exists():
@@ -303,7 +304,8 @@ def read_category(root: str | Path) -> CategoryDataset:
     dataset = CategoryDataset(name=root.name, root=root, layout=layout)
     for candidate, problem in zip(candidates, problems, strict=True):
         if problem is not None:
-            logger.warning("skipping %s: %s", *problem)
+            if log_skipped:
+                logger.warning("skipping %s: %s", *problem)
             dataset.skipped.append(problem)
             continue
         record = ImageRecord(
@@ -315,6 +317,6 @@ def read_category(root: str | Path) -> CategoryDataset:
             mask_path=candidate.mask_path,
         )
         (dataset.train if candidate.split == "train" else dataset.test).append(record)
-    if dataset.skipped:
+    if dataset.skipped and log_skipped:
         logger.warning("%s: %d unreadable file(s) skipped", root, len(dataset.skipped))
     return dataset
