@@ -12,9 +12,7 @@ import numpy as np
 import torch
 
 from dmad_core.items import Progress, no_progress
-from dmad_core.progress_bar import make_bar
-
-REPORTS_PER_SELECTION = 20  # Progress calls per selection: a retrain's log gets a line per 5 %, not per point
+from dmad_core.progress_bar import is_report_step, make_bar
 
 
 def _project(features: np.ndarray, dim: int, seed: int) -> torch.Tensor:
@@ -60,7 +58,6 @@ def greedy_coreset(
         first = int(rng.integers(len(x)))
     selected = np.empty(n_select, dtype=np.int64)
     idx = first
-    report_every = max(1, -(-n_select // REPORTS_PER_SELECTION))
     with make_bar(total=n_select, desc=desc, unit="pt") as bar:
         for i in range(n_select):
             selected[i] = idx
@@ -68,7 +65,7 @@ def greedy_coreset(
             torch.minimum(min_d, d, out=min_d)
             min_d[idx] = -1.0  # never pick the same point twice (rounding can leave it slightly positive)
             idx = int(torch.argmax(min_d))
-            if (i + 1) % report_every == 0 or i + 1 == n_select:
+            if is_report_step(i + 1, n_select):
                 bar.update(i + 1 - bar.n)
                 progress((i + 1) / n_select, f"{desc}: {i + 1}/{n_select} patches selected")
     return candidates[selected]

@@ -20,7 +20,7 @@ from dmad_core.banks import BankPart, MemoryBank
 from dmad_core.config import BankConfig
 from dmad_core.coreset import coreset_size, greedy_coreset
 from dmad_core.items import DefectAnnotation, ImageItem, Progress, no_progress
-from dmad_core.progress_bar import make_bar
+from dmad_core.progress_bar import is_report_step, make_bar
 
 # (features (gh, gw, C) of one image, its class) -> (gh * gw,) patch scores, higher = more anomalous
 PatchScorer = Callable[[np.ndarray, str], np.ndarray]
@@ -192,7 +192,6 @@ class DualMemory:
         ``progress``/``desc`` report the images done (a bar on stderr too)."""
         exclude = exclude and self.config.exclude_same_image
         nn_n, nn_a = [], []
-        report_every = max(1, -(-len(items) // 20))  # about 20 reports, not one per image
         bar = make_bar(total=len(items), desc=desc, unit="img")
         for done, (it, f) in enumerate(zip(items, feats), start=1):
             q = f.reshape(-1, self.dim).astype(np.float32)
@@ -203,7 +202,7 @@ class DualMemory:
             nn_n.append(self.normal_nn_cache_[key].astype(np.int64))
             nn_a.append(self.abnormal_neighbours(key, q, src))
             bar.update(1)
-            if done % report_every == 0 or done == len(items):
+            if is_report_step(done, len(items)):
                 progress(done / len(items), f"{desc}: {done}/{len(items)} images")
         bar.close()
         return nn_n, nn_a

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 LOG_INTERVAL_S = 10.0  # the most a log file gets from one bar: a line every this many seconds
 LOG_DELAY_S = 3.0  # a step shorter than this leaves no line in a log file
+REPORTS_PER_STEP = 20  # Progress callbacks per long step: a retrain's log gets a line per 5 %, not per item
 
 
 class _LineStream:
@@ -35,7 +36,7 @@ class _LineStream:
 
 
 def make_bar(iterable: Iterable[Any] | None = None, *, total: int | None = None, desc: str, unit: str,
-                 enabled: bool = True) -> tqdm:
+             enabled: bool = True) -> tqdm:
     """A tqdm bar on stderr: in place on a terminal, bounded whole lines otherwise.
 
     Args:
@@ -57,3 +58,15 @@ def make_bar(iterable: Iterable[Any] | None = None, *, total: int | None = None,
         return tqdm(iterable, total=total, desc=desc, unit=unit, leave=False, disable=not enabled, file=stream)
     return tqdm(iterable, total=total, desc=desc, unit=unit, leave=True, disable=not enabled, ascii=True,
                 file=_LineStream(stream), mininterval=LOG_INTERVAL_S, delay=LOG_DELAY_S)
+
+
+def is_report_step(done: int, total: int, reports: int = REPORTS_PER_STEP) -> bool:
+    """Whether the ``done``-th of ``total`` items (counted from 1) is one of about ``reports`` evenly spaced
+    points at which a long step calls its Progress callback; the last item always is.
+
+    Example:
+        >>> [d for d in range(1, 101) if is_report_step(d, 100, reports=4)]
+        [25, 50, 75, 100]
+    """
+    every = max(1, -(-total // reports))
+    return done % every == 0 or done == total

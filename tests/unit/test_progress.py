@@ -9,9 +9,10 @@ import numpy as np
 
 from dmad_core import progress_bar
 from dmad_core.config import BankConfig
-from dmad_core.coreset import REPORTS_PER_SELECTION, greedy_coreset
+from dmad_core.coreset import greedy_coreset
 from dmad_core.items import ImageItem
 from dmad_core.memory import DualMemory
+from dmad_core.progress_bar import REPORTS_PER_STEP
 
 
 def test_a_bar_writes_whole_lines_when_stderr_is_not_a_terminal(monkeypatch):
@@ -44,7 +45,7 @@ def test_coreset_reports_a_bounded_number_of_times_and_selects_the_same_points()
     quiet = greedy_coreset(x, 200, seed=5)
     loud = greedy_coreset(x, 200, seed=5, progress=lambda f, m: reports.append((f, m)), desc="normal bank coreset")
     np.testing.assert_array_equal(quiet, loud)
-    assert 1 <= len(reports) <= REPORTS_PER_SELECTION
+    assert 1 <= len(reports) <= REPORTS_PER_STEP
     assert reports[-1] == (1.0, "normal bank coreset: 200/200 patches selected")
     assert [f for f, _ in reports] == sorted(f for f, _ in reports)
 
