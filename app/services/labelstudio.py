@@ -71,11 +71,6 @@ def _project(home: Home, server: LabelStudioServer) -> tuple[Any, int]:
     return client, project_id
 
 
-def connect_project(home: Home) -> tuple[Any, int]:
-    """(client, project id) of the home's running Label Studio; a clear error when it is not running."""
-    return _project(home, label_studio_server(home))
-
-
 @dataclass(frozen=True)
 class Connection:
     """A client on the home's Label Studio, its project, and the address inspectors open."""
@@ -135,8 +130,9 @@ def health(home: Home) -> Health:
 def sync_project(home: Home, sessions: sessionmaker[Session]) -> tuple[SyncReport, int]:
     """Pulls every annotation of the home's project into the database (what webhooks missed);
     (report, project id)."""
-    client, project_id = connect_project(home)
-    return sync_annotations(client, project_id, DatabaseSink(home, sessions)), project_id
+    connection = connect(home)
+    report = sync_annotations(connection.client, connection.project_id, DatabaseSink(home, sessions))
+    return report, connection.project_id
 
 
 def webhook_receiver(home: Home, sessions: sessionmaker[Session], host: str = "127.0.0.1",

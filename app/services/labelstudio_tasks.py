@@ -20,7 +20,6 @@ from app.services.labelstudio import (
     PIXEL_THRESHOLD_KEY,
     Connection,
     connect,
-    connect_project,
     heatmap_mask,
     webhook_base_url,
 )
@@ -124,7 +123,8 @@ def push_top(home: Home, sessions: sessionmaker[Session], limit: int = 50, categ
     (those already in the project are skipped)."""
     from annotation.project import push_tasks
 
-    client, project_id = connect_project(home)
+    connection = connect(home)
+    client, project_id = connection.client, connection.project_id
     with sessions() as session:
         version = active_version(session)
         if version is None:

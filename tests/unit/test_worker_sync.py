@@ -32,7 +32,7 @@ from annotation.server import PASSWORD_SECRET, TOKEN_SECRET, LabelStudioServer
 from app.home_folder import Home
 from app.services.annotations import load_mask
 from app.services.database import open_database
-from app.services.labelstudio import connect_project, has_project, webhook_base_url
+from app.services.labelstudio import connect, has_project, webhook_base_url
 from app.worker import WorkerOptions, run_worker
 from db import queue
 from db.engine import begin_write
@@ -180,7 +180,8 @@ def test_worker_pulls_label_studio_annotations_every_period(labelstudio: LabelSt
     with sessions() as session:
         images = [add_test_image(session, tmp_path, f"img{i}", width=37, height=23) for i in range(2)]
         session.commit()
-    client, project_id = connect_project(home)
+    connection = connect(home)
+    client, project_id = connection.client, connection.project_id
     assert has_project(home)
     items = [TaskItem(image_id=im.id, content_hash=im.content_hash, category="bottle",
                       image_url=image_url_for(webhook_base_url(home), im.content_hash), width=im.width,
