@@ -25,6 +25,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import requests
+from sklearn.metrics import roc_auc_score
 
 from annotation.rle import brush_result
 from app.services import ui_queries as queries
@@ -158,10 +159,21 @@ def test_review_send_annotate_retrain_metrics(app: App) -> None:
 
             # Review: pick the top crop and send its image to Label Studio
             page.goto(f"{app.ui}/Review")
-            first = page.locator("label").filter(has_text=re.compile(r"^select image \d+$")).first
-            expect(first).to_be_visible()
-            image_id = int(first.inner_text().rsplit(" ", 1)[1])
-            assert image_id in prepared.defect_ids  # the model's top crop is a real defect
+            labels = page.locator("label").filter(has_text=re.compile(r"^select image \d+$"))
+            expect(labels.first).to_be_visible()
+            shown = [int(text.rsplit(" ", 1)[1]) for text in labels.all_inner_texts()]
+            with sessions() as session:
+                active = queries.active_version_info(session)
+                ranked = queries.review_page(session, queries.ReviewFilter(active.id), limit=len(shown))
+            # the grid is the version's ranking of the unreviewed pool, highest score first
+            assert shown == [row.image_id for row in ranked]
+            # and that ranking puts defects above normal images more often than not; the fixture's model
+            # (two epochs, six images a class) is too small to promise more, on every CPU, than that
+            defect = [image_id in prepared.defect_ids for image_id in shown]
+            assert 0 < sum(defect) < len(defect), shown
+            assert roc_auc_score(defect, [row.score for row in ranked]) > 0.5, (shown, prepared.defect_ids)
+            image_id = next(i for i, is_defect in zip(shown, defect) if is_defect)  # its mask is the annotation
+            first = labels.nth(shown.index(image_id))
             expect(page.locator("img").nth(3)).to_be_visible()
             shot(page, "02-review")
             first.click()
