@@ -40,10 +40,9 @@ def print_breakdown(model: DMAD, test: list[ImageItem], batch: int, e2e_s: float
     """Milliseconds per image of each stage of end-to-end inference, timed one stage at a time over the
     same test images: where the time goes, so that an optimisation can aim at the largest part."""
     fe = model.features.extractor
+    scoring = ["abnormal-bank search", "knowledge + mapper"] if model.uses_mapper else ["defect classifiers"]
     stages: dict[str, float] = dict.fromkeys(
-        ["decode", "resize + normalise", "backbone", "patch features", "normal-bank search", "abnormal-bank search",
-         "knowledge + mapper"], 0.0)
-    net = model.net_.eval()
+        ["decode", "resize + normalise", "backbone", "patch features", "normal-bank search", *scoring], 0.0)
     dim = model.config.backbone.feature_dim
     whole_bank = 0.0  # the normal-bank search across all classes, for reference (not in the sum)
     for start in range(0, len(test), batch):
@@ -59,12 +58,20 @@ def print_breakdown(model: DMAD, test: list[ImageItem], batch: int, e2e_s: float
         cats = np.repeat([it.category for it in chunk], len(q) // len(chunk))
         t = time.perf_counter(); _, i_n = model.memory_.search_normal(q, None, cats); stages["normal-bank search"] += time.perf_counter() - t
         t = time.perf_counter(); model.normal_bank_.search(q); whole_bank += time.perf_counter() - t
+        if not model.uses_mapper:  # the logits of each image's class classifier (kNN distance: searched above)
+            t = time.perf_counter()
+            for it, rows in zip(chunk, q.reshape(len(chunk), -1, dim), strict=True):
+                state = model.scorer_.classes_.get(it.category)
+                if state is not None and state.classifier is not None:
+                    state.classifier.logit(rows)
+            stages["defect classifiers"] += time.perf_counter() - t
+            continue
         t = time.perf_counter(); _, i_a = model.abnormal_bank_.search(q); stages["abnormal-bank search"] += time.perf_counter() - t
         t = time.perf_counter()
         with torch.no_grad():
             qt = torch.from_numpy(q).reshape(len(chunk), -1, dim)
-            net(qt, torch.from_numpy(model.normal_bank_.vectors[i_n]).reshape(qt.shape),
-                torch.from_numpy(model.abnormal_bank_.vectors[i_a]).reshape(qt.shape), qt)
+            model.net_.eval()(qt, torch.from_numpy(model.normal_bank_.vectors[i_n]).reshape(qt.shape),
+                              torch.from_numpy(model.abnormal_bank_.vectors[i_a]).reshape(qt.shape), qt)
         stages["knowledge + mapper"] += time.perf_counter() - t
     total = sum(stages.values())
     print(f"where end-to-end time goes (ms/img, stages timed one by one; sum {1000 * total / len(test):.1f} "
@@ -136,7 +143,7 @@ def main() -> None:
     print_breakdown(model, test, args.batch, e2e_s)
     print(f"peak memory (RSS): {peak_rss_mb():.0f} MB")
     print(f"training from cached features vs fit: banks {model.timings_['banks']:.1f} s, "
-          f"mapper {model.timings_['train']:.1f} s, features {model.timings_['features']:.1f} s")
+          f"scorer (mapper or classifiers) {model.timings_['train']:.1f} s, features {model.timings_['features']:.1f} s")
 
 
 if __name__ == "__main__":

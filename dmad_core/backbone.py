@@ -177,7 +177,7 @@ class PatchFeatureHead(nn.Module):
 
 
 class FeatureExtractor(nn.Module):
-    """Image batch (B, 3, S, S) normalised -> patch features (B, gh, gw, C), frozen and in eval mode."""
+    """Image batch (B, 3, H, W) normalised -> patch features (B, gh, gw, C), frozen and in eval mode."""
 
     def __init__(self, config: BackboneConfig, allow_random_weights: bool = False, device: str = "auto"):
         super().__init__()
@@ -197,17 +197,22 @@ class FeatureExtractor(nn.Module):
 
     @property
     def grid_size(self) -> tuple[int, int]:
+        """The patch grid of a square image."""
         stride = self.body.feature_info.reduction()[0]
         return (self.config.image_size // stride, self.config.image_size // stride)
 
     def preprocess(self, images: list[np.ndarray]) -> torch.Tensor:
-        """RGB uint8 images of any size -> a normalised batch at the configured square size."""
-        s = self.config.image_size
+        """RGB uint8 images -> a normalised batch at their input size (``BackboneConfig.input_size``; the
+        images of one batch must share it: ``FeatureStore`` groups them)."""
+        sizes = {self.config.input_size(*img.shape[:2]) for img in images}
+        if len(sizes) > 1:
+            raise ValueError(f"one batch needs one input size, got {sorted(sizes)}: group the images by input size")
         batch = []
         for img in images:
+            size = self.config.input_size(*img.shape[:2])
             t = torch.from_numpy(np.array(img, dtype=np.uint8, copy=True)).permute(2, 0, 1).float().unsqueeze(0) / 255.0
-            if t.shape[-2:] != (s, s):
-                t = functional.interpolate(t, size=(s, s), mode="bilinear", align_corners=False, antialias=True)
+            if tuple(t.shape[-2:]) != size:
+                t = functional.interpolate(t, size=size, mode="bilinear", align_corners=False, antialias=True)
             batch.append(t)
         x = torch.cat(batch).to(self.device)
         return (x - self.mean) / self.std

@@ -58,6 +58,8 @@ class EvalResult:
     seconds: dict[str, float]
     config: dict
     annotated: dict[str, list[str]] = field(default_factory=dict)
+    # the classifier scorer's chosen weights and its leave-one-out criterion per weight (None: mapper)
+    scorer: dict | None = None
 
 
 def outlier_items(folder: Path | None, n_procedural: int, seed: int, limit: int) -> list[ImageItem]:
@@ -102,7 +104,7 @@ def class_metrics(records: list[ImageRecord], preds: list[Prediction], model: DM
     if any(r.mask_path is not None for r in records):
         size = (EVAL_MAP_SIZE, EVAL_MAP_SIZE)
         masks = np.stack([load_mask(r.mask_path, size) if r.mask_path else np.zeros(size, bool) for r in records])
-        maps = model.anomaly_map(np.stack([p.patch_scores for p in preds]), size)
+        maps = np.stack([model.anomaly_map(p.patch_scores, size) for p in preds])  # grids may differ in shape
     return compute_class_metrics(labels, scores, masks, maps)
 
 
@@ -140,14 +142,20 @@ def run_evaluation(request: EvalRequest, config: DMADConfig, cache_dir: Path,
             predictions[ds.name] = [(r, p.image_score) for r, p in zip(records, preds, strict=True)]
         results[method] = MethodResult(method, per_class, predictions)
     seconds["predict"] = round(time.perf_counter() - t0, 2)
+    scorer = None
+    if model.scorer_ is not None:
+        meta = model.scorer_.to_state()[0]
+        scorer = {"weights": {c: {"image": d["image_weight"], "map": d["map_weight"]}
+                              for c, d in meta["classes"].items() if d["intercept"] is not None},
+                  "selection": meta["selection"]}
     return EvalResult(results, seconds, config.to_dict(),
-                      {c: [str(r.path) for r in recs] for c, recs in annotated.items()})
+                      {c: [str(r.path) for r in recs] for c, recs in annotated.items()}, scorer)
 
 
 def write_json(result: EvalResult, path: Path, primary: str = "dmad") -> None:
     main = result.results[primary]
     payload = {**main.to_dict(), "method": primary, "seconds": result.seconds, "config": result.config,
-               "annotated": result.annotated,
+               "annotated": result.annotated, "scorer": result.scorer,
                "baselines": {m: r.to_dict() for m, r in result.results.items() if m != primary}}
     path.write_text(json.dumps(payload, indent=2))
 
@@ -180,5 +188,8 @@ def format_table(result: EvalResult) -> str:
         a, b = mean_metrics(result.results["dmad"].per_class), mean_metrics(result.results["knn"].per_class)
         ratios = [f"{short[n]} x{a[n] / b[n]:.3f}" for n in METRIC_NAMES if a[n] is not None and b[n]]
         lines.append("dmad / knn (mean): " + ", ".join(ratios))
+    if result.scorer and result.scorer["weights"]:
+        lines.append("classifier weights (leave-one-annotated-image-out), image / map: " + ", ".join(
+            f"{c} {w['image']:g} / {w['map']:g}" for c, w in result.scorer["weights"].items()))
     lines.append("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in result.seconds.items()))
     return "\n".join(lines)

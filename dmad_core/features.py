@@ -54,12 +54,20 @@ class FeatureStore:
             return [np.asarray(f, dtype=np.float16) for f in out]
         return out  # type: ignore[return-value]
 
-    def compute(self, images: list[np.ndarray]) -> np.ndarray:
+    def compute(self, images: list[np.ndarray]) -> list[np.ndarray]:
+        """Patch features (gh, gw, C) of each image: one backbone call per input size among them (with
+        ``geometry="aspect"`` images of other proportions have other grids)."""
         t0 = time.perf_counter()
-        x = self.extractor.preprocess(images)
-        feats = self.extractor(x).float().cpu().numpy()
+        out: list[np.ndarray | None] = [None] * len(images)
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, img in enumerate(images):
+            groups.setdefault(self.config.backbone.input_size(*img.shape[:2]), []).append(i)
+        for rows in groups.values():
+            feats = self.extractor(self.extractor.preprocess([images[i] for i in rows])).float().cpu().numpy()
+            for i, f in zip(rows, feats, strict=True):
+                out[i] = f
         self.seconds_backbone += time.perf_counter() - t0
-        return feats
+        return out  # type: ignore[return-value]
 
 
 @dataclass(frozen=True)

@@ -62,10 +62,7 @@ class DualMemory:
         """Mn as a coreset of the normal training patches, Ma with its outlier part (the annotated parts
         follow with ``set_annotations``, which also builds Ma's index)."""
         flat, sources, cats = _provenance(items, feats, self.dim)
-        sel = greedy_coreset(flat, coreset_size(len(flat), self.config.coreset_ratio),
-                             self.config.coreset_projection_dim, self.seed,
-                             max_candidates=self.config.coreset_max_candidates,
-                             progress=lambda f, m: progress(0.8 * f, m), desc="normal bank coreset")
+        sel = self._normal_coreset(flat, cats, None, lambda f, m: progress(0.8 * f, m))
         self.normal_bank_ = MemoryBank(dim=self.dim)
         self.normal_bank_.set_part(banks.NORMAL, BankPart(flat[sel].astype(np.float32), sources[sel], cats[sel]))
         self.normal_bank_.build_index(self.config)
@@ -80,13 +77,32 @@ class DualMemory:
         flat, sources, cats = _provenance(items, feats, self.dim)
         flat = flat.astype(np.float32)
         current = self.normal_bank_.parts[banks.NORMAL]
-        sel = greedy_coreset(flat, coreset_size(len(flat), self.config.coreset_ratio),
-                             self.config.coreset_projection_dim, self.seed, initial=current.vectors,
-                             progress=progress, desc="normal bank coreset")
+        sel = self._normal_coreset(flat, cats, current, progress)
         self.normal_bank_.set_part(banks.NORMAL, BankPart.concat(
             [current, BankPart(flat[sel], sources[sel], cats[sel])], self.dim))
         self.normal_bank_.build_index(self.config)
         self.normal_nn_cache_ = {}
+
+    def _normal_coreset(self, flat: np.ndarray, cats: np.ndarray, current: BankPart | None,
+                        progress: Progress) -> np.ndarray:
+        """Rows of ``flat`` chosen for Mn: the greedy coreset of each class's patches apart
+        (``coreset_per_class``), or of all at once; continued from ``current``'s entries when given."""
+        cfg = self.config
+        groups = [np.unique(cats)] if not cfg.coreset_per_class else [[c] for c in np.unique(cats)]
+        chosen = []
+        for n, group in enumerate(groups):
+            rows = np.flatnonzero(np.isin(cats, group))
+            initial = None
+            if current is not None and len(current):
+                initial = current.vectors if not cfg.coreset_per_class else current.vectors[
+                    np.isin(current.categories, group)]
+            name = "normal bank coreset" + (f" ({group[0]})" if cfg.coreset_per_class else "")
+            sel = greedy_coreset(flat[rows], coreset_size(len(rows), cfg.coreset_ratio), cfg.coreset_projection_dim,
+                                 self.seed, initial=initial if initial is not None and len(initial) else None,
+                                 max_candidates=cfg.coreset_max_candidates, desc=name,
+                                 progress=lambda f, m, n=n: progress((n + f) / len(groups), m))
+            chosen.append(rows[sel])
+        return np.sort(np.concatenate(chosen))
 
     def _outlier_part(self, out_feats: Sequence[np.ndarray], items: Sequence[ImageItem],
                       feats: Sequence[np.ndarray], progress: Progress = no_progress) -> BankPart:
@@ -113,19 +129,20 @@ class DualMemory:
                           net_scores: PatchScorer | None) -> tuple[np.ndarray, bool]:
         """Patch indices that carry the defect, and whether they are weak evidence (no mask).
 
-        Masked: the mask resized to the patch grid (bilinear), patches covered above the threshold; a defect
-        smaller than one patch still yields its best-covered patch. Without mask: the image's
+        Masked: the share of each patch's area the mask covers; patches covered above the threshold, or, for a
+        defect thinner than that (a crack a few pixels wide never covers half a patch), those covered at
+        least half as much as the best-covered one (measured: KolektorSDD's cracks gave one patch an image
+        under the plain threshold, docs/supervision-study.md). Without mask: the image's
         highest-scoring patches under ``net_scores`` (the current mapper), or by nearest-neighbour distance
         when there is no mapper yet (``None``).
         """
         gh, gw = feat.shape[:2]
         if annotation.mask is not None:
             m = torch.from_numpy(np.asarray(annotation.mask, np.float32))[None, None]
-            cover = functional.interpolate(m, size=(gh, gw), mode="bilinear", align_corners=False).reshape(-1).numpy()
-            idx = np.flatnonzero(cover > self.config.mask_threshold)
-            if len(idx) == 0 and cover.max() > 0:
-                idx = np.array([int(cover.argmax())])
-            return idx, False
+            cover = functional.adaptive_avg_pool2d(m, (gh, gw)).reshape(-1).numpy()
+            if cover.max() <= 0:
+                return np.zeros(0, np.int64), False
+            return np.flatnonzero(cover >= min(self.config.mask_threshold, 0.5 * float(cover.max()))), False
         if net_scores is not None:
             scores = net_scores(feat, annotation.item.category)
         else:

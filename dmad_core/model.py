@@ -28,6 +28,7 @@ from dmad_core import persistence
 from dmad_core.backbone import pick_device
 from dmad_core.banks import MemoryBank
 from dmad_core.config import DMADConfig, MapperConfig
+from dmad_core.defect_classifier import DefectClassifierScorer
 from dmad_core.features import FeatureScaling, FeatureStore
 from dmad_core.items import DefectAnnotation, ImageItem, Prediction, Progress, no_progress, top_k_mean
 from dmad_core.memory import DualMemory
@@ -47,8 +48,7 @@ def anomaly_map(patch_scores: np.ndarray, size: tuple[int, int] | None, config: 
     its sigma, resized. ``DMAD.anomaly_map`` is this with the model's own config; callers that hold only a
     stored version's config (pre-annotations, UI) use it directly so every heat map is the same one."""
     grids = np.asarray(patch_scores, np.float32)
-    base = config.backbone.image_size
-    maps = anomaly_maps(grids.reshape(-1, *grids.shape[-2:]), size or (base, base), config.score.gaussian_sigma, base)
+    maps = anomaly_maps(grids.reshape(-1, *grids.shape[-2:]), size, config.score.gaussian_sigma, config.backbone.stride)
     return maps if grids.ndim == 3 else maps[0]
 
 
@@ -56,12 +56,16 @@ class DMAD:
     """The unified dual-memory-bank model for all categories at once."""
 
     def __init__(self, config: DMADConfig, features: FeatureStore):
+        if config.score.scorer == "mapper" and config.backbone.geometry != "square":
+            raise ValueError("the mapper scorer needs square geometry (its attention batches whole images of one "
+                             "grid): use BackboneConfig(geometry='square') or the classifier scorer")
         self.config = config
         self.features = features
         self.device = pick_device(config.device)
         # Fitted state: None until fit() or load().
         self.memory_: DualMemory | None = None
-        self.net_: DMADNet | None = None
+        self.net_: DMADNet | None = None  # the mapper (``ScoreConfig.scorer == "mapper"``)
+        self.scorer_: DefectClassifierScorer | None = None  # the classifier scorer (the default)
         self.scaling_: FeatureScaling | None = None
         self.mapper_config_: MapperConfig | None = None  # the regime trained last (semi-supervised or not)
         self.categories_: list[str] | None = None
@@ -94,20 +98,27 @@ class DMAD:
             cfg.backbone.feature_dim)
         feats = scaling.apply(self.features.get(train_items))
         self.features.get(val_items, desc="features: validation")
-        out_feats = scaling.apply(self.features.get(outliers[: cfg.bank.outlier_images_max], desc="features: outliers"))
+        # the outlier part of the abnormal bank (pseudo-anomalies) only serves the mapper
+        outliers = outliers[: cfg.bank.outlier_images_max] if self.uses_mapper else []
+        out_feats = scaling.apply(self.features.get(outliers, desc="features: outliers"))
         ann_feats = scaling.apply(self.features.get([a.item for a in annotations], desc="features: annotated"))
         timings["features"] = time.perf_counter() - t0
         progress(0.3, "building the normal bank (coreset)")
         t0 = time.perf_counter()
         memory = DualMemory(cfg.bank, cfg.backbone.feature_dim, cfg.mapper.seed)
         memory.build(train_items, feats, out_feats, lambda f, m: progress(0.3 + 0.1 * f, m))
-        memory.set_annotations(annotations, ann_feats, net_scores=None)  # no mapper yet: weak = kNN distance
+        memory.set_annotations(annotations, ann_feats, net_scores=None)  # no scorer yet: weak = kNN distance
         timings["banks"] = time.perf_counter() - t0
         mc, t0 = self._mapper_config(annotations), time.perf_counter()
-        net, history = self._train(memory, scaling, None, mc, train_items, val_items, annotations, ann_feats,
-                                   mc.epochs, lambda f, m: progress(0.4 + 0.55 * f, m), patience=0)
+        net, scorer, history = None, None, []
+        if self.uses_mapper:
+            net, history = self._train(memory, scaling, None, mc, train_items, val_items, annotations, ann_feats,
+                                       mc.epochs, lambda f, m: progress(0.4 + 0.55 * f, m), patience=0)
+        else:
+            progress(0.4, "fitting the defect classifiers")
+            scorer = self._fit_scorer(memory, scaling, train_items, val_items, annotations, ann_feats)
         timings["train"] = time.perf_counter() - t0
-        self.memory_, self.net_, self.scaling_, self.mapper_config_ = memory, net, scaling, mc
+        self.memory_, self.net_, self.scorer_, self.scaling_, self.mapper_config_ = memory, net, scorer, scaling, mc
         self.categories_ = sorted({it.category for it in normal})
         self.normal_items_, self.validation_items_, self.annotations_ = train_items, val_items, list(annotations)
         self.history_, self.timings_ = history, timings
@@ -123,7 +134,7 @@ class DMAD:
 
         ``annotations`` is the complete current set (not a delta), so deletions are honoured.
         """
-        if self.net_ is None:
+        if self.memory_ is None:
             raise RuntimeError("update() needs a fitted model: call fit() first")
         memory, scaling, t0, timings = self.memory_, self.scaling_, time.perf_counter(), {}
         ann_feats = scaling.apply(self.features.get([a.item for a in annotations], desc="features: annotated"))
@@ -136,10 +147,19 @@ class DMAD:
             self.normal_items_ = self.normal_items_ + new_normals
             self.categories_ = sorted(set(self.categories_) | {it.category for it in new_normals})
         timings["features"], t0 = time.perf_counter() - t0, time.perf_counter()
-        memory.set_annotations(annotations, ann_feats, self._net_scores)  # weak: the current mapper's top patches
+        memory.set_annotations(annotations, ann_feats, self._net_scores)  # weak: the current model's top patches
         self.annotations_ = list(annotations)
         timings["banks"], t0 = time.perf_counter() - t0, time.perf_counter()
         mc = self._mapper_config(annotations)
+        if not self.uses_mapper:
+            progress(0.2, "fitting the defect classifiers")
+            self.scorer_ = self._fit_scorer(memory, scaling, self.normal_items_, self.validation_items_, annotations,
+                                            ann_feats)
+            self.mapper_config_, self.history_ = mc, []
+            self.timings_ = {**timings, "train": time.perf_counter() - t0}
+            self.pixel_threshold_, self.image_threshold_ = self._thresholds(self.validation_items_)
+            progress(1.0, "retrained")
+            return self
         # A changed regime (first annotated defect: distance-only knowledge and the semi-supervised loss
         # weights, or back) starts a fresh mapper. Measured on tire + bottle with 10 masks: warm-starting the
         # unsupervised mapper gives tire pixel AUROC 0.70-0.74 (it never leaves the unsupervised optimum's
@@ -160,9 +180,9 @@ class DMAD:
         bar = make_bar(total=len(items), desc="predict", unit="img", enabled=progress_bar)
         for start in range(0, len(items), batch_size):
             chunk = items[start:start + batch_size]
-            grids = self._score_features(self.patch_features(chunk), [it.category for it in chunk])
-            for it, grid in zip(chunk, grids, strict=True):
-                preds.append(Prediction(it, grid.astype(np.float32), top_k_mean(grid, self.config.score.top_k)))
+            scored = self._score_features(self.patch_features(chunk), [it.category for it in chunk])
+            for it, (grid, image_score) in zip(chunk, scored, strict=True):
+                preds.append(Prediction(it, grid.astype(np.float32), image_score))
             bar.update(len(chunk))
             progress(len(preds) / len(items), f"scored {len(preds)}/{len(items)}")
         bar.close()
@@ -230,19 +250,38 @@ class DMAD:
         if not validation:
             return None, None
         preds = self.predict(validation, progress_bar=False)
-        maps = self.anomaly_map(np.stack([p.patch_scores for p in preds]))
+        maps = np.concatenate([self.anomaly_map(p.patch_scores).ravel() for p in preds])  # grids may differ
         return (float(np.quantile(maps, self.config.score.pixel_threshold_quantile)),
                 float(max(p.image_score for p in preds)))
 
     def _net_scores(self, feat: np.ndarray, category: str) -> np.ndarray:
-        return self._score_features([feat], [category])[0].reshape(-1)
+        return self._score_features([feat], [category])[0][0].reshape(-1)
+
+    @property
+    def is_fitted(self) -> bool:
+        """Whether the model can predict: its memory and its scorer (mapper or classifiers) exist."""
+        return self.memory_ is not None and (self.net_ is not None or self.scorer_ is not None)
+
+    @property
+    def uses_mapper(self) -> bool:
+        """Whether this model scores with the paper's mapper (else with the classifier scorer)."""
+        return self.config.score.scorer == "mapper"
+
+    def _fit_scorer(self, memory: DualMemory, scaling: FeatureScaling, train_items: Sequence[ImageItem],
+                    val_items: Sequence[ImageItem], annotations: Sequence[DefectAnnotation],
+                    ann_feats: list[np.ndarray]) -> DefectClassifierScorer:
+        return DefectClassifierScorer(self.config.classifier, self.config.score.top_k).fit(
+            memory, train_items, lambda items: scaling.apply(self.features.get(items)), val_items, annotations,
+            ann_feats)
 
     @torch.no_grad()
-    def _score_features(self, feats: Sequence[np.ndarray], categories: Sequence[str]) -> list[np.ndarray]:
-        """Patch score grids for images whose standardised features are known (no backbone); the normal
-        bank is searched within each image's class (``BankConfig.class_aware``)."""
-        if self.net_ is None:
+    def _score_features(self, feats: Sequence[np.ndarray], categories: Sequence[str]) -> list[tuple[np.ndarray, float]]:
+        """(patch score grid, image score) of images whose standardised features are known (no backbone);
+        the normal bank is searched within each image's class (``BankConfig.class_aware``)."""
+        if self.memory_ is None:
             raise RuntimeError("model is not fitted: call fit() or load() first")
+        if self.scorer_ is not None:
+            return [self.scorer_.score(self.memory_, f, c) for f, c in zip(feats, categories, strict=True)]
         dim = self.config.backbone.feature_dim
         flat = [np.asarray(f, np.float32).reshape(-1, dim) for f in feats]
         q_all = np.concatenate(flat)
@@ -250,5 +289,6 @@ class DMAD:
         q = torch.from_numpy(q_all).to(self.device).reshape(len(flat), flat[0].shape[0], dim)
         scores = -self.net_.eval()(q, torch.from_numpy(v_n).to(self.device).reshape(q.shape),
                                    torch.from_numpy(v_a).to(self.device).reshape(q.shape), q)
-        return [s.reshape(f.shape[:2]) if f.ndim == 3 else s for f, s in zip(feats, scores.float().cpu().numpy(),
-                                                                               strict=True)]
+        grids = [s.reshape(f.shape[:2]) if f.ndim == 3 else s for f, s in zip(feats, scores.float().cpu().numpy(),
+                                                                                strict=True)]
+        return [(g, top_k_mean(g, self.config.score.top_k)) for g in grids]

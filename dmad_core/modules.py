@@ -245,24 +245,29 @@ def gaussian_kernel(sigma: float) -> torch.Tensor:
 
 
 def smooth_maps(maps: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur of (B, H, W) maps, reflect-padded (like scipy's default)."""
+    """Separable Gaussian blur of (B, H, W) maps, reflect-padded (like scipy's default); a map smaller than
+    the kernel's radius is edge-padded instead (reflection needs the radius inside the map)."""
     if sigma <= 0:
         return maps
     k = gaussian_kernel(sigma).to(maps)
     r = (len(k) - 1) // 2
     x = maps.unsqueeze(1)
-    x = functional.conv2d(functional.pad(x, (r, r, 0, 0), mode="reflect"), k.view(1, 1, 1, -1))
-    x = functional.conv2d(functional.pad(x, (0, 0, r, r), mode="reflect"), k.view(1, 1, -1, 1))
+    mode_w = "reflect" if x.shape[-1] > r else "replicate"
+    mode_h = "reflect" if x.shape[-2] > r else "replicate"
+    x = functional.conv2d(functional.pad(x, (r, r, 0, 0), mode=mode_w), k.view(1, 1, 1, -1))
+    x = functional.conv2d(functional.pad(x, (0, 0, r, r), mode=mode_h), k.view(1, 1, -1, 1))
     return x.squeeze(1)
 
 
-def anomaly_maps(grids: np.ndarray, size: tuple[int, int], sigma: float, base_size: int) -> np.ndarray:
-    """(B, gh, gw) patch score grids -> (B, H, W) pixel maps: upsampled bilinearly to ``base_size`` (the
-    model's input resolution, where ``sigma`` is defined), Gaussian-smoothed there, then resized to ``size``.
-    Use ``DMAD.anomaly_map``, which passes the model's own sigma and input size."""
+def anomaly_maps(grids: np.ndarray, size: tuple[int, int] | None, sigma: float, stride: int) -> np.ndarray:
+    """(B, gh, gw) patch score grids -> (B, H, W) pixel maps: upsampled bilinearly to the model's input
+    resolution (``stride`` input pixels a cell: gh x stride, gw x stride, where ``sigma`` is defined),
+    Gaussian-smoothed there, then resized to ``size`` (None: stay at the input resolution).
+    Use ``DMAD.anomaly_map``, which passes the model's own sigma and stride."""
     t = torch.from_numpy(np.asarray(grids, np.float32)).unsqueeze(1)
-    t = functional.interpolate(t, size=(base_size, base_size), mode="bilinear", align_corners=False).squeeze(1)
+    base = (t.shape[-2] * stride, t.shape[-1] * stride)
+    t = functional.interpolate(t, size=base, mode="bilinear", align_corners=False).squeeze(1)
     t = smooth_maps(t, sigma)
-    if tuple(size) != (base_size, base_size):
+    if size is not None and tuple(size) != base:
         t = functional.interpolate(t.unsqueeze(1), size=tuple(size), mode="bilinear", align_corners=False).squeeze(1)
     return t.numpy()

@@ -1,16 +1,19 @@
 """The folder a fitted DMAD is saved to, and the only code that reads or writes it.
 
-Layout (format 2)::
+Layout (format 3)::
 
-    model.json                  config, mapper config, items, thresholds, history, format_version
-    net.pt                      the mapper's state dict
+    model.json                  config, mapper config, items, thresholds, history, format_version, and the
+                                classifier scorer's scales and weights (``scorer``)
+    net.pt                      the mapper's state dict (mapper-scored models only)
+    classifiers.npz             class -> the defect classifier's coefficients (classifier-scored models)
     normal_bank.* abnormal_bank.*   bank parts (.npz), their faiss index and part list (see banks.py)
     annotated_patches.npz       image hash -> patch indices of its defect (what the seen/weak parts hold)
     annotation_masks.npz        annotation position -> its mask (only annotations with a mask)
     normal_neighbours.npz, outlier_neighbours.npz   the neighbour caches of the training images
 
 Format 1 (before ``annotation_masks.npz``) still loads; its ``annotations_`` come back only when none of
-them had a mask, since the masks were not saved.
+them had a mask, since the masks were not saved. Format 2 is format 3 without the classifier scorer (all
+its models were mapper-scored).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import torch
 
 from dmad_core.banks import MemoryBank
 from dmad_core.config import DMADConfig, MapperConfig
+from dmad_core.defect_classifier import DefectClassifierScorer
 from dmad_core.features import FeatureScaling
 from dmad_core.items import DefectAnnotation, ImageItem
 from dmad_core.memory import DualMemory
@@ -36,8 +40,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 2
-READABLE_FORMATS = (1, 2)
+FORMAT_VERSION = 3
+READABLE_FORMATS = (1, 2, 3)
 MODEL_FILE = "model.json"
 # Mapper fields that models saved before they existed did not have, with the behaviour those models had.
 _LEGACY_MAPPER = {"distance_features": False, "distance_prior": False, "pseudo_requery": False,
@@ -70,14 +74,19 @@ def _item(d: dict[str, Any]) -> ImageItem:
 def save_model(model: DMAD, folder: str | Path) -> None:
     """Writes everything ``load_into`` needs to predict and to retrain: banks, their faiss indexes, the
     trained weights, config, items, annotations with their masks and the neighbour caches."""
-    if model.net_ is None:
+    if model.memory_ is None:
         raise RuntimeError("nothing to save: the model is not fitted")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     memory = model.memory_
     memory.normal_bank_.save(folder, "normal_bank")
     memory.abnormal_bank_.save(folder, "abnormal_bank")
-    torch.save(model.net_.state_dict(), folder / "net.pt")
+    scorer_meta = None
+    if model.net_ is not None:
+        torch.save(model.net_.state_dict(), folder / "net.pt")
+    if model.scorer_ is not None:
+        scorer_meta, coefficients = model.scorer_.to_state()
+        np.savez(folder / "classifiers.npz", **coefficients)
     meta = {
         "format_version": FORMAT_VERSION,
         "config": model.config.to_dict(),
@@ -92,6 +101,7 @@ def save_model(model: DMAD, folder: str | Path) -> None:
         "image_threshold": model.image_threshold_,
         "history": model.history_,
         "bank_sizes": {"normal": memory.normal_bank_.part_sizes(), "abnormal": memory.abnormal_bank_.part_sizes()},
+        "scorer": scorer_meta,
     }
     (folder / MODEL_FILE).write_text(json.dumps(meta, indent=1))
     np.savez(folder / "annotated_patches.npz", **memory.annotated_patches_)
@@ -149,6 +159,12 @@ def load_into(model: DMAD, folder: str | Path, meta: dict[str, Any]) -> None:
     model.image_threshold_ = meta["image_threshold"]
     model.history_ = meta.get("history", [])
     model.memory_ = _memory(folder, model.config)
-    net = new_net(dim, model.mapper_config_)
-    net.load_state_dict(torch.load(folder / "net.pt", map_location="cpu", weights_only=True))
-    model.net_ = net.to(model.device).eval()
+    if meta.get("scorer") is not None:
+        with np.load(folder / "classifiers.npz") as z:
+            coefficients = {name: z[name] for name in z.files}
+        model.scorer_ = DefectClassifierScorer(model.config.classifier, model.config.score.top_k).load_state(
+            meta["scorer"], coefficients)
+    else:
+        net = new_net(dim, model.mapper_config_)
+        net.load_state_dict(torch.load(folder / "net.pt", map_location="cpu", weights_only=True))
+        model.net_ = net.to(model.device).eval()

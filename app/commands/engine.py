@@ -26,7 +26,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--outliers", type=Path, help="folder of outlier textures (e.g. DTD); procedural if absent")
     p.add_argument("--method", choices=["dmad", "knn", "both"], default="both",
                    help="'both' (default) reports DMAD with the kNN baseline of the same run")
-    p.add_argument("--epochs", type=int, help="override the mapper's epochs")
+    p.add_argument("--scorer", choices=["classifier", "mapper"], default=None,
+                   help="classifier (default): kNN distance + per-class classifier of annotated defects; "
+                        "mapper: the paper's score mapper (docs/method-notes.md)")
+    p.add_argument("--epochs", type=int, help="override the mapper's epochs (--scorer mapper)")
+    p.add_argument("--geometry", choices=["square", "aspect"], default=None,
+                   help="square: images resized to 256 x 256; aspect: shorter side 256, proportions kept "
+                        "(default: the preset's)")
     p.add_argument("--cache", type=Path, help="feature cache folder (default: a temporary folder)")
     p.add_argument("--json", type=Path, metavar="OUT.json", help="write metrics, timings and config as JSON")
     p.add_argument("--scores-out", type=Path, metavar="OUT.csv", help="one row per evaluated image")
@@ -52,6 +58,10 @@ def run_eval(args: argparse.Namespace) -> int:
         config = dataclasses.replace(config, backbone=dataclasses.replace(config.backbone, weights="random"))
     if args.epochs:
         config = dataclasses.replace(config, mapper=dataclasses.replace(config.mapper, epochs=args.epochs))
+    if args.geometry:
+        config = dataclasses.replace(config, backbone=dataclasses.replace(config.backbone, geometry=args.geometry))
+    if args.scorer:
+        config = dataclasses.replace(config, score=dataclasses.replace(config.score, scorer=args.scorer))
     methods = ("dmad", "knn") if args.method == "both" else (args.method,)
     request = EvalRequest(data=args.data, setting=args.setting, anomalies_per_class=args.anomalies_per_class,
                           seed=args.seed, outliers=args.outliers, methods=methods)

@@ -231,8 +231,8 @@ def test_offline_backbone_has_genuine_imagenet_weights():
     bn = model.state_dict()["bn1.running_var"]
     assert not torch.allclose(bn, torch.ones_like(bn))
     fe = FeatureExtractor(DMADConfig.preset("offline").backbone)
-    feats = fe(fe.preprocess([np.zeros((100, 140, 3), np.uint8)]))
-    assert feats.shape == (1, 32, 32, 152) and fe.grid_size == (32, 32)
+    feats = fe(fe.preprocess([np.zeros((100, 140, 3), np.uint8)]))  # the preset keeps the aspect ratio
+    assert feats.shape == (1, 32, 44, 152) and fe.grid_size == (32, 32)
 
 
 # ------------------------------------------------------------------------------------ whole model
@@ -241,8 +241,10 @@ def fitted(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("engine")
     roots = [make_synthetic_category(tmp / "data", name, texture=tex, n_train=12, n_test_good=4, n_test_defect=6,
                                      seed=i) for i, (name, tex) in enumerate([("grid", "grid"), ("dots", "dots")])]
-    cfg = DMADConfig.preset("offline")
-    cfg = dataclasses.replace(cfg, mapper=dataclasses.replace(cfg.mapper, epochs=3, steps_per_epoch=4))
+    cfg = DMADConfig.preset("offline")  # the mapper's tests: the classifier scorer's are in test_defect_classifier
+    cfg = dataclasses.replace(cfg, mapper=dataclasses.replace(cfg.mapper, epochs=3, steps_per_epoch=4),
+                              score=dataclasses.replace(cfg.score, scorer="mapper"),
+                              backbone=dataclasses.replace(cfg.backbone, geometry="square"))
     store = FeatureStore(cfg, tmp / "features")
     dss = [read_category(r) for r in roots]
     normal = [ImageItem.from_path(r.path, d.name) for d in dss for r in d.train]
@@ -273,10 +275,10 @@ def test_filtered_seen_part_only_keeps_masked_patches(fitted):
     idx, weak = model.memory_.annotated_patches(DefectAnnotation(item, mask), model.patch_features([item])[0],
                                                 model._net_scores)
     gh, gw = model.features.extractor.grid_size
-    cover = torch.nn.functional.interpolate(torch.from_numpy(mask.astype(np.float32))[None, None], size=(gh, gw),
-                                            mode="bilinear").reshape(-1).numpy()
+    cover = torch.nn.functional.adaptive_avg_pool2d(torch.from_numpy(mask.astype(np.float32))[None, None],
+                                                    (gh, gw)).reshape(-1).numpy()
     assert not weak and 0 < len(idx) < gh * gw // 10  # a defect is a small part of its image
-    assert cover[idx].min() > 0
+    assert cover[idx].min() >= min(0.5, cover.max() / 2) and np.all(np.delete(cover, idx) < min(0.5, cover.max() / 2))
     idx_weak, weak = model.memory_.annotated_patches(DefectAnnotation(item, None), model.patch_features([item])[0],
                                                      model._net_scores)
     assert weak and len(idx_weak) == model.config.bank.weak_patches_per_image

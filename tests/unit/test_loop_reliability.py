@@ -54,7 +54,7 @@ def test_a_worker_killed_mid_retrain_is_retried_by_another(trained_home: LoopHom
     with sessions() as session:  # the active version is still the first one, and it loads
         active = active_version(session)
         assert active.name == "v0001"
-        assert load_model(trained_home.home, active).net_ is not None
+        assert load_model(trained_home.home, active).is_fitted
         assert [v.name for v in list_versions(session)] == ["v0001"]
 
     time.sleep(3.5)  # the dead worker's lease expires
@@ -67,4 +67,4 @@ def test_a_worker_killed_mid_retrain_is_retried_by_another(trained_home: LoopHom
         assert active.name == versions[-1].name
         assert all(not os.path.basename(v.folder).startswith(".tmp-") for v in versions)
         assert all(os.path.isdir(v.folder) for v in versions)
-        assert load_model(trained_home.home, active).net_ is not None
+        assert load_model(trained_home.home, active).is_fitted

@@ -58,7 +58,7 @@ def test_building_the_banks_and_the_neighbour_search_report_progress():
     memory = DualMemory(BankConfig(coreset_ratio=0.2, outlier_coreset_ratio=0.2), dim=8, seed=0)
     built: list[tuple[float, str]] = []
     memory.build(items, feats, outliers, progress=lambda f, m: built.append((f, m)))
-    assert any(m.startswith("normal bank coreset:") for _, m in built)
+    assert any(m.startswith("normal bank coreset (a):") for _, m in built)  # per class, named
     assert any(m.startswith("outlier bank coreset:") for _, m in built)
     assert all(0.0 <= f <= 1.0 for f, _ in built) and built[-1][0] == 1.0
     memory.set_annotations([], [], net_scores=None)  # builds the abnormal bank's index

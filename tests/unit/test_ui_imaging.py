@@ -17,12 +17,13 @@ from dmad_core.errors import UserError
 
 
 def test_upsample_is_bilinear_to_the_image_size() -> None:
-    grid = np.array([[0.0, 1.0], [0.0, 1.0]], dtype=np.float16)
-    field = imaging.upsample(grid, width=40, height=30)
-    assert field.shape == (30, 40)
+    grid = np.zeros((32, 32), dtype=np.float16)  # a model's grid: left half 0, right half 1
+    grid[:, 16:] = 1.0
+    field = imaging.upsample(grid, width=400, height=300)
+    assert field.shape == (300, 400)
     assert field[:, 0].max() < 0.05 and field[:, -1].min() > 0.95
-    assert 0.3 < field[15, 20] < 0.7  # smooth in between, not nearest-neighbour blocks
-    assert np.all(np.diff(field[15]) >= -1e-6)
+    assert 0.3 < field[150, 200] < 0.7  # smooth in between, not nearest-neighbour blocks
+    assert np.all(np.diff(field[150]) >= -1e-6)
 
 
 def test_heat_overlay_tints_only_scores_above_the_normal_level() -> None:
