@@ -168,6 +168,10 @@ class TaskItem:
     score: float
     model_version: str
     heatmap_mask: np.ndarray | None = None  # thresholded heat map, bool H x W, at the image's size
+    # Label Studio's prediction score (0-1, shown as a percentage): the share of the class's validation
+    # normals scoring below this image. None: the prediction carries no score (the raw anomaly score is
+    # unbounded and read as a percentage it misleads: "475.91%").
+    normal_percentile: float | None = None
 
 
 @dataclass(frozen=True)
@@ -203,9 +207,11 @@ def task_payload(item: TaskItem, label: str = DEFAULT_LABELS[0]) -> dict[str, An
             "content_hash": item.content_hash,
             "category": item.category,
             "score": round(float(item.score), 6),
+            "normal_percentile": None if item.normal_percentile is None else round(item.normal_percentile, 4),
             "model_version": item.model_version,
         },
-        "predictions": [{"model_version": item.model_version, "score": float(item.score), "result": result}],
+        "predictions": [{"model_version": item.model_version, "result": result}
+                        | ({} if item.normal_percentile is None else {"score": round(item.normal_percentile, 4)})],
     }
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -67,3 +67,16 @@ def top_k_mean(grid: np.ndarray, k: int) -> float:
     """The image score: the mean of the ``k`` highest patch scores."""
     flat = np.sort(np.asarray(grid, np.float32).ravel())
     return float(flat[-min(k, len(flat)):].mean())
+
+
+def normal_percentile(score: float, normal_scores: Sequence[float]) -> float | None:
+    """The share of normal images (e.g. a class's validation images) that score below ``score``: 0-1, a
+    unit an inspector reads as "more anomalous than this share of known-good parts". None without any.
+
+    Example:
+        >>> normal_percentile(2.0, [0.5, 1.0, 1.5, 3.0])
+        0.75
+    """
+    if not len(normal_scores):
+        return None
+    return float(np.mean(np.asarray(normal_scores, np.float64) < score))

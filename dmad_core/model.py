@@ -74,6 +74,7 @@ class DMAD:
         self.annotations_: list[DefectAnnotation] | None = None
         self.pixel_threshold_: float | None = None  # None when there were no validation images
         self.image_threshold_: float | None = None
+        self.validation_scores_: dict[str, list[float]] | None = None  # class -> sorted validation image scores
         self.history_: list[dict] | None = None
         self.timings_: dict[str, float] | None = None
 
@@ -246,10 +247,15 @@ class DMAD:
 
     def _thresholds(self, validation: Sequence[ImageItem]) -> tuple[float | None, float | None]:
         """From validation normal images only: the pixel threshold for heat-map masks (a quantile of their
-        pixel scores) and the image threshold (their highest image score)."""
+        pixel scores) and the image threshold (their highest image score); their image scores per class are
+        kept in ``validation_scores_`` (``normal_percentile`` reads a score against them)."""
+        self.validation_scores_ = {}
         if not validation:
             return None, None
         preds = self.predict(validation, progress_bar=False)
+        for p in preds:
+            self.validation_scores_.setdefault(p.item.category, []).append(float(p.image_score))
+        self.validation_scores_ = {c: sorted(v) for c, v in self.validation_scores_.items()}
         maps = np.concatenate([self.anomaly_map(p.patch_scores).ravel() for p in preds])  # grids may differ
         return (float(np.quantile(maps, self.config.score.pixel_threshold_quantile)),
                 float(max(p.image_score for p in preds)))

@@ -185,7 +185,7 @@ def test_push_twice_creates_no_duplicates_and_masks_survive(setup: Setup, receiv
     items = [
         TaskItem(image_id=im.image_id, content_hash=im.content_hash, category="bottle",
                  image_url=image_url_for(receiver.url, im.content_hash), width=im.width, height=im.height,
-                 score=0.5 + im.image_id / 10, model_version="v0001",
+                 score=0.5 + im.image_id / 10, model_version="v0001", normal_percentile=im.image_id / 10,
                  heatmap_mask=blob_mask(im.height, im.width, seed=im.image_id) if im.image_id != 4 else None)
         for im in setup.images
     ]
@@ -201,7 +201,8 @@ def test_push_twice_creates_no_duplicates_and_masks_survive(setup: Setup, receiv
         assert task["data"]["content_hash"] == image.content_hash
         (prediction,) = task["predictions"]
         assert prediction["model_version"] == "v0001"
-        assert prediction["score"] == pytest.approx(0.5 + image.image_id / 10)
+        assert prediction["score"] == pytest.approx(image.image_id / 10)  # the percentile, 0-1
+        assert task["data"]["score"] == pytest.approx(0.5 + image.image_id / 10)  # the raw score, as data
         if image.image_id == 4:
             assert prediction["result"] == []
             continue
@@ -424,7 +425,8 @@ def test_webhook_annotation_on_a_trained_home_retrains_and_promotes(
     project_id = pushed["project_id"]
     client = labelstudio.client()
     tasks = sorted((t.model_dump() for t in client.tasks.list(project=project_id, fields="all")),
-                   key=lambda t: -t["predictions"][0]["score"])
+                   key=lambda t: -t["data"]["score"])
+    assert all(0.0 <= t["predictions"][0]["score"] <= 1.0 for t in tasks)  # a percentile Label Studio can show
     assert len(tasks) == 4 and all(t["predictions"][0]["model_version"] == first["name"] for t in tasks)
     top = tasks[0]
     sessions = open_database(home)

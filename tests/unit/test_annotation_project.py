@@ -42,9 +42,10 @@ def test_image_url_only_from_a_content_hash() -> None:
             image_url_for("http://127.0.0.1:8765", bad)
 
 
-def _item(mask: np.ndarray | None, height: int = 20, width: int = 33) -> TaskItem:
+def _item(mask: np.ndarray | None, height: int = 20, width: int = 33, percentile: float | None = 0.75) -> TaskItem:
     return TaskItem(image_id=3, content_hash="ab" * 32, category="bottle", image_url="http://x/images/ab",
-                    width=width, height=height, score=0.87654321, model_version="v0002", heatmap_mask=mask)
+                    width=width, height=height, score=4.7591, model_version="v0002", heatmap_mask=mask,
+                    normal_percentile=percentile)
 
 
 def test_task_payload_carries_ids_and_the_mask_as_a_prediction() -> None:
@@ -52,9 +53,12 @@ def test_task_payload_carries_ids_and_the_mask_as_a_prediction() -> None:
     mask[4:9, 10:30] = True
     payload = task_payload(_item(mask), label="scratch")
     assert payload["data"] == {"image": "http://x/images/ab", "image_id": 3, "content_hash": "ab" * 32,
-                               "category": "bottle", "score": 0.876543, "model_version": "v0002"}
+                               "category": "bottle", "score": 4.7591, "normal_percentile": 0.75,
+                               "model_version": "v0002"}
     (prediction,) = payload["predictions"]
-    assert prediction["model_version"] == "v0002" and prediction["score"] == pytest.approx(0.87654321)
+    # Label Studio shows a prediction's score as a percentage: the percentile, never the raw anomaly score
+    assert prediction["model_version"] == "v0002" and prediction["score"] == 0.75
+    assert "score" not in task_payload(_item(mask, percentile=None))["predictions"][0]
     (result,) = prediction["result"]
     assert result["value"]["brushlabels"] == ["scratch"]
     assert np.array_equal(rle_to_mask(result["value"]["rle"], 20, 33), mask)

@@ -15,7 +15,7 @@ from dmad_core.config import BankConfig, ClassifierConfig, DMADConfig
 from dmad_core.coreset import coreset_size
 from dmad_core.data import load_mask, make_synthetic_category, read_category
 from dmad_core.defect_classifier import DefectClassifierScorer, LinearPatchClassifier, Scale, _best
-from dmad_core.items import DefectAnnotation, ImageItem, top_k_mean
+from dmad_core.items import DefectAnnotation, ImageItem, normal_percentile, top_k_mean
 from dmad_core.memory import DualMemory
 from dmad_core.model import DMAD, FeatureStore
 
@@ -106,6 +106,11 @@ def test_a_saved_classifier_model_predicts_the_same(fitted, tmp_path):
     for a, b in zip(work.predict(items, progress_bar=False), loaded.predict(items, progress_bar=False), strict=True):
         assert np.array_equal(a.patch_scores, b.patch_scores) and a.image_score == b.image_score
     assert loaded.scorer_.selection_ == work.scorer_.selection_
+    # validation image scores per class, sorted: what Label Studio's 0-1 score is a percentile of
+    assert loaded.validation_scores_ == work.validation_scores_ and set(work.validation_scores_) == {"grid", "dots"}
+    scores = work.validation_scores_["grid"]
+    assert scores == sorted(scores) and normal_percentile(scores[-1] + 1, scores) == 1.0
+    assert normal_percentile(scores[0], scores) == 0.0 and normal_percentile(1.0, []) is None
     assert loaded.abnormal_bank_.part_sizes()[banks.WEAK] == work.config.bank.weak_patches_per_image
 
 
