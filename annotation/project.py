@@ -21,7 +21,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 from xml.sax.saxutils import quoteattr
 
 import numpy as np
@@ -180,10 +180,31 @@ class PushResult:
     skipped_existing: int
 
 
+TASK_PAGE_SIZE = 100
+
+
+def iter_tasks(client: LabelStudio, project_id: int, fields: str = "task_only") -> Iterator[Any]:
+    """Every task of the project, page by page, stopping at the total Label Studio reports.
+
+    Written here because the SDK's pager asks for the page after the last one whenever the last had tasks,
+    which Label Studio answers with a 404 and a Django traceback in its log: once a minute with the
+    worker's sync (label-studio-sdk issues #148/#149 describe the same for the older client)."""
+    page, seen = 1, 0
+    while True:
+        pager = client.tasks.list(project=project_id, fields=fields, page=page, page_size=TASK_PAGE_SIZE)
+        items = list(pager.items or [])
+        yield from items
+        seen += len(items)
+        total = getattr(pager.response, "total", None)
+        if not items or total is None or seen >= total:
+            return
+        page += 1
+
+
 def existing_content_hashes(client: LabelStudio, project_id: int) -> set[str]:
     """Content hashes of the project's tasks (what makes a push idempotent)."""
     hashes: set[str] = set()
-    for task in client.tasks.list(project=project_id, fields="task_only"):
+    for task in iter_tasks(client, project_id):
         value = (task.data or {}).get("content_hash")
         if isinstance(value, str):
             hashes.add(value)

@@ -19,6 +19,7 @@ from typing import Any, Iterable
 
 from label_studio_sdk import LabelStudio
 
+from annotation.project import iter_tasks
 from annotation.parse import PayloadError, annotation_id, parse_annotation, task_image_id
 from annotation.sink import AnnotationSink, UnknownImageError
 from dmad_core.errors import UserError
@@ -51,7 +52,7 @@ def _task_annotations(client: LabelStudio, task: dict[str, Any]) -> list[dict[st
 
 def iter_project_annotations(client: LabelStudio, project_id: int) -> Iterable[tuple[dict[str, Any], dict[str, Any]]]:
     """(annotation, task) for every annotation of every task of the project."""
-    for raw_task in client.tasks.list(project=project_id, fields="all"):
+    for raw_task in iter_tasks(client, project_id, fields="all"):
         task = _as_dict(raw_task)
         for annotation in _task_annotations(client, task):
             yield annotation, task

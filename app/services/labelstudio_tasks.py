@@ -84,7 +84,9 @@ def task_items(version: ModelVersion, rows: Sequence[PoolScore], image_base_url:
 def task_ids(client: Any, project_id: int, content_hashes: set[str]) -> dict[str, int]:
     """Task id by content hash, for the given hashes (the project's task list is paged through once)."""
     found: dict[str, int] = {}
-    for task in client.tasks.list(project=project_id, fields="task_only"):
+    from annotation.project import iter_tasks
+
+    for task in iter_tasks(client, project_id):
         value = (task.data or {}).get("content_hash")
         if value in content_hashes and value not in found:
             found[value] = int(task.id)

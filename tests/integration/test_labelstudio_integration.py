@@ -196,6 +196,27 @@ def test_push_twice_creates_no_duplicates_and_masks_survive(setup: Setup, receiv
     tasks = [t.model_dump() for t in setup.client.tasks.list(project=setup.project_id, fields="all")]
     assert sorted(t["data"]["image_id"] for t in tasks) == [1, 2, 3, 4]
 
+    # paging through the tasks stops at the total: never a request for a page past the last (a 404 with a
+    # traceback in Label Studio's log each time the worker synced)
+    pages: list[int] = []
+    real_list = setup.client.tasks.list
+
+    def recording_list(**kwargs):  # noqa: ANN003, ANN202
+        pages.append(kwargs["page"])
+        return real_list(**kwargs)
+
+    for page_size, expected in ((3, [1, 2]), (4, [1]), (100, [1])):
+        pages.clear()
+        setup.client.tasks.list = recording_list
+        try:
+            import annotation.project as project_module
+            saved, project_module.TASK_PAGE_SIZE = project_module.TASK_PAGE_SIZE, page_size
+            found = sorted(t.data["image_id"] for t in project_module.iter_tasks(setup.client, setup.project_id))
+        finally:
+            project_module.TASK_PAGE_SIZE = saved
+            del setup.client.tasks.list
+        assert found == [1, 2, 3, 4] and pages == expected, (page_size, pages)
+
     for task in tasks:
         image = setup.images[task["data"]["image_id"] - 1]
         assert task["data"]["content_hash"] == image.content_hash
