@@ -249,9 +249,29 @@ def image_annotations(session: Session, image_id: int) -> list[Annotation]:
 
 
 # -- jobs -------------------------------------------------------------------------------------------
-def jobs(session: Session, limit: int = 50) -> list[JobInfo]:
-    """The newest jobs, newest first."""
-    return [job_info(j) for j in list_jobs(session, limit=limit)]
+SYNC_JOB = "labelstudio_sync"  # the worker's periodic pull from Label Studio: once a minute
+
+
+def jobs(session: Session, limit: int = 50, routine_syncs: bool = True) -> list[JobInfo]:
+    """The newest jobs, newest first; without ``routine_syncs``, Label Studio syncs that succeeded are left
+    out (they run every minute and would push the trainings out of view: ``sync_summary`` counts them)."""
+    found = [job_info(j) for j in list_jobs(session, limit=limit + (0 if routine_syncs else 200))]
+    if not routine_syncs:
+        found = [j for j in found if not (j.type == SYNC_JOB and j.status == "succeeded")]
+    return found[:limit]
+
+
+@dataclass(frozen=True)
+class SyncSummary:
+    runs: int  # succeeded syncs
+    last: JobInfo | None  # the newest of them
+
+
+def sync_summary(session: Session) -> SyncSummary:
+    """How many Label Studio syncs succeeded, and the newest one (its message says what it pulled)."""
+    runs = int(session.scalar(select(func.count(Job.id)).where(Job.type == SYNC_JOB, Job.status == "succeeded")) or 0)
+    newest = list_jobs(session, limit=1, types=[SYNC_JOB], statuses=["succeeded"])
+    return SyncSummary(runs, job_info(newest[0]) if newest else None)
 
 
 def job(session: Session, job_id: int) -> JobInfo | None:

@@ -7,6 +7,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+from datetime import datetime, timezone
 import pytest
 from sqlalchemy import select
 from streamlit.testing.v1 import AppTest
@@ -366,6 +367,24 @@ def test_training_shows_running_jobs_with_progress(ui_home: PreparedHome) -> Non
     finished = at.dataframe[0].value  # newest first, v0001's training last
     assert list(finished["job"])[0] == done.id and list(finished["type"]) == ["score_upload", "train"]
     assert list(finished["status"]) == ["succeeded", "succeeded"]
+
+
+def test_training_folds_routine_label_studio_syncs_into_one_line(ui_home: PreparedHome) -> None:  # noqa: F811
+    """The worker syncs with Label Studio every minute: succeeded syncs must not push the trainings out of
+    the table; they are counted in one caption, and a failed sync still shows as a row."""
+    sessions = ui_home.sessions()
+    with sessions() as session:
+        for i in range(60):  # an hour of syncs, more than the table's limit
+            session.add(Job(type="labelstudio_sync", status="succeeded", payload={}, progress=1.0,
+                            message=f"pulled {i % 2} annotation(s)", finished_at=datetime.now(timezone.utc)))
+        session.add(Job(type="labelstudio_sync", status="failed", payload={}, error="Label Studio is not running"))
+        session.commit()
+    at = run(TRAINING)
+    finished = at.dataframe[0].value
+    assert list(finished["type"]) == ["labelstudio_sync", "train"] and list(finished["status"]) == ["failed", "succeeded"]
+    assert "finished" in finished.columns and "progress" not in finished.columns
+    assert any("Label Studio sync: 60 run(s) succeeded" in c.value and "pulled 1 annotation(s)" in c.value
+               for c in at.caption)
 
 
 def test_training_queue_polls_while_idle_and_shows_a_job_queued_elsewhere(ui_home: PreparedHome,  # noqa: F811

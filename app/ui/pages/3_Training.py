@@ -75,7 +75,8 @@ def job_queue(was_active: bool) -> None:
     """The newest jobs: a progress bar for each waiting or running one, a table for the rest. Rerun by
     its own timer; `was_active` is what the last full run of the page saw."""
     with sessions() as session:
-        jobs = queries.jobs(session, JOB_LIMIT)
+        jobs = queries.jobs(session, JOB_LIMIT, routine_syncs=False)
+        syncs = queries.sync_summary(session)
         busy = queries.any_active_job(session)  # the page's own test: no redraw loop over a job beyond the limit
     active = [j for j in jobs if j.active]
     if busy != was_active:
@@ -97,10 +98,15 @@ def job_queue(was_active: bool) -> None:
     finished = [j for j in jobs if not j.active]
     if finished:
         st.dataframe(
-            [{"job": j.id, "type": j.type, "status": j.status, "progress": j.progress, "message": j.message,
-              "error": j.error or "", "created": j.created_at, "finished": j.finished_at} for j in finished],
+            [{"job": j.id, "type": j.type, "status": j.status, "finished": j.finished_at, "message": j.message,
+              "error": j.error or ""} for j in finished],
             width="stretch", hide_index=True,
-            column_config={"progress": st.column_config.ProgressColumn("progress", min_value=0.0, max_value=1.0)})
+            column_config={"finished": st.column_config.DatetimeColumn("finished", format="YYYY-MM-DD HH:mm:ss"),
+                           "message": st.column_config.TextColumn("message", width="large")})
+    if syncs.last is not None:
+        st.caption(f"Label Studio sync: {syncs.runs} run(s) succeeded, the last at "
+                   f"{(syncs.last.finished_at or syncs.last.created_at):%Y-%m-%d %H:%M:%S}" + (f" ({syncs.last.message})" if syncs.last.message else "")
+                   + ". Failed syncs are listed above.")
 
 
 st.subheader("Job queue")
