@@ -3,11 +3,11 @@ exceptions, shows what it should, and its buttons change the database as promise
 
 from __future__ import annotations
 
+from datetime import datetime, timezone
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from datetime import datetime, timezone
 import pytest
 from sqlalchemy import select
 from streamlit.testing.v1 import AppTest
