@@ -28,6 +28,7 @@ from app.services.read_models import (
 )
 from db.engine import write_transaction
 from db.models import Annotation, Category, Image, Job, ModelVersion, PoolScore
+from dmad_core.items import normal_percentile
 from db.queue import enqueue, list_jobs
 from db.repositories import COUNT_KEYS, annotation_counts_by_version, metric_history
 from dmad_core.metrics import METRIC_NAMES
@@ -136,6 +137,30 @@ class ScoredImage:
     @property
     def name(self) -> str:
         return Path(self.path).name
+
+    @property
+    def label(self) -> str:
+        """What tells this image apart in a caption: its class, its source folder and its file
+        (``tiles · crack · 002.png``): file names repeat across a dataset's defect folders."""
+        return " · ".join([self.category, *([source_folder(self.path)] if source_folder(self.path) else []), self.name])
+
+
+GENERIC_FOLDERS = {"rgb", "xyz", "gt", "images", "img", "test", "train", "pool", "uploads"}
+
+
+def source_folder(path: str | Path) -> str | None:
+    """The nearest parent folder that says something about the image (a defect type such as ``crack``, or
+    ``good``), skipping layout folders like MVTec 3D-AD's ``rgb``."""
+    for parent in Path(path).parents:
+        if parent.name and parent.name.lower() not in GENERIC_FOLDERS:
+            return parent.name
+    return None
+
+
+def normal_percentile_of(version: VersionInfo, category: str, score: float) -> float | None:
+    """The share of the class's validation normals that scored below ``score`` under ``version`` (None when
+    the version did not record them): the unit Review and Label Studio show scores in."""
+    return normal_percentile(score, ((version.config or {}).get("validation_scores") or {}).get(category, ()))
 
 
 _SCORED_COLUMNS = (PoolScore.image_id, Image.path, Category.name, Image.width, Image.height, PoolScore.score,

@@ -3,6 +3,7 @@ exceptions, shows what it should, and its buttons change the database as promise
 
 from __future__ import annotations
 
+import re
 from datetime import datetime, timezone
 from pathlib import Path
 from types import SimpleNamespace
@@ -128,6 +129,10 @@ def test_review_filters_and_diversity(ui_home: PreparedHome) -> None:  # noqa: F
     at.multiselect(key="review-categories").select("tiles").run()
     captions = [c.value for c in at.caption if c.value.startswith("**")]
     assert captions and all("· tiles ·" in c for c in captions)
+    # a caption tells images apart (class, source folder, file) and says how the score compares with normals
+    for caption in captions:
+        assert re.fullmatch(r"\*\*-?\d+\.\d{3}\*\* \(above \d+ % of normals\) · tiles · (good|\w+) · \w+\.png", caption), caption
+    assert any(" · good · " not in c for c in captions)  # some come from a defect folder
     at.number_input(key="review-per-image").set_value(3).run()
     assert not at.exception
     # Up to 3 crops per image, but never two overlapping patches of one image: the grid
@@ -195,8 +200,11 @@ class FakeLabelStudio:
         self.tasks = SimpleNamespace(list=self._list)
         self.projects = SimpleNamespace(import_tasks=self._import)
 
-    def _list(self, project: int, fields: str | None = None) -> list[SimpleNamespace]:
-        return [SimpleNamespace(id=100 + i, data=t["data"]) for i, t in enumerate(self.imported)]
+    def _list(self, project: int, fields: str | None = None, page: int = 1, page_size: int = 100) -> SimpleNamespace:
+        """One page, shaped like the SDK's pager (``items``, ``response.total``)."""
+        tasks = [SimpleNamespace(id=100 + i, data=t["data"]) for i, t in enumerate(self.imported)]
+        return SimpleNamespace(items=tasks[(page - 1) * page_size:page * page_size],
+                               response=SimpleNamespace(total=len(tasks)))
 
     def _import(self, project_id: int, request: list[dict[str, Any]]) -> None:
         self.imported.extend(request)

@@ -51,7 +51,10 @@ with st.sidebar:
     min_score = lo
     if hi > lo:
         min_score = st.slider("Minimum score", lo, hi, lo, step=(hi - lo) / 100, format="%.3f",
-                              key=f"review-min-score-{version.id}", on_change=first_page)
+                              key=f"review-min-score-{version.id}", on_change=first_page,
+                              help="The model's image score. Default scorer: 0 is a typical normal patch of "
+                                   "the class, 1 the 99th percentile of normal patches; each caption also "
+                                   "says what share of the class's validation normals score below the image.")
     per_image = int(st.number_input("Crops per image", 1, 5, 1, key="review-per-image", on_change=first_page,
                                     help="Overlapping patches of one image are never both shown: a second crop is a second hot spot."))
     hide_annotated = st.checkbox("Hide images already annotated", True, key="review-hide-annotated",
@@ -139,8 +142,9 @@ for start in range(0, len(cells), COLUMNS):
                 st.warning(f"cannot read {row.path}")
             else:
                 st.image(jpeg, width="stretch")
-            st.caption(f"**{row.score:.3f}** · {row.category} · {row.name}"
-                       + (f" · patch {crop.patch_score:.3f}" if per_image > 1 else ""))
+            share = queries.normal_percentile_of(version, row.category, row.score)
+            st.caption(f"**{row.score:.3f}**" + ("" if share is None else f" (above {100 * share:.0f} % of normals)")
+                       + f" · {row.label}" + (f" · patch {crop.patch_score:.3f}" if per_image > 1 else ""))
             if crop.rank == 0:
                 st.checkbox(f"select image {row.image_id}", key=f"{prefix}{row.image_id}")
             st.markdown(ui.inspect_link(row.image_id, f"Inspect image {row.image_id}"))
