@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -20,9 +21,12 @@ SIZES = {1: (12, 19), 2: (8, 5)}
 class _Tasks:
     tasks: list[dict[str, Any]]
 
-    def list(self, *, project: int, fields: str = "all") -> list[dict[str, Any]]:
+    def list(self, *, project: int, fields: str = "all", page: int = 1, page_size: int = 100) -> SimpleNamespace:
+        """One page, shaped like the SDK's pager (``items``, ``response.total``)."""
         assert fields == "all"
-        return [t for t in self.tasks if t["project"] == project]
+        found = [t for t in self.tasks if t["project"] == project]
+        return SimpleNamespace(items=found[(page - 1) * page_size:page * page_size],
+                               response=SimpleNamespace(total=len(found)))
 
 
 @dataclass
