@@ -22,8 +22,9 @@ def save_upload(home: Home, filename: str, data: bytes) -> Path:
     try:
         with PIL.Image.open(io.BytesIO(data)) as im:
             im.load()
-    except Exception as exc:
-        raise Invalid(f"{filename} is not a readable image: {exc}") from exc
+    except Exception as exc:  # PIL raises several types; its message names an in-memory buffer, not the file
+        kind = "empty file" if not data else f"{len(data):,} bytes that no image format recognises"
+        raise Invalid(f"{filename} is not a readable image ({kind}): upload a PNG, JPEG, BMP or TIFF file") from exc
     name = _UNSAFE.sub("_", Path(filename).name).strip("._") or "upload"
     home.uploads_dir.mkdir(parents=True, exist_ok=True)
     path = home.uploads_dir / f"{uuid.uuid4().hex[:12]}-{name}"

@@ -103,5 +103,7 @@ def test_save_upload_writes_under_the_home_and_refuses_non_images(tmp_path: Path
     second = save_upload(home, "../../etc/part 1.png", buffer.getvalue())
     assert first.parent == home.uploads_dir and second != first
     assert first.name.endswith("-part_1.png")
-    with pytest.raises(UserError, match="not a readable image"):
+    with pytest.raises(UserError, match="not a readable image") as refused:
         save_upload(home, "notes.txt", b"hello")
+    # the message names the file and what to do, never PIL's in-memory buffer
+    assert "notes.txt" in str(refused.value) and "PNG" in str(refused.value) and "BytesIO" not in str(refused.value)

@@ -261,6 +261,11 @@ def test_inspect_an_image_by_query_parameter(ui_home: PreparedHome) -> None:  # 
     assert at.metric[0].label == "Score (v0001)"
     at.slider(key="inspect-opacity").set_value(0.9).run()
     assert not at.exception
+    # three of the stored top patches are drawn by default (eight covered the defect they point at)
+    listed = [c.value for c in at.caption if c.value.startswith("Top patches: ")]
+    assert len(listed) == 1 and listed[0].count(": ") == 1 + 3
+    at.number_input(key="inspect-boxes").set_value(0).run()
+    assert not [c for c in at.caption if c.value.startswith("Top patches: ")]
 
 
 def test_inspect_defaults_to_the_top_image_and_handles_unknown_ids(ui_home: PreparedHome) -> None:  # noqa: F811

@@ -20,6 +20,7 @@ from dmad_core.errors import UserError
 IMAGE_KEY = "inspect-image-id"
 PARAM_KEY = "inspect-param"  # the query parameter last applied to the picker
 UPLOAD_JOB_KEY = "inspect-upload-job"
+DEFAULT_BOXES = 3  # of the 8 stored top patches: all 8 piled up into a grid over the defect itself
 
 ui.page("Inspect", "🔎")
 st.title("Inspect an image")
@@ -73,7 +74,9 @@ def image_view() -> None:
             version_name = st.selectbox("Heat map of model version", scored_by,
                                         index=scored_by.index(default_version), key="inspect-version")
         opacity = st.slider("Heat map opacity", 0.0, 1.0, 0.5, 0.05, key="inspect-opacity")
-        show_boxes = st.checkbox("Show top patches", True, key="inspect-boxes")
+        show_boxes = int(st.number_input("Top patches drawn", 0, 8, DEFAULT_BOXES, key="inspect-boxes",
+                                         help="Boxes around the image's highest-scoring patches, best first. "
+                                              "More than a few cover the defect they point at."))
 
     scored = None
     scale = None
@@ -99,12 +102,13 @@ def image_view() -> None:
         if scored is not None and scale is not None:
             shown = imaging.heat_overlay(rgb, scored.patch_map, scale[0], scale[1], opacity)
             if show_boxes and scored.top_patches:
-                boxes = [p["box"] for p in scored.top_patches]
+                boxes = [p["box"] for p in scored.top_patches[:show_boxes]]
                 shown = imaging.draw_boxes(shown, boxes, labels=[str(i + 1) for i in range(len(boxes))])
         st.image(shown, width="stretch",
                  caption="heat map: dark = ordinary, bright yellow = the pool's most anomalous level")
-        if scored is not None and scored.top_patches:
-            st.caption("Top patches: " + ", ".join(f"{i + 1}: {p['score']:.3f}" for i, p in enumerate(scored.top_patches)))
+        if scored is not None and scored.top_patches and show_boxes:
+            st.caption("Top patches: " + ", ".join(f"{i + 1}: {p['score']:.3f}"
+                                                  for i, p in enumerate(scored.top_patches[:show_boxes])))
 
     st.subheader("Annotations")
     if not annotations:
@@ -205,19 +209,21 @@ def show_upload_score(path: str | None, result: dict) -> None:
             with sessions() as session:
                 lo, hi = queries.score_range(session, active.id) or (lo, hi)
         shown = imaging.heat_overlay(rgb, grid, lo, hi, 0.5)
-    boxes = [p["box"] for p in result.get("top_patches", [])]
+    boxes = [p["box"] for p in result.get("top_patches", [])[:DEFAULT_BOXES]]
     if boxes:
         shown = imaging.draw_boxes(shown, boxes, labels=[str(i + 1) for i in range(len(boxes))])
     st.image(shown, width=min(rgb.shape[1], 640), caption="uploaded image with its heat map and top patches")
 
 
-image_view()
-st.divider()
-st.subheader("Upload an image to score it now")
-upload_form()
+# The upload and its result come first, where the action is taken (below the image view, a result
+# landed under another image).
 job_id = st.session_state.get(UPLOAD_JOB_KEY)
-if job_id is not None:
-    with sessions() as session:
-        current = queries.job(session, job_id)
-    running = current is not None and current.active
-    st.fragment(run_every=2 if running else None)(upload_result)(job_id, running)
+with st.expander("Upload an image to score it now", expanded=job_id is not None):
+    upload_form()
+    job_id = st.session_state.get(UPLOAD_JOB_KEY)
+    if job_id is not None:
+        with sessions() as session:
+            current = queries.job(session, job_id)
+        running = current is not None and current.active
+        st.fragment(run_every=2 if running else None)(upload_result)(job_id, running)
+image_view()
