@@ -471,6 +471,8 @@ def test_training_versions_promote_and_roll_back(ui_home: PreparedHome) -> None:
 def test_metrics_history_and_latest_values(ui_home: PreparedHome) -> None:  # noqa: F811
     at = run(METRICS)
     assert len(at.get("vega_lite_chart")) == 1
+    spec = at.get("vega_lite_chart")[0].proto.spec
+    assert '".1~%"' in spec and '"tableau10"' in spec  # percent axes, classes in distinct hues
     assert at.multiselect(key="metrics-names").value == ["image_auroc", "pixel_auroc", "pro"]
     assert "Latest values (v0002)" in texts(at)
     latest = at.dataframe[0].value

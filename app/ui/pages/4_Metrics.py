@@ -42,19 +42,22 @@ if axis == "model version":
     x = alt.X("version:N", sort=order, title="model version (oldest first)")
 else:
     x = alt.X("created:T", title="version created")
-colour = alt.Color("category:N", title="category")
+# a categorical palette whose neighbours differ in hue (the default gave two classes near-identical blues)
+colour = alt.Color("category:N", title="category", scale=alt.Scale(scheme="tableau10"))
 
 shown = metrics[metrics["metric"].isin(chosen_metrics) & metrics["category"].isin(chosen_categories)]
 charts = []
 for name in chosen_metrics:
     data = shown[shown["metric"] == name]
     charts.append(alt.Chart(data, title=name, height=180).mark_line(point=True).encode(
-        x=x, y=alt.Y("value:Q", title=name, scale=alt.Scale(zero=False)), color=colour,
+        # metrics are shares: percent with one decimal (one version gave an axis of "1.000000" / "0.000000")
+        x=x, y=alt.Y("value:Q", title=f"{name} (%)", scale=alt.Scale(zero=False),
+                     axis=alt.Axis(format=".1~%", tickCount=5)), color=colour,
         tooltip=["version", "category", alt.Tooltip("value:Q", format=".4f"), "created"]))
 labels = trained[trained["category"].isin(chosen_categories)]
 charts.append(alt.Chart(labels, title="annotations the version was trained on", height=150)
               .mark_line(point=True, strokeDash=[4, 3]).encode(
-    x=x, y=alt.Y("annotations:Q", title="annotated images"), color=colour,
+    x=x, y=alt.Y("annotations:Q", title="annotated images", axis=alt.Axis(format="d", tickMinStep=1)), color=colour,
     tooltip=["version", "category", "defect_masks", "confirmed_normals", "weak_defects", "normal_images"]))
 if chosen_metrics and chosen_categories:
     st.altair_chart(alt.vconcat(*charts).resolve_scale(x="shared"), width="stretch")
