@@ -177,7 +177,7 @@ def test_review_send_annotate_retrain_metrics(app: App) -> None:
             expect(page.locator("img").nth(3)).to_be_visible()
             shot(page, "02-review")
             first.click()
-            send = page.get_by_role("button", name="Send selected to Label Studio")
+            send = page.get_by_role("button", name="Send to Label Studio")
             expect(send).to_be_enabled()
             send.click()
             expect(page.get_by_text(re.compile(r"1 new task\(s\) in Label Studio project \d+"))).to_be_visible()

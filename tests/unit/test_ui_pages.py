@@ -219,9 +219,12 @@ def test_review_send_creates_tasks_and_links_to_them(ui_home: PreparedHome,  # n
     chosen = [int(c.key.rsplit("-", 1)[1]) for c in at.checkbox if c.key.startswith("select-")][:2]
     select_images(at, ui_home.version_ids[-1], chosen)
     at.run()
+    assert any(c.value.startswith("2 selected · model v0002") for c in at.caption)
     at.button(key="review-send").click().run()
     assert not at.exception
     assert "2 new task(s) in Label Studio project 7, 0 already there" in texts(at)
+    # the header counts what is still ticked: nothing, after the send
+    assert any(c.value.startswith("0 selected · model v0002") for c in at.caption)
     assert sorted(t["data"]["image_id"] for t in fake.imported) == sorted(chosen)
     assert {t["data"]["model_version"] for t in fake.imported} == {"v0002"}
     assert "http://127.0.0.1:8080/projects/7/data?task=100" in texts(at)

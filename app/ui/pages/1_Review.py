@@ -74,13 +74,19 @@ def clear_selection() -> None:
 
 
 status = ui.labelstudio_status(str(home.root))
-bar = st.columns([2, 2, 2, 4])
-send = bar[0].button("Send selected to Label Studio", disabled=not selected, key="review-send")
+bar = st.columns([3, 2, 2, 4])
+send = bar[0].button("Send to Label Studio", disabled=not selected, key="review-send",
+                     help="Create a Label Studio task for each selected image, with the heat map as a pre-annotation.")
 mark = bar[1].button("Mark normal", disabled=not selected, key="review-mark-normal",
                      help="Confirm the selected images show no defect; a retrain is queued.")
 bar[2].button("Clear selection", disabled=not selected, key="review-clear", on_click=clear_selection)
-bar[3].caption(f"{len(selected)} selected · model {version.name} · Label Studio "
-               + ("running" if status.healthy else "not running (`dmad labelstudio start`)"))
+header = bar[3].empty()  # filled after the actions: they clear the selection
+
+
+def selection_header() -> None:
+    count = sum(1 for k, v in st.session_state.items() if isinstance(k, str) and k.startswith(prefix) and v)
+    header.caption(f"{count} selected · model {version.name} · Label Studio "
+                   + ("running" if status.healthy else "not running (`dmad labelstudio start`)"))
 
 if send:
     from app.services.labelstudio_tasks import send_images
@@ -116,6 +122,7 @@ if mark:
     for image_id, error in errors:
         ui.show_error(error, prefix=f"image {image_id}: ")
     clear_selection()
+selection_header()
 
 # -- the grid -----------------------------------------------------------------------------------------
 images_per_page = max(1, PAGE_SIZE // per_image)
