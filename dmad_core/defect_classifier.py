@@ -37,7 +37,7 @@ from sklearn.metrics import roc_auc_score
 from sklearn.preprocessing import StandardScaler
 
 from dmad_core.config import ClassifierConfig
-from dmad_core.items import DefectAnnotation, ImageItem, top_k_mean
+from dmad_core.items import DefectAnnotation, ImageItem, class_rng, top_k_mean
 from dmad_core.memory import DualMemory
 
 
@@ -129,12 +129,12 @@ class DefectClassifierScorer:
             self, fitted.
         """
         cfg = self.config
-        rng = np.random.default_rng(cfg.seed)
         positives = self._positives(memory, annotations, ann_feats)
         classes, selection, pooled = {}, {}, {}
         negatives: dict[str, np.ndarray] = {}
         references: dict[str, _Reference] = {}
         for cat in sorted({it.category for it in train_items}):
+            rng = class_rng(cfg.seed, cat)  # the same draws whether the class is alone or not
             rows = rng.permutation([i for i, it in enumerate(train_items) if it.category == cat])
             n_neg = min(cfg.negative_images, max(1, len(rows) // 2))
             negatives[cat] = self._negatives(memory, [train_items[i] for i in rows[:n_neg]], features, rng)

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from dmad_core.config import MapperConfig
-from dmad_core.items import ImageItem, Progress, no_progress
+from dmad_core.items import ImageItem, Progress, class_rng, no_progress
 from dmad_core.memory import DualMemory
 from dmad_core.modules import DMADNet, hinge_loss
 from dmad_core.progress_bar import make_bar
@@ -43,13 +43,14 @@ class TrainSet:
 
 def split_validation(items: Sequence[ImageItem], fraction: float, seed: int) -> tuple[list[ImageItem], list[ImageItem]]:
     """(training, validation) images: ``fraction`` of each class held out (none below five images)."""
-    rng = np.random.default_rng(seed)
     train, val = [], []
     for cat in sorted({it.category for it in items}):
         cat_items = [it for it in items if it.category == cat]
         n_val = int(round(len(cat_items) * fraction))
         n_val = min(n_val, len(cat_items) - 1) if len(cat_items) >= 5 else 0
-        order = rng.permutation(len(cat_items))
+        # per class: a class's split must not depend on which other classes share the model (measured: tire's
+        # kNN image AUROC moved by 2 points between tire alone and tire with two other classes)
+        order = class_rng(seed, cat).permutation(len(cat_items))
         val += [cat_items[i] for i in order[:n_val]]
         train += [cat_items[i] for i in order[n_val:]]
     return train, val
