@@ -75,6 +75,7 @@ class DMAD:
         self.pixel_threshold_: float | None = None  # None when there were no validation images
         self.image_threshold_: float | None = None
         self.validation_scores_: dict[str, list[float]] | None = None  # class -> sorted validation image scores
+        self.pixel_thresholds_: dict[str, float] | None = None  # class -> pixel threshold (pre-annotations)
         self.history_: list[dict] | None = None
         self.timings_: dict[str, float] | None = None
 
@@ -249,15 +250,19 @@ class DMAD:
         """From validation normal images only: the pixel threshold for heat-map masks (a quantile of their
         pixel scores) and the image threshold (their highest image score); their image scores per class are
         kept in ``validation_scores_`` (``normal_percentile`` reads a score against them)."""
-        self.validation_scores_ = {}
+        self.validation_scores_, self.pixel_thresholds_ = {}, {}
         if not validation:
             return None, None
         preds = self.predict(validation, progress_bar=False)
+        q = self.config.score.pixel_threshold_quantile
+        pixels: dict[str, list[np.ndarray]] = {}
         for p in preds:
             self.validation_scores_.setdefault(p.item.category, []).append(float(p.image_score))
+            pixels.setdefault(p.item.category, []).append(self.anomaly_map(p.patch_scores).ravel())  # grids may differ
         self.validation_scores_ = {c: sorted(v) for c, v in self.validation_scores_.items()}
-        maps = np.concatenate([self.anomaly_map(p.patch_scores).ravel() for p in preds])  # grids may differ
-        return (float(np.quantile(maps, self.config.score.pixel_threshold_quantile)),
+        self.pixel_thresholds_ = {c: float(np.quantile(np.concatenate(v), q)) for c, v in pixels.items()}
+        maps = np.concatenate([m for v in pixels.values() for m in v])
+        return (float(np.quantile(maps, q)),
                 float(max(p.image_score for p in preds)))
 
     def _net_scores(self, feat: np.ndarray, category: str) -> np.ndarray:

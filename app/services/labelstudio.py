@@ -148,9 +148,12 @@ def heatmap_mask(patch_map: np.ndarray, height: int, width: int, threshold: floa
     """The model's heat map at the image's size, thresholded: the patch grid made into the same
     smoothed map the version's pixel threshold was calibrated on (the engine's `anomaly_map`), so the
     pre-annotation marks what the threshold means and not the raw grid's blocky peaks. The backbone
-    sees the whole image resized to a square, so the grid covers it all. `config`: the version's engine
-    configuration (its sigma and input size; None: the defaults, for a version that records none)."""
+    sees the whole image resized, so the grid covers it all. `config`: the version's engine
+    configuration (its sigma and input size; None: the defaults, for a version that records none).
+    Specks smaller than one patch are dropped (dmad_core/preannotation.py)."""
     from dmad_core.config import DMADConfig
     from dmad_core.model import anomaly_map
+    from dmad_core.preannotation import defect_mask, patch_area
 
-    return anomaly_map(patch_map, (height, width), config or DMADConfig()) >= threshold
+    heat = anomaly_map(patch_map, (height, width), config or DMADConfig())
+    return defect_mask(heat, threshold, patch_area(tuple(np.shape(patch_map)), (height, width)))

@@ -1,0 +1,23 @@
+"""The pre-annotation mask (dmad_core/preannotation.py): the heat map above the class's threshold, without
+specks smaller than one patch."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from dmad_core.preannotation import defect_mask, patch_area
+
+
+def test_specks_smaller_than_a_patch_are_dropped_and_defects_kept():
+    heat = np.zeros((64, 96), np.float32)
+    heat[10:30, 20:50] = 2.0  # a defect: 600 px
+    heat[0, 0:3] = 5.0  # a speck at the border: 3 px
+    heat[50:52, 80:82] = 5.0  # a small blob: 4 px
+    area = patch_area((8, 12), (64, 96))
+    assert area == 64
+    mask = defect_mask(heat, 1.0, area)
+    assert mask[10:30, 20:50].all() and mask.sum() == 600
+    assert defect_mask(heat, 1.0, 1).sum() == 600 + 3 + 4  # no clean-up
+    assert not defect_mask(heat, 10.0, area).any()
+    diagonal = np.eye(12, dtype=np.float32)  # 8-connected: a thin diagonal crack is one component
+    assert defect_mask(diagonal, 0.5, 12).sum() == 12
