@@ -33,6 +33,7 @@ from dmad_core.features import FeatureScaling, FeatureStore
 from dmad_core.items import DefectAnnotation, ImageItem, Prediction, Progress, no_progress, top_k_mean
 from dmad_core.memory import DualMemory
 from dmad_core.modules import DMADNet, anomaly_maps
+from dmad_core.preannotation import false_mark_threshold
 from dmad_core.progress_bar import make_bar
 from dmad_core.training import MapperTrainer, TrainSet, split_validation, validation_patches
 
@@ -255,13 +256,14 @@ class DMAD:
             return None, None
         preds = self.predict(validation, progress_bar=False)
         q = self.config.score.pixel_threshold_quantile
-        pixels: dict[str, list[np.ndarray]] = {}
+        heats: dict[str, list[np.ndarray]] = {}
         for p in preds:
             self.validation_scores_.setdefault(p.item.category, []).append(float(p.image_score))
-            pixels.setdefault(p.item.category, []).append(self.anomaly_map(p.patch_scores).ravel())  # grids may differ
+            heats.setdefault(p.item.category, []).append(self.anomaly_map(p.patch_scores))  # grids may differ
         self.validation_scores_ = {c: sorted(v) for c, v in self.validation_scores_.items()}
-        self.pixel_thresholds_ = {c: float(np.quantile(np.concatenate(v), q)) for c, v in pixels.items()}
-        maps = np.concatenate([m for v in pixels.values() for m in v])
+        stride = self.config.backbone.stride
+        self.pixel_thresholds_ = {c: false_mark_threshold(v, stride * stride) for c, v in heats.items()}
+        maps = np.concatenate([m.ravel() for v in heats.values() for m in v])
         return (float(np.quantile(maps, q)),
                 float(max(p.image_score for p in preds)))
 

@@ -1,8 +1,10 @@
 """The defect mask a model proposes for an image (Label Studio's pre-annotation): its heat map above the
 class's pixel threshold, without specks.
 
-The threshold is a high quantile of the class's validation normal pixel scores (``DMAD.pixel_thresholds_``):
-a normal part of that class rarely reaches it, whatever the class's own score level. Connected components
+The threshold is chosen per class on its validation normal images only (``DMAD.pixel_thresholds_``,
+``false_mark_threshold``): the lowest level at which a normal part of that class gets, on average, at most
+one patch's area marked after clean-up (a fixed pixel quantile instead made masks too large on a class whose
+normal heat maps have blobs, and left no patch-sized unit an inspector can read). Connected components
 smaller than one patch are dropped (``skimage.morphology.remove_small_objects``): a patch is the model's
 unit of evidence, and a speck smaller than one is the smoothing's ringing at a border, not a defect an
 inspector would draw. Measured per class with ``benchmarks/preannotation.py`` (docs/results.md).
@@ -31,3 +33,22 @@ def defect_mask(heat: np.ndarray, threshold: float, min_area: int) -> np.ndarray
     if min_area > 1 and mask.any():
         mask = remove_small_objects(mask, max_size=min_area - 1, connectivity=2)  # drops sizes <= max_size
     return mask
+
+
+def false_mark_threshold(normal_heats: list[np.ndarray], patch_pixels: int,
+                         levels: np.ndarray | None = None) -> float:
+    """The lowest threshold at which the normal heat maps (a class's validation images, at the model's input
+    resolution) keep on average at most one patch's area (``patch_pixels``) marked after clean-up; tried at
+    the pixel quantiles ``levels`` (default: 1 - 10^-2 ... 1 - 10^-5.5), else just above their maximum.
+
+    Example:
+        >>> false_mark_threshold([np.zeros((32, 32)), np.ones((32, 32))], 64) > 0
+        True
+    """
+    values = np.concatenate([h.ravel() for h in normal_heats])
+    levels = 1 - np.logspace(-2, -5.5, 36) if levels is None else levels
+    for t in np.unique(np.quantile(values, levels)):
+        marked = np.mean([defect_mask(h, t, patch_pixels).sum() for h in normal_heats])
+        if marked <= patch_pixels:
+            return float(t)
+    return float(np.nextafter(values.max(), np.inf))  # nothing normal is marked

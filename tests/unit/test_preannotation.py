@@ -21,3 +21,21 @@ def test_specks_smaller_than_a_patch_are_dropped_and_defects_kept():
     assert not defect_mask(heat, 10.0, area).any()
     diagonal = np.eye(12, dtype=np.float32)  # 8-connected: a thin diagonal crack is one component
     assert defect_mask(diagonal, 0.5, 12).sum() == 12
+
+
+def test_the_class_threshold_leaves_normal_parts_at_most_one_patch_marked():
+    """Normal images whose heat maps all carry a bright blob of two patches (a highlight, say): the
+    threshold must rise above the blob, where a fixed pixel quantile (99.9 %) would mark it on every one."""
+    from dmad_core.preannotation import false_mark_threshold
+
+    rng = np.random.default_rng(0)
+    heats = []
+    for _ in range(5):
+        h = rng.normal(0.0, 0.1, (64, 64)).astype(np.float32)
+        h[20:28, 20:36] = 3.0  # 128 px = two 8 x 8 patches
+        heats.append(h)
+    t = false_mark_threshold(heats, patch_pixels=64)
+    assert t > 3.0  # above the blob; a 99.9 % pixel quantile would sit on it (the blob is 3 % of pixels)
+    assert all(defect_mask(h, t, 64).sum() <= 64 for h in heats)
+    quiet = [rng.normal(0.0, 0.1, (64, 64)).astype(np.float32) for _ in range(5)]
+    assert false_mark_threshold(quiet, 64) < 1.0  # nothing to avoid: a low threshold
