@@ -68,15 +68,13 @@ def task_items(version: ModelVersion, rows: Sequence[PoolScore], image_base_url:
     engine = (version.config or {}).get("engine")  # the version's DMADConfig: its heat maps' sigma and size
     config = DMADConfig.from_dict(engine) if engine else None
     normals = (version.config or {}).get("validation_scores") or {}
-    per_class = (version.config or {}).get("pixel_thresholds") or {}  # versions before it: the global one
     return [
         TaskItem(
             image_id=row.image.id, content_hash=row.image.content_hash, category=row.image.category.name,
             image_url=image_url_for(image_base_url, row.image.content_hash), width=row.image.width,
             height=row.image.height, score=float(row.score), model_version=version.name,
             heatmap_mask=None if threshold is None else heatmap_mask(
-                row.patch_map_array(), row.image.height, row.image.width,
-                float(per_class.get(row.image.category.name, threshold)), config),
+                row.patch_map_array(), row.image.height, row.image.width, float(threshold), config),
             normal_percentile=normal_percentile(float(row.score), normals.get(row.image.category.name, ())),
         )
         for row in rows

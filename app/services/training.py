@@ -162,7 +162,6 @@ def train_version(home: Home, sessions: sessionmaker[Session], *, warm_start: bo
         "preset": home.load_settings().preset, "mode": mode, "job_id": job_id,
         "pixel_threshold": model.pixel_threshold_, "image_threshold": model.image_threshold_,
         "validation_scores": model.validation_scores_,  # per class: Label Studio's 0-1 score is a percentile
-        "pixel_thresholds": model.pixel_thresholds_,  # per class: the pre-annotation masks' thresholds
         "bank_sizes": {"normal": model.normal_bank_.part_sizes(), "abnormal": model.abnormal_bank_.part_sizes()},
         "engine": model.config.to_dict(),
     }

@@ -77,10 +77,10 @@ def test_task_payload_refuses_unthresholded_or_misfitting_maps() -> None:
 
 
 def test_heatmap_mask_covers_the_whole_image() -> None:
-    grid = np.zeros((4, 4), dtype=np.float16)
-    grid[0, 0] = 1.0  # top-left patch
+    grid = np.zeros((32, 32), dtype=np.float16)  # a model's grid
+    grid[:8, :8] = 1.0  # the top-left eighth of each side
     mask = heatmap_mask(grid, 120, 200, 0.5)
     assert mask.shape == (120, 200)
     ys, xs = np.nonzero(mask)
     assert ys.max() < 120 // 4 + 2 and xs.max() < 200 // 4 + 2 and mask[0, 0]
-    assert not heatmap_mask(np.zeros((4, 4)), 120, 200, 0.5).any()
+    assert not heatmap_mask(np.zeros((32, 32)), 120, 200, 0.5).any()
