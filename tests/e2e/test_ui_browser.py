@@ -161,6 +161,7 @@ def test_review_send_annotate_retrain_metrics(app: App) -> None:
             page.goto(f"{app.ui}/Review")
             labels = page.locator("label").filter(has_text=re.compile(r"^select image \d+$"))
             expect(labels.first).to_be_visible()
+            settle(page)  # the whole grid drawn by the finished script run, not a partial or stale one
             shown = [int(text.rsplit(" ", 1)[1]) for text in labels.all_inner_texts()]
             with sessions() as session:
                 active = queries.active_version_info(session)
@@ -227,9 +228,15 @@ def test_review_send_annotate_retrain_metrics(app: App) -> None:
             bar = page.get_by_text(re.compile(rf"#{job.id} retrain · (queued|running)"))
             expect(bar).to_be_visible()
             shot(page, "05-training-progress")
-            seen = wait_for(lambda: page.get_by_text(re.compile(rf"#{job.id} retrain · running · \S")).count(),
-                            RETRAIN_TIMEOUT, "a running retrain with a message", app)
-            assert seen
+            # A retrain now takes seconds (the classifier scorer), often less than the page's 2 s poll, so its
+            # running state may never be drawn; its progress bar rendering is tested in test_ui_pages.
+            def running_or_done() -> bool:
+                if page.get_by_text(re.compile(rf"#{job.id} retrain · running · \S")).count():
+                    return True
+                with sessions() as session:
+                    return not queries.job(session, job.id).active
+
+            assert wait_for(running_or_done, RETRAIN_TIMEOUT, "the retrain to run", app)
             expect(bar).to_have_count(0, timeout=RETRAIN_TIMEOUT * 1000)  # done: the page redraws itself
             with sessions() as session:
                 finished = queries.job(session, job.id)
