@@ -171,7 +171,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     home, sessions = _open(args)
     ok, job = train_in_foreground(
         home, sessions, on_progress=_progress_printer(not args.json),
-        on_claimed=lambda job_id: print(f"training from scratch (job {job_id}); this takes a few minutes on a CPU",
+        on_claimed=lambda job_id: print(f"training from scratch (job {job_id}); most of it is the backbone reading each image once",
                                         flush=True))
     if not ok:
         raise UserError(f"training failed: {(job.error or job.message).splitlines()[0]}")
