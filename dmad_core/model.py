@@ -59,7 +59,7 @@ class DMAD:
     def __init__(self, config: DMADConfig, features: FeatureStore):
         if config.score.scorer == "mapper" and config.backbone.geometry != "square":
             raise ValueError("the mapper scorer needs square geometry (its attention batches whole images of one "
-                             "grid): use BackboneConfig(geometry='square') or the classifier scorer")
+                             "grid): use BackboneConfig(geometry='square') (`dmad eval --geometry square`) or the classifier scorer")
         self.config = config
         self.features = features
         self.device = pick_device(config.device)
