@@ -38,6 +38,21 @@ SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 DEFAULT_DATA = [SHARED / "mvtec_3d_ad" / "tire", SHARED / "mvtec_ad" / "bottle", SHARED / "kolektorsdd" / "commutator"]
 
 
+def false_mark_threshold(normal_heats: list[np.ndarray], patch_pixels: int,
+                         levels: np.ndarray | None = None) -> float:
+    """The per-class threshold measured against the product's one threshold (and not kept): the lowest
+    level at which a class's validation heat maps (at the model's input resolution) keep on average at most
+    one patch's area (``patch_pixels``) marked after clean-up; tried at the pixel quantiles ``levels``
+    (default: 1 - 10^-2 ... 1 - 10^-5.5), else just above their maximum."""
+    values = np.concatenate([h.ravel() for h in normal_heats])
+    levels = 1 - np.logspace(-2, -5.5, 36) if levels is None else levels
+    for t in np.unique(np.quantile(values, levels)):
+        marked = np.mean([defect_mask(h, t, patch_pixels).sum() for h in normal_heats])
+        if marked <= patch_pixels:
+            return float(t)
+    return float(np.nextafter(values.max(), np.inf))  # nothing normal is marked
+
+
 def iou(mask: np.ndarray, truth: np.ndarray) -> float:
     union = np.logical_or(mask, truth).sum()
     return float(np.logical_and(mask, truth).sum() / union) if union else 1.0
@@ -55,8 +70,11 @@ def measure(model: DMAD, records: list, category: str) -> dict[str, float]:
         areas.append(patch_area(p.patch_scores.shape, (h, w)))
     before = np.mean([iou(hm >= model.pixel_threshold_, t) for hm, t in zip(heats, truths)])
     cleaned = np.mean([iou(defect_mask(hm, model.pixel_threshold_, a), t) for hm, t, a in zip(heats, truths, areas)])
-    after = np.mean([iou(defect_mask(hm, model.pixel_thresholds_[category], a), t)
-                     for hm, t, a in zip(heats, truths, areas)])
+    val = [it for it in model.validation_items_ if it.category == category]
+    stride = model.config.backbone.stride
+    class_threshold = false_mark_threshold([model.anomaly_map(p.patch_scores)
+                                            for p in model.predict(val, progress_bar=False)], stride * stride)
+    after = np.mean([iou(defect_mask(hm, class_threshold, a), t) for hm, t, a in zip(heats, truths, areas)])
     values = np.concatenate([hm.ravel()[::7] for hm in heats])  # defects can be 0.01 % of the pixels:
     candidates = np.quantile(values, 1 - np.logspace(-0.3, -5.5, 80))  # thresholds up to the very top
     ceiling = max(np.mean([iou(hm >= c, t) for hm, t in zip(heats, truths)]) for c in candidates)

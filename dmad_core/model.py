@@ -33,7 +33,6 @@ from dmad_core.features import FeatureScaling, FeatureStore
 from dmad_core.items import DefectAnnotation, ImageItem, Prediction, Progress, no_progress, top_k_mean
 from dmad_core.memory import DualMemory
 from dmad_core.modules import DMADNet, anomaly_maps
-from dmad_core.preannotation import false_mark_threshold
 from dmad_core.progress_bar import make_bar
 from dmad_core.training import MapperTrainer, TrainSet, split_validation, validation_patches
 
@@ -76,10 +75,6 @@ class DMAD:
         self.pixel_threshold_: float | None = None  # None when there were no validation images
         self.image_threshold_: float | None = None
         self.validation_scores_: dict[str, list[float]] | None = None  # class -> sorted validation image scores
-        # class -> the per-class pixel threshold of preannotation.false_mark_threshold. Measured against the
-        # one threshold for all classes (benchmarks/preannotation.py) it fitted defects worse on tire and
-        # bottle, so pre-annotations use pixel_threshold_; kept for that comparison.
-        self.pixel_thresholds_: dict[str, float] | None = None
         self.history_: list[dict] | None = None
         self.timings_: dict[str, float] | None = None
 
@@ -254,20 +249,15 @@ class DMAD:
         """From validation normal images only: the pixel threshold for heat-map masks (a quantile of their
         pixel scores) and the image threshold (their highest image score); their image scores per class are
         kept in ``validation_scores_`` (``normal_percentile`` reads a score against them)."""
-        self.validation_scores_, self.pixel_thresholds_ = {}, {}
+        self.validation_scores_ = {}
         if not validation:
             return None, None
         preds = self.predict(validation, progress_bar=False)
-        q = self.config.score.pixel_threshold_quantile
-        heats: dict[str, list[np.ndarray]] = {}
         for p in preds:
             self.validation_scores_.setdefault(p.item.category, []).append(float(p.image_score))
-            heats.setdefault(p.item.category, []).append(self.anomaly_map(p.patch_scores))  # grids may differ
         self.validation_scores_ = {c: sorted(v) for c, v in self.validation_scores_.items()}
-        stride = self.config.backbone.stride
-        self.pixel_thresholds_ = {c: false_mark_threshold(v, stride * stride) for c, v in heats.items()}
-        maps = np.concatenate([m.ravel() for v in heats.values() for m in v])
-        return (float(np.quantile(maps, q)),
+        maps = np.concatenate([self.anomaly_map(p.patch_scores).ravel() for p in preds])  # grids may differ
+        return (float(np.quantile(maps, self.config.score.pixel_threshold_quantile)),
                 float(max(p.image_score for p in preds)))
 
     def _net_scores(self, feat: np.ndarray, category: str) -> np.ndarray:

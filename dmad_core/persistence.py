@@ -100,7 +100,6 @@ def save_model(model: DMAD, folder: str | Path) -> None:
         "pixel_threshold": model.pixel_threshold_,
         "image_threshold": model.image_threshold_,
         "validation_scores": model.validation_scores_,
-        "pixel_thresholds": model.pixel_thresholds_,
         "history": model.history_,
         "bank_sizes": {"normal": memory.normal_bank_.part_sizes(), "abnormal": memory.abnormal_bank_.part_sizes()},
         "scorer": scorer_meta,
@@ -160,7 +159,6 @@ def load_into(model: DMAD, folder: str | Path, meta: dict[str, Any]) -> None:
     model.pixel_threshold_ = meta["pixel_threshold"]
     model.image_threshold_ = meta["image_threshold"]
     model.validation_scores_ = meta.get("validation_scores")  # absent in models saved before it existed
-    model.pixel_thresholds_ = meta.get("pixel_thresholds")
     model.history_ = meta.get("history", [])
     model.memory_ = _memory(folder, model.config)
     if meta.get("scorer") is not None:

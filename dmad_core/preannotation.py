@@ -4,8 +4,8 @@ class's pixel threshold, without specks.
 The threshold is the model's pixel threshold (``DMAD.pixel_threshold_``: a high quantile of validation
 normal pixel scores, all classes together; with the default scorer the scores are already in each class's
 unit). Two per-class thresholds from validation data were measured against it and fitted the defects worse
-(a class's own 99.9 % quantile, and ``false_mark_threshold``: bottle 30.4 vs 36.8 IoU, tire 6.0 vs 6.7 at
-K = 10; docs/results.md). Connected components
+(a class's own 99.9 % quantile, and the lowest level leaving at most one patch marked on its normals:
+bottle 30.4 vs 36.8 IoU, tire 6.0 vs 6.7 at K = 10; benchmarks/preannotation.py, docs/results.md). Connected components
 smaller than one patch are dropped (``skimage.morphology.remove_small_objects``): a patch is the model's
 unit of evidence, and a speck smaller than one is the smoothing's ringing at a border, not a defect an
 inspector would draw. Measured per class with ``benchmarks/preannotation.py`` (docs/results.md).
@@ -35,21 +35,3 @@ def defect_mask(heat: np.ndarray, threshold: float, min_area: int) -> np.ndarray
         mask = remove_small_objects(mask, max_size=min_area - 1, connectivity=2)  # drops sizes <= max_size
     return mask
 
-
-def false_mark_threshold(normal_heats: list[np.ndarray], patch_pixels: int,
-                         levels: np.ndarray | None = None) -> float:
-    """The lowest threshold at which the normal heat maps (a class's validation images, at the model's input
-    resolution) keep on average at most one patch's area (``patch_pixels``) marked after clean-up; tried at
-    the pixel quantiles ``levels`` (default: 1 - 10^-2 ... 1 - 10^-5.5), else just above their maximum.
-
-    Example:
-        >>> false_mark_threshold([np.zeros((32, 32)), np.ones((32, 32))], 64) > 0
-        True
-    """
-    values = np.concatenate([h.ravel() for h in normal_heats])
-    levels = 1 - np.logspace(-2, -5.5, 36) if levels is None else levels
-    for t in np.unique(np.quantile(values, levels)):
-        marked = np.mean([defect_mask(h, t, patch_pixels).sum() for h in normal_heats])
-        if marked <= patch_pixels:
-            return float(t)
-    return float(np.nextafter(values.max(), np.inf))  # nothing normal is marked

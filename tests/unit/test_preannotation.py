@@ -1,4 +1,4 @@
-"""The pre-annotation mask (dmad_core/preannotation.py): the heat map above the class's threshold, without
+"""The pre-annotation mask (dmad_core/preannotation.py): the heat map above the model's pixel threshold, without
 specks smaller than one patch."""
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ def test_specks_smaller_than_a_patch_are_dropped_and_defects_kept():
 def test_the_class_threshold_leaves_normal_parts_at_most_one_patch_marked():
     """Normal images whose heat maps all carry a bright blob of two patches (a highlight, say): the
     threshold must rise above the blob, where a fixed pixel quantile (99.9 %) would mark it on every one."""
-    from dmad_core.preannotation import false_mark_threshold
+    from benchmarks.preannotation import false_mark_threshold  # the candidate rule the benchmark measures
 
     rng = np.random.default_rng(0)
     heats = []
