@@ -170,7 +170,7 @@ class DefectClassifierScorer:
         cfg, chosen = self.config, []
         for it, feat in zip(items, features(items), strict=True):
             q = feat.reshape(-1, memory.dim).astype(np.float32)
-            d = self._distances(memory, feat, it.category, source=it.source)
+            d = memory.normal_distances(feat, it.category, source=it.source)
             extra = rng.choice(len(q), size=min(cfg.random_per_image, len(q)), replace=False)
             chosen.append(q[np.unique(np.r_[np.argsort(d)[-cfg.hardest_per_image:], extra])])
         return np.concatenate(chosen)
@@ -180,7 +180,7 @@ class DefectClassifierScorer:
         ref = _Reference([], [])
         for items, own in ((val_items, False), (train_items, True)):
             for it, feat in zip(items, features(items), strict=True):
-                ref.distances.append(self._distances(memory, feat, it.category, it.source if own else None))
+                ref.distances.append(memory.normal_distances(feat, it.category, it.source if own else None))
                 ref.feats.append(feat.reshape(-1, memory.dim).astype(np.float32))
         return ref
 
@@ -216,7 +216,7 @@ class DefectClassifierScorer:
             q = ann_feats[j].reshape(-1, memory.dim)
             defect = np.zeros(len(q), bool)
             defect[memory.annotated_patches_[ann.item.hash]] = True
-            za = scale.apply(self._distances(memory, ann_feats[j], ann.item.category))
+            za = scale.apply(memory.normal_distances(ann_feats[j], ann.item.category))
             la, lvz = lscale.apply(clf.logit(q)), [lscale.apply(x) for x in lv]
             y = np.r_[np.ones(defect.sum()), np.zeros((~defect).sum() + n_ref)]
             for w in cfg.weights:
@@ -258,7 +258,7 @@ class DefectClassifierScorer:
         if self.classes_ is None:
             raise RuntimeError("the scorer is not fitted: call fit() first")
         state = self.classes_.get(category) or self._unknown_class()
-        z = state.distance_scale.apply(self._distances(memory, feat, category))
+        z = state.distance_scale.apply(memory.normal_distances(feat, category))
         if state.classifier is None:
             patch = image = z
         else:
@@ -270,14 +270,6 @@ class DefectClassifierScorer:
         """A class the model was not trained on: the kNN distance in the median unit of the known classes."""
         scales = [c.distance_scale for c in self.classes_.values()]
         return ClassState(Scale(float(np.median([s.median for s in scales])), float(np.median([s.q99 for s in scales]))))
-
-    @staticmethod
-    def _distances(memory: DualMemory, feat: np.ndarray, category: str, source: int | None = None) -> np.ndarray:
-        """Euclidean distance of each patch to its nearest normal-bank entry (its class's entries; not from
-        image ``source`` when given)."""
-        q = np.asarray(feat, np.float32).reshape(-1, memory.dim)
-        src = None if source is None else np.full(len(q), source, np.int64)
-        return np.sqrt(np.maximum(memory.search_normal(q, src, category)[0], 0)).astype(np.float32)
 
     # ------------------------------------------------------------------------------------------ saving
     def to_state(self) -> tuple[dict, dict[str, np.ndarray]]:

@@ -194,6 +194,14 @@ class DualMemory:
             dist[sel], idx[sel] = bank.search(q[sel], None if sources is None else sources[sel], category=str(c))
         return dist, idx
 
+    def normal_distances(self, feat: np.ndarray, category: str | None, source: int | None = None) -> np.ndarray:
+        """Euclidean distance (float32) of each patch of one image's features (..., C) to its nearest normal-bank
+        entry (of its class, see ``search_normal``; never from image ``source`` when given): PatchCore's
+        patch score, and the kNN term of the classifier scorer."""
+        q = np.asarray(feat, np.float32).reshape(-1, self.dim)
+        src = None if source is None else np.full(len(q), source, np.int64)
+        return np.sqrt(np.maximum(self.search_normal(q, src, category)[0], 0)).astype(np.float32)
+
     def nearest_vectors(self, q: np.ndarray, sources: np.ndarray | None,
                         categories: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
         """The nearest normal-bank and abnormal-bank entries (vectors, row for row with ``q``)."""

@@ -151,26 +151,23 @@ class DMAD:
         memory.set_annotations(annotations, ann_feats, self._net_scores)  # weak: the current model's top patches
         self.annotations_ = list(annotations)
         timings["banks"], t0 = time.perf_counter() - t0, time.perf_counter()
-        mc = self._mapper_config(annotations)
-        if not self.uses_mapper:
+        mc, history = self._mapper_config(annotations), []
+        if self.uses_mapper:
+            # A changed regime (first annotated defect: distance-only knowledge and the semi-supervised loss
+            # weights, or back) starts a fresh mapper. Measured on tire + bottle with 10 masks: warm-starting
+            # the unsupervised mapper gives tire pixel AUROC 0.70-0.74 (it never leaves the unsupervised
+            # optimum's basin), a fresh mapper 0.96 after 6 epochs, as good as 48 from scratch.
+            warm = self.net_ if mc == self.mapper_config_ else None
+            self.net_, history = self._train(memory, scaling, warm, mc, self.normal_items_, self.validation_items_,
+                                             annotations, ann_feats, epochs or self.config.mapper.retrain_epochs(),
+                                             lambda f, m: progress(0.1 + 0.85 * f, m),
+                                             self.config.mapper.retrain_patience)
+        else:
             progress(0.2, "fitting the defect classifiers")
             self.scorer_ = self._fit_scorer(memory, scaling, self.normal_items_, self.validation_items_, annotations,
                                             ann_feats)
-            self.mapper_config_, self.history_ = mc, []
-            self.timings_ = {**timings, "train": time.perf_counter() - t0}
-            self.pixel_threshold_, self.image_threshold_ = self._thresholds(self.validation_items_)
-            progress(1.0, "retrained")
-            return self
-        # A changed regime (first annotated defect: distance-only knowledge and the semi-supervised loss
-        # weights, or back) starts a fresh mapper. Measured on tire + bottle with 10 masks: warm-starting the
-        # unsupervised mapper gives tire pixel AUROC 0.70-0.74 (it never leaves the unsupervised optimum's
-        # basin), a fresh mapper 0.96 after 6 epochs, as good as 48 from scratch.
-        warm = self.net_ if mc == self.mapper_config_ else None
-        net, history = self._train(memory, scaling, warm, mc, self.normal_items_, self.validation_items_, annotations,
-                                   ann_feats, epochs or self.config.mapper.retrain_epochs(),
-                                   lambda f, m: progress(0.1 + 0.85 * f, m), self.config.mapper.retrain_patience)
         timings["train"] = time.perf_counter() - t0
-        self.net_, self.mapper_config_, self.history_, self.timings_ = net, mc, history, timings
+        self.mapper_config_, self.history_, self.timings_ = mc, history, timings
         self.pixel_threshold_, self.image_threshold_ = self._thresholds(self.validation_items_)
         progress(1.0, "retrained")
         return self
@@ -196,8 +193,7 @@ class DMAD:
         for start in range(0, len(items), batch_size):
             chunk = items[start:start + batch_size]
             for it, f in zip(chunk, self.patch_features(chunk), strict=True):
-                d, _ = self.memory_.search_normal(np.asarray(f, np.float32).reshape(-1, f.shape[-1]), None, it.category)
-                grid = np.sqrt(np.maximum(d, 0)).reshape(f.shape[:2]).astype(np.float32)
+                grid = self.memory_.normal_distances(f, it.category).reshape(f.shape[:2])
                 preds.append(Prediction(it, grid, float(grid.max())))
         return preds
 
