@@ -3,15 +3,18 @@
 Patch score = z(d_n) + w * z(logit), where d_n is the distance to the nearest normal-bank entry of the
 patch's class (PatchCore's score), the logit comes from one logistic regression per class trained on that
 class's annotated defect patches (the abnormal bank's seen and weak parts) against its hardest and some
-random normal patches, and z(x) = (x - median) / (q99 - median) on the class's validation normal patches,
-so both terms are in the same unit whatever the backbone. Without annotations of a class, its score is the
-kNN distance alone (z is monotone: the same ranking as PatchCore).
+random normal patches, and z(x) = (x - median) / (q99 - median) on the class's reference normals (its
+validation images, and training images searched without their own bank entries), so both terms are in the
+same unit whatever the backbone. Without annotations of a class, its score is the kNN distance alone (z is
+monotone: the same ranking as PatchCore).
 
-The weight w is chosen by leave-one-annotated-image-out, never on test data: each annotated image in turn
-is scored by a classifier fitted without it, against its class's validation normals. The image score's w
-maximises the held-out image's rank among the validation images; the heat map's w maximises the AUROC of
-its defect patches against its other patches and the validation patches. Ties go to the smaller w, so a
-class with one annotation (nothing left to hold out) stays at the kNN score.
+The weights are chosen per class by leave-one-annotated-image-out, never on test data: each annotated image
+in turn is scored by a classifier fitted without it, against the class's reference normals. The image
+score's (w, top-k mean or max) maximises the held-out image's rank among the reference images; the heat
+map's w maximises the AUROC of its defect patches against its other patches and the reference patches.
+With the one-standard-error rule (``ClassifierConfig.selection``) the simplest candidate within one
+standard error of the best is taken, w = 0 (the kNN score) first. A class with a single annotated image
+has nothing to hold out and takes the weights chosen on the other classes' held-out images (none: w = 0).
 
 Why this and not the paper's mapper: measured on three real classes in one model, the mapper stayed below
 the kNN baseline, and this rule was the only one above it on every class (docs/supervision-study.md).
@@ -21,8 +24,8 @@ out whole images (all patches of one annotation), which no splitter over patch r
 Example::
 
     scorer = DefectClassifierScorer(config.classifier, top_k=5)
-    scorer.fit(memory, train_items, train_feats, val_items, val_feats, annotations, ann_feats)
-    patch_grid, image_score = scorer.score(feat, "bottle")
+    scorer.fit(memory, train_items, features, val_items, annotations, ann_feats)
+    patch_grid, image_score = scorer.score(memory, feat, "bottle")
 """
 
 from __future__ import annotations
@@ -243,9 +246,10 @@ class DefectClassifierScorer:
         over the held-out images; ties go to the simpler one. With ``selection="one_standard_error"``: the
         simplest candidate whose mean is within one standard error of the best, the usual guard against
         choosing on a few noisy folds."""
-        means = {c: float(np.mean(values(c))) if values(c) else 0.0 for c in order}
+        per_candidate = {c: values(c) for c in order}
+        means = {c: float(np.mean(v)) if v else 0.0 for c, v in per_candidate.items()}
         best = _best(means, order)
-        spread = values(best)
+        spread = per_candidate[best]
         if self.config.selection == "best" or len(spread) < 2:
             return best
         floor = means[best] - float(np.std(spread, ddof=1)) / np.sqrt(len(spread))
