@@ -233,11 +233,14 @@ def get_job(session: Session, job_id: int) -> Job | None:
 
 
 def list_jobs(session: Session, limit: int = 50, types: Sequence[str] | None = None,
-              statuses: Sequence[str] | None = None) -> list[Job]:
-    """Newest first, with progress and message, for the UI."""
+              statuses: Sequence[str] | None = None, hide_succeeded: Sequence[str] = ()) -> list[Job]:
+    """Newest first, with progress and message, for the UI; ``hide_succeeded``: job types whose succeeded
+    jobs are left out (routine ones, such as the once-a-minute Label Studio sync)."""
     query = select(Job).order_by(Job.created_at.desc(), Job.id.desc()).limit(limit)
     if types is not None:
         query = query.where(Job.type.in_(list(types)))
     if statuses is not None:
         query = query.where(Job.status.in_(list(statuses)))
+    if hide_succeeded:
+        query = query.where(~and_(Job.type.in_(list(hide_succeeded)), Job.status == "succeeded"))
     return list(session.scalars(query))

@@ -23,12 +23,12 @@ from app.services.labelstudio import (
     heatmap_mask,
     webhook_base_url,
 )
+from app.services.read_models import normal_percentile_of
 from app.services.versions import active_version
 from db.models import Image, ModelVersion, PoolScore
 from db.repositories import top_pool_scores
 from dmad_core.config import DMADConfig
 from dmad_core.errors import Conflict, Invalid
-from dmad_core.items import normal_percentile
 
 if TYPE_CHECKING:
     from annotation.project import TaskItem
@@ -67,7 +67,6 @@ def task_items(version: ModelVersion, rows: Sequence[PoolScore], image_base_url:
     threshold = (version.config or {}).get(PIXEL_THRESHOLD_KEY)
     engine = (version.config or {}).get("engine")  # the version's DMADConfig: its heat maps' sigma and size
     config = DMADConfig.from_dict(engine) if engine else None
-    normals = (version.config or {}).get("validation_scores") or {}
     return [
         TaskItem(
             image_id=row.image.id, content_hash=row.image.content_hash, category=row.image.category.name,
@@ -75,7 +74,7 @@ def task_items(version: ModelVersion, rows: Sequence[PoolScore], image_base_url:
             height=row.image.height, score=float(row.score), model_version=version.name,
             heatmap_mask=None if threshold is None else heatmap_mask(
                 row.patch_map_array(), row.image.height, row.image.width, float(threshold), config),
-            normal_percentile=normal_percentile(float(row.score), normals.get(row.image.category.name, ())),
+            normal_percentile=normal_percentile_of(version.config, row.image.category.name, float(row.score)),
         )
         for row in rows
     ]

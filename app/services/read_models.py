@@ -14,8 +14,18 @@ from sqlalchemy.orm import Session
 
 from app.services.versions import active_version
 from db.models import Job, ModelVersion
+from dmad_core.items import normal_percentile
 
 ACTIVE_JOB_STATUSES = ("queued", "running")
+
+
+VALIDATION_SCORES_KEY = "validation_scores"  # in a version's config: class -> its validation image scores
+
+
+def normal_percentile_of(config: dict[str, Any] | None, category: str, score: float) -> float | None:
+    """The share of the class's validation normals that scored below ``score`` under the version whose
+    ``config`` this is (None when it did not record them): the unit Review and Label Studio show scores in."""
+    return normal_percentile(score, ((config or {}).get(VALIDATION_SCORES_KEY) or {}).get(category, ()))
 
 
 @dataclass(frozen=True)

@@ -24,11 +24,11 @@ from app.services.read_models import (
     VersionInfo,
     active_version_info,
     job_info,
+    normal_percentile_of,
     version_info,
 )
 from db.engine import write_transaction
 from db.models import Annotation, Category, Image, Job, ModelVersion, PoolScore
-from dmad_core.items import normal_percentile
 from db.queue import enqueue, list_jobs
 from db.repositories import COUNT_KEYS, annotation_counts_by_version, metric_history
 from dmad_core.metrics import METRIC_NAMES
@@ -157,12 +157,6 @@ def source_folder(path: str | Path) -> str | None:
     return None
 
 
-def normal_percentile_of(version: VersionInfo, category: str, score: float) -> float | None:
-    """The share of the class's validation normals that scored below ``score`` under ``version`` (None when
-    the version did not record them): the unit Review and Label Studio show scores in."""
-    return normal_percentile(score, ((version.config or {}).get("validation_scores") or {}).get(category, ()))
-
-
 _SCORED_COLUMNS = (PoolScore.image_id, Image.path, Category.name, Image.width, Image.height, PoolScore.score,
                    PoolScore.top_patches, PoolScore.patch_map, PoolScore.map_shape, PoolScore.version_id)
 
@@ -280,10 +274,7 @@ SYNC_JOB = "labelstudio_sync"  # the worker's periodic pull from Label Studio: o
 def jobs(session: Session, limit: int = 50, routine_syncs: bool = True) -> list[JobInfo]:
     """The newest jobs, newest first; without ``routine_syncs``, Label Studio syncs that succeeded are left
     out (they run every minute and would push the trainings out of view: ``sync_summary`` counts them)."""
-    found = [job_info(j) for j in list_jobs(session, limit=limit + (0 if routine_syncs else 200))]
-    if not routine_syncs:
-        found = [j for j in found if not (j.type == SYNC_JOB and j.status == "succeeded")]
-    return found[:limit]
+    return [job_info(j) for j in list_jobs(session, limit=limit, hide_succeeded=() if routine_syncs else (SYNC_JOB,))]
 
 
 @dataclass(frozen=True)

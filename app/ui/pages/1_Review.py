@@ -149,7 +149,7 @@ for start in range(0, len(cells), COLUMNS):
                 st.warning(f"cannot read {row.path}")
             else:
                 st.image(jpeg, width="stretch")
-            share = queries.normal_percentile_of(version, row.category, row.score)
+            share = queries.normal_percentile_of(version.config, row.category, row.score)
             st.caption(f"**{row.score:.3f}**" + ("" if share is None else f" (above {100 * share:.0f} % of normals)")
                        + f" · {row.label}" + (f" · patch {crop.patch_score:.3f}" if per_image > 1 else ""))
             if crop.rank == 0:
