@@ -57,6 +57,9 @@ def run_model(datasets: list[CategoryDataset], config: DMADConfig, store: Featur
                                     if config.score.scorer == "mapper" else [])
     seconds = {"fit": time.perf_counter() - t0, "update": 0.0, "predict": 0.0}
     rows = {}
+    # the kNN baseline depends on the normal bank only, which annotations do not change: scored once
+    knn = {r.path: p for ds in datasets
+           for r, p in zip(ds.test, model.knn_predict([ImageItem.from_path(r.path, ds.name) for r in ds.test]))}
     for k in [0, *ks]:
         drawn = {ds.name: draw_annotated(ds, k, seed) for ds in datasets}
         if k:
@@ -71,7 +74,8 @@ def run_model(datasets: list[CategoryDataset], config: DMADConfig, store: Featur
             held = {r.path for r in drawn[ds.name]}
             records = [r for r in ds.test if r.path not in held]
             items = [ImageItem.from_path(r.path, ds.name) for r in records]
-            for method, preds in (("knn", model.knn_predict(items)), ("dmad", model.predict(items, progress_bar=False))):
+            for method, preds in (("knn", [knn[r.path] for r in records]),
+                                  ("dmad", model.predict(items, progress_bar=False))):
                 m = class_metrics(records, preds, model).to_dict()
                 rows[(setting, method, ds.name)] = {n: m[n] for n in METRICS}
         seconds["predict"] += time.perf_counter() - t0
@@ -81,17 +85,13 @@ def run_model(datasets: list[CategoryDataset], config: DMADConfig, store: Featur
     return rows, seconds
 
 
-def cell(values: list[float | None]) -> str:
+def cell(values: list[float | None], spread: bool = True) -> str:
+    """Mean over seeds in percent, with the standard deviation when there are several and ``spread``."""
     vals = [v for v in values if v is not None]
     if not vals:
         return "-"
     mean = 100 * float(np.mean(vals))
-    return f"{mean:.1f}" if len(vals) == 1 else f"{mean:.1f} ± {100 * float(np.std(vals)):.1f}"
-
-
-def mean_cell(values: list[float | None]) -> str:
-    vals = [v for v in values if v is not None]
-    return f"{100 * float(np.mean(vals)):.1f}" if vals else "-"
+    return f"{mean:.1f}" if len(vals) == 1 or not spread else f"{mean:.1f} ± {100 * float(np.std(vals)):.1f}"
 
 
 def table(runs: dict, classes: list[str], seeds: list[int], settings: list[str], group: str) -> list[str]:
@@ -175,7 +175,7 @@ def main() -> None:
             cells = []
             for setting, method in [("unsupervised", "knn"), *[(s, "dmad") for s in settings]]:
                 for group in (f"alone:{cls}", "together"):
-                    cells.append(" / ".join(mean_cell([runs[(group, s)][(setting, method, cls)][m] for s in args.seeds])
+                    cells.append(" / ".join(cell([runs[(group, s)][(setting, method, cls)][m] for s in args.seeds], False)
                                             for m in METRICS))
             lines.append(f"| {cls} | | " + " | ".join(cells) + " |")
     per_fit = [v["fit"] for v in seconds.values()]
