@@ -259,3 +259,18 @@ class PoolScore(Base):
     def patch_map_array(self) -> np.ndarray:
         """The patch-grid score map as float16 (gh, gw)."""
         return np.frombuffer(self.patch_map, dtype=np.float16).reshape(self.map_shape)
+
+
+class LabelTask(Base):
+    """A pool image sent to Label Studio as a task: the Review page marks it as waiting until it has an
+    annotation. One row per image and Label Studio project (sending it again changes nothing)."""
+
+    __tablename__ = "label_tasks"
+    __table_args__ = (UniqueConstraint("project_id", "image_id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"), index=True)
+    project_id: Mapped[int] = mapped_column(Integer)  # Label Studio's project id
+    task_id: Mapped[int | None] = mapped_column(Integer)  # Label Studio's task id, when it could be read back
+    model_version: Mapped[str] = mapped_column(String(50))  # the version whose score and heat map it carries
+    sent_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)

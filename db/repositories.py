@@ -22,6 +22,7 @@ from db.models import (
     Category,
     Image,
     ImageRole,
+    LabelTask,
     Metric,
     ModelVersion,
     PoolScore,
@@ -250,3 +251,25 @@ def top_pool_scores(session: Session, version_id: int, limit: int = 50,
         query = query.where(~exists().where(Annotation.image_id == PoolScore.image_id,
                                             Annotation.deleted_at.is_(None)))
     return list(session.scalars(query))
+
+
+def record_label_tasks(session: Session, project_id: int, model_version: str,
+                       tasks: Iterable[tuple[int, int | None]]) -> int:
+    """Remember which images are tasks in a Label Studio project (``(image_id, task_id)`` pairs); an image
+    already recorded there keeps its row, gaining the task id if it had none. Returns the rows added."""
+    pairs = {int(image_id): task_id for image_id, task_id in tasks}
+    if not pairs:
+        return 0
+    known = {row.image_id: row for row in session.scalars(
+        select(LabelTask).where(LabelTask.project_id == project_id, LabelTask.image_id.in_(list(pairs))))}
+    added = 0
+    for image_id, task_id in pairs.items():
+        row = known.get(image_id)
+        if row is None:
+            session.add(LabelTask(image_id=image_id, project_id=project_id, model_version=model_version,
+                                  task_id=None if task_id is None else int(task_id)))
+            added += 1
+        elif row.task_id is None and task_id is not None:
+            row.task_id = int(task_id)
+    session.flush()
+    return added

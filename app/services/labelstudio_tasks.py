@@ -3,7 +3,8 @@
 One path for `dmad labelstudio push` (the active version's top N, :func:`push_top`) and for images an
 inspector picked in the UI (:func:`send_images`): items built from the active version's pool scores,
 the heat map thresholded at the version's `pixel_threshold`, `annotation.project.push_tasks` for
-idempotent creation. The UI's path also returns each image's task id, so it can link straight to it.
+idempotent creation. Both record the tasks in the database (`label_tasks`), so that Review can mark the
+images waiting in Label Studio; the UI's path also returns each image's task id, to link straight to it.
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ from app.services.labelstudio import (
 )
 from app.services.read_models import normal_percentile_of
 from app.services.versions import active_version
+from db.engine import write_transaction
 from db.models import Image, ModelVersion, PoolScore
-from db.repositories import top_pool_scores
+from db.repositories import record_label_tasks, top_pool_scores
 from dmad_core.config import DMADConfig
 from dmad_core.errors import Conflict, Invalid
 
@@ -112,6 +114,9 @@ def send_images(session: Session, home: Home, image_ids: Sequence[int]) -> SendR
     result = push_tasks(connection.client, connection.project_id, items,
                         label=home.load_settings().defect_labels[0])
     ids = task_ids(connection.client, connection.project_id, {item.content_hash for item in items})
+    with write_transaction(session):
+        record_label_tasks(session, connection.project_id, version.name,
+                           [(item.image_id, ids.get(item.content_hash)) for item in items])
     tasks = []
     for item in items:
         task_id = ids.get(item.content_hash)
@@ -140,5 +145,9 @@ def push_top(home: Home, sessions: sessionmaker[Session], limit: int = 50, categ
                            "(all are annotated, or none match the filters)")
         items = task_items(version, rows, webhook_base_url(home))
     result = push_tasks(client, project_id, items, label=home.load_settings().defect_labels[0])
+    ids = task_ids(client, project_id, {item.content_hash for item in items})
+    with sessions() as session, write_transaction(session):
+        record_label_tasks(session, project_id, version.name,
+                           [(item.image_id, ids.get(item.content_hash)) for item in items])
     return PushTopResult(result.created, result.skipped_existing, project_id, version.name,
                          (version.config or {}).get(PIXEL_THRESHOLD_KEY) is not None)

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from sqlalchemy import Select, exists, func, select
+from sqlalchemy import Select, case, exists, func, select
 from sqlalchemy.orm import Session
 
 from app.services.annotations import RETRAIN_KEY
@@ -28,7 +28,7 @@ from app.services.read_models import (
     version_info,
 )
 from db.engine import write_transaction
-from db.models import Annotation, Category, Image, Job, ModelVersion, PoolScore
+from db.models import Annotation, Category, Image, Job, LabelTask, ModelVersion, PoolScore
 from db.queue import enqueue, list_jobs
 from db.repositories import COUNT_KEYS, annotation_counts_by_version, metric_history
 from dmad_core.metrics import METRIC_NAMES
@@ -133,6 +133,7 @@ class ScoredImage:
     top_patches: list[dict[str, Any]]  # [{"box": [x0, y0, x1, y1], "score": s}] in image pixels
     patch_map: np.ndarray  # float16 (gh, gw)
     version_id: int
+    waiting_task: int | None = None  # sent to Label Studio, not annotated yet: its task id (0 when unknown)
 
     @property
     def name(self) -> str:
@@ -157,15 +158,20 @@ def source_folder(path: str | Path) -> str | None:
     return None
 
 
+_LIVE_ANNOTATION = exists().where(Annotation.image_id == PoolScore.image_id, Annotation.deleted_at.is_(None))
+# The image's Label Studio task (0 when its id could not be read back; NULL when it was never sent).
+_LABEL_TASK = (select(func.coalesce(LabelTask.task_id, 0)).where(LabelTask.image_id == PoolScore.image_id)
+               .order_by(LabelTask.sent_at.desc()).limit(1).correlate(PoolScore).scalar_subquery())
 _SCORED_COLUMNS = (PoolScore.image_id, Image.path, Category.name, Image.width, Image.height, PoolScore.score,
-                   PoolScore.top_patches, PoolScore.patch_map, PoolScore.map_shape, PoolScore.version_id)
+                   PoolScore.top_patches, PoolScore.patch_map, PoolScore.map_shape, PoolScore.version_id,
+                   case((~_LIVE_ANNOTATION, _LABEL_TASK), else_=None))
 
 
 def _scored(row: Any) -> ScoredImage:
-    image_id, path, category, width, height, score, top, blob, shape, version_id = row
+    image_id, path, category, width, height, score, top, blob, shape, version_id, waiting = row
     grid = np.frombuffer(blob, dtype=np.float16).reshape(shape)
     return ScoredImage(int(image_id), path, category, int(width), int(height), float(score), list(top or []),
-                       grid, int(version_id))
+                       grid, int(version_id), None if waiting is None else int(waiting))
 
 
 def _filtered(query: Select[Any], f: ReviewFilter) -> Select[Any]:
@@ -176,8 +182,7 @@ def _filtered(query: Select[Any], f: ReviewFilter) -> Select[Any]:
     if f.min_score is not None:
         query = query.where(PoolScore.score >= f.min_score)
     if f.hide_annotated:
-        query = query.where(~exists().where(Annotation.image_id == PoolScore.image_id,
-                                            Annotation.deleted_at.is_(None)))
+        query = query.where(~_LIVE_ANNOTATION)
     return query
 
 

@@ -186,6 +186,8 @@ def test_review_send_annotate_retrain_metrics(app: App) -> None:
             href = link.get_attribute("href")
             task_id = int(re.search(r"task=(\d+)", href).group(1))
             assert href.startswith(server.url) and "/projects/" in href
+            # the sent image stays in the grid, marked as waiting in Label Studio until it is annotated
+            expect(page.get_by_text(re.compile(rf"waiting in Label Studio \(task {task_id}\)"))).to_have_count(1)
             shot(page, "03-review-sent")
 
             # the link opens the task in Label Studio (signed in as the home's admin)

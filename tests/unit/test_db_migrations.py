@@ -12,7 +12,8 @@ from alembic.script import ScriptDirectory
 from db.engine import alembic_config, current_revision, downgrade, make_engine, upgrade_to_head
 from db.models import Base
 
-APP_TABLES = {"categories", "images", "annotations", "model_versions", "jobs", "metrics", "pool_scores"}
+APP_TABLES = {"categories", "images", "annotations", "model_versions", "jobs", "metrics", "pool_scores",
+              "label_tasks"}
 
 
 def head_revision(url: str) -> str:

@@ -19,7 +19,7 @@ from app.services import ui_queries as queries
 from app.services.annotations import RETRAIN_KEY
 from app.ui.diversity import iou, pick_patches
 from app.ui.imaging import clip_box
-from db.models import Annotation, Job
+from db.models import Annotation, Job, ModelVersion
 from db.queue import claim, heartbeat
 from tests.ui_fixtures import N_TRAIN, PreparedHome, ui_empty_home, ui_home, ui_no_database, ui_template  # noqa: F401
 
@@ -229,6 +229,10 @@ def test_review_send_creates_tasks_and_links_to_them(ui_home: PreparedHome,  # n
     assert {t["data"]["model_version"] for t in fake.imported} == {"v0002"}
     assert "http://127.0.0.1:8080/projects/7/data?task=100" in texts(at)
     assert "http://127.0.0.1:8080/projects/7/data?task=101" in texts(at)
+    # the sent images carry a mark in the grid until they are annotated; the others carry none
+    waiting = [c.value for c in at.caption if "waiting in Label Studio" in c.value]
+    assert sorted(waiting) == sorted(c.value for c in at.caption if "· ⏳" in c.value) and len(waiting) == 2
+    assert {"(task 100)", "(task 101)"} == {w[w.index("(task"):] for w in waiting}
     at.checkbox(key=f"select-{ui_home.version_ids[-1]}-{chosen[0]}").check().run()
     at.button(key="review-send").click().run()
     assert "0 new task(s) in Label Studio project 7, 1 already there" in texts(at)
@@ -459,6 +463,9 @@ def test_training_versions_promote_and_roll_back(ui_home: PreparedHome) -> None:
     with ui_home.sessions()() as session:
         assert queries.active_version_info(session).name == "v0001"
 
+    # the selector offers what is promotable now (v0002), not the choice just promoted
+    assert at.selectbox(key="training-promote-version").value == "v0002"
+
     at.button(key="training-rollback").click().run()
     assert "Rolled back: v0002 is the active version again." in texts(at)
     with ui_home.sessions()() as session:
@@ -468,6 +475,24 @@ def test_training_versions_promote_and_roll_back(ui_home: PreparedHome) -> None:
     at.button(key="training-rollback").click().run()
     assert any("nothing to roll back to" in e.value for e in at.error)
     assert not at.exception
+
+
+def test_training_promote_selector_offers_a_version_that_became_promotable(ui_home: PreparedHome) -> None:  # noqa: F811
+    """The selector once kept the empty choice of a run with nothing to promote, and said "no other
+    version to promote" beside a retired, promotable version."""
+    def set_status(name: str, status: str) -> None:
+        with ui_home.sessions()() as session:
+            session.query(ModelVersion).filter_by(name=name).one().status = status
+            session.commit()
+
+    set_status("v0001", "failed")
+    at = run(TRAINING)
+    assert at.selectbox(key="training-promote-version").options == []
+    set_status("v0001", "retired")
+    at.run()
+    assert at.selectbox(key="training-promote-version").value == "v0001"
+    at.button(key="training-promote").click().run()
+    assert "v0001 is now the active version." in texts(at)
 
 
 # -- metrics ----------------------------------------------------------------------------------------

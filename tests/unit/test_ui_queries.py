@@ -107,3 +107,21 @@ def test_metric_frames(ui_home: PreparedHome) -> None:  # noqa: F811
     assert by_version["v0001"] == 0 and by_version["v0002"] == len(ui_home.annotated_ids)
     none, empty = queries.latest_metrics(metrics.iloc[0:0])
     assert none is None and empty.empty
+
+
+def test_images_sent_to_label_studio_are_marked_until_annotated(ui_home: PreparedHome) -> None:  # noqa: F811
+    from db.repositories import record_label_tasks
+
+    version_id = ui_home.version_ids[-1]
+    annotated = ui_home.annotated_ids[0]
+    waiting, unknown_id = [i for i in ui_home.pool_ids if i not in ui_home.annotated_ids][:2]
+    with ui_home.sessions()() as session:
+        assert record_label_tasks(session, 7, "v0002", [(waiting, 41), (unknown_id, None), (annotated, 43)]) == 3
+        # sent again: no new row; a task id read back later fills the one that had none
+        assert record_label_tasks(session, 7, "v0002", [(waiting, 41), (unknown_id, 42)]) == 0
+        session.commit()
+        rows = queries.review_page(session, queries.ReviewFilter(version_id, hide_annotated=False), limit=1000)
+    marks = {r.image_id: r.waiting_task for r in rows}
+    assert marks[waiting] == 41 and marks[unknown_id] == 42
+    assert marks[annotated] is None  # annotated already: no longer waiting
+    assert sum(m is not None for m in marks.values()) == 2

@@ -124,6 +124,10 @@ if not all_versions:
 st.dataframe(table, width="stretch", hide_index=True)
 
 promotable = [v.name for v in reversed(all_versions) if v.status not in ("active", "failed")]
+if st.session_state.get("training-promote-version") not in promotable:
+    # A choice left by an earlier run (the version just promoted, or None while nothing was promotable)
+    # would show the placeholder although versions can be promoted now: start from the first again.
+    st.session_state.pop("training-promote-version", None)
 col_promote, col_button, col_rollback = st.columns([2, 1, 1], vertical_alignment="bottom")
 col_promote.selectbox("Version to make active", promotable, key="training-promote-version",
                       placeholder="no other version to promote", disabled=not promotable)
