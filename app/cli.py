@@ -7,7 +7,7 @@ import argparse
 import logging
 import sys
 
-from app.commands import engine, labelstudio, loop, processes
+from app.commands import engine, labelstudio, line, loop, processes
 from dmad_core.errors import Conflict, Invalid, NotFound, Unavailable, UserError
 
 # The CLI's edge of the error types (dmad_core/errors.py): every error the user can fix is one line on
@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (engine, loop, labelstudio, processes):
+    for module in (engine, loop, line, labelstudio, processes):
         module.register(sub)
     return parser
 

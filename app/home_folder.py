@@ -8,6 +8,7 @@ Layout::
     <home>/models/<version>/  immutable model versions, written to a temporary name then renamed
     <home>/masks/             annotation masks as PNG, named by annotation id
     <home>/uploads/           images uploaded through the UI to be scored
+    <home>/images/            the line's images (`dmad serve`, `dmad predict --ingest`), by content hash
     <home>/labelstudio/       Label Studio's own data folder
     <home>/secrets/           API token and webhook secret, mode 0600
     <home>/logs/              logs of processes started by `dmad up` / `dmad labelstudio start`
@@ -41,6 +42,8 @@ class HomeSettings:
     outliers_dir: str | None = None  # DTD-like textures for the abnormal bank; None: procedural textures
     train_epochs: int | None = None  # mapper epochs of a training from scratch; None: the preset's
     retrain_epochs: int | None = None  # mapper epochs of a warm-started retrain; None: an eighth of those
+    false_alarm_rate: float = 0.01  # OK/NG: share of a class's validation normals a new version may call NG
+    line_pool_max_images: int | None = 100_000  # the line's images kept in the pool (oldest go first); None: all
 
 
 @dataclass(frozen=True)
@@ -74,6 +77,10 @@ class Home:
     @property
     def uploads_dir(self) -> Path:
         return self.root / "uploads"
+
+    @property
+    def images_dir(self) -> Path:
+        return self.root / "images"
 
     @property
     def labelstudio_dir(self) -> Path:

@@ -53,6 +53,17 @@ def false_mark_threshold(normal_heats: list[np.ndarray], patch_pixels: int,
     return float(np.nextafter(values.max(), np.inf))  # nothing normal is marked
 
 
+def peak_component(mask: np.ndarray, heat: np.ndarray) -> np.ndarray:
+    """Only the connected component of ``mask`` that holds its hottest pixel (an image's main defect)."""
+    if not mask.any():
+        return mask
+    from skimage.measure import label
+
+    labels = label(mask, connectivity=2)
+    hottest = np.unravel_index(np.argmax(np.where(mask, heat, -np.inf)), heat.shape)
+    return labels == labels[hottest]
+
+
 def iou(mask: np.ndarray, truth: np.ndarray) -> float:
     union = np.logical_or(mask, truth).sum()
     return float(np.logical_and(mask, truth).sum() / union) if union else 1.0
@@ -75,10 +86,13 @@ def measure(model: DMAD, records: list, category: str) -> dict[str, float]:
     class_threshold = false_mark_threshold([model.anomaly_map(p.patch_scores)
                                             for p in model.predict(val, progress_bar=False)], stride * stride)
     after = np.mean([iou(defect_mask(hm, class_threshold, a), t) for hm, t, a in zip(heats, truths, areas)])
+    peak = np.mean([iou(peak_component(defect_mask(hm, model.pixel_threshold_, a), hm), t)
+                    for hm, t, a in zip(heats, truths, areas)])
     values = np.concatenate([hm.ravel()[::7] for hm in heats])  # defects can be 0.01 % of the pixels:
     candidates = np.quantile(values, 1 - np.logspace(-0.3, -5.5, 80))  # thresholds up to the very top
     ceiling = max(np.mean([iou(hm >= c, t) for hm, t in zip(heats, truths)]) for c in candidates)
-    return {"before": float(before), "cleaned": float(cleaned), "after": float(after), "ceiling": float(ceiling), "images": len(records)}
+    return {"before": float(before), "cleaned": float(cleaned), "after": float(after), "peak": float(peak),
+            "ceiling": float(ceiling), "images": len(records)}
 
 
 def main() -> None:
@@ -110,10 +124,10 @@ def main() -> None:
                     print(f"  {setting} {ds.name}: {len(records)} images", file=sys.stderr, flush=True)
                     rows.append((setting, ds.name, measure(model, records, ds.name)))
     print("| setting | class | images | IoU: one threshold, no clean-up (before) | one threshold + clean-up | "
-          "class threshold + clean-up | ceiling (best single threshold on these images) |")
-    print("|---|---|---|---|---|---|---|")
+          "class threshold + clean-up | hottest component only | ceiling (best single threshold on these images) |")
+    print("|---|---|---|---|---|---|---|---|")
     for setting, name, m in rows:
-        print(f"| {setting} | {name} | {m['images']} | {100 * m['before']:.1f} | {100 * m['cleaned']:.1f} | {100 * m['after']:.1f} | "
+        print(f"| {setting} | {name} | {m['images']} | {100 * m['before']:.1f} | {100 * m['cleaned']:.1f} | {100 * m['after']:.1f} | {100 * m['peak']:.1f} | "
               f"{100 * m['ceiling']:.1f} |")
 
 

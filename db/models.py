@@ -274,3 +274,19 @@ class LabelTask(Base):
     task_id: Mapped[int | None] = mapped_column(Integer)  # Label Studio's task id, when it could be read back
     model_version: Mapped[str] = mapped_column(String(50))  # the version whose score and heat map it carries
     sent_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class ThresholdOverride(Base):
+    """An engineer's OK/NG threshold for one class of one version, replacing the calibrated one. Rows are
+    never updated: the newest row of a (version, class) is in force, the older ones are its history, and a
+    row with no threshold returns the class to its calibrated threshold."""
+
+    __tablename__ = "threshold_overrides"
+    __table_args__ = (Index("ix_threshold_overrides_version_id_category_id", "version_id", "category_id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    version_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id", ondelete="CASCADE"))
+    category_id: Mapped[int] = mapped_column(ForeignKey("categories.id", ondelete="CASCADE"))
+    threshold: Mapped[float | None] = mapped_column(Float)  # None: back to the calibrated threshold
+    note: Mapped[str] = mapped_column(Text, default="")  # who and why, in the engineer's words
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)

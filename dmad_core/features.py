@@ -36,20 +36,23 @@ class FeatureStore:
         return self._extractor
 
     def get(self, items: Sequence[ImageItem], progress: Progress = no_progress, desc: str = "features",
-            keep_in_memory: bool = True) -> list[np.ndarray]:
+            keep_in_memory: bool = True, store: bool = True, bar: bool = True) -> list[np.ndarray]:
+        """Features of ``items``, from the cache or computed; ``store=False`` computes without caching
+        (images scored once on the line, which would only fill the cache); ``bar=False`` shows no progress."""
         out: list[np.ndarray | None] = [self.cache.get(it.hash) for it in items]
         missing = [i for i, f in enumerate(out) if f is None]
         if missing:
-            bar = make_bar(total=len(missing), desc=desc, unit="img")
+            shown = make_bar(total=len(missing), desc=desc, unit="img", enabled=bar)
             for start in range(0, len(missing), self.batch_size):
                 chunk = missing[start:start + self.batch_size]
                 feats = self.compute([items[i].load() for i in chunk])
                 for i, f in zip(chunk, feats, strict=True):
-                    self.cache.put(items[i].hash, f)
+                    if store:
+                        self.cache.put(items[i].hash, f)
                     out[i] = f.astype(np.float16)
-                bar.update(len(chunk))
+                shown.update(len(chunk))
                 progress(min(1.0, (start + len(chunk)) / len(missing)), f"{desc}: {start + len(chunk)}/{len(missing)}")
-            bar.close()
+            shown.close()
         if keep_in_memory:
             return [np.asarray(f, dtype=np.float16) for f in out]
         return out  # type: ignore[return-value]

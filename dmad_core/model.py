@@ -173,12 +173,14 @@ class DMAD:
         return self
 
     def predict(self, items: Sequence[ImageItem], batch_size: int = 16, progress: Progress = no_progress,
-                progress_bar: bool = True) -> list[Prediction]:
+                progress_bar: bool = True, cache_features: bool = True) -> list[Prediction]:
+        """Patch score grid and image score of each item (``cache_features=False``: new features are not
+        written to the feature cache)."""
         preds: list[Prediction] = []
         bar = make_bar(total=len(items), desc="predict", unit="img", enabled=progress_bar)
         for start in range(0, len(items), batch_size):
             chunk = items[start:start + batch_size]
-            scored = self._score_features(self.patch_features(chunk), [it.category for it in chunk])
+            scored = self._score_features(self.patch_features(chunk, store=cache_features, bar=progress_bar), [it.category for it in chunk])
             for it, (grid, image_score) in zip(chunk, scored, strict=True):
                 preds.append(Prediction(it, grid.astype(np.float32), image_score))
             bar.update(len(chunk))
@@ -203,9 +205,10 @@ class DMAD:
         metrics, pre-annotations, UI) is this one."""
         return anomaly_map(patch_scores, size, self.config)
 
-    def patch_features(self, items: Sequence[ImageItem], desc: str = "features") -> list[np.ndarray]:
+    def patch_features(self, items: Sequence[ImageItem], desc: str = "features", store: bool = True,
+                       bar: bool = True) -> list[np.ndarray]:
         """Standardised float32 patch features (gh, gw, C) of images, from the feature cache."""
-        return self.scaling_.apply(self.features.get(items, desc=desc))
+        return self.scaling_.apply(self.features.get(items, desc=desc, store=store, bar=bar))
 
     def save(self, folder: str | Path) -> None:
         persistence.save_model(self, folder)

@@ -30,6 +30,7 @@ from sqlalchemy.orm import Session, selectinload, sessionmaker
 from app.home_folder import Home
 from app.services import versions
 from app.services.annotations import active_annotations, load_mask
+from app.services.decisions import DECISION_KEY, calibrated_decision
 from app.services.read_models import VALIDATION_SCORES_KEY
 from app.services.scoring import engine_config, feature_store, image_item, load_model, pool_rows
 from db.engine import write_transaction
@@ -163,6 +164,7 @@ def train_version(home: Home, sessions: sessionmaker[Session], *, warm_start: bo
         "preset": home.load_settings().preset, "mode": mode, "job_id": job_id,
         "pixel_threshold": model.pixel_threshold_, "image_threshold": model.image_threshold_,
         VALIDATION_SCORES_KEY: model.validation_scores_,  # per class: Label Studio's 0-1 score is a percentile
+        DECISION_KEY: calibrated_decision(model.validation_scores_, home.load_settings().false_alarm_rate),
         "bank_sizes": {"normal": model.normal_bank_.part_sizes(), "abnormal": model.abnormal_bank_.part_sizes()},
         "engine": model.config.to_dict(),
     }

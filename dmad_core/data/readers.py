@@ -19,6 +19,7 @@ Example:
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -123,6 +124,26 @@ def _open_decoded(path: Path) -> Image.Image:
             return im.copy()
     except Exception as exc:
         raise CorruptImageError(f"{path}: unreadable image ({type(exc).__name__}: {exc})") from exc
+
+
+def decode_image(data: bytes, name: str = "upload", max_pixels: int | None = None) -> np.ndarray:
+    """Decode image bytes (an upload) as RGB uint8 ``HxWx3``, like ``load_image`` a file.
+
+    ``max_pixels`` is checked on the header, before any pixel is decoded, so an oversized image (or a
+    decompression bomb) costs nothing. CorruptImageError for bytes that do not decode or are too large.
+    """
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            width, height = im.size
+            if max_pixels is not None and width * height > max_pixels:
+                raise CorruptImageError(f"{name}: {width}x{height} is {width * height / 1e6:.1f} megapixels, over "
+                                        f"the limit of {max_pixels / 1e6:.1f}")
+            im.load()
+            return _to_rgb_uint8(im)
+    except CorruptImageError:
+        raise
+    except Exception as exc:
+        raise CorruptImageError(f"{name}: unreadable image ({type(exc).__name__}: {exc})") from exc
 
 
 def _to_rgb_uint8(im: Image.Image) -> np.ndarray:

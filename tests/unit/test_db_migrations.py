@@ -13,7 +13,7 @@ from db.engine import alembic_config, current_revision, downgrade, make_engine, 
 from db.models import Base
 
 APP_TABLES = {"categories", "images", "annotations", "model_versions", "jobs", "metrics", "pool_scores",
-              "label_tasks"}
+              "label_tasks", "threshold_overrides"}
 
 
 def head_revision(url: str) -> str:

@@ -1,0 +1,203 @@
+"""`dmad predict | serve | thresholds`: the model on the production line.
+
+`predict` scores files, folders or globs with a version (the active one by default) and writes one record
+per image (JSON Lines or CSV); `serve` answers the same over HTTP; `thresholds` shows and overrides each
+class's OK/NG threshold. Exit codes of `predict`: 0 done, 2 nothing usable (or a usage error), 3 with
+``--fail-on-ng`` when any image was NG, so that it fits a shell pipeline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+from app.home_folder import DEFAULT_HOME, Home
+from dmad_core.errors import Invalid, UserError
+
+EXIT_NG = 3
+CSV_FIELDS = ("path", "class", "score", "decision", "threshold", "threshold_source", "model_version", "sha256",
+              "width", "height", "top_patches")
+
+
+def _home(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--home", default=str(DEFAULT_HOME), help="home folder (default ./dmad-home)")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("predict", help="score image files, folders or globs: score and OK/NG per image, as JSON Lines or CSV")
+    _home(p)
+    p.add_argument("paths", nargs="+", metavar="PATH", help="image files, folders (searched recursively) or glob patterns")
+    p.add_argument("--category", help="the class of every image (default: the nearest parent folder named like a class)")
+    p.add_argument("--version", help="model version to score with (default: the active one)")
+    p.add_argument("--output", "-o", type=Path, help="write here (.csv: CSV, else JSON Lines); default: JSON Lines on stdout")
+    p.add_argument("--heatmaps", type=Path, metavar="DIR", help="also write a heat-map overlay PNG per image here")
+    p.add_argument("--fail-on-ng", action="store_true", help=f"exit {EXIT_NG} when any image is NG")
+    p.add_argument("--ingest", action="store_true", help="add the scored images to the pool (the Review page)")
+    p.add_argument("--batch-size", type=int, default=16, help="images per backbone call (default 16)")
+    p.set_defaults(handler=cmd_predict)
+
+    p = sub.add_parser("thresholds", help="each class's OK/NG threshold of a version; override or reset one")
+    _home(p)
+    p.add_argument("--version", help="model version (default: the active one)")
+    p.add_argument("--json", action="store_true", help="print the thresholds as JSON")
+    action = p.add_subparsers(dest="action", metavar="ACTION")
+    s = action.add_parser("set", help="override a class's threshold (recorded with a note)")
+    s.add_argument("category")
+    s.add_argument("threshold", type=float)
+    s.add_argument("--note", default="", help="why (kept in the threshold's history)")
+    r = action.add_parser("reset", help="return a class to its calibrated threshold")
+    r.add_argument("category")
+    r.add_argument("--note", default="")
+    p.set_defaults(handler=cmd_thresholds)
+
+
+# -- predict --------------------------------------------------------------------------------------
+class _Writer:
+    """One record per scored image, as JSON Lines or CSV, flushed per batch (a pipeline sees results as
+    they come)."""
+
+    def __init__(self, stream: IO[str], as_csv: bool):
+        self.stream = stream
+        self.csv = csv.DictWriter(stream, CSV_FIELDS) if as_csv else None
+        if self.csv:
+            self.csv.writeheader()
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.csv:
+            self.csv.writerow({**record, "top_patches": json.dumps(record["top_patches"])})
+        else:
+            self.stream.write(json.dumps(record) + "\n")
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+def _batches(items: list[Any], size: int) -> Iterator[list[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from app.services.database import open_database
+    from app.services.prediction import LineImage, LineModel, category_from_path, find_images
+    from dmad_core.progress_bar import make_bar
+
+    if args.batch_size < 1:
+        raise Invalid("--batch-size must be at least 1")
+    home = Home.at(args.home)
+    sessions = open_database(home)
+    files, problems = find_images(args.paths)
+    for spec, reason in problems:
+        print(f"dmad predict: {spec}: {reason}", file=sys.stderr)
+    if not files:
+        raise Invalid("no image to score: pass image files, folders or glob patterns")
+    line = LineModel.load(home, sessions, args.version)
+    if args.category:
+        line.check_category(args.category)
+    if args.heatmaps:
+        args.heatmaps.mkdir(parents=True, exist_ok=True)
+
+    out = open(args.output, "w", newline="") if args.output else sys.stdout
+    writer = _Writer(out, as_csv=bool(args.output and args.output.suffix.lower() == ".csv"))
+    scored = ng = skipped = fed = 0
+    bar = make_bar(total=len(files), desc=f"predict ({line.version})", unit="img")
+    try:
+        for batch in _batches(files, args.batch_size):
+            images = []
+            for path in batch:
+                category = args.category or category_from_path(path, line.categories)
+                try:
+                    if category is None:
+                        raise Invalid(f"{path}: no parent folder is named like a class of {line.version} "
+                                      f"({', '.join(line.categories)}); pass --category")
+                    images.append(LineImage.from_file(path, category, keep_bytes=args.ingest))
+                except UserError as exc:
+                    skipped += 1
+                    bar.write(f"dmad predict: skipped {exc}", file=sys.stderr)
+            results = line.score(images, cache_features=args.ingest) if images else []
+            for result in results:
+                writer.write(result.record())
+                ng += result.decision == "NG"
+                if args.heatmaps:
+                    _write_heatmap(args.heatmaps, line, result)
+            writer.flush()
+            if args.ingest and images:
+                from app.services.feed import feed
+
+                with sessions() as session:
+                    fed += feed(session, home, line.version_id, images, results).added
+            scored += len(results)
+            bar.update(len(batch))
+    finally:
+        bar.close()
+        if args.output:
+            out.close()
+    print(f"dmad predict: {scored} scored with {line.version} ({ng} NG, {scored - ng} OK), {skipped} skipped"
+          + (f", {fed} new in the pool" if args.ingest else "")
+          + (f"; written to {args.output}" if args.output else ""), file=sys.stderr)
+    if scored == 0:
+        raise Invalid("no image could be scored (see the lines above)")
+    return EXIT_NG if args.fail_on_ng and ng else 0
+
+
+def _write_heatmap(folder: Path, line: Any, result: Any) -> Path:
+    """The image with its heat map blended in, coloured from the class's ordinary level (its lowest
+    validation score) to its threshold: red means at or above the NG level."""
+    import PIL.Image
+
+    from app.ui.imaging import heat_overlay, load_rgb
+
+    validation = line.model.validation_scores_.get(result.category) or [0.0]
+    lo, hi = min(min(validation), result.threshold - 1e-6), result.threshold
+    overlay = heat_overlay(load_rgb(result.source), result.patch_map, lo, hi, config=line.model.config)
+    path = folder / f"{Path(result.source).stem}-{result.content_hash[:8]}.png"
+    PIL.Image.fromarray(overlay).save(path)
+    return path
+
+
+# -- thresholds -----------------------------------------------------------------------------------
+def cmd_thresholds(args: argparse.Namespace) -> int:
+    from app.services import decisions, versions
+    from app.services.database import open_database
+    from dmad_core.errors import Conflict
+
+    home = Home.at(args.home)
+    sessions = open_database(home)
+    with sessions() as session:
+        version = versions.get_version(session, args.version) if args.version else versions.active_version(session)
+        if version is None:
+            raise Conflict("no active model version; train one first (`dmad train`)")
+        if args.action == "set":
+            decisions.set_threshold(session, version, args.category, args.threshold, args.note)
+        elif args.action == "reset":
+            decisions.set_threshold(session, version, args.category, None, args.note)
+        thresholds = decisions.class_thresholds(session, version, home.load_settings().false_alarm_rate)
+        rows = []
+        for t in thresholds.values():
+            rates = decisions.implied_rates(session, version, t.category, t.threshold)
+            rows.append({"class": t.category, "threshold": t.threshold, "source": t.source,
+                         "calibrated": t.calibrated, "false_alarm_target": t.false_alarm_target,
+                         "validation_normals": t.validation_normals, "note": t.note,
+                         "validation_false_alarm_rate": rates.validation.false_alarm_rate,
+                         "annotated_false_alarm_rate": rates.annotated.false_alarm_rate,
+                         "annotated_miss_rate": rates.annotated.miss_rate,
+                         "annotated_normals": rates.annotated.normals, "annotated_defects": rates.annotated.defects})
+    if args.json:
+        print(json.dumps({"version": version.name, "thresholds": rows}, indent=2, default=str))
+        return 0
+    print(f"OK/NG thresholds of {version.name} (NG when the score is above the threshold):")
+    for r in rows:
+        def pct(x: float | None) -> str:
+            return "-" if x is None else f"{100 * x:.1f} %"
+        print(f"  {r['class']}: {r['threshold']:.4f} ({r['source']}"
+              + (f", calibrated {r['calibrated']:.4f}" if r["source"] == "override" and r["calibrated"] is not None else "")
+              + f") · false alarms: {pct(r['validation_false_alarm_rate'])} of {r['validation_normals']} validation "
+              f"normals, {pct(r['annotated_false_alarm_rate'])} of {r['annotated_normals']} confirmed normals · misses: "
+              f"{pct(r['annotated_miss_rate'])} of {r['annotated_defects']} annotated defects"
+              + (f" · note: {r['note']}" if r["note"] else ""))
+    return 0

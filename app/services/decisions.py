@@ -1,0 +1,152 @@
+"""OK/NG thresholds of a model version, per class: calibrated at training for the home's target
+false-alarm rate (``dmad_core.decision``), overridable by an engineer, and what each threshold implies.
+
+Where they live:
+- the calibrated ones in the version's config (``DECISION_KEY``: the target rate and one threshold per
+  class), written once with the version;
+- overrides in ``threshold_overrides``, one row per change, never updated: the newest row of a class is
+  in force, the older ones are its history (who, when, why), and a row without a threshold returns the
+  class to its calibrated value. A version's folder is never touched.
+
+Versions trained before per-class calibration fall back to their validation scores at the home's rate,
+and failing those to their one global image threshold (``source="global"``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Literal
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from app.services.read_models import VALIDATION_SCORES_KEY
+from db.engine import write_transaction
+from db.models import Annotation, Category, Image, ModelVersion, PoolScore, ThresholdOverride
+from dmad_core.decision import ErrorRates, calibrate_thresholds, error_rates
+from dmad_core.errors import Invalid, NotFound
+
+DECISION_KEY = "decision"  # in a version's config: {"false_alarm_rate": r, "thresholds": {class: t}}
+DEFAULT_FALSE_ALARM_RATE = 0.01
+
+
+def calibrated_decision(validation_scores: dict[str, list[float]], false_alarm_rate: float) -> dict[str, Any]:
+    """The record a new version stores under ``DECISION_KEY``."""
+    return {"false_alarm_rate": float(false_alarm_rate),
+            "thresholds": calibrate_thresholds(validation_scores, false_alarm_rate),
+            "validation_normals": {c: len(s) for c, s in validation_scores.items()}}
+
+
+@dataclass(frozen=True)
+class ClassThreshold:
+    """The threshold in force for one class of a version, and where it comes from."""
+
+    category: str
+    threshold: float
+    source: Literal["calibrated", "override", "global"]
+    calibrated: float | None  # what calibration gave (None: the version recorded no validation scores)
+    false_alarm_target: float | None  # the rate the calibrated threshold was chosen for
+    validation_normals: int  # how many normals it was calibrated on
+    note: str = ""  # the override's note
+    set_at: datetime | None = None  # when the override was made
+
+
+def _calibrated(config: dict[str, Any], false_alarm_rate: float) -> dict[str, Any]:
+    recorded = config.get(DECISION_KEY)
+    if recorded:
+        return recorded
+    return calibrated_decision(config.get(VALIDATION_SCORES_KEY) or {}, false_alarm_rate)
+
+
+def class_thresholds(session: Session, version: ModelVersion,
+                     false_alarm_rate: float = DEFAULT_FALSE_ALARM_RATE) -> dict[str, ClassThreshold]:
+    """Every class's threshold in force for ``version`` (``false_alarm_rate`` serves only versions that
+    recorded no calibration)."""
+    config = dict(version.config or {})
+    decision = _calibrated(config, false_alarm_rate)
+    calibrated: dict[str, float] = decision.get("thresholds", {})
+    counts: dict[str, int] = decision.get("validation_normals", {})
+    target = decision.get("false_alarm_rate")
+    trained = {c for c, counts in ((version.trained_on or {}).get("categories") or {}).items()
+               if counts.get("normal_images")}
+    out: dict[str, ClassThreshold] = {}
+    for category in sorted(set(calibrated) | trained):
+        value = calibrated.get(category)
+        if value is not None:
+            out[category] = ClassThreshold(category, float(value), "calibrated", float(value), target,
+                                           int(counts.get(category, 0)))
+        elif config.get("image_threshold") is not None:
+            out[category] = ClassThreshold(category, float(config["image_threshold"]), "global", None, None, 0)
+    for row, category in _newest_overrides(session, version.id):
+        base = out.get(category)
+        if row.threshold is None:
+            continue  # back to the calibrated threshold
+        out[category] = ClassThreshold(
+            category, float(row.threshold), "override", base.calibrated if base else None,
+            base.false_alarm_target if base else None, base.validation_normals if base else 0, row.note, row.created_at)
+    return out
+
+
+def _newest_overrides(session: Session, version_id: int) -> list[tuple[ThresholdOverride, str]]:
+    rows = session.execute(
+        select(ThresholdOverride, Category.name).join(Category, Category.id == ThresholdOverride.category_id)
+        .where(ThresholdOverride.version_id == version_id).order_by(ThresholdOverride.id)).all()
+    newest: dict[str, ThresholdOverride] = {}
+    for row, category in rows:
+        newest[category] = row
+    return [(row, category) for category, row in newest.items()]
+
+
+def threshold_for(thresholds: dict[str, ClassThreshold], category: str, version: str) -> ClassThreshold:
+    """The class's threshold, or NotFound naming the classes the version knows."""
+    try:
+        return thresholds[category]
+    except KeyError:
+        raise NotFound(f"model {version} has no class {category!r}; it knows "
+                       f"{', '.join(sorted(thresholds)) or 'none'}") from None
+
+
+def set_threshold(session: Session, version: ModelVersion, category: str, threshold: float | None,
+                  note: str = "") -> ClassThreshold:
+    """Record an engineer's threshold for one class of ``version`` (None: back to the calibrated one);
+    returns the threshold now in force."""
+    threshold_for(class_thresholds(session, version), category, version.name)
+    if threshold is not None and not (isinstance(threshold, (int, float)) and threshold == threshold
+                                      and abs(threshold) != float("inf")):
+        raise Invalid(f"a threshold must be a finite number, got {threshold!r}")
+    with write_transaction(session):
+        category_id = session.scalar(select(Category.id).where(Category.name == category))
+        session.add(ThresholdOverride(version_id=version.id, category_id=category_id,
+                                      threshold=None if threshold is None else float(threshold), note=note))
+    return class_thresholds(session, version)[category]
+
+
+def threshold_history(session: Session, version: ModelVersion, category: str) -> list[ThresholdOverride]:
+    """The overrides of one class of a version, oldest first."""
+    return list(session.scalars(
+        select(ThresholdOverride).join(Category, Category.id == ThresholdOverride.category_id)
+        .where(ThresholdOverride.version_id == version.id, Category.name == category)
+        .order_by(ThresholdOverride.id)))
+
+
+@dataclass(frozen=True)
+class ImpliedRates:
+    """What a class's threshold implies: on the validation normals it was calibrated on, and on the
+    images inspectors annotated (scored by the version; they trained it, so the miss rate is optimistic)."""
+
+    validation: ErrorRates
+    annotated: ErrorRates
+
+
+def implied_rates(session: Session, version: ModelVersion, category: str, threshold: float) -> ImpliedRates:
+    """False-alarm and miss rates of ``threshold`` for one class of ``version``."""
+    validation = ((version.config or {}).get(VALIDATION_SCORES_KEY) or {}).get(category, [])
+    rows = session.execute(
+        select(Annotation.kind, PoolScore.score)
+        .join(PoolScore, (PoolScore.image_id == Annotation.image_id) & (PoolScore.version_id == version.id))
+        .join(Image, Image.id == Annotation.image_id).join(Category, Category.id == Image.category_id)
+        .where(Category.name == category, Annotation.deleted_at.is_(None))).all()
+    normals = [float(s) for kind, s in rows if kind == "normal"]
+    defects = [float(s) for kind, s in rows if kind != "normal"]
+    return ImpliedRates(error_rates(threshold, validation, []), error_rates(threshold, normals, defects))
