@@ -43,7 +43,7 @@ from typing import Any, Callable
 from annotation.parse import ParsedAnnotation, PayloadError, annotation_id, parse_annotation, task_image_id
 from annotation.project import SECRET_HEADER
 from annotation.sink import AnnotationSink, UnknownImageError
-from dmad_core.errors import Conflict, Invalid, NotFound, Unavailable, UserError
+from dmad_core.errors import Conflict, Invalid, NotFound, TooLarge, Unavailable, UserError
 
 log = logging.getLogger(__name__)
 
@@ -318,7 +318,9 @@ class _Handler(BaseHTTPRequestHandler):
             return _error(500, "internal error (logged)")
 
 
-HTTP_STATUS: dict[type[UserError], int] = {NotFound: 404, Invalid: 422, Conflict: 409, Unavailable: 503}
+# The one table of HTTP statuses of typed errors (this receiver and `dmad serve` both answer by it); the
+# first matching type wins, so a subtype comes before its base.
+HTTP_STATUS: dict[type[UserError], int] = {NotFound: 404, TooLarge: 413, Invalid: 422, Conflict: 409, Unavailable: 503}
 
 
 def http_status(exc: UserError) -> int:

@@ -8,6 +8,7 @@ type               CLI exit code    HTTP status  Streamlit
 =================  ===============  ===========  =====================
 ``NotFound``       2                404          ``st.warning``
 ``Invalid``        2                422          ``st.error``
+``TooLarge``       2                413          ``st.error``
 ``Conflict``       2                409          ``st.error``
 ``Unavailable``    2                503          ``st.error``
 ``UserError``      2                422          ``st.error``
@@ -35,6 +36,10 @@ class NotFound(UserError):
 
 class Invalid(UserError):
     """The input itself is wrong (a malformed mask, an unreadable image, a bad option)."""
+
+
+class TooLarge(Invalid):
+    """The input is over a size limit (an upload's bytes or pixels)."""
 
 
 class Conflict(UserError):

@@ -41,6 +41,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=16, help="images per backbone call (default 16)")
     p.set_defaults(handler=cmd_predict)
 
+    p = sub.add_parser("serve", help="an HTTP scoring service for the line (FastAPI): POST /v1/score with an image")
+    _home(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-batch", type=int, default=16, help="images per backbone call (default 16)")
+    p.add_argument("--max-queue", type=int, default=64, help="waiting requests before 503 (default 64)")
+    p.add_argument("--no-feed", dest="feed", action="store_false", help="do not add scored images to the pool")
+    p.set_defaults(handler=cmd_serve)
+
     p = sub.add_parser("thresholds", help="each class's OK/NG threshold of a version; override or reset one")
     _home(p)
     p.add_argument("--version", help="model version (default: the active one)")
@@ -150,7 +159,7 @@ def _write_heatmap(folder: Path, line: Any, result: Any) -> Path:
     validation score) to its threshold: red means at or above the NG level."""
     import PIL.Image
 
-    from app.ui.imaging import heat_overlay, load_rgb
+    from app.services.imaging import heat_overlay, load_rgb
 
     validation = line.model.validation_scores_.get(result.category) or [0.0]
     lo, hi = min(min(validation), result.threshold - 1e-6), result.threshold
@@ -158,6 +167,38 @@ def _write_heatmap(folder: Path, line: Any, result: Any) -> Path:
     path = folder / f"{Path(result.source).stem}-{result.content_hash[:8]}.png"
     PIL.Image.fromarray(overlay).save(path)
     return path
+
+
+# -- serve ----------------------------------------------------------------------------------------
+def cmd_serve(args: argparse.Namespace) -> int:
+    import ipaddress
+    import secrets
+
+    import uvicorn
+
+    from app.api.scoring import TOKEN_SECRET, ServeConfig, create_app
+    from app.services.database import open_database
+
+    home = Home.at(args.home)
+    sessions = open_database(home)
+    if not home.read_secret(TOKEN_SECRET):
+        home.write_secret(TOKEN_SECRET, secrets.token_urlsafe(32))
+    config = ServeConfig(host=args.host, port=args.port, max_batch=args.max_batch, max_queue=args.max_queue,
+                         feed=args.feed)
+    app = create_app(home, sessions, config)
+    try:
+        loopback = ipaddress.ip_address(args.host).is_loopback
+    except ValueError:
+        loopback = args.host == "localhost"
+    if not loopback:
+        print(f"dmad serve: listening on {args.host}: other machines can reach it (the token still guards it)",
+              file=sys.stderr)
+    print(f"dmad serve: http://{args.host}:{args.port}/v1/score (API docs at /docs); token in "
+          f"{home.secrets_dir / TOKEN_SECRET}; scored images {'join' if args.feed else 'do not join'} the pool",
+          file=sys.stderr, flush=True)
+    # a listen backlog of 2048, not a toy server's 5: a burst of clients queues in the kernel, not in resets
+    uvicorn.run(app, host=args.host, port=args.port, backlog=2048, log_level="warning")
+    return 0
 
 
 # -- thresholds -----------------------------------------------------------------------------------

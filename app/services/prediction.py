@@ -29,9 +29,9 @@ from app.services import versions
 from app.services.decisions import ClassThreshold, class_thresholds, threshold_for
 from app.services.scoring import load_model, top_patches
 from db.models import ModelVersion
-from dmad_core.data.readers import CorruptImageError, decode_image
+from dmad_core.data.readers import CorruptImageError, ImageTooLarge, decode_image
 from dmad_core.decision import decide
-from dmad_core.errors import Conflict, Invalid
+from dmad_core.errors import Conflict, Invalid, TooLarge
 from dmad_core.items import ImageItem
 from dmad_core.model import DMAD
 
@@ -91,6 +91,8 @@ class LineImage:
             raise Invalid(f"{source}: empty file")
         try:
             array = decode_image(data, source, max_pixels)
+        except ImageTooLarge as exc:
+            raise TooLarge(str(exc)) from exc
         except CorruptImageError as exc:
             raise Invalid(str(exc)) from exc
         return LineImage(array, category, hashlib.sha256(data).hexdigest(), source, data if keep_bytes else None)

@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.home_folder import Home
 from app.services.database import has_database
-from app.ui import imaging
+from app.services import imaging
 from dmad_core.errors import Conflict, Invalid, NotFound, Unavailable, UserError
 
 if TYPE_CHECKING:

@@ -13,7 +13,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from app.ui.imaging import clip_box
+from app.services.imaging import clip_box
 
 MAX_IOU = 0.0
 

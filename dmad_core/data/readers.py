@@ -44,6 +44,10 @@ class CorruptImageError(ValueError):
     """An image file exists but cannot be decoded (truncated, not an image, unsupported)."""
 
 
+class ImageTooLarge(CorruptImageError):
+    """An image has more pixels than the caller accepts (checked on the header, before decoding)."""
+
+
 @dataclass(frozen=True)
 class ImageRecord:
     """One image of a category, with its label and (if the dataset has one) its ground-truth mask."""
@@ -136,7 +140,7 @@ def decode_image(data: bytes, name: str = "upload", max_pixels: int | None = Non
         with Image.open(io.BytesIO(data)) as im:
             width, height = im.size
             if max_pixels is not None and width * height > max_pixels:
-                raise CorruptImageError(f"{name}: {width}x{height} is {width * height / 1e6:.1f} megapixels, over "
+                raise ImageTooLarge(f"{name}: {width}x{height} is {width * height / 1e6:.1f} megapixels, over "
                                         f"the limit of {max_pixels / 1e6:.1f}")
             im.load()
             return _to_rgb_uint8(im)

@@ -27,6 +27,7 @@ RANKS: dict[str, int] = {
     "app.services": 3,  # what the product does, called by every edge
     "app.worker": 4,  # runs queued jobs through the services
     "app.supervisor": 4,  # runs the product's processes (`dmad up`)
+    "app.api": 4,  # HTTP edge (`dmad serve`): routes over services, started by a command
     "app.commands": 5,  # CLI edge: parse arguments, call services
     "app.ui": 5,  # Streamlit edge
     "app.cli": 6,  # the `dmad` entry point over the commands

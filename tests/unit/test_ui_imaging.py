@@ -10,7 +10,7 @@ import PIL.Image
 import pytest
 
 from app.home_folder import Home
-from app.ui import imaging
+from app.services import imaging
 from app.ui.diversity import crops_for, iou, pick_patches
 from app.ui.uploads import save_upload
 from dmad_core.errors import UserError

@@ -18,7 +18,7 @@ from app.services import labelstudio_tasks
 from app.services import ui_queries as queries
 from app.services.annotations import RETRAIN_KEY
 from app.ui.diversity import iou, pick_patches
-from app.ui.imaging import clip_box
+from app.services.imaging import clip_box
 from db.models import Annotation, Job, ModelVersion
 from db.queue import claim, heartbeat
 from tests.ui_fixtures import N_TRAIN, PreparedHome, ui_empty_home, ui_home, ui_no_database, ui_template  # noqa: F401

@@ -13,7 +13,7 @@ import streamlit as st
 from app.services import ui_queries as queries
 from app.services.annotations import load_mask
 from app.ui import context as ui
-from app.ui import imaging
+from app.services import imaging
 from app.ui.uploads import save_upload
 from dmad_core.errors import UserError
 

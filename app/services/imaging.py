@@ -1,5 +1,5 @@
-"""Pure image helpers for the UI: heat-map overlays, crops, boxes and masks (numpy, PIL and the engine's
-heat map).
+"""Pure image helpers for the UI and `dmad predict`: heat-map overlays, crops, boxes and masks (numpy,
+PIL and the engine's heat map).
 
 Kept free of Streamlit so they are cheap to test and to cache.
 """

@@ -1,0 +1,1 @@
+"""HTTP APIs built on FastAPI: `dmad serve`'s scoring service (scoring.py)."""
