@@ -5,13 +5,16 @@ the real defects, per class: IoU with the ground-truth mask on every defective t
 
 One unified model on the classes (default: tire, bottle, KolektorSDD commutator from ../shared/data), scored
 unsupervised and after K masked defects per class (drawn as `dmad eval` draws them, removed from the
-measurement). Three masks per image, at the image's own size:
+measurement). The masks of each image, at the image's own size:
 
 - before: the heat map above ONE pixel threshold for all classes (the validation quantile over all
-  classes' normal pixels), no clean-up (what the product sent until now);
-- one threshold + clean-up: the same, components smaller than one patch removed;
+  classes' normal pixels), no clean-up (what the product sent first);
+- one threshold + clean-up: the same, components smaller than one patch removed (the product's mask for a
+  class with no drawn masks: the unsupervised rows);
 - class threshold + clean-up: the class's own threshold (the lowest at which its validation normals keep at
-  most one patch's area marked, dmad_core/preannotation.py), components smaller than one patch removed;
+  most one patch's area marked), components smaller than one patch removed (measured, not kept);
+- relative level: the product's mask for a class with drawn masks: cut at the share of the image's peak
+  that the model chose on the K annotated masks (``DMAD.mask_peak_shares_``), the peak's component only;
 - ceiling: the single threshold that gives the best mean IoU on these very images (chosen on the test
   masks: reported only as the ceiling, never used).
 
@@ -24,6 +27,7 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +36,7 @@ from dmad_core.config import DMADConfig
 from dmad_core.data.readers import load_image, load_mask, read_category
 from dmad_core.evaluation import draw_annotated
 from dmad_core.model import DMAD, DefectAnnotation, FeatureStore, ImageItem
-from dmad_core.preannotation import defect_mask, patch_area
+from dmad_core.preannotation import defect_mask, iou, patch_area
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 DEFAULT_DATA = [SHARED / "mvtec_3d_ad" / "tire", SHARED / "mvtec_ad" / "bottle", SHARED / "kolektorsdd" / "commutator"]
@@ -53,31 +57,8 @@ def false_mark_threshold(normal_heats: list[np.ndarray], patch_pixels: int,
     return float(np.nextafter(values.max(), np.inf))  # nothing normal is marked
 
 
-def peak_component(mask: np.ndarray, heat: np.ndarray) -> np.ndarray:
-    """Only the connected component of ``mask`` that holds its hottest pixel (an image's main defect)."""
-    if not mask.any():
-        return mask
-    from skimage.measure import label
-
-    labels = label(mask, connectivity=2)
-    hottest = np.unravel_index(np.argmax(np.where(mask, heat, -np.inf)), heat.shape)
-    return labels == labels[hottest]
-
-
-def iou(mask: np.ndarray, truth: np.ndarray) -> float:
-    union = np.logical_or(mask, truth).sum()
-    return float(np.logical_and(mask, truth).sum() / union) if union else 1.0
-
-
-def relative_mask(heat: np.ndarray, threshold: float, share: float, min_area: int) -> np.ndarray:
-    """The clean-up mask, further cut at ``share`` of the image's own peak (a relative level)."""
-    return peak_component(defect_mask(heat, max(threshold, share * float(heat.max())), min_area), heat)
-
-
-SHARES = np.linspace(0.3, 0.95, 14)
-
-
 def heat_maps(model: DMAD, records: list, category: str) -> tuple[list, list, list]:
+    """Heat maps, ground-truth masks and one patch's area of the records' images, at each image's size."""
     items = [ImageItem.from_path(r.path, category) for r in records]
     preds = model.predict(items, progress_bar=False)
     heats, truths, areas = [], [], []
@@ -89,35 +70,30 @@ def heat_maps(model: DMAD, records: list, category: str) -> tuple[list, list, li
     return heats, truths, areas
 
 
-def chosen_share(model: DMAD, annotated: list, category: str) -> float | None:
-    """The relative level that fits the class's annotated masks best (inspectors' own masks, never test)."""
-    if not annotated:
-        return None
-    heats, truths, areas = heat_maps(model, annotated, category)
-    return float(max(SHARES, key=lambda s: np.mean([iou(relative_mask(hm, model.pixel_threshold_, s, a), t)
-                                                    for hm, t, a in zip(heats, truths, areas)])))
-
-
-def measure(model: DMAD, records: list, category: str, share: float | None = None) -> dict[str, float]:
-    """Mean IoU of the masks over the class's defective images with masks."""
+def measure(model: DMAD, records: list, category: str) -> dict[str, float | None]:
+    """Mean IoU of each mask over the class's defective images with masks."""
     heats, truths, areas = heat_maps(model, records, category)
-    relative = None if share is None else np.mean([iou(relative_mask(hm, model.pixel_threshold_, share, a), t)
-                                                   for hm, t, a in zip(heats, truths, areas)])
-    before = np.mean([iou(hm >= model.pixel_threshold_, t) for hm, t in zip(heats, truths)])
-    cleaned = np.mean([iou(defect_mask(hm, model.pixel_threshold_, a), t) for hm, t, a in zip(heats, truths, areas)])
+    t = model.pixel_threshold_
+
+    def mean_iou(masks: Iterable[np.ndarray]) -> float:
+        return float(np.mean([iou(m, truth) for m, truth in zip(masks, truths, strict=True)]))
+
     val = [it for it in model.validation_items_ if it.category == category]
     stride = model.config.backbone.stride
     class_threshold = false_mark_threshold([model.anomaly_map(p.patch_scores)
                                             for p in model.predict(val, progress_bar=False)], stride * stride)
-    after = np.mean([iou(defect_mask(hm, class_threshold, a), t) for hm, t, a in zip(heats, truths, areas)])
-    peak = np.mean([iou(peak_component(defect_mask(hm, model.pixel_threshold_, a), hm), t)
-                    for hm, t, a in zip(heats, truths, areas)])
+    share = model.mask_peak_shares_.get(category)
     values = np.concatenate([hm.ravel()[::7] for hm in heats])  # defects can be 0.01 % of the pixels:
     candidates = np.quantile(values, 1 - np.logspace(-0.3, -5.5, 80))  # thresholds up to the very top
-    ceiling = max(np.mean([iou(hm >= c, t) for hm, t in zip(heats, truths)]) for c in candidates)
-    return {"before": float(before), "cleaned": float(cleaned), "after": float(after), "peak": float(peak),
-            "relative": None if relative is None else float(relative), "share": share,
-            "ceiling": float(ceiling), "images": len(records)}
+    return {
+        "before": mean_iou(hm >= t for hm in heats),
+        "cleaned": mean_iou(defect_mask(hm, t, a) for hm, a in zip(heats, areas)),
+        "class": mean_iou(defect_mask(hm, class_threshold, a) for hm, a in zip(heats, areas)),
+        "relative": None if share is None else mean_iou(defect_mask(hm, t, a, share) for hm, a in zip(heats, areas)),
+        "share": share,
+        "ceiling": max(mean_iou(hm >= c for hm in heats) for c in candidates),
+        "images": len(records),
+    }
 
 
 def main() -> None:
@@ -147,16 +123,15 @@ def main() -> None:
                 records = [r for r in ds.test if r.label == 1 and r.mask_path is not None and r.path not in held]
                 if records:
                     print(f"  {setting} {ds.name}: {len(records)} images", file=sys.stderr, flush=True)
-                    share = None if setting == "unsupervised" else chosen_share(model, drawn[ds.name], ds.name)
-                    rows.append((setting, ds.name, measure(model, records, ds.name, share)))
-    print("| setting | class | images | IoU: one threshold, no clean-up (before) | one threshold + clean-up | "
-          "class threshold + clean-up | hottest component only | + relative level (chosen on annotated) | ceiling (best single threshold on these images) |")
-    print("|---|---|---|---|---|---|---|---|---|")
+                    rows.append((setting, ds.name, measure(model, records, ds.name)))
+    print("| setting | class | images | IoU: one threshold, no clean-up | one threshold + clean-up (product, no "
+          "drawn masks) | class threshold + clean-up (not kept) | relative level from drawn masks (product) | "
+          "ceiling (best single threshold on these images) |")
+    print("|---|---|---|---|---|---|---|---|")
     for setting, name, m in rows:
-        print(f"| {setting} | {name} | {m['images']} | {100 * m['before']:.1f} | {100 * m['cleaned']:.1f} | {100 * m['after']:.1f} | {100 * m['peak']:.1f} | "
-              + ("-" if m["relative"] is None else f"{100 * m['relative']:.1f} (at {m['share']:.2f} of the peak)") + " | "
-              f"{100 * m['ceiling']:.1f} |")
-
+        relative = "-" if m["relative"] is None else f"{100 * m['relative']:.1f} (at {m['share']:.2f} of the peak)"
+        print(f"| {setting} | {name} | {m['images']} | {100 * m['before']:.1f} | {100 * m['cleaned']:.1f} | "
+              f"{100 * m['class']:.1f} | {relative} | {100 * m['ceiling']:.1f} |")
 
 if __name__ == "__main__":
     main()

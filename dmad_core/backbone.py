@@ -29,6 +29,7 @@ from torch import nn
 
 from dmad_core import resnet50_weights
 from dmad_core.config import BackboneConfig
+from dmad_core.devices import pick_device
 
 log = logging.getLogger(__name__)
 
@@ -146,12 +147,6 @@ def load_backbone(config: BackboneConfig, allow_random_weights: bool = False) ->
                 + _how_to_get_weights(config.name)
             ) from exc
     raise ValueError(f"unknown weights source {source!r}")
-
-
-def pick_device(requested: str = "auto") -> torch.device:
-    if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(requested)
 
 
 class PatchFeatureHead(nn.Module):

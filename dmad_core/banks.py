@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from dmad_core.config import BankConfig
+from dmad_core.devices import index_for_saving, index_on_best_device
 
 NORMAL = "normal"
 OUTLIER = "outlier"  # Mo: outlier textures fused with normal features
@@ -127,7 +128,7 @@ class MemoryBank:
             index = faiss.IndexFlatL2(self.dim)
         if len(self.union_):
             index.add(np.ascontiguousarray(self.union_.vectors, dtype=np.float32))
-        self.index_ = index
+        self.index_ = index_on_best_device(faiss, index)
 
     def part_names_of(self, idx: np.ndarray) -> np.ndarray:
         return np.asarray(self._part_names)[self.part_of_[idx]]
@@ -261,7 +262,7 @@ class MemoryBank:
         (folder / f"{name}.json").write_text(json.dumps({"dim": self.dim, "parts": list(self.parts),
                                                          "sizes": self.part_sizes()}))
         if self.index_ is not None:
-            faiss.write_index(self.index_, str(folder / f"{name}.faiss"))
+            faiss.write_index(index_for_saving(faiss, self.index_), str(folder / f"{name}.faiss"))
 
     @staticmethod
     def load(folder: Path, name: str, config: BankConfig) -> MemoryBank:
@@ -273,7 +274,7 @@ class MemoryBank:
         index_path = folder / f"{name}.faiss"
         bank._set_union(config)
         if index_path.exists():
-            bank.index_ = faiss.read_index(str(index_path))
+            bank.index_ = index_on_best_device(faiss, faiss.read_index(str(index_path)))
         else:
             bank.build_index(config)
         return bank

@@ -25,14 +25,15 @@ import numpy as np
 import torch
 
 from dmad_core import persistence
-from dmad_core.backbone import pick_device
 from dmad_core.banks import MemoryBank
 from dmad_core.config import DMADConfig, MapperConfig
 from dmad_core.defect_classifier import DefectClassifierScorer
+from dmad_core.devices import pick_device
 from dmad_core.features import FeatureScaling, FeatureStore
 from dmad_core.items import DefectAnnotation, ImageItem, Prediction, Progress, no_progress, top_k_mean
 from dmad_core.memory import DualMemory
 from dmad_core.modules import DMADNet, anomaly_maps
+from dmad_core.preannotation import choose_peak_share, patch_area
 from dmad_core.progress_bar import make_bar
 from dmad_core.training import MapperTrainer, TrainSet, split_validation, validation_patches
 
@@ -75,6 +76,7 @@ class DMAD:
         self.pixel_threshold_: float | None = None  # None when there were no validation images
         self.image_threshold_: float | None = None
         self.validation_scores_: dict[str, list[float]] | None = None  # class -> sorted validation image scores
+        self.mask_peak_shares_: dict[str, float] = {}  # class -> pre-annotation level, from its drawn masks
         self.history_: list[dict] | None = None
         self.timings_: dict[str, float] | None = None
 
@@ -124,6 +126,7 @@ class DMAD:
         self.normal_items_, self.validation_items_, self.annotations_ = train_items, val_items, list(annotations)
         self.history_, self.timings_ = history, timings
         self.pixel_threshold_, self.image_threshold_ = self._thresholds(val_items)
+        self.mask_peak_shares_ = self._mask_peak_shares(annotations)
         progress(1.0, "trained")
         return self
 
@@ -169,6 +172,7 @@ class DMAD:
         timings["train"] = time.perf_counter() - t0
         self.mapper_config_, self.history_, self.timings_ = mc, history, timings
         self.pixel_threshold_, self.image_threshold_ = self._thresholds(self.validation_items_)
+        self.mask_peak_shares_ = self._mask_peak_shares(annotations)
         progress(1.0, "retrained")
         return self
 
@@ -188,13 +192,13 @@ class DMAD:
         bar.close()
         return preds
 
-    def knn_predict(self, items: Sequence[ImageItem], batch_size: int = 16) -> list[Prediction]:
+    def knn_predict(self, items: Sequence[ImageItem], batch_size: int = 16, cache_features: bool = True) -> list[Prediction]:
         """The PatchCore baseline on the same features and normal bank: patch score = distance to the
         nearest normal patch, image score = the largest patch score."""
         preds = []
         for start in range(0, len(items), batch_size):
             chunk = items[start:start + batch_size]
-            for it, f in zip(chunk, self.patch_features(chunk), strict=True):
+            for it, f in zip(chunk, self.patch_features(chunk, store=cache_features, bar=False), strict=True):
                 grid = self.memory_.normal_distances(f, it.category).reshape(f.shape[:2])
                 preds.append(Prediction(it, grid, float(grid.max())))
         return preds
@@ -258,6 +262,21 @@ class DMAD:
         maps = np.concatenate([self.anomaly_map(p.patch_scores).ravel() for p in preds])  # grids may differ
         return (float(np.quantile(maps, self.config.score.pixel_threshold_quantile)),
                 float(max(p.image_score for p in preds)))
+
+    def _mask_peak_shares(self, annotations: Sequence[DefectAnnotation]) -> dict[str, float]:
+        """Per class with drawn masks, the pre-annotation level that fits them best
+        (``preannotation.choose_peak_share``): inspectors' masks, never test images."""
+        masked = [a for a in annotations if a.mask is not None]
+        if not masked or self.pixel_threshold_ is None:
+            return {}
+        preds = self.predict([a.item for a in masked], progress_bar=False)
+        shares = {}
+        for category in sorted({a.item.category for a in masked}):
+            rows = [(a, p) for a, p in zip(masked, preds, strict=True) if a.item.category == category]
+            heats = [self.anomaly_map(p.patch_scores, a.mask.shape) for a, p in rows]
+            areas = [patch_area(p.patch_scores.shape, a.mask.shape) for a, p in rows]
+            shares[category] = choose_peak_share(heats, [a.mask for a, _ in rows], self.pixel_threshold_, areas)
+        return shares
 
     def _net_scores(self, feat: np.ndarray, category: str) -> np.ndarray:
         return self._score_features([feat], [category])[0][0].reshape(-1)

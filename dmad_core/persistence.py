@@ -100,6 +100,7 @@ def save_model(model: DMAD, folder: str | Path) -> None:
         "pixel_threshold": model.pixel_threshold_,
         "image_threshold": model.image_threshold_,
         "validation_scores": model.validation_scores_,
+        "mask_peak_shares": model.mask_peak_shares_,
         "history": model.history_,
         "bank_sizes": {"normal": memory.normal_bank_.part_sizes(), "abnormal": memory.abnormal_bank_.part_sizes()},
         "scorer": scorer_meta,
@@ -159,6 +160,7 @@ def load_into(model: DMAD, folder: str | Path, meta: dict[str, Any]) -> None:
     model.pixel_threshold_ = meta["pixel_threshold"]
     model.image_threshold_ = meta["image_threshold"]
     model.validation_scores_ = meta.get("validation_scores")  # absent in models saved before it existed
+    model.mask_peak_shares_ = meta.get("mask_peak_shares") or {}  # ... and so is this
     model.history_ = meta.get("history", [])
     model.memory_ = _memory(folder, model.config)
     if meta.get("scorer") is not None:

@@ -19,7 +19,7 @@ import base64
 import hmac
 import io
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -148,7 +148,8 @@ def heatmap_rle(line: LineModel, result: LineResult) -> HeatmapRLE:
     threshold = line.model.pixel_threshold_
     heat = line.heatmap(result)
     mask = np.zeros_like(heat, dtype=bool) if threshold is None else defect_mask(
-        heat, threshold, patch_area(result.patch_map.shape, (result.height, result.width)))
+        heat, threshold, patch_area(result.patch_map.shape, (result.height, result.width)),
+        line.model.mask_peak_shares_.get(result.category))
     return HeatmapRLE(width=result.width, height=result.height, rle=mask_to_rle(mask))
 
 
@@ -195,9 +196,10 @@ async def _image_and_category(request: Request, category: str | None, limit: int
 
 
 def create_app(home: Home, sessions: sessionmaker[Session], config: ServeConfig = ServeConfig(),
-               token: str | None = None) -> FastAPI:
+               token: str | None = None, loader: Callable[..., LineModel] = LineModel.load) -> FastAPI:
     """The scoring service of ``home``. ``token`` (default: the home's ``serve_token`` secret) is what
-    clients must send; the model is loaded when the app starts (its lifespan), not here."""
+    clients must send; the model is loaded when the app starts (its lifespan), not here, by ``loader``
+    (``LineModel.load``; benchmarks/serve.py passes its kNN-baseline variant)."""
     expected = token or home.read_secret(TOKEN_SECRET)
     if not expected:
         raise Invalid(f"no API token: run `dmad serve` once to create {home.secrets_dir / TOKEN_SECRET}")
@@ -205,7 +207,7 @@ def create_app(home: Home, sessions: sessionmaker[Session], config: ServeConfig 
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        holder = await run_in_threadpool(ActiveLineModel, home, sessions)
+        holder = await run_in_threadpool(ActiveLineModel, home, sessions, loader)
         on_batch = None
         if config.feed:
             from app.services.feed import feed

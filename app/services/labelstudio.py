@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 
 WEBHOOK_SECRET = "webhook_secret"
 PIXEL_THRESHOLD_KEY = "pixel_threshold"  # in a model version's config: heat-map value that marks a defect
+MASK_PEAK_SHARES_KEY = "mask_peak_shares"  # ... and per class with drawn masks, the share of an image's peak
 
 
 def label_studio_server(home: Home, port: int | None = None, bin: str | None = None) -> LabelStudioServer:
@@ -144,16 +145,16 @@ def webhook_receiver(home: Home, sessions: sessionmaker[Session], host: str = "1
 
 
 def heatmap_mask(patch_map: np.ndarray, height: int, width: int, threshold: float,
-                 config: DMADConfig | None = None) -> np.ndarray:
-    """The model's heat map at the image's size, thresholded: the patch grid made into the same
-    smoothed map the version's pixel threshold was calibrated on (the engine's `anomaly_map`), so the
-    pre-annotation marks what the threshold means and not the raw grid's blocky peaks. The backbone
-    sees the whole image resized, so the grid covers it all. `config`: the version's engine
-    configuration (its sigma and input size; None: the defaults, for a version that records none).
-    Specks smaller than one patch are dropped (dmad_core/preannotation.py)."""
+                 config: DMADConfig | None = None, peak_share: float | None = None) -> np.ndarray:
+    """The model's proposed defect mask at the image's size: the patch grid made into the same smoothed
+    map the version's pixel threshold was calibrated on (the engine's `anomaly_map`), above the threshold
+    and, for a class with drawn masks, cut at the version's share of the image's peak (``peak_share``),
+    without specks (dmad_core/preannotation.py). The backbone sees the whole image resized, so the grid
+    covers it all. `config`: the version's engine configuration (its sigma and input size; None: the
+    defaults, for a version that records none)."""
     from dmad_core.config import DMADConfig
     from dmad_core.model import anomaly_map
     from dmad_core.preannotation import defect_mask, patch_area
 
     heat = anomaly_map(patch_map, (height, width), config or DMADConfig())
-    return defect_mask(heat, threshold, patch_area(tuple(np.shape(patch_map)), (height, width)))
+    return defect_mask(heat, threshold, patch_area(tuple(np.shape(patch_map)), (height, width)), peak_share)

@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session, contains_eager, sessionmaker
 
 from app.home_folder import Home
 from app.services.labelstudio import (
+    MASK_PEAK_SHARES_KEY,
     PIXEL_THRESHOLD_KEY,
     Connection,
     connect,
@@ -69,13 +70,15 @@ def task_items(version: ModelVersion, rows: Sequence[PoolScore], image_base_url:
     threshold = (version.config or {}).get(PIXEL_THRESHOLD_KEY)
     engine = (version.config or {}).get("engine")  # the version's DMADConfig: its heat maps' sigma and size
     config = DMADConfig.from_dict(engine) if engine else None
+    shares = (version.config or {}).get(MASK_PEAK_SHARES_KEY) or {}
     return [
         TaskItem(
             image_id=row.image.id, content_hash=row.image.content_hash, category=row.image.category.name,
             image_url=image_url_for(image_base_url, row.image.content_hash), width=row.image.width,
             height=row.image.height, score=float(row.score), model_version=version.name,
             heatmap_mask=None if threshold is None else heatmap_mask(
-                row.patch_map_array(), row.image.height, row.image.width, float(threshold), config),
+                row.patch_map_array(), row.image.height, row.image.width, float(threshold), config,
+                shares.get(row.image.category.name)),
             normal_percentile=normal_percentile_of(version.config, row.image.category.name, float(row.score)),
         )
         for row in rows

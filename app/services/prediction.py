@@ -135,21 +135,26 @@ class LineResult:
 class LineModel:
     """A model version ready to score line images, with the per-class thresholds in force when loaded."""
 
-    def __init__(self, version: ModelVersion, model: DMAD, thresholds: dict[str, ClassThreshold]):
+    def __init__(self, version: ModelVersion, model: DMAD, thresholds: dict[str, ClassThreshold],
+                 knn_baseline: bool = False):
         self.version = version.name
         self.version_id = version.id
         self.model = model
         self.thresholds = thresholds
+        # benchmarks/serve.py only: score with the PatchCore kNN baseline on the same features and bank, to
+        # measure the service's cost against it (its scores are on another scale: decisions mean nothing)
+        self.knn_baseline = knn_baseline
 
     @classmethod
-    def load(cls, home: Home, sessions: sessionmaker[Session], version: str | int | None = None) -> LineModel:
+    def load(cls, home: Home, sessions: sessionmaker[Session], version: str | int | None = None,
+             knn_baseline: bool = False) -> LineModel:
         """The active version (or the named one) with its thresholds; Conflict when there is none."""
         with sessions() as session:
             row = versions.get_version(session, version) if version is not None else versions.active_version(session)
             if row is None:
                 raise Conflict("no active model version; train one first (`dmad train`)")
             thresholds = class_thresholds(session, row, home.load_settings().false_alarm_rate)
-        return cls(row, load_model(home, row), thresholds)
+        return cls(row, load_model(home, row), thresholds, knn_baseline)
 
     @property
     def categories(self) -> list[str]:
@@ -164,8 +169,11 @@ class LineModel:
         that join the pool are scored again at every retrain)."""
         limits = [self.check_category(img.category) for img in images]
         items = [ImageItem(category=img.category, hash=img.content_hash, array=img.array) for img in images]
-        predictions = self.model.predict(items, batch_size=max(1, len(items)), progress_bar=False,
-                                         cache_features=cache_features)
+        if self.knn_baseline:
+            predictions = self.model.knn_predict(items, batch_size=max(1, len(items)), cache_features=cache_features)
+        else:
+            predictions = self.model.predict(items, batch_size=max(1, len(items)), progress_bar=False,
+                                             cache_features=cache_features)
         out = []
         for img, limit, p in zip(images, limits, predictions, strict=True):
             height, width = img.array.shape[:2]

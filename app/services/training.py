@@ -163,6 +163,7 @@ def train_version(home: Home, sessions: sessionmaker[Session], *, warm_start: bo
     config_record = {
         "preset": home.load_settings().preset, "mode": mode, "job_id": job_id,
         "pixel_threshold": model.pixel_threshold_, "image_threshold": model.image_threshold_,
+        "mask_peak_shares": model.mask_peak_shares_,  # Label Studio's pre-annotation level per class
         VALIDATION_SCORES_KEY: model.validation_scores_,  # per class: Label Studio's 0-1 score is a percentile
         DECISION_KEY: calibrated_decision(model.validation_scores_, home.load_settings().false_alarm_rate),
         "bank_sizes": {"normal": model.normal_bank_.part_sizes(), "abnormal": model.abnormal_bank_.part_sizes()},

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+import cv2
 import numpy as np
 from PIL import Image
 
@@ -130,24 +131,38 @@ def _open_decoded(path: Path) -> Image.Image:
         raise CorruptImageError(f"{path}: unreadable image ({type(exc).__name__}: {exc})") from exc
 
 
+# Decoded by OpenCV: 1.46x faster than Pillow on MVTec's 8-bit PNGs here (7.9 vs 11.5 ms a 900 x 900 image),
+# pixel for pixel the same (tests/unit/test_readers.py). JPEG stays with Pillow: OpenCV decodes a truncated
+# JPEG without an error (grey rows), where Pillow refuses it; 16-bit, palette and other modes too (their
+# conversion rules are ours, _to_rgb_uint8).
+_OPENCV_FORMATS = {"PNG", "BMP"}
+_OPENCV_MODES = {"RGB", "RGBA", "L"}
+
+
 def decode_image(data: bytes, name: str = "upload", max_pixels: int | None = None) -> np.ndarray:
-    """Decode image bytes (an upload) as RGB uint8 ``HxWx3``, like ``load_image`` a file.
+    """Decode image bytes (an upload, or a file's bytes) as RGB uint8 ``HxWx3``.
 
     ``max_pixels`` is checked on the header, before any pixel is decoded, so an oversized image (or a
-    decompression bomb) costs nothing. CorruptImageError for bytes that do not decode or are too large.
+    decompression bomb) costs nothing. CorruptImageError for bytes that do not decode, ImageTooLarge
+    (a CorruptImageError) for too many pixels.
     """
     try:
-        with Image.open(io.BytesIO(data)) as im:
+        with Image.open(io.BytesIO(data)) as im:  # reads the header only
             width, height = im.size
             if max_pixels is not None and width * height > max_pixels:
                 raise ImageTooLarge(f"{name}: {width}x{height} is {width * height / 1e6:.1f} megapixels, over "
-                                        f"the limit of {max_pixels / 1e6:.1f}")
-            im.load()
-            return _to_rgb_uint8(im)
+                                    f"the limit of {max_pixels / 1e6:.1f}")
+            if im.format not in _OPENCV_FORMATS or im.mode not in _OPENCV_MODES:
+                im.load()
+                return _to_rgb_uint8(im)
     except CorruptImageError:
         raise
     except Exception as exc:
         raise CorruptImageError(f"{name}: unreadable image ({type(exc).__name__}: {exc})") from exc
+    bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+    if bgr is None or bgr.shape[:2] != (height, width):
+        raise CorruptImageError(f"{name}: unreadable image (the {width}x{height} pixel data does not decode)")
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 
 def _to_rgb_uint8(im: Image.Image) -> np.ndarray:
@@ -172,7 +187,13 @@ def load_image(path: str | Path, size: int | None = None) -> np.ndarray:
     Raises CorruptImageError for a file that cannot be decoded, FileNotFoundError for a missing one.
     """
     path = Path(path)
-    arr = _to_rgb_uint8(_open_decoded(path))
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such image file")
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise CorruptImageError(f"{path}: unreadable image ({type(exc).__name__}: {exc})") from exc
+    arr = decode_image(data, str(path))
     if size is not None and arr.shape[:2] != (size, size):
         arr = np.asarray(
             Image.fromarray(arr).resize((size, size), Image.Resampling.BILINEAR), dtype=np.uint8

@@ -431,6 +431,8 @@ def test_a_saved_and_loaded_model_predicts_the_same_and_keeps_its_annotations(fi
     assert np.array_equal(loaded.annotations_[0].mask, anns[0].mask) and loaded.annotations_[1].mask is None
     assert (loaded.pixel_threshold_, loaded.image_threshold_) == (work.pixel_threshold_, work.image_threshold_)
     assert loaded.mapper_config_ == work.mapper_config_ and loaded.history_ == work.history_
+    # the pre-annotation level chosen on the drawn mask (its class only) comes back too
+    assert set(work.mask_peak_shares_) == {ds.name} and loaded.mask_peak_shares_ == work.mask_peak_shares_
 
 
 def test_predictions_do_not_depend_on_what_was_called_before(fitted):

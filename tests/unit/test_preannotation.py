@@ -39,3 +39,30 @@ def test_the_class_threshold_leaves_normal_parts_at_most_one_patch_marked():
     assert all(defect_mask(h, t, 64).sum() <= 64 for h in heats)
     quiet = [rng.normal(0.0, 0.1, (64, 64)).astype(np.float32) for _ in range(5)]
     assert false_mark_threshold(quiet, 64) < 1.0  # nothing to avoid: a low threshold
+
+
+def blob(shape: tuple[int, int], centre: tuple[int, int], height: float, width: float) -> np.ndarray:
+    yy, xx = np.mgrid[:shape[0], :shape[1]]
+    return height * np.exp(-((yy - centre[0]) ** 2 + (xx - centre[1]) ** 2) / (2 * width ** 2))
+
+
+def test_a_relative_level_fits_defects_of_different_strength_where_one_threshold_cannot():
+    """Two defects drawn as the region above 60 % of their own peak, one strong, one faint: the share
+    chosen on them reproduces both masks, which no single threshold does."""
+    from dmad_core.preannotation import PEAK_SHARES, choose_peak_share, iou
+
+    heats = [blob((64, 64), (30, 30), 10.0, 6.0), blob((64, 64), (20, 40), 2.0, 6.0)]
+    truths = [h >= 0.6 * h.max() for h in heats]
+    share = choose_peak_share(heats, truths, threshold=0.5, min_areas=[4, 4])
+    assert share in PEAK_SHARES and abs(share - 0.6) < 0.06
+    assert all(iou(defect_mask(h, 0.5, 4, share), t) > 0.9 for h, t in zip(heats, truths))
+    best_single = max(np.mean([iou(h >= c, t) for h, t in zip(heats, truths)]) for c in np.linspace(0.5, 10, 200))
+    assert best_single < 0.8
+
+
+def test_the_relative_level_keeps_only_the_region_around_the_peak():
+    heat = blob((64, 96), (30, 20), 4.0, 5.0) + blob((64, 96), (30, 75), 3.5, 5.0)  # a second, weaker hot spot
+    mask = defect_mask(heat, 0.5, 4, peak_share=0.5)
+    assert mask[30, 20] and not mask[30, 75]
+    assert defect_mask(heat, 0.5, 4)[30, 75]  # the threshold alone marks both
+    assert not defect_mask(np.zeros((8, 8)), 0.5, 4, peak_share=0.5).any()

@@ -276,3 +276,43 @@ class TestRealData:
         ds = read_category(textures[0])
         assert (ds.name, ds.layout, len(ds.train), ds.test) == (textures[0].name, "folder", 60, [])
         assert load_image(ds.train[0].path).dtype == np.uint8
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "L", "P", "I;16"])
+@pytest.mark.parametrize("fmt", ["PNG", "BMP", "JPEG"])
+def test_decoding_is_pixel_for_pixel_pillows_whichever_library_decodes(tmp_path, mode, fmt) -> None:
+    """OpenCV decodes 8-bit PNG and BMP (faster); the result must be what Pillow's conversion gives."""
+    import io
+
+    from dmad_core.data.readers import _to_rgb_uint8, decode_image
+
+    rng = np.random.default_rng(3)
+    if mode == "I;16":
+        if fmt != "PNG":
+            pytest.skip("16-bit is a PNG mode")
+        im = Image.fromarray(rng.integers(0, 65535, (20, 30), dtype=np.uint16))
+    else:
+        im = Image.fromarray(rng.integers(0, 255, (20, 30, 3), dtype=np.uint8)).convert(mode)
+    if fmt == "JPEG" and mode not in ("RGB", "L"):
+        pytest.skip("JPEG holds RGB and grey only")
+    buffer = io.BytesIO()
+    im.save(buffer, format=fmt)
+    data = buffer.getvalue()
+    with Image.open(io.BytesIO(data)) as reference:
+        expected = _to_rgb_uint8(reference)
+    got = decode_image(data)
+    assert got.dtype == np.uint8 and got.shape == (20, 30, 3) and np.array_equal(got, expected)
+    path = tmp_path / f"image.{fmt.lower()}"
+    path.write_bytes(data)
+    assert np.array_equal(load_image(path), expected)
+
+
+def test_a_truncated_png_is_refused_not_half_decoded(tmp_path) -> None:
+    import io
+
+    from dmad_core.data.readers import decode_image
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(buffer, format="PNG")
+    with pytest.raises(CorruptImageError):
+        decode_image(buffer.getvalue()[: len(buffer.getvalue()) // 2])

@@ -1,0 +1,180 @@
+"""The line's costs: `dmad serve` and `dmad predict` against the backbone's own forward time, for DMAD and
+the PatchCore kNN baseline on the same features and normal bank, measured in the same run.
+
+    .venv/bin/python benchmarks/serve.py [--home H] [--requests 48] [--clients 1 4 16] [--size 256]
+
+Without ``--home`` it builds a home in a temporary folder from procedural images (two classes, 256 px, the
+offline preset; procedural images are fine for timing, not for quality) and trains one version there.
+Every row gives images per second, p50 / p99 latency of one request, and the ratio of its per-image time
+to the backbone's forward alone (batch 16). Peak memory of this process at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import io
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def build_home(root: Path, size: int) -> Path:
+    from app.cli import main as dmad
+    from dmad_core.data.synthetic import make_synthetic_category
+
+    folders = [make_synthetic_category(root / "data", name, n_train=24, n_test_good=6, n_test_defect=6,
+                                       texture=texture, size=size, seed=3)
+               for name, texture in (("tiles", "grid"), ("fabric", "weave"))]
+    home = root / "home"
+    for argv in (["init", "--home", str(home)], ["ingest", "--home", str(home), *map(str, folders)],
+                 ["train", "--home", str(home)]):
+        if dmad(argv) != 0:
+            sys.exit(f"serve.py: dmad {argv[0]} failed")
+    return home
+
+
+def images(n: int, size: int) -> list[bytes]:
+    rng = np.random.default_rng(0)
+    out = []
+    for _ in range(n):
+        buffer = io.BytesIO()
+        PIL.Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(buffer, format="PNG")
+        out.append(buffer.getvalue())
+    return out
+
+
+def backbone_ms(line, arrays: list[np.ndarray]) -> float:
+    """The backbone's forward alone, batch 16, per image (after one warm-up batch)."""
+    store = line.model.features
+    store.compute(arrays[:16])
+    t0 = time.perf_counter()
+    for start in range(0, len(arrays), 16):
+        store.compute(arrays[start:start + 16])
+    return 1000 * (time.perf_counter() - t0) / len(arrays)
+
+
+def in_process(line, payloads: list[bytes], category: str, batch: int) -> float:
+    """Milliseconds per image of LineModel.score (decode included) at ``batch`` images a call."""
+    from app.services.prediction import LineImage
+
+    t0 = time.perf_counter()
+    for start in range(0, len(payloads), batch):
+        line.score([LineImage.from_bytes(p, category) for p in payloads[start:start + batch]])
+    return 1000 * (time.perf_counter() - t0) / len(payloads)
+
+
+def over_http(app, payloads: list[bytes], clients: int, category: str) -> tuple[float, float, float, int]:
+    """(images/s, p50 ms, p99 ms, non-200 answers) of ``clients`` concurrent clients sharing ``payloads``."""
+    import httpx
+    import uvicorn
+
+    from tests.unit.test_serve import free_port
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, backlog=2048, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    latencies: list[float] = []
+    failures = [0]
+    lock = threading.Lock()
+    token = {"Authorization": "Bearer bench", "Content-Type": "image/png"}
+
+    def client(k: int) -> None:
+        with httpx.Client(timeout=300) as http:
+            for payload in payloads[k::clients]:
+                t0 = time.perf_counter()
+                r = http.post(f"http://127.0.0.1:{port}/v1/score?category={category}", content=payload, headers=token)
+                with lock:
+                    latencies.append(time.perf_counter() - t0)
+                    failures[0] += r.status_code != 200
+
+    with httpx.Client() as http:  # warm-up
+        http.post(f"http://127.0.0.1:{port}/v1/score?category={category}", content=payloads[0], headers=token)
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    server.should_exit = True
+    thread.join(timeout=30)
+    latencies.sort()
+    p99 = latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))]
+    return len(payloads) / wall, 1000 * statistics.median(latencies), 1000 * p99, failures[0]
+
+
+def predict_cli(home: Path, folder: Path) -> float:
+    """Seconds of `dmad predict` on a folder, as a user runs it (a new process: imports and model load included)."""
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "app.cli", "predict", "--home", str(home), str(folder), "--category",
+                    "tiles", "-o", str(folder / "out.jsonl")], check=True, cwd=ROOT, stderr=subprocess.DEVNULL)
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--home", type=Path, help="a trained home (default: a procedural one in a temporary folder)")
+    ap.add_argument("--category", default="tiles")
+    ap.add_argument("--requests", type=int, default=48, help="images per measurement")
+    ap.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
+    ap.add_argument("--size", type=int, default=256, help="side of the procedural images")
+    args = ap.parse_args()
+
+    from app.api.scoring import ServeConfig, create_app
+    from app.home_folder import Home
+    from app.services.database import open_database
+    from app.services.prediction import LineModel
+
+    with tempfile.TemporaryDirectory(prefix="dmad-serve-bench-") as tmp:
+        home_root = args.home or build_home(Path(tmp), args.size)
+        home = Home.at(home_root)
+        sessions = open_database(home)
+        payloads = images(args.requests, args.size)
+        arrays = [np.asarray(PIL.Image.open(io.BytesIO(p)).convert("RGB")) for p in payloads]
+        line = LineModel.load(home, sessions)
+        knn = LineModel.load(home, sessions, knn_baseline=True)
+        base = backbone_ms(line, arrays)
+        print(f"backbone forward alone (batch 16): {base:.1f} ms an image ({1000 / base:.1f} images/s) = 1.00x")
+        print("| path | scorer | clients | images/s | p50 ms | p99 ms | per image vs backbone | non-200 |")
+        print("|---|---|---|---|---|---|---|---|")
+        for name, model in (("kNN baseline", knn), ("DMAD", line)):
+            for batch in (1, 16):
+                ms = in_process(model, payloads, args.category, batch)
+                print(f"| in process, batch {batch} | {name} | - | {1000 / ms:.1f} | - | - | {ms / base:.2f}x | - |")
+        for name, loader in (("kNN baseline", functools.partial(LineModel.load, knn_baseline=True)),
+                             ("DMAD", LineModel.load)):
+            app = create_app(home, sessions, ServeConfig(feed=False, max_queue=256), token="bench", loader=loader)
+            for clients in args.clients:
+                rate, p50, p99, bad = over_http(app, payloads, clients, args.category)
+                print(f"| dmad serve | {name} | {clients} | {rate:.1f} | {p50:.0f} | {p99:.0f} | "
+                      f"{1000 / rate / base:.2f}x | {bad} |", flush=True)
+        folder = Path(tmp) / "predict"
+        folder.mkdir()
+        for i, p in enumerate(payloads):
+            (folder / f"{i:03d}.png").write_bytes(p)
+        seconds = predict_cli(home_root, folder)
+        print(f"| dmad predict (new process, {len(payloads)} files) | DMAD | - | {len(payloads) / seconds:.1f} | - | - | "
+              f"{1000 * seconds / len(payloads) / base:.2f}x | - |")
+        print(f"peak memory of this process: {peak_rss_mb():.0f} MB")
+
+
+if __name__ == "__main__":
+    main()
