@@ -15,6 +15,7 @@ import argparse
 import functools
 import io
 import resource
+import socket
 import statistics
 import subprocess
 import sys
@@ -58,13 +59,14 @@ def images(n: int, size: int) -> list[bytes]:
     return out
 
 
-def backbone_ms(line, arrays: list[np.ndarray]) -> float:
-    """The backbone's forward alone, batch 16, per image (after one warm-up batch)."""
+def backbone_ms(line, arrays: list[np.ndarray], batch: int) -> float:
+    """The backbone's forward alone (with its resize and patch head), per image, at ``batch`` images a call
+    (after one warm-up call)."""
     store = line.model.features
-    store.compute(arrays[:16])
+    store.compute(arrays[:batch])
     t0 = time.perf_counter()
-    for start in range(0, len(arrays), 16):
-        store.compute(arrays[start:start + 16])
+    for start in range(0, len(arrays), batch):
+        store.compute(arrays[start:start + batch])
     return 1000 * (time.perf_counter() - t0) / len(arrays)
 
 
@@ -83,9 +85,9 @@ def over_http(app, payloads: list[bytes], clients: int, category: str) -> tuple[
     import httpx
     import uvicorn
 
-    from tests.unit.test_serve import free_port
-
-    port = free_port()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, backlog=2048, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -136,6 +138,7 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=48, help="images per measurement")
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
     ap.add_argument("--size", type=int, default=256, help="side of the procedural images")
+    ap.add_argument("--max-batch", type=int, nargs="+", default=[1, 4, 16], help="serve's batch bounds to try")
     args = ap.parse_args()
 
     from app.api.scoring import ServeConfig, create_app
@@ -151,21 +154,25 @@ def main() -> None:
         arrays = [np.asarray(PIL.Image.open(io.BytesIO(p)).convert("RGB")) for p in payloads]
         line = LineModel.load(home, sessions)
         knn = LineModel.load(home, sessions, knn_baseline=True)
-        base = backbone_ms(line, arrays)
-        print(f"backbone forward alone (batch 16): {base:.1f} ms an image ({1000 / base:.1f} images/s) = 1.00x")
+        by_batch = {b: backbone_ms(line, arrays, b) for b in (1, 4, 16)}
+        base = min(by_batch.values())
+        print("backbone forward alone: " + ", ".join(f"batch {b}: {ms:.1f} ms an image" for b, ms in by_batch.items())
+              + f"; the fastest ({base:.1f} ms, {1000 / base:.1f} images/s) is the 1.00x below")
         print("| path | scorer | clients | images/s | p50 ms | p99 ms | per image vs backbone | non-200 |")
         print("|---|---|---|---|---|---|---|---|")
         for name, model in (("kNN baseline", knn), ("DMAD", line)):
-            for batch in (1, 16):
+            for batch in (1, 4, 16):
                 ms = in_process(model, payloads, args.category, batch)
                 print(f"| in process, batch {batch} | {name} | - | {1000 / ms:.1f} | - | - | {ms / base:.2f}x | - |")
         for name, loader in (("kNN baseline", functools.partial(LineModel.load, knn_baseline=True)),
                              ("DMAD", LineModel.load)):
-            app = create_app(home, sessions, ServeConfig(feed=False, max_queue=256), token="bench", loader=loader)
-            for clients in args.clients:
-                rate, p50, p99, bad = over_http(app, payloads, clients, args.category)
-                print(f"| dmad serve | {name} | {clients} | {rate:.1f} | {p50:.0f} | {p99:.0f} | "
-                      f"{1000 / rate / base:.2f}x | {bad} |", flush=True)
+            for max_batch in args.max_batch:
+                app = create_app(home, sessions, ServeConfig(feed=False, max_queue=256, max_batch=max_batch),
+                                 token="bench", loader=loader)
+                for clients in args.clients:
+                    rate, p50, p99, bad = over_http(app, payloads, clients, args.category)
+                    print(f"| dmad serve, max batch {max_batch} | {name} | {clients} | {rate:.1f} | {p50:.0f} | {p99:.0f} | "
+                          f"{1000 / rate / base:.2f}x | {bad} |", flush=True)
         folder = Path(tmp) / "predict"
         folder.mkdir()
         for i, p in enumerate(payloads):

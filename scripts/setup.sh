@@ -46,7 +46,7 @@ elapsed() { echo "$(( $(date +%s) - $1 ))s"; }
 # at import when paired with the CPU-only torch build).
 IMPORT_CHECK='
 import torch, torchvision, timm, faiss, sqlalchemy, alembic, streamlit, label_studio_sdk, pytest, pytest_timeout, playwright
-import fastapi, uvicorn, multipart, httpx, schemathesis
+import fastapi, uvicorn, multipart, httpx, schemathesis, onnx, onnxscript, onnxruntime
 import dmad_core, db, annotation, app
 torchvision.ops.nms(torch.zeros((1, 4)), torch.zeros(1), 0.5)
 '

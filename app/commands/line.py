@@ -1,9 +1,10 @@
-"""`dmad predict | serve | thresholds`: the model on the production line.
+"""`dmad predict | serve | export | thresholds`: the model on the production line.
 
-`predict` scores files, folders or globs with a version (the active one by default) and writes one record
-per image (JSON Lines or CSV); `serve` answers the same over HTTP; `thresholds` shows and overrides each
-class's OK/NG threshold. Exit codes of `predict`: 0 done, 2 nothing usable (or a usage error), 3 with
-``--fail-on-ng`` when any image was NG, so that it fits a shell pipeline.
+`predict` scores files, folders or globs with a version (the active one by default, or a file from
+`dmad export` with ``--model``) and writes one record per image (JSON Lines or CSV); `serve` answers the
+same over HTTP; `export` writes a version's scorer as one ONNX or TorchScript file; `thresholds` shows and
+overrides each class's OK/NG threshold. Exit codes of `predict`: 0 done, 2 nothing usable (or a usage
+error), 3 with ``--fail-on-ng`` when any image was NG, so that it fits a shell pipeline.
 """
 
 from __future__ import annotations
@@ -38,8 +39,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--heatmaps", type=Path, metavar="DIR", help="also write a heat-map overlay PNG per image here")
     p.add_argument("--fail-on-ng", action="store_true", help=f"exit {EXIT_NG} when any image is NG")
     p.add_argument("--ingest", action="store_true", help="add the scored images to the pool (the Review page)")
-    p.add_argument("--batch-size", type=int, default=16, help="images per backbone call (default 16)")
+    p.add_argument("--batch-size", type=int, default=4, help="images per backbone call (default 4: the fastest "
+                   "on 2 CPU cores, benchmarks/serve.py)")
+    p.add_argument("--model", type=Path, metavar="FILE",
+                   help="score with a file from `dmad export` (torch.jit / onnxruntime) instead of the home's version")
     p.set_defaults(handler=cmd_predict)
+
+    p = sub.add_parser("export", help="write a version's whole scorer as one ONNX or TorchScript file")
+    _home(p)
+    p.add_argument("output", type=Path, metavar="OUT")
+    p.add_argument("--format", choices=["onnx", "torchscript"], default=None,
+                   help="default: from OUT's suffix (.onnx: ONNX, else TorchScript)")
+    p.add_argument("--version", help="model version (default: the active one)")
+    p.set_defaults(handler=cmd_export)
 
     p = sub.add_parser("serve", help="an HTTP scoring service for the line (FastAPI): POST /v1/score with an image")
     _home(p)
@@ -98,14 +110,21 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     if args.batch_size < 1:
         raise Invalid("--batch-size must be at least 1")
+    if args.model and (args.ingest or args.version):
+        raise Invalid("--model scores with the exported file alone: --ingest and --version need the home's model")
     home = Home.at(args.home)
-    sessions = open_database(home)
+    sessions = None if args.model else open_database(home)
     files, problems = find_images(args.paths)
     for spec, reason in problems:
         print(f"dmad predict: {spec}: {reason}", file=sys.stderr)
     if not files:
         raise Invalid("no image to score: pass image files, folders or glob patterns")
-    line = LineModel.load(home, sessions, args.version)
+    if args.model:
+        from app.services.prediction import ExportedLineModel
+
+        line = ExportedLineModel(args.model)
+    else:
+        line = LineModel.load(home, sessions, args.version)
     if args.category:
         line.check_category(args.category)
     if args.heatmaps:
@@ -156,14 +175,17 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def _write_heatmap(folder: Path, line: Any, result: Any) -> Path:
     """The image with its heat map blended in, coloured from the class's ordinary level (its lowest
-    validation score) to its threshold: red means at or above the NG level."""
+    validation score; 0, a typical normal patch, for an exported model) to its threshold: the brightest
+    colour means at or above the NG level."""
     import PIL.Image
 
     from app.services.imaging import heat_overlay, load_rgb
 
-    validation = line.model.validation_scores_.get(result.category) or [0.0]
+    model = getattr(line, "model", None)
+    validation = (model.validation_scores_.get(result.category) if model is not None else None) or [0.0]
     lo, hi = min(min(validation), result.threshold - 1e-6), result.threshold
-    overlay = heat_overlay(load_rgb(result.source), result.patch_map, lo, hi, config=line.model.config)
+    overlay = heat_overlay(load_rgb(result.source), result.patch_map, lo, hi,
+                           config=None if model is None else model.config)
     path = folder / f"{Path(result.source).stem}-{result.content_hash[:8]}.png"
     PIL.Image.fromarray(overlay).save(path)
     return path
@@ -198,6 +220,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
           file=sys.stderr, flush=True)
     # a listen backlog of 2048, not a toy server's 5: a burst of clients queues in the kernel, not in resets
     uvicorn.run(app, host=args.host, port=args.port, backlog=2048, log_level="warning")
+    return 0
+
+
+# -- export ---------------------------------------------------------------------------------------
+def cmd_export(args: argparse.Namespace) -> int:
+    from app.services.database import open_database
+    from app.services.export import export_version
+
+    home = Home.at(args.home)
+    fmt = args.format or ("onnx" if args.output.suffix.lower() == ".onnx" else "torchscript")
+    print(f"dmad export: tracing {args.version or 'the active version'} as {fmt} (a minute on a CPU)...",
+          file=sys.stderr, flush=True)
+    report = export_version(home, open_database(home), args.output, fmt, args.version)
+    print(f"dmad export: {report.version} -> {report.path} ({report.format}, {report.bytes / 1e6:.1f} MB, classes "
+          f"{', '.join(report.categories)}); run it with `dmad predict --model {report.path} FILES`")
     return 0
 
 

@@ -31,7 +31,7 @@ from app.services.scoring import load_model, top_patches
 from db.models import ModelVersion
 from dmad_core.data.readers import CorruptImageError, ImageTooLarge, decode_image
 from dmad_core.decision import decide
-from dmad_core.errors import Conflict, Invalid, TooLarge
+from dmad_core.errors import Conflict, Invalid, NotFound, TooLarge
 from dmad_core.items import ImageItem
 from dmad_core.model import DMAD
 
@@ -186,3 +186,39 @@ class LineModel:
     def heatmap(self, result: LineResult) -> np.ndarray:
         """The result's pixel heat map at the image's size (the same map every other view draws)."""
         return self.model.anomaly_map(result.patch_map, (result.height, result.width))
+
+
+class ExportedLineModel:
+    """A file from `dmad export` in the place of a LineModel (`dmad predict --model`): the same results,
+    computed by torch.jit or onnxruntime from the file alone."""
+
+    def __init__(self, path: str | Path):
+        from app.services.exported import ExportedModel
+
+        try:
+            self.exported = ExportedModel.load(path)
+        except (ValueError, OSError) as exc:
+            raise Invalid(f"cannot load {path}: {exc}") from exc
+        self.version = self.exported.version
+        self.version_id = None
+        self.thresholds = self.exported.thresholds
+
+    @property
+    def categories(self) -> list[str]:
+        return self.exported.categories
+
+    def check_category(self, category: str) -> float:
+        if category not in self.thresholds:
+            raise NotFound(f"model {self.version} has no class {category!r}; it knows {', '.join(self.categories)}")
+        return self.thresholds[category]
+
+    def score(self, images: Sequence[LineImage], cache_features: bool = False) -> list[LineResult]:
+        out = []
+        for img in images:
+            threshold = self.check_category(img.category)
+            grid, score, _heat = self.exported.score(img.array, img.category)
+            height, width = img.array.shape[:2]
+            out.append(LineResult(img.source, img.category, score, decide(score, threshold), threshold, "exported",
+                                  self.version, img.content_hash, width, height, top_patches(grid, width, height),
+                                  np.asarray(grid, np.float32)))
+        return out
