@@ -1,5 +1,6 @@
-"""The line's costs: `dmad serve` and `dmad predict` against the backbone's own forward time, for DMAD and
-the PatchCore kNN baseline on the same features and normal bank, measured in the same run.
+"""The line's costs: `dmad serve`, `dmad predict` and the exported scorer (ONNX under onnxruntime,
+TorchScript) against the backbone's own forward time, for DMAD and the PatchCore kNN baseline on the same
+features and normal bank, measured in the same run.
 
     .venv/bin/python benchmarks/serve.py [--home H] [--requests 48] [--clients 1 4 16] [--size 256]
 
@@ -123,6 +124,20 @@ def over_http(app, payloads: list[bytes], clients: int, category: str) -> tuple[
     return len(payloads) / wall, 1000 * statistics.median(latencies), 1000 * p99, failures[0]
 
 
+def exported_ms(home, sessions, out: Path, fmt: str, arrays: list[np.ndarray], category: str) -> float:
+    """Milliseconds per image of an exported file run by onnxruntime or torch.jit (after one warm-up)."""
+    from app.services.export import export_version
+    from app.services.exported import ExportedModel
+
+    export_version(home, sessions, out, fmt)
+    model = ExportedModel.load(out)
+    model.score(arrays[0], category)
+    t0 = time.perf_counter()
+    for array in arrays:
+        model.score(array, category)
+    return 1000 * (time.perf_counter() - t0) / len(arrays)
+
+
 def predict_cli(home: Path, folder: Path) -> float:
     """Seconds of `dmad predict` on a folder, as a user runs it (a new process: imports and model load included)."""
     t0 = time.perf_counter()
@@ -173,6 +188,10 @@ def main() -> None:
                     rate, p50, p99, bad = over_http(app, payloads, clients, args.category)
                     print(f"| dmad serve, max batch {max_batch} | {name} | {clients} | {rate:.1f} | {p50:.0f} | {p99:.0f} | "
                           f"{1000 / rate / base:.2f}x | {bad} |", flush=True)
+        for fmt, suffix in (("onnx", ".onnx"), ("torchscript", ".pt")):
+            exported = exported_ms(home, sessions, Path(tmp) / f"model{suffix}", fmt, arrays, args.category)
+            print(f"| exported {fmt} ({'onnxruntime' if fmt == 'onnx' else 'torch.jit'}), batch 1 | DMAD | - | "
+                  f"{1000 / exported:.1f} | - | - | {exported / base:.2f}x | - |", flush=True)
         folder = Path(tmp) / "predict"
         folder.mkdir()
         for i, p in enumerate(payloads):

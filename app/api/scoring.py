@@ -50,7 +50,7 @@ class ServeConfig:
 
     host: str = "127.0.0.1"  # loopback: another machine reaches it only when the engineer says so
     port: int = 8000
-    max_batch: int = 16  # images per backbone call
+    max_batch: int = 4  # images per backbone call: 4 is the fastest on 2 CPU cores (benchmarks/serve.py)
     max_wait_ms: float = 10.0  # how long the first request of a batch waits for company
     max_queue: int = 64  # requests waiting past this get 503
     max_upload_bytes: int = 64 * 1024 * 1024

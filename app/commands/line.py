@@ -57,7 +57,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     _home(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback only)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--max-batch", type=int, default=16, help="images per backbone call (default 16)")
+    p.add_argument("--max-batch", type=int, default=4, help="images per backbone call (default 4)")
     p.add_argument("--max-queue", type=int, default=64, help="waiting requests before 503 (default 64)")
     p.add_argument("--no-feed", dest="feed", action="store_false", help="do not add scored images to the pool")
     p.set_defaults(handler=cmd_serve)

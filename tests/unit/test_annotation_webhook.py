@@ -94,6 +94,25 @@ def test_missing_secret_is_401_and_nothing_stored(receiver: tuple[str, MemorySin
     assert sink.rows == {} and sink.calls == 0
 
 
+def test_a_burst_of_64_clients_gets_answers_not_resets(receiver: tuple[str, MemorySink]) -> None:
+    """300 malformed posts from 64 concurrent clients: each gets its 401 (the standard library's server,
+    with its listen backlog of 5, reset 15 of them)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    url, sink = receiver
+
+    def attempt(i: int) -> int | str:
+        try:
+            return post(url, {"action": "ANNOTATION_CREATED", "junk": i}, secret=None).status_code
+        except requests.ConnectionError as exc:
+            return type(exc).__name__
+
+    with ThreadPoolExecutor(64) as pool:
+        outcomes = list(pool.map(attempt, range(300)))
+    assert outcomes == [401] * 300
+    assert sink.rows == {} and sink.calls == 0
+
+
 @pytest.mark.parametrize("secret", ["wrong", "", SECRET + "x", SECRET[:-1], "ünïcode"])
 def test_wrong_secret_is_403_and_nothing_stored(receiver: tuple[str, MemorySink], secret: str) -> None:
     url, sink = receiver

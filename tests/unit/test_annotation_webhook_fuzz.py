@@ -234,7 +234,8 @@ def _send(url: str, req: Request) -> int:
         host, port = url.removeprefix("http://").split(":")
         with socket.create_connection((host, int(port)), timeout=20) as sock:
             sock.sendall(req.raw)
-            sock.shutdown(socket.SHUT_WR)  # the client hangs up mid-body
+            if req.label != "short body":  # that client stalls mid-body (one that hangs up has gone: no answer)
+                sock.shutdown(socket.SHUT_WR)
             data = b""
             while chunk := sock.recv(65536):
                 data += chunk
@@ -249,7 +250,7 @@ def _send(url: str, req: Request) -> int:
 def test_fuzz_receiver_never_fails_and_keeps_a_consistent_state() -> None:
     rng = random.Random(20260101)
     sink = MemorySink(SIZES)
-    server = make_webhook_server("127.0.0.1", 0, sink, SECRET, max_body=MAX_BODY)
+    server = make_webhook_server("127.0.0.1", 0, sink, SECRET, max_body=MAX_BODY, read_timeout=1.0)
     serve_in_thread(server)
     try:
         requests_, deletions, newest = _build_requests(rng)

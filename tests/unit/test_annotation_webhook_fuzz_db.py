@@ -247,7 +247,8 @@ def test_fuzz_receiver_on_the_database(sqlite_sf: sessionmaker[Session], home: H
     requests_sent = sum(s.copies for s in steps)
     assert requests_sent >= 1000
 
-    server = make_webhook_server("127.0.0.1", 0, sink, SECRET, max_body=MAX_BODY, image_path=sink.image_path)
+    server = make_webhook_server("127.0.0.1", 0, sink, SECRET, max_body=MAX_BODY, image_path=sink.image_path,
+                                 read_timeout=1.0)
     serve_in_thread(server)
     try:
         with ThreadPoolExecutor(max_workers=WORKERS) as pool:
