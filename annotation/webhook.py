@@ -160,6 +160,7 @@ def serve_in_thread(server: WebhookServer, poll_interval: float = 0.1) -> thread
 class _Reply:
     status: int
     body: dict[str, Any]
+    close: bool = False  # the connection cannot carry another request (its body was not read to its end)
 
 
 def _error(status: int, message: str) -> _Reply:
@@ -242,7 +243,7 @@ def handle_payload(payload: Any, sink: AnnotationSink) -> _Reply:
 
 
 def _json(reply: _Reply) -> Response:
-    return JSONResponse(reply.body, status_code=reply.status)
+    return JSONResponse(reply.body, status_code=reply.status, headers={"Connection": "close"} if reply.close else None)
 
 
 def webhook_app(server: WebhookServer) -> Starlette:
@@ -273,13 +274,12 @@ def webhook_app(server: WebhookServer) -> Starlette:
 
     async def not_found(request: Request) -> Response:
         if request.method == "POST":
-            await _drain(request, _content_length(request) or 0)
+            return _json(await _refuse(request, _content_length(request), 404, "not found"))
         return _json(_error(404, "not found"))
 
     async def not_allowed(request: Request) -> Response:
         return _json(_error(405, "method not allowed"))
 
-    methods = ["GET", "POST", "PUT", "DELETE", "PATCH"]
     routes = [
         Route("/health", health, methods=["GET"]),
         Route("/images/{content_hash}", image, methods=["GET"]),
@@ -295,7 +295,6 @@ def webhook_app(server: WebhookServer) -> Starlette:
         return _json(_error(500, "internal error (logged)"))
 
     app.add_exception_handler(Exception, internal_error)
-    del methods
     return app
 
 
@@ -306,36 +305,39 @@ def _content_length(request: Request) -> int | None:
     return int(raw.strip())
 
 
-async def _drain(request: Request, length: int) -> None:
+async def _drain(request: Request, length: int) -> bool:
     """Read and drop a body we refuse, so the client reads our answer instead of a reset connection (up to
-    ``_DRAIN_LIMIT``; past it the connection is simply closed after the answer)."""
+    ``_DRAIN_LIMIT``); False when it was not read (the connection then closes after the answer)."""
     if length > _DRAIN_LIMIT:
-        return
+        return False
     try:
         async for _ in request.stream():
             pass
     except ClientDisconnect:
-        pass
+        return False
+    return True
+
+
+async def _refuse(request: Request, length: int | None, status: int, message: str) -> _Reply:
+    drained = await _drain(request, length or 0)
+    return _Reply(status, {"error": message}, close=not drained)
 
 
 async def _post(request: Request, server: WebhookServer) -> _Reply:
     length = _content_length(request)
     provided = request.headers.get(SECRET_HEADER)
     if provided is None:
-        await _drain(request, length or 0)
-        return _error(401, f"missing {SECRET_HEADER} header")
+        return await _refuse(request, length, 401, f"missing {SECRET_HEADER} header")
     if not hmac.compare_digest(provided.encode("utf-8", "replace"), server.secret):
-        await _drain(request, length or 0)
-        return _error(403, f"wrong {SECRET_HEADER}")
+        return await _refuse(request, length, 403, f"wrong {SECRET_HEADER}")
     if length is None:
-        return _error(411, "Content-Length is required")
+        return _Reply(411, {"error": "Content-Length is required"}, close=True)
     if length > server.max_body:
-        await _drain(request, length)
-        return _error(413, f"body over {server.max_body} bytes")
+        return await _refuse(request, length, 413, f"body over {server.max_body} bytes")
     try:
         body = await asyncio.wait_for(_read(request), timeout=server.read_timeout)
     except (TimeoutError, asyncio.TimeoutError, ClientDisconnect):
-        return _error(400, "body could not be read")
+        return _Reply(400, {"error": "body could not be read"}, close=True)
     if len(body) != length:
         return _error(400, "body shorter than its Content-Length")
     content_type = (request.headers.get("content-type") or "").split(";", 1)[0].strip().lower()
