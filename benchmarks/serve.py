@@ -81,19 +81,46 @@ def in_process(line, payloads: list[bytes], category: str, batch: int) -> float:
     return 1000 * (time.perf_counter() - t0) / len(payloads)
 
 
-def over_http(app, payloads: list[bytes], clients: int, category: str) -> tuple[float, float, float, int]:
-    """(images/s, p50 ms, p99 ms, non-200 answers) of ``clients`` concurrent clients sharing ``payloads``."""
-    import httpx
+def _serve_child(home_root: str, port: int, max_batch: int, knn: bool) -> None:
+    """The service in its own process, as `dmad serve` runs (the kNN baseline cannot be chosen there)."""
     import uvicorn
+
+    from app.home_folder import Home
+    from app.services.database import open_database
+    from app.services.prediction import LineModel
+
+    home = Home.at(home_root)
+    loader = functools.partial(LineModel.load, knn_baseline=knn)
+    app = create_app(home, open_database(home), ServeConfig(feed=False, max_queue=256, max_batch=max_batch),
+                     token="bench", loader=loader)
+    uvicorn.run(app, host="127.0.0.1", port=port, backlog=2048, log_level="warning")
+
+
+def over_http(home_root: Path, payloads: list[bytes], clients: int, category: str, max_batch: int,
+              knn: bool) -> tuple[float, float, float, int]:
+    """(images/s, p50 ms, p99 ms, non-200 answers) of ``clients`` concurrent clients sharing ``payloads``,
+    against the service running in a process of its own (clients and server do not share a GIL)."""
+    import multiprocessing
+
+    import httpx
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, backlog=2048, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
+    child = multiprocessing.get_context("spawn").Process(target=_serve_child,
+                                                         args=(str(home_root), port, max_batch, knn), daemon=True)
+    child.start()
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            if httpx.get(f"{url}/v1/health", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline or not child.is_alive():
+            sys.exit("serve.py: the service did not start")
+        time.sleep(0.2)
     latencies: list[float] = []
     failures = [0]
     lock = threading.Lock()
@@ -103,22 +130,24 @@ def over_http(app, payloads: list[bytes], clients: int, category: str) -> tuple[
         with httpx.Client(timeout=300) as http:
             for payload in payloads[k::clients]:
                 t0 = time.perf_counter()
-                r = http.post(f"http://127.0.0.1:{port}/v1/score?category={category}", content=payload, headers=token)
+                r = http.post(f"{url}/v1/score?category={category}", content=payload, headers=token)
                 with lock:
                     latencies.append(time.perf_counter() - t0)
                     failures[0] += r.status_code != 200
 
-    with httpx.Client() as http:  # warm-up
-        http.post(f"http://127.0.0.1:{port}/v1/score?category={category}", content=payloads[0], headers=token)
-    t0 = time.perf_counter()
-    threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - t0
-    server.should_exit = True
-    thread.join(timeout=30)
+    try:
+        with httpx.Client() as http:  # warm-up
+            http.post(f"{url}/v1/score?category={category}", content=payloads[0], headers=token, timeout=300)
+        t0 = time.perf_counter()
+        threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        wall = time.perf_counter() - t0
+    finally:
+        child.terminate()
+        child.join(timeout=30)
     latencies.sort()
     p99 = latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))]
     return len(payloads) / wall, 1000 * statistics.median(latencies), 1000 * p99, failures[0]
@@ -156,7 +185,6 @@ def main() -> None:
     ap.add_argument("--max-batch", type=int, nargs="+", default=[1, 4, 16], help="serve's batch bounds to try")
     args = ap.parse_args()
 
-    from app.api.scoring import ServeConfig, create_app
     from app.home_folder import Home
     from app.services.database import open_database
     from app.services.prediction import LineModel
@@ -179,13 +207,10 @@ def main() -> None:
             for batch in (1, 4, 16):
                 ms = in_process(model, payloads, args.category, batch)
                 print(f"| in process, batch {batch} | {name} | - | {1000 / ms:.1f} | - | - | {ms / base:.2f}x | - |")
-        for name, loader in (("kNN baseline", functools.partial(LineModel.load, knn_baseline=True)),
-                             ("DMAD", LineModel.load)):
+        for name, knn_flag in (("kNN baseline", True), ("DMAD", False)):
             for max_batch in args.max_batch:
-                app = create_app(home, sessions, ServeConfig(feed=False, max_queue=256, max_batch=max_batch),
-                                 token="bench", loader=loader)
                 for clients in args.clients:
-                    rate, p50, p99, bad = over_http(app, payloads, clients, args.category)
+                    rate, p50, p99, bad = over_http(home_root, payloads, clients, args.category, max_batch, knn_flag)
                     print(f"| dmad serve, max batch {max_batch} | {name} | {clients} | {rate:.1f} | {p50:.0f} | {p99:.0f} | "
                           f"{1000 / rate / base:.2f}x | {bad} |", flush=True)
         for fmt, suffix in (("onnx", ".onnx"), ("torchscript", ".pt")):

@@ -152,7 +152,7 @@ for start in range(0, len(cells), COLUMNS):
             share = queries.normal_percentile_of(version.config, row.category, row.score)
             st.caption(f"**{row.score:.3f}**" + ("" if share is None else f" (above {100 * share:.0f} % of normals)")
                        + f" · {row.label}" + (f" · patch {crop.patch_score:.3f}" if per_image > 1 else "")
-                       + ("" if row.waiting_task is None else " · ⏳ waiting in Label Studio"
+                       + ("" if row.waiting_task is None else " · waiting in Label Studio"
                           + (f" (task {row.waiting_task})" if row.waiting_task else "")))
             if crop.rank == 0:
                 st.checkbox(f"select image {row.image_id}", key=f"{prefix}{row.image_id}")
