@@ -85,6 +85,7 @@ def _serve_child(home_root: str, port: int, max_batch: int, knn: bool) -> None:
     """The service in its own process, as `dmad serve` runs (the kNN baseline cannot be chosen there)."""
     import uvicorn
 
+    from app.api.scoring import ServeConfig, create_app
     from app.home_folder import Home
     from app.services.database import open_database
     from app.services.prediction import LineModel

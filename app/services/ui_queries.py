@@ -353,3 +353,33 @@ def latest_metrics(frame: pd.DataFrame) -> tuple[str | None, pd.DataFrame]:
     table = latest.pivot_table(index="category", columns="metric", values="value", aggfunc="first")
     ordered = [m for m in METRIC_NAMES if m in table.columns] + sorted(set(table.columns) - set(METRIC_NAMES))
     return str(latest["version"].iloc[0]), table[ordered]
+
+
+# -- OK/NG thresholds -------------------------------------------------------------------------------
+def thresholds_frame(session: Session, version_id: int, false_alarm_rate: float) -> pd.DataFrame:
+    """Each class's OK/NG threshold of a version, where it comes from, and the error rates it implies
+    (percent; None where there are no such images)."""
+    from app.services.decisions import class_thresholds, implied_rates
+
+    version = session.get(ModelVersion, version_id)
+    rows = []
+    for t in class_thresholds(session, version, false_alarm_rate).values():
+        rates = implied_rates(session, version, t.category, t.threshold)
+
+        def pct(x: float | None) -> float | None:
+            return None if x is None else round(100 * x, 1)
+
+        rows.append({"class": t.category, "threshold": round(t.threshold, 4), "source": t.source,
+                     "calibrated": None if t.calibrated is None else round(t.calibrated, 4),
+                     "false alarms, validation normals (%)": pct(rates.validation.false_alarm_rate),
+                     "validation normals": rates.validation.normals,
+                     "false alarms, confirmed normals (%)": pct(rates.annotated.false_alarm_rate),
+                     "misses, annotated defects (%)": pct(rates.annotated.miss_rate),
+                     "annotated defects": rates.annotated.defects, "note": t.note})
+    return pd.DataFrame(rows)
+
+
+def set_threshold(session: Session, version_id: int, category: str, threshold: float | None, note: str) -> None:
+    from app.services.decisions import set_threshold as record
+
+    record(session, session.get(ModelVersion, version_id), category, threshold, note)

@@ -453,7 +453,7 @@ def test_training_queue_polls_while_idle_and_shows_a_job_queued_elsewhere(ui_hom
 
 def test_training_versions_promote_and_roll_back(ui_home: PreparedHome) -> None:  # noqa: F811
     at = run(TRAINING)
-    table = at.dataframe[-1].value
+    table = next(d.value for d in at.dataframe if "name" in d.value.columns)  # the versions table
     assert list(table["name"]) == ["v0002", "v0001"] and list(table["status"]) == ["active", "retired"]
     assert "2 masks" in table.iloc[0]["trained on"]
 
@@ -510,3 +510,22 @@ def test_metrics_history_and_latest_values(ui_home: PreparedHome) -> None:  # no
     assert not at.exception
     at.multiselect(key="metrics-categories").unselect("tiles").unselect("fabric").run()
     assert "Choose at least one metric and one category" in texts(at)
+
+
+def test_training_shows_thresholds_with_their_rates_and_takes_an_override(ui_home: PreparedHome) -> None:  # noqa: F811
+    at = run(TRAINING)
+    limits = at.dataframe[-1].value
+    assert list(limits["class"]) == ["fabric", "tiles"] and set(limits["source"]) == {"calibrated"}
+    assert list(limits["annotated defects"]) == [2, 2] and limits["misses, annotated defects (%)"].notna().all()
+    at.selectbox(key="threshold-class").select("tiles").run()
+    at.number_input(key="threshold-value-tiles").set_value(123.0).run()
+    at.text_input(key="threshold-note").input("trial on line 3").run()
+    at.button(key="threshold-set").click().run()
+    assert not at.exception
+    assert "tiles: threshold of v0002 set to 123.0000." in texts(at)
+    limits = at.dataframe[-1].value.set_index("class")
+    assert limits.loc["tiles", "source"] == "override" and limits.loc["tiles", "threshold"] == 123.0
+    assert limits.loc["tiles", "misses, annotated defects (%)"] == 100.0  # nothing scores that high
+    assert limits.loc["tiles", "note"] == "trial on line 3"
+    at.button(key="threshold-reset").click().run()
+    assert at.dataframe[-1].value.set_index("class").loc["tiles", "source"] == "calibrated"

@@ -1,5 +1,6 @@
-"""Training: the job queue with live progress, a retrain on demand, and the model versions with
-promote and roll back.
+"""Training: the job queue with live progress, a retrain on demand, the model versions with promote and
+roll back, and the active version's OK/NG threshold per class (with the error rates each implies, and an
+engineer's override).
 
 The page never trains: it queues jobs that the workers run. The job queue is a fragment that polls the
 database by itself, every 2 s while any job is waiting or running and every 5 s when idle, so a job queued
@@ -134,3 +135,34 @@ col_promote.selectbox("Version to make active", promotable, key="training-promot
 col_button.button("Promote", key="training-promote", disabled=not promotable, on_click=promote_chosen)
 col_rollback.button("Roll back", key="training-rollback", on_click=roll_back,
                     help="Return to the version that was active before the current one.")
+
+
+st.subheader("OK/NG thresholds of the active version")
+active = next((v for v in all_versions if v.status == "active"), None)
+if active is None:
+    st.info("No active version: promote one to see its thresholds.")
+    st.stop()
+with sessions() as session:
+    limits = queries.thresholds_frame(session, active.id, home.load_settings().false_alarm_rate)
+st.caption(f"An image is NG when its score is above its class's threshold. Calibrated: the lowest score at which at "
+           f"most {100 * home.load_settings().false_alarm_rate:.0f} % of the class's validation normals are NG. "
+           "The rates on annotated images are optimistic: those images trained the version.")
+st.dataframe(limits, width="stretch", hide_index=True)
+if not limits.empty:
+    left, middle, right = st.columns([1, 1, 2], vertical_alignment="bottom")
+    category = left.selectbox("Class", list(limits["class"]), key="threshold-class")
+    current = float(limits.set_index("class").loc[category, "threshold"])
+    value = middle.number_input("Threshold", value=current, format="%.4f", key=f"threshold-value-{category}")
+    note = right.text_input("Why (kept with the change)", key="threshold-note")
+    set_col, reset_col, _ = st.columns([1, 1, 3])
+    for column, label, new in ((set_col, "Set threshold", value), (reset_col, "Back to calibrated", None)):
+        if column.button(label, key=f"threshold-{'set' if new is not None else 'reset'}"):
+            try:
+                with sessions() as session:
+                    queries.set_threshold(session, active.id, category, new, note)
+            except UserError as exc:
+                ui.show_error(exc)
+            else:
+                st.session_state[FLASH_KEY] = ("success", f"{category}: threshold of {active.name} "
+                                               + (f"set to {new:.4f}." if new is not None else "back to the calibrated one."))
+                st.rerun()
