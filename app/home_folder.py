@@ -44,6 +44,7 @@ class HomeSettings:
     retrain_epochs: int | None = None  # mapper epochs of a warm-started retrain; None: an eighth of those
     false_alarm_rate: float = 0.01  # OK/NG: share of a class's validation normals a new version may call NG
     line_pool_max_images: int | None = 100_000  # the line's images kept in the pool (oldest go first); None: all
+    feature_cache_max_bytes: int | None = 20 * 1024**3  # the feature cache's budget (app/services/cache_budget.py)
 
 
 @dataclass(frozen=True)

@@ -169,7 +169,23 @@ def run_job(home: Home, sessions: sessionmaker[Session], job: Job, options: Work
         return False
     queue.complete(sessions, job.id, worker_id, message)
     log.info("job %s done: %s", job.id, message)
+    _hold_cache_budget(home, sessions)
     return True
+
+
+def _hold_cache_budget(home: Home, sessions: sessionmaker[Session]) -> None:
+    """After a job (jobs are what fill the feature cache), evict down to the home's budget; a failure here
+    is logged, never the job's."""
+    from app.services.cache_budget import enforce
+
+    try:
+        report = enforce(home, sessions)
+    except Exception:  # noqa: BLE001
+        log.exception("could not hold the feature cache to its budget")
+        return
+    if report is not None and report.evicted:
+        log.info("feature cache: %d entries evicted, %.1f MB now (budget %.1f MB)", report.evicted,
+                 report.bytes_after / 1e6, home.load_settings().feature_cache_max_bytes / 1e6)
 
 
 def train_in_foreground(home: Home, sessions: sessionmaker[Session],

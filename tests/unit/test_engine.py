@@ -445,3 +445,30 @@ def test_predictions_do_not_depend_on_what_was_called_before(fitted):
     second = model.predict(items)
     for a, b in zip(first, second, strict=True):
         assert np.array_equal(a.patch_scores, b.patch_scores) and a.image_score == b.image_score
+
+
+def test_the_feature_cache_stays_under_its_budget_and_keeps_protected_and_recent_entries(tmp_path):
+    """A run that writes three times the budget: after each eviction the cache fits it, no protected
+    entry is ever removed, and the entries read most recently are the ones kept."""
+    import os as _os
+
+    cache = FeatureCache(tmp_path, "cfg")
+    one = np.zeros((8, 8, 16), np.float16)
+    cache.put("p" * 64, one)
+    size = cache.path_for("p" * 64).stat().st_size
+    budget = 10 * size
+    protected = {"p" * 64}
+    for i in range(30):
+        key = f"{i:064d}"
+        cache.put(key, one)
+        _os.utime(cache.path_for(key), (1000 + i, 1000 + i))  # written in order
+        if i % 5 == 4:
+            cache.get(f"{i - 4:064d}")  # read again: recently used
+            report = cache.evict(budget, protected)
+            assert report.bytes_after <= budget and report.protected == 1
+            assert "p" * 64 in cache and f"{i - 4:064d}" in cache
+    assert sum(s for _, s, _ in cache.entries()) <= budget
+    kept = {p.stem for _, _, p in cache.entries()}
+    assert f"{29:064d}" in kept and f"{1:064d}" not in kept  # the newest written stays, the oldest never read goes
+    report = cache.evict(0, protected)  # the protected entry alone stays, whatever the budget
+    assert {p.stem for _, _, p in cache.entries()} == protected and report.bytes_after == size
