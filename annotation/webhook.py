@@ -104,7 +104,12 @@ class WebhookServer:
         host, port = self.server_address[:2]
         return f"http://{host}:{port}"
 
-    def serve_forever(self, poll_interval: float = 0.1) -> None:
+    @property
+    def started(self) -> bool:
+        """Whether it accepts connections."""
+        return self._server is not None and self._server.started
+
+    def serve_forever(self) -> None:
         """Serve until :meth:`shutdown` (or a signal uvicorn handles when this runs in the main thread)."""
         import uvicorn
 
@@ -142,14 +147,13 @@ def make_webhook_server(host: str, port: int, handler: AnnotationSink, secret: s
         raise Conflict(f"cannot listen on {host}:{port} for webhooks: {exc.strerror or exc}") from exc
 
 
-def serve_in_thread(server: WebhookServer, poll_interval: float = 0.1) -> threading.Thread:
+def serve_in_thread(server: WebhookServer) -> threading.Thread:
     """Serves ``server`` from a daemon thread (tests, and `dmad up` next to other services); returns once
     it accepts connections."""
-    thread = threading.Thread(target=server.serve_forever, args=(poll_interval,), name="dmad-webhook",
-                              daemon=True)
+    thread = threading.Thread(target=server.serve_forever, name="dmad-webhook", daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
-    while not (server._server is not None and server._server.started) and thread.is_alive():
+    while not server.started and thread.is_alive():
         if time.monotonic() > deadline:
             raise RuntimeError("the webhook receiver did not start within 30 s")
         time.sleep(0.01)

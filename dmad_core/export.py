@@ -1,5 +1,5 @@
 """A fitted model's whole scorer as one torch module, for export to TorchScript or ONNX
-(`dmad export`): an RGB image at the model's input size in, the patch score grid, the image score and the
+(`dmad export`): an RGB image of any size in, the patch score grid, the image score and the
 heat map out, with nothing of this project needed to run it.
 
 Inside: the backbone and patch head, the feature standardisation, the normal bank as a constant matrix
@@ -27,7 +27,8 @@ import torch
 from torch import nn
 from torch.nn import functional
 
-from dmad_core.modules import gaussian_kernel
+from dmad_core.backbone import IMAGENET_MEAN, IMAGENET_STD
+from dmad_core.modules import smooth_maps
 
 
 class ExportedScorer(nn.Module):
@@ -44,8 +45,8 @@ class ExportedScorer(nn.Module):
         cfg = model.config
         self.stride = cfg.backbone.stride
         self.input_size = (cfg.backbone.image_size, cfg.backbone.image_size)
-        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
         self.register_buffer("shift", torch.from_numpy(np.asarray(model.scaling_.shift, np.float32)))
         self.feature_scale = float(model.scaling_.scale)
         bank = model.normal_bank_.union_
@@ -73,8 +74,7 @@ class ExportedScorer(nn.Module):
         self.register_buffer("map_weight", col([s.map_weight if s.classifier else 0.0 for s in states]))
         self.register_buffer("image_weight", col([s.image_weight if s.classifier else 0.0 for s in states]))
         self.register_buffer("top_k", col([float(s.image_top_k or model.scorer_.top_k) for s in states]))
-        self.smooth = cfg.score.gaussian_sigma > 0
-        self.register_buffer("kernel", gaussian_kernel(cfg.score.gaussian_sigma if self.smooth else 1.0).float())
+        self.sigma = cfg.score.gaussian_sigma
 
     @staticmethod
     def of(model) -> ExportedScorer:
@@ -109,13 +109,7 @@ class ExportedScorer(nn.Module):
         return grid, score, self._heat(grid)
 
     def _heat(self, grid: torch.Tensor) -> torch.Tensor:
-        """``modules.anomaly_maps`` at the input resolution: bilinear upsampling, then a separable Gaussian."""
+        """``modules.anomaly_maps`` at the input resolution: bilinear upsampling, then its Gaussian."""
         t = functional.interpolate(grid[None, None], scale_factor=float(self.stride), mode="bilinear",
                                    align_corners=False)
-        if not self.smooth:
-            return t[0, 0]
-        k = self.kernel
-        r = (k.shape[0] - 1) // 2
-        t = functional.conv2d(functional.pad(t, (r, r, 0, 0), mode="reflect"), k.view(1, 1, 1, -1))
-        t = functional.conv2d(functional.pad(t, (0, 0, r, r), mode="reflect"), k.view(1, 1, -1, 1))
-        return t[0, 0]
+        return smooth_maps(t[:, 0], self.sigma)[0]

@@ -7,7 +7,7 @@ faint scratch and a broken bottle neck peak at different heights, and the smooth
 proportion). Measured at K = 10 (docs/results.md, ``benchmarks/preannotation.py``), the best *single*
 threshold chosen on the test masks themselves reaches IoU 43.0 on bottle and 11.1 on commutator; the
 relative level chosen on the annotated masks reaches 45.8 and 14.7 (tire 6.9 against 7.8; its defects
-are a few pixels wide, below the model's 16-pixel patch). The share is chosen per class on the masks
+are a few pixels wide, under the map's 8-pixel cells). The share is chosen per class on the masks
 inspectors drew (``choose_peak_share``), never on test images; validation normals cannot say where a
 defect ends. A class without drawn masks keeps the model's pixel threshold (a high quantile of
 validation normal pixel scores) and the speck rule.

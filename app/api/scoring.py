@@ -36,7 +36,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from annotation.webhook import http_status
 from app.home_folder import Home
-from app.services.prediction import MAX_PIXELS, LineImage, LineModel, LineResult
+from app.services.prediction import MAX_PIXELS, LineImage, LineModel, LineResult, heat_scale
 from app.services.serving import ActiveLineModel, LineBatcher, QueueFull
 from dmad_core.errors import Invalid, TooLarge, UserError
 
@@ -132,23 +132,21 @@ class UnsupportedBody(Invalid):
 
 
 def heatmap_png(line: LineModel, result: LineResult) -> str:
-    validation = line.model.validation_scores_.get(result.category) or [0.0]
-    lo = min(min(validation), result.threshold - 1e-6)
-    heat = line.heatmap(result)
-    gray = np.clip((heat - lo) / (result.threshold - lo), 0, 1) * 255
+    lo, hi = heat_scale(line.model.validation_scores_.get(result.category), result.threshold)
+    gray = np.clip((line.heatmap(result) - lo) / (hi - lo), 0, 1) * 255
     buffer = io.BytesIO()
     PIL.Image.fromarray(gray.astype(np.uint8), "L").save(buffer, format="PNG")
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 def heatmap_rle(line: LineModel, result: LineResult) -> HeatmapRLE:
+    """The proposed defect mask, the one Label Studio's pre-annotation shows (``heatmap_mask``)."""
     from annotation.rle import mask_to_rle
-    from dmad_core.preannotation import defect_mask, patch_area
+    from app.services.labelstudio import heatmap_mask
 
     threshold = line.model.pixel_threshold_
-    heat = line.heatmap(result)
-    mask = np.zeros_like(heat, dtype=bool) if threshold is None else defect_mask(
-        heat, threshold, patch_area(result.patch_map.shape, (result.height, result.width)),
+    mask = np.zeros((result.height, result.width), dtype=bool) if threshold is None else heatmap_mask(
+        result.patch_map, result.height, result.width, threshold, line.model.config,
         line.model.mask_peak_shares_.get(result.category))
     return HeatmapRLE(width=result.width, height=result.height, rle=mask_to_rle(mask))
 

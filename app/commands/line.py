@@ -180,10 +180,10 @@ def _write_heatmap(folder: Path, line: Any, result: Any) -> Path:
     import PIL.Image
 
     from app.services.imaging import heat_overlay, load_rgb
+    from app.services.prediction import heat_scale
 
     model = getattr(line, "model", None)
-    validation = (model.validation_scores_.get(result.category) if model is not None else None) or [0.0]
-    lo, hi = min(min(validation), result.threshold - 1e-6), result.threshold
+    lo, hi = heat_scale(model.validation_scores_.get(result.category) if model is not None else None, result.threshold)
     overlay = heat_overlay(load_rgb(result.source), result.patch_map, lo, hi,
                            config=None if model is None else model.config)
     path = folder / f"{Path(result.source).stem}-{result.content_hash[:8]}.png"
@@ -242,22 +242,17 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_thresholds(args: argparse.Namespace) -> int:
     from app.services import decisions, versions
     from app.services.database import open_database
-    from dmad_core.errors import Conflict
 
     home = Home.at(args.home)
     sessions = open_database(home)
     with sessions() as session:
-        version = versions.get_version(session, args.version) if args.version else versions.active_version(session)
-        if version is None:
-            raise Conflict("no active model version; train one first (`dmad train`)")
+        version = versions.version_or_active(session, args.version)
         if args.action == "set":
             decisions.set_threshold(session, version, args.category, args.threshold, args.note)
         elif args.action == "reset":
             decisions.set_threshold(session, version, args.category, None, args.note)
-        thresholds = decisions.class_thresholds(session, version, home.load_settings().false_alarm_rate)
         rows = []
-        for t in thresholds.values():
-            rates = decisions.implied_rates(session, version, t.category, t.threshold)
+        for t, rates in decisions.thresholds_with_rates(session, version, home.load_settings().false_alarm_rate):
             rows.append({"class": t.category, "threshold": t.threshold, "source": t.source,
                          "calibrated": t.calibrated, "false_alarm_target": t.false_alarm_target,
                          "validation_normals": t.validation_normals, "note": t.note,

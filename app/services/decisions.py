@@ -14,9 +14,11 @@ and failing those to their one global image threshold (``source="global"``).
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -27,6 +29,7 @@ from db.models import Annotation, Category, Image, ModelVersion, PoolScore, Thre
 from dmad_core.decision import ErrorRates, calibrate_thresholds, error_rates
 from dmad_core.errors import Invalid, NotFound
 
+T = TypeVar("T")
 DECISION_KEY = "decision"  # in a version's config: {"false_alarm_rate": r, "thresholds": {class: t}}
 DEFAULT_FALSE_ALARM_RATE = 0.01
 
@@ -98,8 +101,9 @@ def _newest_overrides(session: Session, version_id: int) -> list[tuple[Threshold
     return [(row, category) for category, row in newest.items()]
 
 
-def threshold_for(thresholds: dict[str, ClassThreshold], category: str, version: str) -> ClassThreshold:
-    """The class's threshold, or NotFound naming the classes the version knows."""
+def threshold_for(thresholds: Mapping[str, T], category: str, version: str) -> T:
+    """The class's threshold (a ClassThreshold, or an exported file's number), or NotFound naming the
+    classes the version knows."""
     try:
         return thresholds[category]
     except KeyError:
@@ -112,8 +116,7 @@ def set_threshold(session: Session, version: ModelVersion, category: str, thresh
     """Record an engineer's threshold for one class of ``version`` (None: back to the calibrated one);
     returns the threshold now in force."""
     threshold_for(class_thresholds(session, version), category, version.name)
-    if threshold is not None and not (isinstance(threshold, (int, float)) and threshold == threshold
-                                      and abs(threshold) != float("inf")):
+    if threshold is not None and not (isinstance(threshold, (int, float)) and math.isfinite(threshold)):
         raise Invalid(f"a threshold must be a finite number, got {threshold!r}")
     with write_transaction(session):
         category_id = session.scalar(select(Category.id).where(Category.name == category))
@@ -150,3 +153,10 @@ def implied_rates(session: Session, version: ModelVersion, category: str, thresh
     normals = [float(s) for kind, s in rows if kind == "normal"]
     defects = [float(s) for kind, s in rows if kind != "normal"]
     return ImpliedRates(error_rates(threshold, validation, []), error_rates(threshold, normals, defects))
+
+
+def thresholds_with_rates(session: Session, version: ModelVersion,
+                          false_alarm_rate: float = DEFAULT_FALSE_ALARM_RATE) -> list[tuple[ClassThreshold, ImpliedRates]]:
+    """Every class's threshold in force with what it implies (`dmad thresholds` and the Training page)."""
+    return [(t, implied_rates(session, version, t.category, t.threshold))
+            for t in class_thresholds(session, version, false_alarm_rate).values()]

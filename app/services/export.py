@@ -22,7 +22,7 @@ from app.services import versions
 from app.services.decisions import class_thresholds
 from app.services.exported import FORMAT, META_KEY, META_NAME
 from app.services.scoring import load_model
-from dmad_core.errors import Conflict, Invalid
+from dmad_core.errors import Invalid
 
 ExportFormat = Literal["onnx", "torchscript"]
 
@@ -48,9 +48,7 @@ def export_version(home: Home, sessions: sessionmaker[Session], out: str | Path,
     if fmt not in ("onnx", "torchscript"):
         raise Invalid(f"unknown export format {fmt!r}: onnx or torchscript")
     with sessions() as session:
-        row = versions.get_version(session, version) if version is not None else versions.active_version(session)
-        if row is None:
-            raise Conflict("no active model version; train one first (`dmad train`)")
+        row = versions.version_or_active(session, version)
         thresholds = {c: t.threshold for c, t in class_thresholds(session, row, home.load_settings().false_alarm_rate).items()}
         name = row.name
     model = load_model(home, row)

@@ -26,7 +26,7 @@ from app.services.labelstudio import (
     webhook_base_url,
 )
 from app.services.read_models import normal_percentile_of
-from app.services.versions import active_version
+from app.services.versions import version_or_active
 from db.engine import write_transaction
 from db.models import Image, ModelVersion, PoolScore
 from db.repositories import record_label_tasks, top_pool_scores
@@ -103,9 +103,7 @@ def send_images(session: Session, home: Home, image_ids: Sequence[int]) -> SendR
 
     if not image_ids:
         raise Invalid("select at least one image first")
-    version = active_version(session)
-    if version is None:
-        raise Conflict("no active model version; train one first (`dmad train`)")
+    version = version_or_active(session)
     rows = list(session.scalars(
         select(PoolScore).join(PoolScore.image).options(contains_eager(PoolScore.image).joinedload(Image.category))
         .where(PoolScore.version_id == version.id, PoolScore.image_id.in_([int(i) for i in image_ids]))
@@ -138,9 +136,7 @@ def push_top(home: Home, sessions: sessionmaker[Session], limit: int = 50, categ
     connection = connect(home)
     client, project_id = connection.client, connection.project_id
     with sessions() as session:
-        version = active_version(session)
-        if version is None:
-            raise Conflict("no active model version; train one first (`dmad train`)")
+        version = version_or_active(session)
         rows = top_pool_scores(session, version.id, limit=limit, category=category, min_score=min_score,
                                unannotated=True)
         if not rows:

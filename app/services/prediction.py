@@ -31,7 +31,7 @@ from app.services.scoring import load_model, top_patches
 from db.models import ModelVersion
 from dmad_core.data.readers import CorruptImageError, ImageTooLarge, decode_image
 from dmad_core.decision import decide
-from dmad_core.errors import Conflict, Invalid, NotFound, TooLarge
+from dmad_core.errors import Invalid, TooLarge
 from dmad_core.items import ImageItem
 from dmad_core.model import DMAD
 
@@ -124,6 +124,15 @@ class LineResult:
     top_patches: list[dict[str, Any]]  # [{"box": [x0, y0, x1, y1], "score": s}] in image pixels, best first
     patch_map: np.ndarray = field(repr=False)  # float32 (gh, gw)
 
+    @staticmethod
+    def of(image: LineImage, grid: np.ndarray, score: float, threshold: float, threshold_source: str,
+           version: str) -> LineResult:
+        """The result of one scored image: its decision by ``threshold`` and its top patches in its pixels."""
+        height, width = image.array.shape[:2]
+        return LineResult(image.source, image.category, float(score), decide(float(score), threshold), threshold,
+                          threshold_source, version, image.content_hash, width, height,
+                          top_patches(grid, width, height), np.asarray(grid, np.float32))
+
     def record(self) -> dict[str, Any]:
         """The JSON-ready fields (no patch grid)."""
         return {"path": self.source, "class": self.category, "score": round(self.score, 6), "decision": self.decision,
@@ -150,9 +159,7 @@ class LineModel:
              knn_baseline: bool = False) -> LineModel:
         """The active version (or the named one) with its thresholds; Conflict when there is none."""
         with sessions() as session:
-            row = versions.get_version(session, version) if version is not None else versions.active_version(session)
-            if row is None:
-                raise Conflict("no active model version; train one first (`dmad train`)")
+            row = versions.version_or_active(session, version)
             thresholds = class_thresholds(session, row, home.load_settings().false_alarm_rate)
         return cls(row, load_model(home, row), thresholds, knn_baseline)
 
@@ -174,14 +181,8 @@ class LineModel:
         else:
             predictions = self.model.predict(items, batch_size=max(1, len(items)), progress_bar=False,
                                              cache_features=cache_features)
-        out = []
-        for img, limit, p in zip(images, limits, predictions, strict=True):
-            height, width = img.array.shape[:2]
-            score = float(p.image_score)
-            out.append(LineResult(img.source, img.category, score, decide(score, limit.threshold), limit.threshold,
-                                  limit.source, self.version, img.content_hash, width, height,
-                                  top_patches(p.patch_scores, width, height), p.patch_scores))
-        return out
+        return [LineResult.of(img, p.patch_scores, p.image_score, limit.threshold, limit.source, self.version)
+                for img, limit, p in zip(images, limits, predictions, strict=True)]
 
     def heatmap(self, result: LineResult) -> np.ndarray:
         """The result's pixel heat map at the image's size (the same map every other view draws)."""
@@ -208,17 +209,18 @@ class ExportedLineModel:
         return self.exported.categories
 
     def check_category(self, category: str) -> float:
-        if category not in self.thresholds:
-            raise NotFound(f"model {self.version} has no class {category!r}; it knows {', '.join(self.categories)}")
-        return self.thresholds[category]
+        return threshold_for(self.thresholds, category, self.version)
 
     def score(self, images: Sequence[LineImage], cache_features: bool = False) -> list[LineResult]:
         out = []
         for img in images:
             threshold = self.check_category(img.category)
             grid, score, _heat = self.exported.score(img.array, img.category)
-            height, width = img.array.shape[:2]
-            out.append(LineResult(img.source, img.category, score, decide(score, threshold), threshold, "exported",
-                                  self.version, img.content_hash, width, height, top_patches(grid, width, height),
-                                  np.asarray(grid, np.float32)))
+            out.append(LineResult.of(img, grid, score, threshold, "exported", self.version))
         return out
+
+
+def heat_scale(validation_scores: Sequence[float] | None, threshold: float) -> tuple[float, float]:
+    """The colour scale of a result's heat map: from the class's ordinary level (its lowest validation
+    score; 0, a typical normal patch, where none are known) to its threshold, the NG level."""
+    return min(min(validation_scores or [0.0]), threshold - 1e-6), threshold

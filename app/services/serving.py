@@ -30,7 +30,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from app.home_folder import Home
 from app.services.prediction import LineImage, LineModel, LineResult
 from db.models import ModelVersion, ThresholdOverride
-from dmad_core.errors import Conflict, Unavailable
+from dmad_core.errors import Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -61,9 +61,7 @@ class ActiveLineModel:
         self._lock = threading.Lock()  # one reload at a time
         with sessions() as session:
             self._seen = _state(session)
-        if self._seen[0] is None:
-            raise Conflict("no active model version; train one first (`dmad train`)")
-        self._model = loader(home, sessions)
+        self._model = loader(home, sessions)  # Conflict when no version is active
         self.reloads = 0
 
     @property

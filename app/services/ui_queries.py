@@ -359,16 +359,13 @@ def latest_metrics(frame: pd.DataFrame) -> tuple[str | None, pd.DataFrame]:
 def thresholds_frame(session: Session, version_id: int, false_alarm_rate: float) -> pd.DataFrame:
     """Each class's OK/NG threshold of a version, where it comes from, and the error rates it implies
     (percent; None where there are no such images)."""
-    from app.services.decisions import class_thresholds, implied_rates
+    from app.services.decisions import thresholds_with_rates
 
-    version = session.get(ModelVersion, version_id)
+    def pct(x: float | None) -> float | None:
+        return None if x is None else round(100 * x, 1)
+
     rows = []
-    for t in class_thresholds(session, version, false_alarm_rate).values():
-        rates = implied_rates(session, version, t.category, t.threshold)
-
-        def pct(x: float | None) -> float | None:
-            return None if x is None else round(100 * x, 1)
-
+    for t, rates in thresholds_with_rates(session, session.get(ModelVersion, version_id), false_alarm_rate):
         rows.append({"class": t.category, "threshold": round(t.threshold, 4), "source": t.source,
                      "calibrated": None if t.calibrated is None else round(t.calibrated, 4),
                      "false alarms, validation normals (%)": pct(rates.validation.false_alarm_rate),

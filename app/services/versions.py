@@ -129,6 +129,16 @@ def active_version(session: Session) -> ModelVersion | None:
     return session.scalars(select(ModelVersion).where(ModelVersion.status == "active")).first()
 
 
+def version_or_active(session: Session, ref: int | str | None = None) -> ModelVersion:
+    """The version ``ref`` names (``get_version``), or the active one; Conflict when there is none."""
+    if ref is not None:
+        return get_version(session, ref)
+    version = active_version(session)
+    if version is None:
+        raise VersionConflict("no active model version; train one first (`dmad train`)")
+    return version
+
+
 def list_versions(session: Session) -> list[ModelVersion]:
     """All versions, oldest first."""
     return list(session.scalars(select(ModelVersion).order_by(ModelVersion.created_at, ModelVersion.id)))
