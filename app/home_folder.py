@@ -45,6 +45,12 @@ class HomeSettings:
     false_alarm_rate: float = 0.01  # OK/NG: share of a class's validation normals a new version may call NG
     line_pool_max_images: int | None = 100_000  # the line's images kept in the pool (oldest go first); None: all
     feature_cache_max_bytes: int | None = 20 * 1024**3  # the feature cache's budget (app/services/cache_budget.py)
+    # Factory scale (docs/scaling.md): a retrain evaluates on at most this many images per class and
+    # ground-truth label (chosen by content hash, the same set for every version), then promotes; the pool
+    # is re-ranked after, in chunks of `rerank_chunk_images` that any number of workers share.
+    evaluation_max_per_label: int = 250
+    rerank_chunk_images: int = 256
+    pool_score_versions_kept: int = 3  # versions whose pool scores are kept: the active one and the newest others
 
 
 @dataclass(frozen=True)

@@ -6,8 +6,13 @@ worker claims the job again, up to the job's attempt limit, after which the job 
 kept. A worker that finds it has lost its lease stops at the next checkpoint and publishes nothing.
 
 Job types: 'train' (from scratch), 'retrain' (warm start from the active version; annotations
-coalesce into one), 'score_upload' (one uploaded image, result written into the job's payload) and
-'labelstudio_sync' (pull annotations the webhook missed; also run every `sync_every_seconds`).
+coalesce into one), 'rerank' (one chunk of the pool scored under the active version, queued by each
+promotion below every other job's priority; see app/services/reranking.py), 'score_upload' (one uploaded
+image, result written into the job's payload) and 'labelstudio_sync' (pull annotations the webhook
+missed; also run every `sync_every_seconds`).
+
+Workers on several machines share one database and a home on a shared file system (docs/scaling.md): a
+claim never hands one job to two workers, and a worker's loaded model is kept between the chunks it runs.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from typing import Any
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.home_folder import Home
+from app.services.reranking import LoadedModel
 from db import queue
 from db.engine import write_transaction
 from db.models import Job
@@ -34,7 +40,7 @@ from dmad_core.errors import Conflict
 
 log = logging.getLogger(__name__)
 
-JOB_TYPES = ("train", "retrain", "score_upload", "labelstudio_sync")
+JOB_TYPES = ("train", "retrain", "rerank", "score_upload", "labelstudio_sync")
 
 
 class JobLost(Exception):
@@ -49,15 +55,17 @@ class WorkerOptions:
     heartbeat_seconds: float = 2.0  # at most this long between heartbeats while a job runs
     sync_every_seconds: float | None = 60.0  # Label Studio sync (when its project exists); None: never
     worker_id: str = ""
+    job_types: tuple[str, ...] = JOB_TYPES  # what this worker claims
 
 
 class JobRun:
     """The running job's link to the queue: progress reports and the check that it is still ours."""
 
     def __init__(self, sessions: sessionmaker[Session], job: Job, worker_id: str, options: WorkerOptions,
-                 on_progress: Callable[[float, str], None] | None = None):
+                 on_progress: Callable[[float, str], None] | None = None, loaded: LoadedModel | None = None):
         self.sessions, self.job_id, self.worker_id, self.options = sessions, job.id, worker_id, options
         self.on_progress = on_progress
+        self.loaded = loaded or LoadedModel()  # the worker's model, kept from one chunk to the next
         self.payload: dict[str, Any] = dict(job.payload or {})
         self._state = (0.0, "started")
         self._lost = threading.Event()
@@ -111,6 +119,13 @@ def _train(home: Home, sessions: sessionmaker[Session], run: JobRun, warm_start:
     return f"{outcome.version} active ({outcome.mode.replace('_', ' ')}, {outcome.seconds['total']:.0f} s)"
 
 
+def _rerank(home: Home, sessions: sessionmaker[Session], run: JobRun) -> str:
+    from app.services.reranking import rerank_chunk
+
+    return rerank_chunk(home, sessions, run.job_id, run.payload, run.loaded, progress=run.progress,
+                        checkpoint=run.checkpoint)
+
+
 def _score_upload(home: Home, sessions: sessionmaker[Session], run: JobRun) -> str:
     from app.services import versions
     from app.services.scoring import score_file
@@ -139,6 +154,7 @@ def _labelstudio_sync(home: Home, sessions: sessionmaker[Session], run: JobRun) 
 HANDLERS: dict[str, Callable[[Home, sessionmaker[Session], JobRun], str]] = {
     "train": functools.partial(_train, warm_start=False),
     "retrain": functools.partial(_train, warm_start=True),
+    "rerank": _rerank,
     "score_upload": _score_upload,
     "labelstudio_sync": _labelstudio_sync,
 }
@@ -150,7 +166,7 @@ def default_worker_id() -> str:
 
 
 def run_job(home: Home, sessions: sessionmaker[Session], job: Job, options: WorkerOptions, worker_id: str,
-            on_progress: Callable[[float, str], None] | None = None) -> bool:
+            on_progress: Callable[[float, str], None] | None = None, loaded: LoadedModel | None = None) -> bool:
     """Run one claimed job to its end; True when it succeeded."""
     handler = HANDLERS.get(job.type)
     if handler is None:
@@ -158,7 +174,7 @@ def run_job(home: Home, sessions: sessionmaker[Session], job: Job, options: Work
         return False
     log.info("job %s (%s), attempt %s/%s", job.id, job.type, job.attempts, job.max_attempts)
     try:
-        with JobRun(sessions, job, worker_id, options, on_progress) as run:
+        with JobRun(sessions, job, worker_id, options, on_progress, loaded) as run:
             message = handler(home, sessions, run)
     except JobLost as exc:
         log.warning("%s", exc)
@@ -226,6 +242,7 @@ def run_worker(home: Home, sessions: sessionmaker[Session], options: WorkerOptio
     stop = stop or threading.Event()
     worker_id = options.worker_id or default_worker_id()
     succeeded, last_sync = 0, time.monotonic() - (options.sync_every_seconds or 0)
+    loaded = LoadedModel()
     log.info("worker %s started on %s", worker_id, home.root)
     _remove_abandoned_version_folders(home, sessions)
     if not options.once:
@@ -234,14 +251,23 @@ def run_worker(home: Home, sessions: sessionmaker[Session], options: WorkerOptio
     while not stop.is_set():
         if not options.once and _sync_due(home, sessions, options, last_sync):
             last_sync = time.monotonic()
-        job = queue.claim(sessions, worker_id, JOB_TYPES, options.lease_seconds)
+        job = queue.claim(sessions, worker_id, options.job_types, options.lease_seconds)
         if job is None:
             if options.once:
                 break
             stop.wait(options.poll_seconds)
             continue
-        succeeded += run_job(home, sessions, job, options, worker_id)
+        succeeded += run_job(home, sessions, job, options, worker_id, loaded=loaded)
     return succeeded
+
+
+def rerank_now(home: Home, sessions: sessionmaker[Session]) -> int:
+    """Run the queued re-ranking chunks in this process until none is left (what `dmad train` does after
+    training, so that a home without a worker still has a ranked pool; running workers share the chunks).
+    Returns the chunks this process ran."""
+    from app.services.reranking import RERANK_JOB
+
+    return run_worker(home, sessions, WorkerOptions(once=True, sync_every_seconds=None, job_types=(RERANK_JOB,)))
 
 
 def _remove_abandoned_version_folders(home: Home, sessions: sessionmaker[Session]) -> None:

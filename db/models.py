@@ -193,13 +193,16 @@ class Job(Base):
     __tablename__ = "jobs"
     __table_args__ = (
         Index("ix_jobs_status_created_at", "status", "created_at"),
+        Index("ix_jobs_status_priority", "status", "priority"),
         # At most one *queued* job per coalesce key, so concurrent enqueues cannot both insert one.
         Index("uq_jobs_queued_coalesce_key", "coalesce_key", unique=True,
               sqlite_where=text("status = 'queued'"), postgresql_where=text("status = 'queued'")),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    type: Mapped[str] = mapped_column(String(50))  # 'retrain', 'train', 'score_pool', ...
+    type: Mapped[str] = mapped_column(String(50))  # 'retrain', 'train', 'rerank', ...
+    # Higher first, then oldest first: the pool's re-ranking chunks wait behind a retrain (db/queue.py).
+    priority: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
     status: Mapped[JobStatus] = mapped_column(_enum(JOB_STATUSES, "job_status"), default="queued")
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     max_attempts: Mapped[int] = mapped_column(Integer, default=3)

@@ -39,13 +39,16 @@ def _detach(session: Session, job: Job) -> Job:
 
 
 def enqueue(session: Session, type: str, payload: dict[str, Any] | None = None,
-            coalesce_key: str | None = None, max_attempts: int = 3) -> Job:
+            coalesce_key: str | None = None, max_attempts: int = 3, priority: int = 0) -> Job:
     """Add a job in the caller's transaction (flushed, not committed).
 
     With a `coalesce_key`, a job with that key still waiting ('queued') is returned instead of a new
     one: the retrain job reads every annotation when it starts, so a burst of annotations needs one
     retrain, and while one runs at most one more waits. A unique partial index backs this up against
     concurrent enqueuers; the loser of that race gets the winner's job.
+
+    `priority`: claimers take higher priorities first, then the oldest job; background work (the
+    pool's re-ranking chunks) is enqueued below 0 so that an annotation's retrain never waits behind it.
     """
     if max_attempts < 1:
         raise ValueError("max_attempts must be at least 1")
@@ -61,7 +64,7 @@ def enqueue(session: Session, type: str, payload: dict[str, Any] | None = None,
             if waiting is not None:
                 return waiting
         job = Job(type=type, status="queued", payload=dict(payload or {}), coalesce_key=coalesce_key,
-                  max_attempts=max_attempts, attempts=0, progress=0.0, message="queued")
+                  max_attempts=max_attempts, attempts=0, progress=0.0, message="queued", priority=priority)
         try:
             with session.begin_nested():
                 session.add(job)
@@ -103,7 +106,7 @@ def _reap(session: Session, now: datetime) -> int:
 
 def claim(session_factory: sessionmaker[Session], worker_id: str, types: Sequence[str] | None = None,
           lease_seconds: float = 60) -> Job | None:
-    """Claim the oldest claimable job for `worker_id`, or None.
+    """Claim the claimable job of highest priority (the oldest among equals) for `worker_id`, or None.
 
     Claimable: 'queued', or 'running' with an expired lease and attempts left (its worker died).
     The returned job is detached; it is 'running', owned by `worker_id` until its lease expires.
@@ -114,7 +117,7 @@ def claim(session_factory: sessionmaker[Session], worker_id: str, types: Sequenc
         query = (
             select(Job)
             .where(or_(Job.status == "queued", and_(_expired_running(now), Job.attempts < Job.max_attempts)))
-            .order_by(Job.created_at, Job.id)
+            .order_by(Job.priority.desc(), Job.created_at, Job.id)
             .limit(1)
             .with_for_update(skip_locked=True)
         )
@@ -233,9 +236,11 @@ def get_job(session: Session, job_id: int) -> Job | None:
 
 
 def list_jobs(session: Session, limit: int = 50, types: Sequence[str] | None = None,
-              statuses: Sequence[str] | None = None, hide_succeeded: Sequence[str] = ()) -> list[Job]:
+              statuses: Sequence[str] | None = None, hide_succeeded: Sequence[str] = (),
+              hide_unless_failed: Sequence[str] = ()) -> list[Job]:
     """Newest first, with progress and message, for the UI; ``hide_succeeded``: job types whose succeeded
-    jobs are left out (routine ones, such as the once-a-minute Label Studio sync)."""
+    jobs are left out (routine ones, such as the once-a-minute Label Studio sync); ``hide_unless_failed``:
+    job types shown only when they failed (the pool's re-ranking chunks, summed up elsewhere)."""
     query = select(Job).order_by(Job.created_at.desc(), Job.id.desc()).limit(limit)
     if types is not None:
         query = query.where(Job.type.in_(list(types)))
@@ -243,4 +248,6 @@ def list_jobs(session: Session, limit: int = 50, types: Sequence[str] | None = N
         query = query.where(Job.status.in_(list(statuses)))
     if hide_succeeded:
         query = query.where(~and_(Job.type.in_(list(hide_succeeded)), Job.status == "succeeded"))
+    if hide_unless_failed:
+        query = query.where(~and_(Job.type.in_(list(hide_unless_failed)), Job.status != "failed"))
     return list(session.scalars(query))

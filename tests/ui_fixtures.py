@@ -31,6 +31,7 @@ from app.cli import main as dmad
 from app.home_folder import Home
 from app.services.annotations import record_annotation
 from app.services.training import train_version
+from app.worker import rerank_now
 from db.engine import cached_engine, session_factory, upgrade_to_head
 from db.models import Image, ModelVersion, PoolScore
 from db.repositories import PoolScoreRow, get_or_create_category, store_pool_scores
@@ -106,6 +107,7 @@ def build_home(root: Path) -> PreparedHome:
             annotated.append(normal.id)
     time.sleep(0.01)  # distinct creation times: the charts order versions by them
     train_version(home, sessions, warm_start=True)
+    rerank_now(home, sessions)  # the promotion queued the pool's re-ranking: done here, as a worker would
     return _describe(home, annotated)
 
 

@@ -175,11 +175,28 @@ def cmd_train(args: argparse.Namespace) -> int:
                                         flush=True))
     if not ok:
         raise UserError(f"training failed: {(job.error or job.message).splitlines()[0]}")
+    _rerank_in_foreground(home, sessions, quiet=args.json)
     from app.services.status import home_status
 
     status = home_status(home, sessions)
     _emit(args, status, f"{job.message}\n" + _metrics_text(status))
     return 0
+
+
+def _rerank_in_foreground(home: Any, sessions: Any, quiet: bool) -> None:
+    """Rank the pool under the new version here and now (running workers share the chunks), so that
+    `dmad train` leaves a home whose Review page is complete."""
+    from app.services import versions
+    from app.services.reranking import rerank_progress
+    from app.worker import rerank_now
+
+    with sessions() as session:
+        p = rerank_progress(session, versions.active_version(session))
+    if p.complete:
+        return
+    if not quiet:
+        print(f"ranking {p.pool - p.scored} pool images under the new version ({p.chunks_open} chunks)", flush=True)
+    rerank_now(home, sessions)
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -265,15 +282,26 @@ def cmd_versions(args: argparse.Namespace) -> int:
     return 0
 
 
+def _rerank_note(session: Any, version: Any) -> str:
+    """What is left of the pool's re-ranking under a newly active version, and who runs it."""
+    from app.services.reranking import rerank_progress
+
+    p = rerank_progress(session, version)
+    if p.complete:
+        return ""
+    return (f"; {p.pool - p.scored} of {p.pool} pool images wait to be re-ranked under it ({p.chunks_open} "
+            "chunks queued): a running `dmad worker` (or `dmad up`) takes them")
+
+
 def cmd_promote(args: argparse.Namespace) -> int:
     from app.services import versions
     from app.services.read_models import version_info
     from app.services.status import version_dict
 
-    _home, sessions = _open(args)
+    home, sessions = _open(args)
     with sessions() as session:
-        version = versions.promote(session, versions.get_version(session, args.version).id)
-        _emit(args, version_dict(version_info(version)), f"{version.name} is active")
+        version = versions.promote(session, versions.get_version(session, args.version).id, home.load_settings().rerank_chunk_images)
+        _emit(args, version_dict(version_info(version)), f"{version.name} is active" + _rerank_note(session, version))
     return 0
 
 
@@ -282,8 +310,8 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     from app.services.read_models import version_info
     from app.services.status import version_dict
 
-    _home, sessions = _open(args)
+    home, sessions = _open(args)
     with sessions() as session:
-        version = versions.rollback(session)
-        _emit(args, version_dict(version_info(version)), f"rolled back: {version.name} is active")
+        version = versions.rollback(session, home.load_settings().rerank_chunk_images)
+        _emit(args, version_dict(version_info(version)), f"rolled back: {version.name} is active" + _rerank_note(session, version))
     return 0

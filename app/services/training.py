@@ -2,9 +2,11 @@
 warm-started retrain that every annotation triggers.
 
 One version is one pass of: read what the database holds now (normal images, annotations), fit or
-update the engine, write the model into a temporary folder, score the pool and the evaluation images,
-publish the folder as a candidate with its metrics and pool scores, and only then promote it. A crash
-anywhere before the promotion leaves the active version untouched; a temporary folder is never listed.
+update the engine, write the model into a temporary folder, score a bounded evaluation set, publish the
+folder as a candidate with its metrics, and only then promote it. The promotion queues the pool's
+re-ranking under the new version as chunks that workers share (app/services/reranking.py), so the time
+from an annotation to an active version does not grow with the pool. A crash anywhere before the
+promotion leaves the active version untouched; a temporary folder is never listed.
 
 How each kind of annotation is used (see docs/loop.md):
 - a defect with a mask: its patches (filtered against the normal bank) form the *seen* part of the
@@ -24,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from sqlalchemy import select
+from sqlalchemy import exists, select
 from sqlalchemy.orm import Session, selectinload, sessionmaker
 
 from app.home_folder import Home
@@ -34,7 +36,7 @@ from app.services.decisions import DECISION_KEY, calibrated_decision
 from app.services.read_models import VALIDATION_SCORES_KEY
 from app.services.scoring import engine_config, feature_store, image_item, load_model, pool_rows
 from db.engine import write_transaction
-from db.models import Image, ModelVersion
+from db.models import Annotation, Image, ModelVersion
 from db.repositories import build_trained_on, record_metrics, store_pool_scores
 from dmad_core.data.readers import ImageRecord
 from dmad_core.errors import Conflict
@@ -53,13 +55,13 @@ def _no_checkpoint(message: str) -> None:
 
 @dataclass
 class TrainingData:
-    """What the database holds now, in the engine's terms."""
+    """What the database holds now, in the engine's terms. Nothing here grows with the pool: the pool is
+    re-ranked after the promotion (app/services/reranking.py)."""
 
     normal: list[ImageItem]
     confirmed_normals: list[ImageItem]
     annotations: list[DefectAnnotation]
-    pool: list[Image]  # scored after training; detached rows
-    evaluation: list[Image]  # pool images with ground truth that no annotation has touched
+    evaluation: list[Image]  # the bounded evaluation set (`evaluation_set`); detached rows
     trained_on: dict[str, Any]
 
 
@@ -73,29 +75,42 @@ class TrainingOutcome:
     trained_on: dict[str, Any] = field(default_factory=dict)
 
 
+def evaluation_set(session: Session, max_per_label: int) -> list[Image]:
+    """Images with ground truth that no annotation has touched, at most `max_per_label` per class and
+    label (normal, defective), chosen by content hash: a fixed sample, so that every version is measured on
+    the same images while the pool grows, and a retrain's evaluation costs the same at any pool size."""
+    untouched = (Image.role.in_(("pool", "evaluation")), Image.gt_label.is_not(None),
+                 ~exists().where(Annotation.image_id == Image.id, Annotation.deleted_at.is_(None)))
+    groups = session.execute(select(Image.category_id, Image.gt_label).where(*untouched).distinct()).all()
+    chosen: list[Image] = []
+    for category_id, label in sorted(groups):
+        chosen += session.scalars(
+            select(Image).options(selectinload(Image.category))
+            .where(*untouched, Image.category_id == category_id, Image.gt_label == label)
+            .order_by(Image.content_hash).limit(max_per_label))
+    return sorted(chosen, key=lambda img: img.id)
+
+
 def gather_training_data(session: Session, home: Home) -> TrainingData:
     """One consistent read of the training data (a single transaction)."""
     with session.begin():
-        images = list(session.scalars(select(Image).options(selectinload(Image.category)).order_by(Image.id)))
         annotations = active_annotations(session)
         trained_on = build_trained_on(session)
-        by_id = {img.id: img for img in images}
-        normal = [image_item(img) for img in images if img.role == "train_normal"]
-        confirmed, defects, touched = [], [], set()
+        normal_rows = session.scalars(select(Image).options(selectinload(Image.category))
+                                      .where(Image.role == "train_normal").order_by(Image.id))
+        normal = [image_item(img) for img in normal_rows]
+        confirmed, defects = [], []
         for ann in annotations:
-            image = by_id[ann.image_id]
-            touched.add(image.id)
+            image = ann.image
             if ann.kind == "normal":
                 confirmed.append(image_item(image))
             elif ann.kind == "defect_mask":
                 defects.append(DefectAnnotation(image_item(image), load_mask(ann, home)))
             else:
                 defects.append(DefectAnnotation(image_item(image), None))
-        pool = [img for img in images if img.role == "pool"]
-        evaluation = [img for img in images if img.role in ("pool", "evaluation") and img.gt_label is not None
-                      and img.id not in touched]
+        evaluation = evaluation_set(session, home.load_settings().evaluation_max_per_label)
         session.expunge_all()
-    return TrainingData(normal, confirmed, defects, pool, evaluation, trained_on)
+    return TrainingData(normal, confirmed, defects, evaluation, trained_on)
 
 
 def evaluate(model: DMAD, images: list[Image], predictions: dict[int, Any]) -> dict[str, dict[str, float | None]]:
@@ -145,13 +160,10 @@ def train_version(home: Home, sessions: sessionmaker[Session], *, warm_start: bo
     checkpoint("trained")
 
     t0 = time.perf_counter()
-    progress(0.6, f"scoring {len(data.pool)} pool images")
-    predictions = {img.id: p for img, p in zip(data.pool, model.predict(
-        [image_item(img) for img in data.pool], progress=lambda f, m: progress(0.6 + 0.3 * f, m),
+    progress(0.6, f"scoring {len(data.evaluation)} evaluation images")
+    predictions = {img.id: p for img, p in zip(data.evaluation, model.predict(
+        [image_item(img) for img in data.evaluation], progress=lambda f, m: progress(0.6 + 0.3 * f, m),
         progress_bar=False), strict=True)}
-    missing = [img for img in data.evaluation if img.id not in predictions]
-    for img, p in zip(missing, model.predict([image_item(img) for img in missing], progress_bar=False), strict=True):
-        predictions[img.id] = p
     seconds["score"] = round(time.perf_counter() - t0, 2)
     t0 = time.perf_counter()
     progress(0.9, f"evaluating on {len(data.evaluation)} images with ground truth")
@@ -179,12 +191,13 @@ def train_version(home: Home, sessions: sessionmaker[Session], *, warm_start: bo
             version = versions.commit_version(
                 session, home, name, tmp, config_record, parent.id if parent else None, data.trained_on,
                 status="candidate", message=f"{mode.replace('_', ' ')}; job {job_id}" if job_id else mode)
+            scored_pool = [img for img in data.evaluation if img.role == "pool"]  # the re-ranking skips them
             with write_transaction(session):
                 record_metrics(session, version.id, metrics)
                 store_pool_scores(session, version.id,
-                                  pool_rows(data.pool, [predictions[img.id] for img in data.pool]))
+                                  pool_rows(scored_pool, [predictions[img.id] for img in scored_pool]))
             checkpoint("promoting")
-            versions.promote(session, version.id)
+            versions.promote(session, version.id, home.load_settings().rerank_chunk_images)
         except BaseException:
             session.rollback()  # whatever read or write was still open when the failure came
             if version is None:

@@ -18,6 +18,8 @@ from sqlalchemy import Select, case, exists, func, select
 from sqlalchemy.orm import Session
 
 from app.services.annotations import RETRAIN_KEY
+from app.services.reranking import RERANK_JOB, RerankProgress
+from app.services.reranking import rerank_progress as _rerank_progress
 from app.services.read_models import (
     ACTIVE_JOB_STATUSES,
     JobInfo,
@@ -197,6 +199,27 @@ def review_count(session: Session, f: ReviewFilter) -> int:
     return int(session.scalar(_filtered(select(func.count()).select_from(PoolScore), f)) or 0)
 
 
+def rerank_progress(session: Session, version_id: int) -> RerankProgress:
+    """How much of the pool the version has ranked so far (its re-ranking runs after its promotion)."""
+    return _rerank_progress(session, session.get(ModelVersion, version_id))
+
+
+def rerank_note(version: str, p: RerankProgress) -> str:
+    """What Review says while the pool's ranking under the active version is incomplete."""
+    share = 100 * p.scored / max(1, p.pool)
+    text = (f"Re-ranking the pool under {version}: {p.scored:,} of {p.pool:,} images so far ({share:.0f} %). "
+            f"The grid shows only the images {version} has scored: those ranked highest by the previous version "
+            "and the newest went first. ")
+    if p.chunks_open:
+        text += f"{p.chunks_open} chunks wait for a worker (`dmad worker`, or `dmad up`)."
+    if p.chunks_failed:
+        text += (f" {p.chunks_failed} chunks failed: their errors are on the Training page; promoting the "
+                 "version again queues what is missing.")
+    if not p.chunks_open and not p.chunks_failed:
+        text += "No chunk is queued: promote the version again to queue the missing images."
+    return text
+
+
 def score_range(session: Session, version_id: int) -> tuple[float, float] | None:
     """(lowest, highest) image score of the version's pool: the slider's range and the heat map's
     colour scale (an image's score is its hottest patch, so every patch of the pool lies below the
@@ -278,8 +301,13 @@ SYNC_JOB = "labelstudio_sync"  # the worker's periodic pull from Label Studio: o
 
 def jobs(session: Session, limit: int = 50, routine_syncs: bool = True) -> list[JobInfo]:
     """The newest jobs, newest first; without ``routine_syncs``, Label Studio syncs that succeeded are left
-    out (they run every minute and would push the trainings out of view: ``sync_summary`` counts them)."""
-    return [job_info(j) for j in list_jobs(session, limit=limit, hide_succeeded=() if routine_syncs else (SYNC_JOB,))]
+    out (they run every minute and would push the trainings out of view: ``sync_summary`` counts them), and
+    so are the pool's re-ranking chunks unless they failed (hundreds per version: ``rerank_progress`` sums
+    them up)."""
+    if routine_syncs:
+        return [job_info(j) for j in list_jobs(session, limit=limit)]
+    return [job_info(j) for j in list_jobs(session, limit=limit, hide_succeeded=(SYNC_JOB,),
+                                            hide_unless_failed=(RERANK_JOB,))]
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,8 @@ A version is written into `models/.tmp-<name>-<uuid>/`, fsynced, renamed to `mod
 atomic rename, and only then given a row. The row is what makes a folder a version: a `.tmp-*` folder
 or a folder without a row is never listed, never active, and `cleanup_orphans` reports or removes it.
 The active version is the one row with status 'active' (a partial unique index allows no second one).
+Files of a published version are made read-only: workers on other machines read the folder over a shared
+file system, and nothing may change a version once a row names it.
 `commit_version`, `promote` and `rollback` commit themselves: pass a plain session.
 """
 
@@ -21,7 +23,8 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app.home_folder import Home
+from app.home_folder import Home, HomeSettings
+from app.services.reranking import plan_rerank
 from db.engine import write_transaction
 from db.models import ModelVersion, VersionStatus, utcnow
 from dmad_core.errors import Conflict, NotFound, UserError
@@ -70,9 +73,11 @@ def new_version_dir(home: Home, session: Session | None = None) -> tuple[str, Pa
 
 
 def _fsync_tree(root: Path) -> None:
-    """Flush every file and folder under `root` to disk, so the rename publishes complete data."""
+    """Flush every file and folder under `root` to disk, so the rename publishes complete data, and make
+    every file read-only (folders stay writable, so a failed version's folder can still be removed)."""
     for dirpath, _dirnames, filenames in os.walk(root):
         for filename in filenames:
+            os.chmod(os.path.join(dirpath, filename), 0o444)
             fd = os.open(os.path.join(dirpath, filename), os.O_RDONLY)
             try:
                 os.fsync(fd)
@@ -116,7 +121,7 @@ def commit_version(session: Session, home: Home, name: str, tmp_path: Path, conf
             session.add(version)
             session.flush()
             if status == "active":
-                _activate(session, version)
+                _activate(session, version, HomeSettings.rerank_chunk_images)
             else:
                 version.status = status
     except BaseException:
@@ -155,9 +160,10 @@ def get_version(session: Session, ref: int | str) -> ModelVersion:
     return version
 
 
-def _activate(session: Session, version: ModelVersion) -> None:
+def _activate(session: Session, version: ModelVersion, chunk_images: int) -> None:
     """Retire the current active version, then activate `version` (two flushes: the partial unique
-    index is checked per statement, and the unit of work would otherwise order updates by id)."""
+    index is checked per statement, and the unit of work would otherwise order updates by id), and queue
+    the re-ranking of the pool under it in the same transaction."""
     now = utcnow()
     current = session.scalars(
         select(ModelVersion).where(ModelVersion.status == "active").with_for_update()
@@ -170,10 +176,12 @@ def _activate(session: Session, version: ModelVersion) -> None:
     version.activated_at = now
     version.rolled_back_at = None
     session.flush()
+    plan_rerank(session, version, None if current is None else current.id, chunk_images)
 
 
-def promote(session: Session, version_id: int) -> ModelVersion:
-    """Make a version the active one, retiring the current one, in one transaction."""
+def promote(session: Session, version_id: int, chunk_images: int = HomeSettings.rerank_chunk_images) -> ModelVersion:
+    """Make a version the active one, retiring the current one, in one transaction that also queues the
+    pool's re-ranking under it in chunks of `chunk_images` (app/services/reranking.py)."""
     with write_transaction(session):
         version = session.get(ModelVersion, version_id, populate_existing=True)
         if version is None:
@@ -181,11 +189,13 @@ def promote(session: Session, version_id: int) -> ModelVersion:
         if version.status == "failed":
             raise VersionConflict(f"model version {version.name} failed to train and cannot be promoted")
         if version.status != "active":
-            _activate(session, version)
+            _activate(session, version, chunk_images)
+        else:  # promoting the active version again queues what its re-ranking is missing (failed chunks)
+            plan_rerank(session, version, version.parent_id, chunk_images)
     return version
 
 
-def rollback(session: Session) -> ModelVersion:
+def rollback(session: Session, chunk_images: int = HomeSettings.rerank_chunk_images) -> ModelVersion:
     """Go back to the version that was active before the current one, in one transaction.
 
     The current version becomes 'retired' and is marked rolled back, so that a second rollback goes
@@ -215,6 +225,7 @@ def rollback(session: Session) -> ModelVersion:
         previous.status = "active"
         previous.activated_at = now
         session.flush()
+        plan_rerank(session, previous, current.id, chunk_images)
     return previous
 
 

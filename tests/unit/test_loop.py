@@ -17,6 +17,7 @@ from sqlalchemy import func, select
 from app.services.database import open_database
 from app.services.annotations import record_annotation
 from app.services.scoring import load_model
+from app.services.reranking import rerank_progress
 from app.services.versions import active_version, list_versions
 from app.worker import WorkerOptions, run_worker
 from db.models import Annotation, Image, Job, ModelVersion, PoolScore
@@ -83,11 +84,16 @@ def test_annotations_reach_a_new_active_version(trained_home: LoopHome, capsys) 
     assert [h["version"] for h in status["metrics"]["tiles"]] == ["v0001", "v0002"]
     counts = active["trained_on"]["categories"]
     assert counts["tiles"]["defect_masks"] == 3 and counts["fabric"]["weak_defects"] == 1
-    assert status["queue"]["succeeded"] == 2 and status["queue"]["queued"] == 0
+    assert status["queue"]["queued"] == 0 and status["queue"]["failed"] == 0
     with open_database(trained_home.home)() as session:
         version = active_version(session)
         sizes = version.config["bank_sizes"]["abnormal"]
         assert sizes["seen"] > 0 and sizes["weak"] > 0 and sizes["centre"] > 0
+        # one retrain, then the pool's re-ranking under it (the images its evaluation did not score)
+        kinds = [job.type for job in session.scalars(select(Job).order_by(Job.id))]
+        assert kinds.count("retrain") == 1 and kinds.count("train") == 1 and kinds.count("rerank") >= 1
+        progress = rerank_progress(session, version)
+        assert progress.complete and progress.scored == progress.pool
 
 
 def _pool(loop: LoopHome) -> list[Image]:

@@ -97,7 +97,21 @@ def test_review_says_when_the_active_model_has_not_scored_the_pool(ui_home: Prep
         session.execute(queries.PoolScore.__table__.delete()
                         .where(queries.PoolScore.version_id == ui_home.version_ids[-1]))
         session.commit()
-    assert "has not scored the pool yet" in texts(run(REVIEW))
+    shown = texts(run(REVIEW))
+    assert f"Re-ranking the pool under v0002: 0 of {len(ui_home.pool_ids)} images" in shown
+    assert "No chunk is queued: promote the version again" in shown
+
+
+def test_review_says_how_far_the_re_ranking_has_got_and_shows_only_the_active_versions_scores(ui_home: PreparedHome) -> None:  # noqa: F811
+    with ui_home.sessions()() as session:
+        keep = sorted(ui_home.pool_ids)[:5]
+        session.execute(queries.PoolScore.__table__.delete()
+                        .where(queries.PoolScore.version_id == ui_home.version_ids[-1],
+                               queries.PoolScore.image_id.not_in(keep)))
+        session.commit()
+    at = run(REVIEW)
+    assert f"5 of {len(ui_home.pool_ids)} images so far" in texts(at)
+    assert "Page (of 1; " in " ".join(w.label for w in at.number_input)
 
 
 # -- home -------------------------------------------------------------------------------------------
@@ -176,7 +190,7 @@ def test_review_mark_normal_annotates_and_queues_a_retrain(ui_home: PreparedHome
     assert "2 image(s) marked normal; retrain job #" in texts(at)
     with ui_home.sessions()() as session:
         rows = session.scalars(select(Annotation).where(Annotation.source == "ui")).all()
-        jobs = session.scalars(select(Job).where(Job.type != "train")).all()
+        jobs = session.scalars(select(Job).where(Job.type.not_in(("train", "rerank")))).all()
     assert sorted(a.image_id for a in rows) == sorted(chosen) and {a.kind for a in rows} == {"normal"}
     assert [(j.type, j.status, j.coalesce_key) for j in jobs] == [("retrain", "queued", RETRAIN_KEY)]
     shown = [int(c.key.rsplit("-", 1)[1]) for c in at.checkbox if c.key.startswith("select-")]
@@ -361,11 +375,11 @@ def test_training_retrain_now_queues_one_job(ui_home: PreparedHome) -> None:  # 
     assert list(at.dataframe[0].value["type"]) == ["train"]
     at.button(key="training-retrain").click().run()
     with ui_home.sessions()() as session:
-        jobs = session.scalars(select(Job).where(Job.type != "train")).all()
+        jobs = session.scalars(select(Job).where(Job.type.not_in(("train", "rerank")))).all()
     assert f"Retrain job #{jobs[0].id} is queued" in texts(at)
     at.button(key="training-retrain").click().run()  # joins the waiting one
     with ui_home.sessions()() as session:
-        jobs = session.scalars(select(Job).where(Job.type != "train")).all()
+        jobs = session.scalars(select(Job).where(Job.type.not_in(("train", "rerank")))).all()
     assert [(j.type, j.status, j.coalesce_key) for j in jobs] == [("retrain", "queued", RETRAIN_KEY)]
     assert [p.proto.text for p in at.get("progress")] == [f"#{jobs[0].id} retrain · queued · waiting for a worker"]
 

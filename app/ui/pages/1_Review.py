@@ -26,15 +26,18 @@ with sessions() as session:
     categories = queries.category_names(session)
     version = queries.active_version_info(session)
     score_range = queries.score_range(session, version.id) if version else None
+    reranking = queries.rerank_progress(session, version.id) if version else None
 if not categories:
     st.info(ui.NO_DATA)
     st.stop()
 if version is None:
     st.info(ui.NO_MODEL)
     st.stop()
+if reranking is not None and not reranking.complete:
+    # Never a silent mix: the grid holds this version's scores only, and says how much of the pool they cover.
+    st.info(queries.rerank_note(version.name, reranking))
+    st.progress(reranking.scored / max(1, reranking.pool))
 if score_range is None:
-    st.info(f"Model {version.name} has not scored the pool yet; the grid fills once its scoring job has "
-            "run (watch it on the Training page).")
     st.stop()
 lo, hi = score_range
 

@@ -40,7 +40,7 @@ def promote_chosen() -> None:
     try:
         with sessions() as session:
             version = version_service.get_version(session, name)
-            now_active = version_service.promote(session, version.id)
+            now_active = version_service.promote(session, version.id, home.load_settings().rerank_chunk_images)
     except UserError as exc:
         st.session_state[FLASH_KEY] = (ui.error_level(exc), str(exc))
         return
@@ -50,7 +50,7 @@ def promote_chosen() -> None:
 def roll_back() -> None:
     try:
         with sessions() as session:
-            now_active = version_service.rollback(session)
+            now_active = version_service.rollback(session, home.load_settings().rerank_chunk_images)
     except UserError as exc:
         st.session_state[FLASH_KEY] = (ui.error_level(exc), str(exc))
         return
@@ -79,11 +79,18 @@ def job_queue(was_active: bool) -> None:
         jobs = queries.jobs(session, JOB_LIMIT, routine_syncs=False)
         syncs = queries.sync_summary(session)
         busy = queries.any_active_job(session)  # the page's own test: no redraw loop over a job beyond the limit
+        current = queries.active_version_info(session)
+        reranking = queries.rerank_progress(session, current.id) if current else None
     active = [j for j in jobs if j.active]
     if busy != was_active:
         # a job was queued from elsewhere (poll faster now), or all are done (new versions): redraw the
         # whole page once, which also sets the poll interval for the new state
         st.rerun()
+    if reranking is not None and not reranking.complete:
+        st.progress(reranking.scored / max(1, reranking.pool),
+                    text=f"re-ranking the pool under {current.name} · {reranking.scored:,} of {reranking.pool:,} "
+                         f"images · {reranking.chunks_open} chunks open" + (f" · {reranking.chunks_failed} failed"
+                                                                            if reranking.chunks_failed else ""))
     if not jobs:
         st.info("No jobs yet. Annotations queue a retrain by themselves; 'Retrain now' queues one at once.")
         return

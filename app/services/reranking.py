@@ -1,0 +1,204 @@
+"""Re-ranking the pool under a newly active version, in chunks that any number of workers share.
+
+Why it is apart from training: a retrain promotes as soon as it has trained and evaluated on a bounded set,
+so an annotation reaches the line in the same time whatever the pool's size (docs/scaling.md). The pool's
+ranking follows as 'rerank' jobs on the ordinary queue, below every other job's priority: a retrain never
+waits for more than the one chunk a worker is running. The chunks that matter to an inspector go first: the
+images the previous version ranked highest, then the images it never scored (the newest), then the rest.
+
+Scores are never mixed: each pool score row carries the version that made it, the Review page shows only
+the active version's, and says how far its re-ranking has got (`rerank_progress`). A newer promotion cancels
+the older version's chunks (a running one learns it at its next heartbeat and publishes nothing).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from sqlalchemy import and_, delete, exists, func, select, update
+from sqlalchemy.orm import Session, aliased, selectinload, sessionmaker
+
+from app.home_folder import Home
+from db.engine import write_transaction
+from db.models import Image, Job, ModelVersion, PoolScore, utcnow
+from db.queue import enqueue
+from db.repositories import store_pool_scores
+
+if TYPE_CHECKING:  # the engine (PyTorch) is imported by the worker only: promotion and the UI stay light
+    from dmad_core.model import DMAD, Progress
+
+log = logging.getLogger(__name__)
+
+RERANK_JOB = "rerank"
+RERANK_PRIORITY = -10  # below every other job: a retrain or a Label Studio sync is claimed first
+_OPEN = ("queued", "running")
+
+
+@dataclass(frozen=True)
+class RerankPlan:
+    """The chunks queued for a version."""
+
+    version_id: int
+    images: int
+    chunks: int
+    superseded: int  # open chunks of earlier plans that were cancelled
+
+
+def rerank_order(session: Session, version_id: int, previous_id: int | None, first: int) -> list[int]:
+    """The pool images `version_id` has not scored yet, in the order an inspector needs them: the `first`
+    images ranked highest under `previous_id`, then the images it never scored (newest first), then the rest
+    by its ranking."""
+    previous = aliased(PoolScore)
+    rows = session.execute(
+        select(Image.id, previous.score).select_from(Image)
+        .outerjoin(previous, and_(previous.image_id == Image.id, previous.version_id == previous_id))
+        .where(Image.role == "pool",
+               ~exists().where(PoolScore.image_id == Image.id, PoolScore.version_id == version_id))
+    ).all()
+    ranked = sorted((r for r in rows if r[1] is not None), key=lambda r: (-r[1], r[0]))
+    unranked = sorted((r[0] for r in rows if r[1] is None), reverse=True)
+    ranked_ids = [r[0] for r in ranked]
+    return ranked_ids[:first] + unranked + ranked_ids[first:]
+
+
+def plan_rerank(session: Session, version: ModelVersion, previous_id: int | None, chunk_images: int) -> RerankPlan:
+    """Cancel every open re-ranking chunk and queue the chunks of `version` (in the caller's transaction:
+    the promotion and its re-ranking plan commit together, or neither does)."""
+    if chunk_images < 1:
+        raise ValueError("chunk_images must be at least 1")
+    superseded = session.execute(
+        update(Job).where(Job.type == RERANK_JOB, Job.status.in_(_OPEN))
+        .values(status="cancelled", message=f"superseded: {version.name} is active", finished_at=utcnow(),
+                lease_owner=None, lease_expires_at=None)
+    ).rowcount or 0
+    order = rerank_order(session, version.id, previous_id, chunk_images)
+    chunks = [order[i:i + chunk_images] for i in range(0, len(order), chunk_images)]
+    for k, ids in enumerate(chunks, start=1):
+        enqueue(session, RERANK_JOB, {"version_id": version.id, "version": version.name, "image_ids": ids,
+                                      "chunk": k, "chunks": len(chunks)}, priority=RERANK_PRIORITY)
+    session.flush()
+    if chunks:
+        log.info("re-ranking %d pool images under %s in %d chunks", len(order), version.name, len(chunks))
+    return RerankPlan(version.id, len(order), len(chunks), int(superseded))
+
+
+class LoadedModel:
+    """The version a worker scores its chunks with, loaded once rather than once a chunk (a load reads the
+    banks and builds the backbone: seconds)."""
+
+    def __init__(self) -> None:
+        self.folder_: str | None = None
+        self.model_: DMAD | None = None  # noqa: F821 - annotation only
+
+    def get(self, home: Home, version: ModelVersion) -> DMAD:
+        from app.services.scoring import load_model
+
+        if self.model_ is None or self.folder_ != version.folder:
+            self.model_, self.folder_ = load_model(home, version), version.folder
+        return self.model_
+
+
+def pool_features_fit(home: Home, session: Session, model: DMAD) -> bool:
+    """Whether the pool's patch features fit in the feature cache's budget. When they do, a re-ranking stores
+    them and the next one reads them back; when they do not, it stores nothing: a re-ranking reads the pool
+    in one pass, the least recently used entry is always the next one needed, so stored features would be
+    evicted before any use (and would push out nothing useful only because the protected ones stay)."""
+    budget = home.load_settings().feature_cache_max_bytes
+    if budget is None:
+        return True
+    sample = session.scalar(select(Image.content_hash).where(Image.role == "train_normal").limit(1))
+    path = None if sample is None else model.features.cache.path_for(sample)
+    if path is None or not path.exists():
+        return True
+    n_images = session.scalar(select(func.count(Image.id))) or 0
+    return int(n_images) * path.stat().st_size <= budget
+
+
+def rerank_chunk(home: Home, sessions: sessionmaker[Session], job_id: int, payload: dict, loaded: LoadedModel,
+                 progress: Progress | None = None, checkpoint: Callable[[str], None] = lambda m: None) -> str:
+    """Score one chunk of pool images under its version and store the scores; returns what it did. The
+    worker that stores the last open chunk removes the pool scores of versions no longer kept."""
+    from app.services.scoring import image_item, pool_rows
+
+    progress = progress or (lambda fraction, message: None)
+    version_id, ids = int(payload["version_id"]), [int(i) for i in payload["image_ids"]]
+    where = f"chunk {payload.get('chunk', '?')} of {payload.get('chunks', '?')}"
+    with sessions() as session:
+        version = session.get(ModelVersion, version_id)
+        if version is None or version.status != "active":
+            return f"skipped {where}: {payload.get('version', version_id)} is no longer active"
+        images = _pool_images(session, ids)
+        session.expunge_all()
+    model = loaded.get(home, version)
+    with sessions() as session:
+        store = pool_features_fit(home, session, model)
+    progress(0.0, f"re-ranking {where} under {version.name}")
+    predictions = model.predict([image_item(img) for img in images], progress=progress, progress_bar=False,
+                                cache_features=store)
+    checkpoint(f"storing {where}")
+    with sessions() as session, write_transaction(session):
+        store_pool_scores(session, version_id, pool_rows(images, predictions))
+        last = session.scalar(select(Job.id).where(Job.type == RERANK_JOB, Job.status.in_(_OPEN),
+                                                   Job.id != job_id).limit(1)) is None
+    if last:
+        with sessions() as session, write_transaction(session):
+            pruned = prune_pool_scores(session, home.load_settings().pool_score_versions_kept)
+        if pruned:
+            log.info("pool scores of %d old versions removed", pruned)
+    return f"{len(images)} pool images re-ranked under {version.name} ({where})"
+
+
+def _pool_images(session: Session, ids: Sequence[int]) -> list[Image]:
+    """The chunk's images still in the pool (retention may have removed some since it was planned)."""
+    found: dict[int, Image] = {}
+    for i in range(0, len(ids), 500):
+        for img in session.scalars(select(Image).options(selectinload(Image.category))
+                                   .where(Image.id.in_(ids[i:i + 500]), Image.role == "pool")):
+            found[img.id] = img
+    return [found[i] for i in ids if i in found]
+
+
+def prune_pool_scores(session: Session, keep: int) -> int:
+    """Delete the pool scores of all but `keep` versions (the active one, then the most recently activated
+    or created); returns how many versions lost theirs. Inspect's score history then spans the kept ones."""
+    keep = max(1, keep)
+    scored = select(PoolScore.version_id).where(PoolScore.version_id == ModelVersion.id).exists()
+    ranked = list(session.scalars(
+        select(ModelVersion.id).where(scored)
+        .order_by((ModelVersion.status == "active").desc(), func.coalesce(ModelVersion.activated_at,
+                                                                          ModelVersion.created_at).desc(),
+                  ModelVersion.id.desc())))
+    drop = ranked[keep:]
+    for version_id in drop:
+        session.execute(delete(PoolScore).where(PoolScore.version_id == version_id))
+    return len(drop)
+
+
+@dataclass(frozen=True)
+class RerankProgress:
+    """How far the active version's ranking of the pool has got."""
+
+    version_id: int
+    scored: int  # pool images with a score of this version
+    pool: int  # pool images
+    chunks_open: int  # re-ranking chunks queued or running
+    chunks_failed: int  # chunks that failed for good since the version became active
+
+    @property
+    def complete(self) -> bool:
+        return self.scored >= self.pool
+
+
+def rerank_progress(session: Session, version: ModelVersion) -> RerankProgress:
+    pool = session.scalar(select(func.count(Image.id)).where(Image.role == "pool")) or 0
+    scored = session.scalar(select(func.count(PoolScore.id)).join(Image, Image.id == PoolScore.image_id)
+                            .where(PoolScore.version_id == version.id, Image.role == "pool")) or 0
+    open_ = session.scalar(select(func.count(Job.id)).where(Job.type == RERANK_JOB, Job.status.in_(_OPEN))) or 0
+    failed = 0
+    if version.activated_at is not None:
+        failed = session.scalar(select(func.count(Job.id)).where(
+            Job.type == RERANK_JOB, Job.status == "failed", Job.created_at >= version.activated_at)) or 0
+    return RerankProgress(version.id, int(scored), int(pool), int(open_), int(failed))
