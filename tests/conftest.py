@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -71,3 +72,13 @@ def bottle_dir(shared_data: Path) -> Path:
 def dtd_dir(shared_data: Path) -> Path:
     """DTD textures: ``dtd/images/<texture>/*.jpg`` (the outlier images)."""
     return _subdir_or_skip(shared_data, "dtd", "images")
+
+
+@pytest.fixture(autouse=True)
+def _keep_the_main_module():
+    """Streamlit's AppTest runs a page as ``sys.modules["__main__"]`` and leaves it there; a later test that
+    starts processes with multiprocessing's 'spawn' would then run that page again in each child."""
+    main = sys.modules.get("__main__")
+    yield
+    if main is not None:
+        sys.modules["__main__"] = main
