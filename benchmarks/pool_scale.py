@@ -1,6 +1,7 @@
 """Factory scale (issue 15): the loop's costs with pools of 1,000, 10,000 and 100,000 images and 100 versions.
 
-    .venv/bin/python benchmarks/pool_scale.py [--sizes 1000 10000 100000] [--chunks 3] [--browser] [--keep]
+    .venv/bin/python benchmarks/pool_scale.py [--sizes 1000 10000 100000] [--chunks 3] [--worker-threads N]
+                                              [--browser] [--keep]
 
 For each pool size, on a copy of one trained home (the UI tests' home: two synthetic classes, v0002 active):
 1. N generated pool images are added (real 48 px BMP files, registered with one bulk insert, each with a
@@ -52,7 +53,8 @@ def du_bytes(folder: Path) -> int:
 
 
 def add_versions(prepared, n: int) -> None:  # noqa: ANN001 - tests.ui_fixtures.PreparedHome
-    """`n` retired versions before the real ones, each with the active version's metrics (rows only)."""
+    """`n` retired versions (rows only, numbered after the real ones, dated before them), each with the active
+    version's metrics."""
     from sqlalchemy import select
 
     from db.models import Metric, ModelVersion, utcnow
@@ -62,7 +64,7 @@ def add_versions(prepared, n: int) -> None:  # noqa: ANN001 - tests.ui_fixtures.
         metrics = list(session.scalars(select(Metric).where(Metric.version_id == active.id)))
         start = utcnow() - timedelta(days=n)
         for k in range(n):
-            version = ModelVersion(name=f"v9{k:03d}", folder=active.folder, config=dict(active.config),
+            version = ModelVersion(name=f"v{len(prepared.version_ids) + 1 + k:04d}", folder=active.folder, config=dict(active.config),
                                    status="retired", trained_on=dict(active.trained_on), message="benchmark row",
                                    created_at=start + timedelta(days=k), activated_at=start + timedelta(days=k))
             session.add(version)
@@ -76,10 +78,13 @@ def add_versions(prepared, n: int) -> None:  # noqa: ANN001 - tests.ui_fixtures.
 class Worker:
     """A real `dmad worker` process, its log in a file."""
 
-    def __init__(self, home: Path, log: Path):
+    def __init__(self, home: Path, log: Path, threads: int | None = None):
         self.log = log
+        env = dict(os.environ)
+        if threads:  # one core per worker: what a worker on its own machine of that size would have
+            env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
         self.process = subprocess.Popen(dmad("worker", "--home", str(home), "--sync-every", "0"),
-                                        stdout=log.open("w"), stderr=subprocess.STDOUT)
+                                        stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
 
     def wait_ready(self, timeout: float = 120) -> None:
         deadline = time.monotonic() + timeout
@@ -135,7 +140,7 @@ def rate(sessions, version: str, skip: int, count: int, timeout: float = 1800) -
     while True:
         done = chunks_done(sessions, version)
         open_left = _open_chunks(sessions)
-        if len(done) >= skip + count or (not open_left and len(done) > skip) or time.monotonic() > deadline:
+        if len(done) >= skip + count or not open_left or time.monotonic() > deadline:
             break
         time.sleep(0.5)
     window = done[skip:skip + count]
@@ -156,8 +161,9 @@ def _open_chunks(sessions) -> int:  # noqa: ANN001
                                                                    Job.status.in_(("queued", "running")))))
 
 
-def wait_in_chunk(sessions, version: str) -> None:  # noqa: ANN001
-    """Until a chunk of `version` is running (so the next annotation meets a busy worker)."""
+def wait_in_chunk(sessions, version: str) -> bool:  # noqa: ANN001
+    """Until a chunk of `version` is running (so the next annotation meets a busy worker); False when none is
+    left to run."""
     from sqlalchemy import select
 
     from app.services.reranking import RERANK_JOB
@@ -168,7 +174,9 @@ def wait_in_chunk(sessions, version: str) -> None:  # noqa: ANN001
             running = [j for j in session.scalars(select(Job).where(Job.type == RERANK_JOB, Job.status == "running"))
                        if j.payload.get("version") == version]
         if running:
-            return
+            return True
+        if not _open_chunks(sessions):
+            return False
         time.sleep(0.1)
 
 
@@ -190,17 +198,18 @@ def measure(base, size: int, root: Path, args: argparse.Namespace) -> dict:  # n
         targets = [(img.path, img.gt_mask_path) for img in session.scalars(
             select(Image).where(Image.role == "pool", Image.gt_label == 1, Image.id.not_in(prepared.annotated_ids))
             .order_by(Image.id))][:2]
-    w1 = Worker(home.root, root / f"worker1-{size}.log")
+    w1 = Worker(home.root, root / f"worker1-{size}.log", args.worker_threads)
     w2 = None
     try:
         w1.wait_ready()
         idle = annotate_until_active(home.root, sessions, *targets[0])
         first = active_name(sessions)
-        one, n_one = rate(sessions, first, 1, args.chunks)
-        wait_in_chunk(sessions, first)
-        busy = annotate_until_active(home.root, sessions, *targets[1])
+        chunks = -(-(size + len(prepared.pool_ids)) // home.load_settings().rerank_chunk_images)
+        one, n_one = rate(sessions, first, 1, max(1, min(args.chunks, chunks - 2)))  # leave a chunk to be busy in
+        in_chunk = wait_in_chunk(sessions, first)
+        busy = annotate_until_active(home.root, sessions, *targets[1]) if in_chunk else float("nan")
         second = active_name(sessions)
-        w2 = Worker(home.root, root / f"worker2-{size}.log")
+        w2 = Worker(home.root, root / f"worker2-{size}.log", args.worker_threads)
         w2.wait_ready()
         skip = len(chunks_done(sessions, second)) + 1  # from now on both workers run chunks
         two, n_two = rate(sessions, second, skip, 2 * args.chunks)
@@ -208,7 +217,8 @@ def measure(base, size: int, root: Path, args: argparse.Namespace) -> dict:  # n
         w1.stop()
         if w2 is not None:
             w2.stop()
-    out = {"size": size, "setup_s": setup, "idle_s": idle, "busy_s": busy, "rate1": one, "chunks1": n_one,
+    entry = next(home.features_dir.rglob("*.npy")).stat().st_size
+    out = {"entry_bytes": entry, "size": size, "setup_s": setup, "idle_s": idle, "busy_s": busy, "rate1": one, "chunks1": n_one,
            "rate2": two, "chunks2": n_two, "cache_bytes": du_bytes(home.features_dir),
            "db_bytes": home.db_path.stat().st_size, "pool": size + len(prepared.pool_ids)}
     if args.browser:
@@ -227,7 +237,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", type=int, nargs="+", default=[1_000, 10_000, 100_000])
     ap.add_argument("--chunks", type=int, default=3, help="chunks per rate measurement (default 3)")
-    ap.add_argument("--cache-budget", type=int, default=20 * 1024**3, help="feature cache budget in bytes")
+    ap.add_argument("--cache-budget", type=int, default=0,
+                    help="feature cache budget in bytes (default 0: every chunk reads the backbone, so that the rates "
+                         "with 1 and 2 workers compare the same work; the home's default is 20 GiB)")
+    ap.add_argument("--worker-threads", type=int, default=None,
+                    help="CPU threads per worker (OMP_NUM_THREADS); 1 on a 2-core machine stands for two one-core "
+                         "machines, so that 2 workers have their own cores")
     ap.add_argument("--browser", action="store_true", help="also time every page in headless Chromium")
     ap.add_argument("--keep", action="store_true", help="keep the temporary homes and print their folder")
     args = ap.parse_args()
@@ -255,7 +270,9 @@ def main() -> None:
             print(f"{r['pool']:>8,} {r['idle_s']:>23.1f} {r['idle_s'] / base_idle:>10.2f} {r['busy_s']:>23.1f} "
                   f"{whole1 / 60:>12.1f} min {whole2 / 60:>13.1f} min {r['rate2'] / r['rate1']:>6.2f} "
                   f"{r['cache_bytes'] / 1e9:>9.2f} {r['db_bytes'] / 1e6:>7.1f}")
-        print("\nre-rank columns: the whole pool at the rate measured over "
+        print(f"\nfeature cache entry: {rows[0]['entry_bytes'] / 1e6:.2f} MB an image (the pool's features: "
+              + ", ".join(f"{r['pool'] * r['entry_bytes'] / 1e9:.1f} GB at {r['pool']:,}" for r in rows) + ")")
+        print("re-rank columns: the whole pool at the rate measured over "
               f"{args.chunks} chunks (1 worker) and {2 * args.chunks} chunks (2 workers), after each worker's first")
     finally:
         if args.keep:

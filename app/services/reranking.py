@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session, aliased, selectinload, sessionmaker
 from app.home_folder import Home
 from db.engine import write_transaction
 from db.models import Image, Job, ModelVersion, PoolScore, utcnow
-from db.queue import enqueue
+from db.queue import enqueue_many
 from db.repositories import store_pool_scores
 
 if TYPE_CHECKING:  # the engine (PyTorch) is imported by the worker only: promotion and the UI stay light
@@ -76,10 +76,9 @@ def plan_rerank(session: Session, version: ModelVersion, previous_id: int | None
     ).rowcount or 0
     order = rerank_order(session, version.id, previous_id, chunk_images)
     chunks = [order[i:i + chunk_images] for i in range(0, len(order), chunk_images)]
-    for k, ids in enumerate(chunks, start=1):
-        enqueue(session, RERANK_JOB, {"version_id": version.id, "version": version.name, "image_ids": ids,
-                                      "chunk": k, "chunks": len(chunks)}, priority=RERANK_PRIORITY)
-    session.flush()
+    enqueue_many(session, RERANK_JOB, [{"version_id": version.id, "version": version.name, "image_ids": ids,
+                                        "chunk": k, "chunks": len(chunks)} for k, ids in enumerate(chunks, start=1)],
+                 priority=RERANK_PRIORITY)
     if chunks:
         log.info("re-ranking %d pool images under %s in %d chunks", len(order), version.name, len(chunks))
     return RerankPlan(version.id, len(order), len(chunks), int(superseded))

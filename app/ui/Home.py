@@ -40,7 +40,7 @@ else:
     st.markdown(f"Active version **{v.name}**, activated {activated}; it has scored **{info.pool_scored}** "
                 f"pool images. Trained on: {queries.trained_on_summary(v.trained_on)}.")
     if info.pool_scored == 0:
-        st.info(f"{v.name} has not scored the pool yet: the Review page fills once a scoring job has run.")
+        st.info(f"{v.name} has not scored the pool yet: the Review page fills as workers re-rank the pool under it.")
 
 st.subheader("Jobs")
 if info.jobs:
