@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/pool_scale.py [--sizes 1000 10000 100000] [--chunks 3] [--worker-threads N]
                                               [--browser] [--keep]
+    .venv/bin/python benchmarks/pool_scale.py --cache-effect   # what keeping pool images' features buys
 
 For each pool size, on a copy of one trained home (the UI tests' home: two synthetic classes, v0002 active):
 1. N generated pool images are added (real 48 px BMP files, registered with one bulk insert, each with a
@@ -233,6 +234,38 @@ def measure(base, size: int, root: Path, args: argparse.Namespace) -> dict:  # n
     return out
 
 
+def cache_effect(base, root: Path, n: int = 512) -> None:  # noqa: ANN001
+    """Per-image cost of scoring pool images under the active version with their features read by the
+    backbone (and stored) against read back from the feature cache: what keeping pool features buys."""
+    from sqlalchemy import select
+
+    from app.services.scoring import image_item, load_model
+    from app.services.versions import active_version
+    from db.models import Image
+    from tests.ui_fixtures import add_bulk_pool, copy_prepared
+
+    prepared = copy_prepared(base, root / "home-cache", full=True)
+    add_bulk_pool(prepared, n=n, category="cache")
+    with prepared.sessions()() as session:
+        model = load_model(prepared.home, active_version(session))
+        items = [image_item(img) for img in session.scalars(select(Image).join(Image.category)
+                                                              .where(Image.role == "pool").order_by(Image.id.desc())
+                                                              .limit(n))]
+    model.predict(items[:16], progress_bar=False)  # warm up (threads, first-call costs); 16 images stored
+    items = items[16:]
+    timings = {}
+    for label in ("backbone (features computed and stored)", "feature cache (features read back)"):
+        start = time.perf_counter()
+        model.predict(items, progress_bar=False)
+        timings[label] = (time.perf_counter() - start) / len(items) * 1000
+    print(f"\n{'scoring a pool image':<42}{'ms/image':>10}")
+    for label, ms in timings.items():
+        print(f"{label:<42}{ms:>10.1f}")
+    first, second = timings.values()
+    print(f"ratio: {first / second:.1f}x ({len(items)} images, offline preset; an entry is "
+          f"{next(prepared.home.features_dir.rglob('*.npy')).stat().st_size / 1e6:.2f} MB)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", type=int, nargs="+", default=[1_000, 10_000, 100_000])
@@ -243,6 +276,8 @@ def main() -> None:
     ap.add_argument("--worker-threads", type=int, default=None,
                     help="CPU threads per worker (OMP_NUM_THREADS); 1 on a 2-core machine stands for two one-core "
                          "machines, so that 2 workers have their own cores")
+    ap.add_argument("--cache-effect", action="store_true",
+                    help="only measure scoring pool images from the backbone against from the feature cache")
     ap.add_argument("--browser", action="store_true", help="also time every page in headless Chromium")
     ap.add_argument("--keep", action="store_true", help="keep the temporary homes and print their folder")
     args = ap.parse_args()
@@ -255,6 +290,9 @@ def main() -> None:
         print("training the base home with the real CLI ...", flush=True)
         with contextlib.redirect_stdout(io.StringIO()):
             base = build_home(tmp / "base")
+        if args.cache_effect:
+            cache_effect(base, tmp)
+            return
         for size in args.sizes:
             print(f"\n== pool of {size:,} generated images ==", flush=True)
             rows.append(measure(base, size, tmp, args))

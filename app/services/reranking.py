@@ -90,7 +90,7 @@ class LoadedModel:
 
     def __init__(self) -> None:
         self.folder_: str | None = None
-        self.model_: DMAD | None = None  # noqa: F821 - annotation only
+        self.model_: DMAD | None = None
 
     def get(self, home: Home, version: ModelVersion) -> DMAD:
         from app.services.scoring import load_model
