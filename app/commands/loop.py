@@ -253,6 +253,15 @@ def _metrics_text(status: dict[str, Any]) -> str:
     return "metrics (%):\n" + "\n".join(lines) if lines else "no metrics yet"
 
 
+def _ranking_text(ranking: dict[str, Any] | None) -> list[str]:
+    if ranking is None:
+        return []
+    line = f"pool ranked under {ranking['version']}: {ranking['scored']:,} of {ranking['pool']:,} images"
+    if not ranking["complete"]:
+        line += f" ({ranking['chunks_open']} chunks open, {ranking['chunks_failed']} failed)"
+    return [line]
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from app.services.status import home_status
 
@@ -263,6 +272,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     text = [f"home {home.root}",
             f"active version: {active['name']} ({active['mode']})" if active else "no active version: run `dmad train`",
             f"jobs: {q['queued']} queued, {q['running']} running, {q['failed']} failed",
+            *_ranking_text(status["pool_ranking"]),
             _metrics_text(status)]
     _emit(args, status, "\n".join(text))
     return 0

@@ -10,7 +10,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.home_folder import Home
 from app.services.read_models import JobInfo, VersionInfo, active_version_info, job_info
-from db.models import JOB_STATUSES, Job
+from app.services.reranking import RERANK_JOB, rerank_progress
+from db.models import JOB_STATUSES, Job, ModelVersion
 from db.queue import list_jobs
 from db.repositories import metric_history, training_counts
 
@@ -50,7 +51,19 @@ def home_status(home: Home, sessions: sessionmaker[Session]) -> dict[str, Any]:
             "home": str(home.root),
             "active_version": version_dict(active) if active else None,
             "queue": {**{s: counts.get(s, 0) for s in JOB_STATUSES},
-                      "recent": [job_dict(job_info(j)) for j in list_jobs(session, limit=10)]},
+                      # re-ranking chunks (hundreds a version) are summed up in "pool_ranking" unless they failed
+                      "recent": [job_dict(job_info(j)) for j in list_jobs(session, limit=10,
+                                                                         hide_unless_failed=(RERANK_JOB,))]},
+            "pool_ranking": _pool_ranking(session, active),
             "metrics": metrics_by_category(session),
             "training_data": training_counts(session),
         }
+
+
+def _pool_ranking(session: Session, active: VersionInfo | None) -> dict[str, Any] | None:
+    """How much of the pool the active version has ranked (its re-ranking runs after its promotion)."""
+    if active is None:
+        return None
+    p = rerank_progress(session, session.get(ModelVersion, active.id))
+    return {"version": active.name, "scored": p.scored, "pool": p.pool, "chunks_open": p.chunks_open,
+            "chunks_failed": p.chunks_failed, "complete": p.complete}

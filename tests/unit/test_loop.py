@@ -85,6 +85,9 @@ def test_annotations_reach_a_new_active_version(trained_home: LoopHome, capsys) 
     counts = active["trained_on"]["categories"]
     assert counts["tiles"]["defect_masks"] == 3 and counts["fabric"]["weak_defects"] == 1
     assert status["queue"]["queued"] == 0 and status["queue"]["failed"] == 0
+    ranking = status["pool_ranking"]
+    assert ranking["version"] == "v0002" and ranking["complete"] and ranking["scored"] == ranking["pool"] == 52
+    assert all(j["type"] != "rerank" for j in status["queue"]["recent"])  # summed up in pool_ranking
     with open_database(trained_home.home)() as session:
         version = active_version(session)
         sizes = version.config["bank_sizes"]["abnormal"]
