@@ -191,7 +191,7 @@ def _rerank_in_foreground(home: Any, sessions: Any, quiet: bool) -> None:
     from app.worker import rerank_now
 
     with sessions() as session:
-        p = rerank_progress(session, versions.active_version(session))
+        p = rerank_progress(session, versions.active_version(session).id)
     if p.complete:
         return
     if not quiet:
@@ -296,7 +296,7 @@ def _rerank_note(session: Any, version: Any) -> str:
     """What is left of the pool's re-ranking under a newly active version, and who runs it."""
     from app.services.reranking import rerank_progress
 
-    p = rerank_progress(session, version)
+    p = rerank_progress(session, version.id)
     if p.complete:
         return ""
     return (f"; {p.pool - p.scored} of {p.pool} pool images wait to be re-ranked under it ({p.chunks_open} "

@@ -37,16 +37,6 @@ RERANK_PRIORITY = -10  # below every other job: a retrain or a Label Studio sync
 _OPEN = ("queued", "running")
 
 
-@dataclass(frozen=True)
-class RerankPlan:
-    """The chunks queued for a version."""
-
-    version_id: int
-    images: int
-    chunks: int
-    superseded: int  # open chunks of earlier plans that were cancelled
-
-
 def rerank_order(session: Session, version_id: int, previous_id: int | None, first: int) -> list[int]:
     """The pool images `version_id` has not scored yet, in the order an inspector needs them: the `first`
     images ranked highest under `previous_id`, then the images it never scored (newest first), then the rest
@@ -64,16 +54,15 @@ def rerank_order(session: Session, version_id: int, previous_id: int | None, fir
     return ranked_ids[:first] + unranked + ranked_ids[first:]
 
 
-def plan_rerank(session: Session, version: ModelVersion, previous_id: int | None, chunk_images: int) -> RerankPlan:
+def plan_rerank(session: Session, version: ModelVersion, previous_id: int | None, chunk_images: int) -> int:
     """Cancel every open re-ranking chunk and queue the chunks of `version` (in the caller's transaction:
-    the promotion and its re-ranking plan commit together, or neither does)."""
+    the promotion and its re-ranking plan commit together, or neither does); returns the chunks queued."""
     if chunk_images < 1:
         raise ValueError("chunk_images must be at least 1")
-    superseded = session.execute(
+    session.execute(
         update(Job).where(Job.type == RERANK_JOB, Job.status.in_(_OPEN))
         .values(status="cancelled", message=f"superseded: {version.name} is active", finished_at=utcnow(),
-                lease_owner=None, lease_expires_at=None)
-    ).rowcount or 0
+                lease_owner=None, lease_expires_at=None))
     order = rerank_order(session, version.id, previous_id, chunk_images)
     chunks = [order[i:i + chunk_images] for i in range(0, len(order), chunk_images)]
     enqueue_many(session, RERANK_JOB, [{"version_id": version.id, "version": version.name, "image_ids": ids,
@@ -81,7 +70,7 @@ def plan_rerank(session: Session, version: ModelVersion, previous_id: int | None
                  priority=RERANK_PRIORITY)
     if chunks:
         log.info("re-ranking %d pool images under %s in %d chunks", len(order), version.name, len(chunks))
-    return RerankPlan(version.id, len(order), len(chunks), int(superseded))
+    return len(chunks)
 
 
 class LoadedModel:
@@ -101,10 +90,11 @@ class LoadedModel:
 
 
 def pool_features_fit(home: Home, session: Session, model: DMAD) -> bool:
-    """Whether the pool's patch features fit in the feature cache's budget. When they do, a re-ranking stores
-    them and the next one reads them back; when they do not, it stores nothing: a re-ranking reads the pool
-    in one pass, the least recently used entry is always the next one needed, so stored features would be
-    evicted before any use (and would push out nothing useful only because the protected ones stay)."""
+    """Whether the patch features of every image of the home (the pool with the protected training and
+    annotated images) fit in the feature cache's budget. When they do, a re-ranking stores the pool's features
+    and the next one reads them back; when they do not, it stores none: a re-ranking reads the pool in one
+    pass, so under LRU the entry it needs next is always the oldest, and stored features would be evicted
+    before any use."""
     budget = home.load_settings().feature_cache_max_bytes
     if budget is None:
         return True
@@ -191,7 +181,9 @@ class RerankProgress:
         return self.scored >= self.pool
 
 
-def rerank_progress(session: Session, version: ModelVersion) -> RerankProgress:
+def rerank_progress(session: Session, version_id: int) -> RerankProgress:
+    """How much of the pool the version has ranked so far (its re-ranking runs after its promotion)."""
+    version = session.get(ModelVersion, version_id)
     pool = session.scalar(select(func.count(Image.id)).where(Image.role == "pool")) or 0
     scored = session.scalar(select(func.count(PoolScore.id)).join(Image, Image.id == PoolScore.image_id)
                             .where(PoolScore.version_id == version.id, Image.role == "pool")) or 0

@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from app.home_folder import Home
 from app.services.read_models import JobInfo, VersionInfo, active_version_info, job_info
 from app.services.reranking import RERANK_JOB, rerank_progress
-from db.models import JOB_STATUSES, Job, ModelVersion
+from db.models import JOB_STATUSES, Job
 from db.queue import list_jobs
 from db.repositories import metric_history, training_counts
 
@@ -64,6 +64,6 @@ def _pool_ranking(session: Session, active: VersionInfo | None) -> dict[str, Any
     """How much of the pool the active version has ranked (its re-ranking runs after its promotion)."""
     if active is None:
         return None
-    p = rerank_progress(session, session.get(ModelVersion, active.id))
+    p = rerank_progress(session, active.id)
     return {"version": active.name, "scored": p.scored, "pool": p.pool, "chunks_open": p.chunks_open,
             "chunks_failed": p.chunks_failed, "complete": p.complete}

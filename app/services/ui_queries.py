@@ -18,8 +18,7 @@ from sqlalchemy import Select, case, exists, func, select
 from sqlalchemy.orm import Session
 
 from app.services.annotations import RETRAIN_KEY
-from app.services.reranking import RERANK_JOB, RerankProgress
-from app.services.reranking import rerank_progress as _rerank_progress
+from app.services.reranking import RERANK_JOB, RerankProgress, rerank_progress  # noqa: F401 (the pages' query)
 from app.services.read_models import (
     ACTIVE_JOB_STATUSES,
     JobInfo,
@@ -197,11 +196,6 @@ def review_page(session: Session, f: ReviewFilter, limit: int, offset: int = 0) 
 
 def review_count(session: Session, f: ReviewFilter) -> int:
     return int(session.scalar(_filtered(select(func.count()).select_from(PoolScore), f)) or 0)
-
-
-def rerank_progress(session: Session, version_id: int) -> RerankProgress:
-    """How much of the pool the version has ranked so far (its re-ranking runs after its promotion)."""
-    return _rerank_progress(session, session.get(ModelVersion, version_id))
 
 
 def rerank_note(version: str, p: RerankProgress) -> str:

@@ -57,7 +57,7 @@ def _rerank_jobs(home: Home) -> list[Job]:
 def _assert_pool_ranked_once(home: Home) -> None:
     with open_database(home)() as session:
         version = active_version(session)
-        assert rerank_progress(session, version).complete
+        assert rerank_progress(session, version.id).complete
         pool = session.scalar(select(func.count(Image.id)).where(Image.role == "pool"))
         rows = session.scalar(select(func.count(PoolScore.id)).where(PoolScore.version_id == version.id))
         assert rows == pool

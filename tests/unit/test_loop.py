@@ -95,7 +95,7 @@ def test_annotations_reach_a_new_active_version(trained_home: LoopHome, capsys) 
         # one retrain, then the pool's re-ranking under it (the images its evaluation did not score)
         kinds = [job.type for job in session.scalars(select(Job).order_by(Job.id))]
         assert kinds.count("retrain") == 1 and kinds.count("train") == 1 and kinds.count("rerank") >= 1
-        progress = rerank_progress(session, version)
+        progress = rerank_progress(session, version.id)
         assert progress.complete and progress.scored == progress.pool
 
 

@@ -52,7 +52,7 @@ def test_a_retrain_promotes_before_ranking_the_pool_and_its_chunks_rank_it(train
     with sessions() as session:
         v2 = session.get(ModelVersion, outcome.version_id)
         assert v2.status == "active"
-        progress = rerank_progress(session, v2)
+        progress = rerank_progress(session, v2.id)
         # the retrain scored only its evaluation set: one image per class and label (2 classes x 2 labels)
         assert progress.scored == 4 and progress.pool == pool and not progress.complete
         chunks = _chunks(session, "queued")
@@ -70,7 +70,7 @@ def test_a_retrain_promotes_before_ranking_the_pool_and_its_chunks_rank_it(train
 
     assert rerank_now(home, sessions) == len(chunks)
     with sessions() as session:
-        progress = rerank_progress(session, session.get(ModelVersion, outcome.version_id))
+        progress = rerank_progress(session, outcome.version_id)
         assert progress.complete and progress.chunks_open == 0
         assert set(_scores(session, outcome.version_id)) == set(v1_scores)
         assert {j.status for j in _chunks(session)} == {"succeeded"}
@@ -104,7 +104,7 @@ def test_a_newer_promotion_supersedes_the_older_re_ranking(trained_home: LoopHom
 
     rerank_now(home, sessions)
     with sessions() as session:
-        assert rerank_progress(session, session.get(ModelVersion, v3.version_id)).complete
+        assert rerank_progress(session, v3.version_id).complete
         assert _scores(session, v2.version_id) == v2_partial  # the superseded ranking was never completed
 
 
@@ -120,7 +120,7 @@ def test_pool_scores_of_versions_no_longer_kept_are_removed(trained_home: LoopHo
     rerank_now(home, sessions)
     with sessions() as session:
         assert not _scores(session, v1_id)
-        assert rerank_progress(session, session.get(ModelVersion, v2.version_id)).complete
+        assert rerank_progress(session, v2.version_id).complete
         assert prune_pool_scores(session, 1) == 0
 
 
@@ -154,7 +154,7 @@ def test_rerank_stores_no_pool_features_when_the_pool_cannot_fit_in_the_cache(tr
     v2 = train_version(home, sessions, warm_start=True)
     rerank_now(home, sessions)
     with sessions() as session:
-        assert rerank_progress(session, session.get(ModelVersion, v2.version_id)).complete
+        assert rerank_progress(session, v2.version_id).complete
     left = {p.stem for p in cache_dir.rglob("*.npy")}
     scored_by_chunks = [img for img in pool if img.content_hash not in left]
     assert len(scored_by_chunks) >= len(pool) - 4  # only the evaluation set's few may have been stored
