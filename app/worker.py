@@ -135,7 +135,7 @@ def _score_upload(home: Home, sessions: sessionmaker[Session], run: JobRun) -> s
     if version is None:
         raise RuntimeError("no active model version yet; train one with `dmad train`")
     run.progress(0.1, "scoring the uploaded image")
-    result = score_file(home, version, run.payload["path"], run.payload["category"])
+    result = score_file(home, version, run.payload["path"], run.payload["category"], model=run.loaded.get(home, version))
     run.checkpoint("storing the result")
     with sessions() as session, write_transaction(session):
         job = session.get(Job, run.job_id)
@@ -150,6 +150,10 @@ def _labelstudio_sync(home: Home, sessions: sessionmaker[Session], run: JobRun) 
     return (f"{report.created} created, {report.updated} updated, {report.deleted} deleted, "
             f"{len(report.failed)} failed")
 
+
+# The job types that can write features into the cache: the budget is held after these only (a Label Studio
+# sync, once a minute, would otherwise list every cache entry each time for nothing).
+FILLS_FEATURE_CACHE = frozenset({"train", "retrain", "rerank", "score_upload"})
 
 HANDLERS: dict[str, Callable[[Home, sessionmaker[Session], JobRun], str]] = {
     "train": functools.partial(_train, warm_start=False),
@@ -185,13 +189,14 @@ def run_job(home: Home, sessions: sessionmaker[Session], job: Job, options: Work
         return False
     queue.complete(sessions, job.id, worker_id, message)
     log.info("job %s done: %s", job.id, message)
-    _hold_cache_budget(home, sessions)
+    if job.type in FILLS_FEATURE_CACHE:
+        _hold_cache_budget(home, sessions)
     return True
 
 
 def _hold_cache_budget(home: Home, sessions: sessionmaker[Session]) -> None:
-    """After a job (jobs are what fill the feature cache), evict down to the home's budget; a failure here
-    is logged, never the job's."""
+    """After a job that can fill the feature cache, evict down to the home's budget; a failure here is
+    logged, never the job's."""
     from app.services.cache_budget import enforce
 
     try:

@@ -86,10 +86,12 @@ def score_pool(session: Session, home: Home, version: ModelVersion, images: Sequ
     return pool_rows(images, predictions)
 
 
-def score_file(home: Home, version: ModelVersion, path: str | Path, category: str) -> dict[str, Any]:
+def score_file(home: Home, version: ModelVersion, path: str | Path, category: str,
+               model: DMAD | None = None) -> dict[str, Any]:
     """Score one image file now (an upload): its score, patch grid, top patches and how it compares
-    with the version's image threshold (the highest score of a normal validation image)."""
-    model = load_model(home, version)
+    with the version's image threshold (the highest score of a normal validation image). Pass `model`
+    when the version is already in memory (a worker keeps the one it last used)."""
+    model = model or load_model(home, version)
     if category not in model.categories_:
         raise NotFound(f"unknown category {category!r}; this model knows {', '.join(model.categories_)}")
     array = load_image(path)
