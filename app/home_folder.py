@@ -33,6 +33,10 @@ class HomeSettings:
 
     db_url: str | None = None  # None: SQLite file <home>/dmad.db
     preset: str = "offline"
+    # "classifier" (kNN distance + per-class defect classifiers, the default) or "mapper": the paper's loop,
+    # the abnormal bank rebuilt from seen features and anomaly-centre perturbations and the score mapper
+    # retrained on every annotation (square images: the mapper batches whole images of one grid).
+    scorer: str = "classifier"
     weights_path: str | None = None
     label_studio_port: int = 8080
     webhook_port: int = 8765

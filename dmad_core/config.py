@@ -23,6 +23,7 @@ from typing import Any, Literal
 WeightsSource = Literal["auto", "hub", "file", "package", "npm", "random"]
 KnowledgeMode = Literal["attention", "distance"]
 PRESETS = ("offline", "paper", "resnet50")
+SCORERS = ("classifier", "mapper")  # ScoreConfig.scorer
 
 
 @dataclass(frozen=True)
@@ -188,8 +189,11 @@ class ClassifierConfig:
     weights: tuple[float, ...] = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)  # candidate w (ties: the smallest, kNN)
     regularisation: float = 1.0  # logistic regression's C (on standardised features)
     # How w is chosen from the leave-one-out criterion: "best" mean, or "one_standard_error": the smallest w
-    # within one standard error of the best (a few held-out images make a noisy criterion).
-    selection: Literal["best", "one_standard_error"] = "one_standard_error"
+    # within one standard error of the best (a few held-out images make a noisy criterion), or
+    # "paired_standard_error": the smallest w whose shortfall against the best, held-out image by held-out
+    # image, is within one standard error of that paired difference (the images' own spread, which every w
+    # shares, no longer hides a gain; docs/method-notes.md).
+    selection: Literal["best", "one_standard_error", "paired_standard_error"] = "one_standard_error"
     negative_images: int = 20  # training images per class that give negative patches
     hardest_per_image: int = 10  # their patches farthest from the normal bank (other images' entries)
     random_per_image: int = 10  # and this many random ones

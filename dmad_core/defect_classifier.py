@@ -252,6 +252,11 @@ class DefectClassifierScorer:
         spread = per_candidate[best]
         if self.config.selection == "best" or len(spread) < 2:
             return best
+        if self.config.selection == "paired_standard_error":
+            def within(c: Any) -> bool:
+                shortfall = np.asarray(spread) - np.asarray(per_candidate[c])
+                return bool(shortfall.mean() <= shortfall.std(ddof=1) / np.sqrt(len(shortfall)) + 1e-9)
+            return next(c for c in order if within(c))
         floor = means[best] - float(np.std(spread, ddof=1)) / np.sqrt(len(spread))
         return next(c for c in order if means[c] >= floor - 1e-9)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from app.home_folder import DEFAULT_HOME, Home
-from dmad_core.config import PRESETS
+from dmad_core.config import PRESETS, SCORERS
 from dmad_core.errors import Invalid, NotFound, UserError
 
 log = logging.getLogger(__name__)
@@ -43,6 +43,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--outliers", default=None, help="folder of outlier textures (DTD-like); default procedural")
     p.add_argument("--train-epochs", type=int, default=None, help="mapper epochs when training from scratch")
     p.add_argument("--retrain-epochs", type=int, default=None, help="mapper epochs of a warm-started retrain")
+    p.add_argument("--scorer", choices=SCORERS, default=None,
+                   help="classifier (default: kNN distance + per-class defect classifiers) or mapper (the "
+                        "paper's loop: abnormal bank + score mapper retrained on every annotation; see "
+                        "docs/results.md for why it is not the default)")
     _hint_flag(p)
     p.set_defaults(handler=cmd_init)
 
@@ -116,7 +120,8 @@ def cmd_init(args: argparse.Namespace) -> int:
     changes = {k: v for k, v in {
         "db_url": args.db, "preset": args.preset, "weights_path": str(Path(args.weights).resolve()) if args.weights else None,
         "outliers_dir": str(Path(args.outliers).resolve()) if args.outliers else None,
-        "train_epochs": args.train_epochs, "retrain_epochs": args.retrain_epochs}.items() if v is not None}
+        "train_epochs": args.train_epochs, "retrain_epochs": args.retrain_epochs, "scorer": args.scorer}.items()
+        if v is not None}
     if args.outliers and not Path(args.outliers).is_dir():
         raise Invalid(f"--outliers {args.outliers} is not a folder")
     if args.weights and not Path(args.weights).is_file():
@@ -126,7 +131,8 @@ def cmd_init(args: argparse.Namespace) -> int:
     home.save_settings(settings)
     open_database(home, create=True)
     _emit(args, {"home": str(home.root), "db": redact_url(home.db_url()), "settings": asdict(settings)},
-          f"home ready at {home.root} (database {redact_url(home.db_url())}, preset {settings.preset})."
+          f"home ready at {home.root} (database {redact_url(home.db_url())}, preset {settings.preset}, "
+          f"scorer {settings.scorer})."
           + (f"\nnext: dmad ingest --home {args.home} DATA/<category> ..." if args.hint else ""))
     return 0
 
@@ -253,6 +259,18 @@ def _metrics_text(status: dict[str, Any]) -> str:
     return "metrics (%):\n" + "\n".join(lines) if lines else "no metrics yet"
 
 
+def _change_text(change: dict[str, Any] | None) -> list[str]:
+    """What the active version bought against its parent, a line a class."""
+    from app.services.version_change import pool_decisions_text
+
+    if not change:
+        return []
+    lines = [f"what it bought against {change['parent']} (same evaluation images):",
+             *(f"  {line}" for line in change["lines"])]
+    flips = pool_decisions_text(change.get("pool_decisions"))
+    return lines + ([f"  {flips}"] if flips else [])
+
+
 def _ranking_text(ranking: dict[str, Any] | None) -> list[str]:
     if ranking is None:
         return []
@@ -271,8 +289,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     q = status["queue"]
     text = [f"home {home.root}",
             f"active version: {active['name']} ({active['mode']})" if active else "no active version: run `dmad train`",
+            f"scorer: {status['scorer']}" + ("" if not active or active["scorer"] in (None, status["scorer"])
+                                             else f" (the active version was trained with {active['scorer']})"),
             f"jobs: {q['queued']} queued, {q['running']} running, {q['failed']} failed",
             *_ranking_text(status["pool_ranking"]),
+            *_change_text(status["change"]),
             _metrics_text(status)]
     _emit(args, status, "\n".join(text))
     return 0

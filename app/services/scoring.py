@@ -33,6 +33,10 @@ def engine_config(home: Home) -> DMADConfig:
             config.backbone, weights="file", weights_path=settings.weights_path))
     if settings.train_epochs:
         config = dataclasses.replace(config, mapper=dataclasses.replace(config.mapper, epochs=settings.train_epochs))
+    if settings.scorer != config.score.scorer:
+        config = dataclasses.replace(config, score=dataclasses.replace(config.score, scorer=settings.scorer))
+        if settings.scorer == "mapper":  # the mapper batches whole images of one grid
+            config = dataclasses.replace(config, backbone=dataclasses.replace(config.backbone, geometry="square"))
     return config
 
 

@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from app.home_folder import Home
 from app.services.read_models import JobInfo, VersionInfo, active_version_info, job_info
 from app.services.reranking import RERANK_JOB, rerank_progress
+from app.services.version_change import change_report
 from db.models import JOB_STATUSES, Job
 from db.queue import list_jobs
 from db.repositories import metric_history, training_counts
@@ -21,7 +22,7 @@ def version_dict(v: VersionInfo) -> dict[str, Any]:
     return {"id": v.id, "name": v.name, "status": v.status, "mode": v.mode,
             "created_at": v.created_at, "activated_at": v.activated_at, "parent_id": v.parent_id,
             "annotations": v.annotations, "trained_on": v.trained_on, "seconds": v.seconds, "message": v.message,
-            "folder": v.folder}
+            "folder": v.folder, "scorer": (v.config.get("engine") or {}).get("score", {}).get("scorer")}
 
 
 def job_dict(job: JobInfo) -> dict[str, Any]:
@@ -49,12 +50,14 @@ def home_status(home: Home, sessions: sessionmaker[Session]) -> dict[str, Any]:
         counts = dict(session.execute(select(Job.status, func.count(Job.id)).group_by(Job.status)).all())
         return {
             "home": str(home.root),
+            "scorer": home.load_settings().scorer,  # what the next training uses (`dmad init --scorer`)
             "active_version": version_dict(active) if active else None,
             "queue": {**{s: counts.get(s, 0) for s in JOB_STATUSES},
                       # re-ranking chunks (hundreds a version) are summed up in "pool_ranking" unless they failed
                       "recent": [job_dict(job_info(j)) for j in list_jobs(session, limit=10,
                                                                          hide_unless_failed=(RERANK_JOB,))]},
             "pool_ranking": _pool_ranking(session, active),
+            "change": None if active is None else change_report(session, active.id),
             "metrics": metrics_by_category(session),
             "training_data": training_counts(session),
         }

@@ -35,13 +35,14 @@ from app.services.annotations import active_annotations, load_mask
 from app.services.decisions import DECISION_KEY, calibrated_decision
 from app.services.read_models import VALIDATION_SCORES_KEY
 from app.services.scoring import engine_config, feature_store, image_item, load_model, pool_rows
+from app.services.version_change import CHANGE_KEY, EVALUATION_SET_KEY, evaluation_fingerprint, measure_change
 from db.engine import write_transaction
 from db.models import Annotation, Image, ModelVersion
 from db.repositories import build_trained_on, record_metrics, store_pool_scores
 from dmad_core.data.readers import ImageRecord
 from dmad_core.errors import Conflict
 from dmad_core.evaluation import class_metrics, outlier_items
-from dmad_core.model import DMAD, DefectAnnotation, ImageItem, Progress, no_progress
+from dmad_core.model import DMAD, DefectAnnotation, ImageItem, Prediction, Progress, no_progress
 
 log = logging.getLogger(__name__)
 
@@ -141,9 +142,12 @@ def train_version(home: Home, sessions: sessionmaker[Session], *, warm_start: bo
     seconds: dict[str, float] = {}
     mode: Literal["scratch", "warm_start"] = "warm_start" if warm_start and parent is not None else "scratch"
     t0 = time.perf_counter()
+    eval_items = [image_item(img) for img in data.evaluation]
+    before: list[Prediction] | None = None  # the parent's scores of the same images: what the retrain bought
     if mode == "warm_start":
         progress(0.0, f"loading {parent.name}")
         model = load_model(home, parent)
+        before = model.predict(eval_items, progress_bar=False)
         epochs = home.load_settings().retrain_epochs
         model.update(data.annotations, data.confirmed_normals, epochs=epochs,
                      progress=lambda f, m: progress(0.6 * f, m))
@@ -162,12 +166,17 @@ def train_version(home: Home, sessions: sessionmaker[Session], *, warm_start: bo
     t0 = time.perf_counter()
     progress(0.6, f"scoring {len(data.evaluation)} evaluation images")
     predictions = {img.id: p for img, p in zip(data.evaluation, model.predict(
-        [image_item(img) for img in data.evaluation], progress=lambda f, m: progress(0.6 + 0.3 * f, m),
-        progress_bar=False), strict=True)}
+        eval_items, progress=lambda f, m: progress(0.6 + 0.3 * f, m), progress_bar=False), strict=True)}
     seconds["score"] = round(time.perf_counter() - t0, 2)
     t0 = time.perf_counter()
     progress(0.9, f"evaluating on {len(data.evaluation)} images with ground truth")
     metrics = evaluate(model, data.evaluation, predictions)
+    change = None
+    if before is not None:  # the parent on the same images (its heat maps depend on the config alone)
+        after = [predictions[img.id] for img in data.evaluation]
+        change = measure_change(parent.name, data.evaluation, before, after, model, data.trained_on,
+                                evaluate(model, data.evaluation, dict(zip(predictions, before, strict=True))),
+                                metrics)
     seconds["evaluate"] = round(time.perf_counter() - t0, 2)
     checkpoint("publishing")
 
@@ -180,6 +189,8 @@ def train_version(home: Home, sessions: sessionmaker[Session], *, warm_start: bo
         DECISION_KEY: calibrated_decision(model.validation_scores_, home.load_settings().false_alarm_rate),
         "bank_sizes": {"normal": model.normal_bank_.part_sizes(), "abnormal": model.abnormal_bank_.part_sizes()},
         "engine": model.config.to_dict(),
+        EVALUATION_SET_KEY: evaluation_fingerprint(data.evaluation),
+        CHANGE_KEY: change,
     }
     with sessions() as session:
         name, tmp = versions.new_version_dir(home, session)

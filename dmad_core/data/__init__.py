@@ -15,6 +15,8 @@ from dmad_core.data.readers import (
 )
 from dmad_core.data.synthetic import (
     DEFECT_TYPES,
+    DEMO_HARD_CATEGORY,
+    SUBTLE_DEFECT_TYPES,
     TEXTURES,
     add_defect,
     make_demo_dataset,
@@ -25,6 +27,8 @@ from dmad_core.data.synthetic import (
 
 __all__ = [
     "DEFECT_TYPES",
+    "DEMO_HARD_CATEGORY",
+    "SUBTLE_DEFECT_TYPES",
     "IMAGE_EXTENSIONS",
     "LAYOUTS",
     "TEXTURES",

@@ -23,6 +23,7 @@ from sqlalchemy import func, select
 from app.home_folder import Home, HomeSettings
 from db.engine import cached_engine, session_factory
 from db.models import Image, ModelVersion, PoolScore
+from dmad_core.data import DEMO_HARD_CATEGORY
 from tests.processes import alive, dmad, free_port
 
 pytestmark = pytest.mark.slow
@@ -104,5 +105,6 @@ def test_demo_trains_serves_the_ui_and_ctrl_c_stops_it(tmp_path: Path) -> None:
     print(f"dmad demo: {len(out.splitlines())} lines of output, {time.monotonic() - start:.1f} s in all")
     assert proc.returncode == 0, out
     assert "dmad up: stopped" in out and "killed" not in out and "Traceback" not in out
+    assert f"choose the class '{DEMO_HARD_CATEGORY}' in Review" in out  # the closing message says what to annotate
     assert not any(alive(pid) for pid in pids.values())
     assert list(home.run_dir.glob("*.pid")) == []

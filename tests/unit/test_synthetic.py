@@ -11,6 +11,8 @@ import pytest
 
 from dmad_core.data import (
     DEFECT_TYPES,
+    DEMO_HARD_CATEGORY,
+    SUBTLE_DEFECT_TYPES,
     TEXTURES,
     add_defect,
     load_image,
@@ -87,11 +89,26 @@ def test_defects_change_exactly_the_masked_pixels(texture: str, kind: DefectType
     assert change > 40, f"{kind} on {texture} changes the masked pixels by only {change:.1f} grey levels"
 
 
+@pytest.mark.parametrize("texture", TEXTURES)
+def test_a_tint_is_faint_but_real(texture: str) -> None:
+    """The demo's hard defect: every masked pixel changes, by a few grey levels only (a discolouration that
+    looks like normal variation), and nothing outside the mask changes."""
+    rng = np.random.default_rng(2)
+    normal = make_normal_image(texture, 96, rng)
+    image, mask = add_defect(normal, "tint", rng)
+    assert 0.01 <= mask.mean() <= 0.05
+    np.testing.assert_array_equal(image[~mask], normal[~mask])
+    change = np.abs(image.astype(int) - normal.astype(int))[mask].mean()
+    assert 3 < change < 20, f"a tint on {texture} changes the masked pixels by {change:.1f} grey levels"
+
+
 def test_bad_arguments(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="unknown texture"):
         make_synthetic_category(tmp_path, "x", texture="marble")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="unknown defect type"):
         add_defect(np.zeros((32, 32, 3), dtype=np.uint8), "dent", np.random.default_rng(0))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="unknown defect types"):
+        make_synthetic_category(tmp_path, "y", defect_types=("dent",))
 
 
 def test_existing_category_is_not_overwritten_by_accident(tmp_path: Path) -> None:
@@ -119,9 +136,11 @@ def test_demo_dataset_is_fast_and_multi_class(tmp_path: Path) -> None:
     start = time.perf_counter()
     roots = make_demo_dataset(tmp_path)
     assert time.perf_counter() - start < 5.0
-    assert len(roots) == 3 and len({r.name for r in roots}) == 3
+    assert len(roots) == 4 and len({r.name for r in roots}) == 4
     datasets = [read_category(r) for r in roots]
     assert all(ds.has_masks and len(ds.train) == 20 for ds in datasets)
+    hard = next(ds for ds in datasets if ds.name == DEMO_HARD_CATEGORY)
+    assert set(hard.defect_types) == {"good", *SUBTLE_DEFECT_TYPES}  # the hard class has tints only
     mean_colours = [load_image(ds.train[0].path).reshape(-1, 3).mean(axis=0) for ds in datasets]
     for m1, m2 in itertools.combinations(mean_colours, 2):
         assert np.abs(m1 - m2).sum() > 40

@@ -15,6 +15,7 @@ import streamlit as st
 
 from app.services import ui_queries as queries
 from app.services import versions as version_service
+from app.services.version_change import change_report, pool_decisions_text
 from app.ui import context as ui
 from dmad_core.errors import UserError
 
@@ -130,6 +131,18 @@ if not all_versions:
     st.info(ui.NO_MODEL)
     st.stop()
 st.dataframe(table, width="stretch", hide_index=True)
+
+current_version = next((v for v in all_versions if v.status == "active"), None)
+if current_version is not None:
+    with sessions() as session:
+        bought = change_report(session, current_version.id)
+    if bought:
+        st.markdown(f"**What {current_version.name} bought** against {bought['parent']}, on the same evaluation "
+                    "images (90 % intervals: a few images are a noisy measure):")
+        st.markdown("\n".join(f"- {line}" for line in bought["lines"]))
+        flips = pool_decisions_text(bought.get("pool_decisions"))
+        if flips:
+            st.caption(flips + ".")
 
 promotable = [v.name for v in reversed(all_versions) if v.status not in ("active", "failed")]
 if st.session_state.get("training-promote-version") not in promotable:

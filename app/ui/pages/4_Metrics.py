@@ -9,6 +9,7 @@ import pandas as pd
 import streamlit as st
 
 from app.services import ui_queries as queries
+from app.services.version_change import change_rows, evaluation_set_changes
 from app.ui import context as ui
 
 DEFAULT_METRICS = ("image_auroc", "pixel_auroc", "pro")
@@ -63,6 +64,18 @@ if chosen_metrics and chosen_categories:
     st.altair_chart(alt.vconcat(*charts).resolve_scale(x="shared"), width="stretch")
 else:
     st.info("Choose at least one metric and one category in the sidebar.")
+
+moved = evaluation_set_changes(all_versions)
+if moved:
+    st.caption("The evaluation set changed (annotated images leave it) at: " + "; ".join(moved)
+               + ". Across those points a curve compares other images; the table below compares each version "
+               "with the one it was trained from on the same images.")
+
+bought = change_rows(all_versions)
+if bought:
+    st.subheader("What each version bought, on the same images")
+    shown_rows = [r for r in bought if r["class"] in chosen_categories]
+    st.dataframe(shown_rows, width="stretch", hide_index=True)
 
 version, latest = queries.latest_metrics(metrics)
 st.subheader(f"Latest values ({version})")
