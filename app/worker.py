@@ -32,7 +32,7 @@ from typing import Any
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.home_folder import Home
-from app.services.reranking import LoadedModel
+from app.services.inference import LoadedModel
 from db import queue
 from db.engine import write_transaction
 from db.models import Job
@@ -128,19 +128,19 @@ def _rerank(home: Home, sessions: sessionmaker[Session], run: JobRun) -> str:
 
 def _score_upload(home: Home, sessions: sessionmaker[Session], run: JobRun) -> str:
     from app.services import versions
-    from app.services.scoring import score_file
+    from app.services.scoring import score_upload
 
+    run.progress(0.1, "scoring the uploaded image")
     with sessions() as session:
         version = versions.active_version(session)
-    if version is None:
-        raise RuntimeError("no active model version yet; train one with `dmad train`")
-    run.progress(0.1, "scoring the uploaded image")
-    result = score_file(home, version, run.payload["path"], run.payload["category"], model=run.loaded.get(home, version))
+        if version is None:
+            raise RuntimeError("no active model version yet; train one with `dmad train`")
+        result = score_upload(home, session, version, run.payload["path"], run.payload["category"], run.loaded)
     run.checkpoint("storing the result")
     with sessions() as session, write_transaction(session):
         job = session.get(Job, run.job_id)
         job.payload = {**run.payload, "result": result}
-    return f"score {result['score']:.3f} under {version.name}"
+    return f"{result['decision']} (score {result['score']:.3f}, threshold {result['threshold']:.3f}) under {version.name}"
 
 
 def _labelstudio_sync(home: Home, sessions: sessionmaker[Session], run: JobRun) -> str:

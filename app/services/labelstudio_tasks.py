@@ -22,7 +22,6 @@ from app.services.labelstudio import (
     PIXEL_THRESHOLD_KEY,
     Connection,
     connect,
-    heatmap_mask,
     webhook_base_url,
 )
 from app.services.read_models import normal_percentile_of
@@ -66,6 +65,7 @@ class SendResult:
 def task_items(version: ModelVersion, rows: Sequence[PoolScore], image_base_url: str) -> list[TaskItem]:
     """One task item per pool score row (each with `image` and its category loaded)."""
     from annotation.project import TaskItem, image_url_for
+    from dmad_core.preannotation import heatmap_mask  # scikit-image: loaded when tasks are made
 
     threshold = (version.config or {}).get(PIXEL_THRESHOLD_KEY)
     engine = (version.config or {}).get("engine")  # the version's DMADConfig: its heat maps' sigma and size
@@ -150,3 +150,4 @@ def push_top(home: Home, sessions: sessionmaker[Session], limit: int = 50, categ
                            [(item.image_id, ids.get(item.content_hash)) for item in items])
     return PushTopResult(result.created, result.skipped_existing, project_id, version.name,
                          (version.config or {}).get(PIXEL_THRESHOLD_KEY) is not None)
+

@@ -28,6 +28,7 @@ from db.queue import enqueue_many
 from db.repositories import store_pool_scores
 
 if TYPE_CHECKING:  # the engine (PyTorch) is imported by the worker only: promotion and the UI stay light
+    from app.services.inference import LoadedModel
     from dmad_core.model import DMAD, Progress
 
 log = logging.getLogger(__name__)
@@ -71,22 +72,6 @@ def plan_rerank(session: Session, version: ModelVersion, previous_id: int | None
     if chunks:
         log.info("re-ranking %d pool images under %s in %d chunks", len(order), version.name, len(chunks))
     return len(chunks)
-
-
-class LoadedModel:
-    """The version a worker scores its chunks with, loaded once rather than once a chunk (a load reads the
-    banks and builds the backbone: seconds)."""
-
-    def __init__(self) -> None:
-        self.folder_: str | None = None
-        self.model_: DMAD | None = None
-
-    def get(self, home: Home, version: ModelVersion) -> DMAD:
-        from app.services.scoring import load_model
-
-        if self.model_ is None or self.folder_ != version.folder:
-            self.model_, self.folder_ = load_model(home, version), version.folder
-        return self.model_
 
 
 def pool_features_fit(home: Home, session: Session, model: DMAD) -> bool:

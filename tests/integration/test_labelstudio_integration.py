@@ -318,7 +318,8 @@ def test_cli_push_webhook_and_sync_on_the_database(labelstudio: LabelStudioServe
     as tasks, annotated through the API, received by `dmad webhook` (a subprocess), then synced."""
     from app.cli import main
     from app.home_folder import HomeSettings
-    from app.services.labelstudio import heatmap_mask, webhook_secret
+    from app.services.labelstudio import webhook_secret
+    from dmad_core.preannotation import heatmap_mask
     from app.services.versions import commit_version, new_version_dir
     from db.engine import make_engine, session_factory, upgrade_to_head
     from db.models import Annotation
