@@ -43,6 +43,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--outliers", default=None, help="folder of outlier textures (DTD-like); default procedural")
     p.add_argument("--train-epochs", type=int, default=None, help="mapper epochs when training from scratch")
     p.add_argument("--retrain-epochs", type=int, default=None, help="mapper epochs of a warm-started retrain")
+    p.add_argument("--false-alarm-rate", type=float, default=None, metavar="RATE",
+                   help="OK/NG: the share of a class's validation normals a new version may call NG (default 0.01; "
+                        "n validation normals can check about 1/(n+1) at best)")
     _hint_flag(p)
     p.set_defaults(handler=cmd_init)
 
@@ -116,7 +119,10 @@ def cmd_init(args: argparse.Namespace) -> int:
     changes = {k: v for k, v in {
         "db_url": args.db, "preset": args.preset, "weights_path": str(Path(args.weights).resolve()) if args.weights else None,
         "outliers_dir": str(Path(args.outliers).resolve()) if args.outliers else None,
-        "train_epochs": args.train_epochs, "retrain_epochs": args.retrain_epochs}.items() if v is not None}
+        "train_epochs": args.train_epochs, "retrain_epochs": args.retrain_epochs,
+        "false_alarm_rate": args.false_alarm_rate}.items() if v is not None}
+    if args.false_alarm_rate is not None and not 0.0 <= args.false_alarm_rate < 1.0:
+        raise Invalid(f"--false-alarm-rate must be in [0, 1), got {args.false_alarm_rate}")
     if args.outliers and not Path(args.outliers).is_dir():
         raise Invalid(f"--outliers {args.outliers} is not a folder")
     if args.weights and not Path(args.weights).is_file():

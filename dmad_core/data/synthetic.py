@@ -33,6 +33,11 @@ DefectType = Literal["scratch", "stain", "hole"]
 TEXTURES: tuple[str, ...] = ("grid", "stripes", "dots", "weave")
 DEFECT_TYPES: tuple[str, ...] = ("scratch", "stain", "hole")
 DEMO_CATEGORIES: tuple[tuple[str, Texture], ...] = (("tiles", "grid"), ("fabric", "weave"), ("sheet", "dots"))
+# The demo's false-alarm rate and the normal training images per class that support it: a tenth of them is
+# held out as validation normals (``MapperConfig.validation_fraction``), and n of them can check a rate of
+# about 1/(n+1) at best; 100 images hold out 10, which check 1/11 = 9.1 % <= 10 %.
+DEMO_FALSE_ALARM_RATE = 0.10
+DEMO_TRAIN_NORMALS = 100
 
 # Defect area bounds as a fraction of the image (the brief: roughly 1-5%).
 _MIN_AREA = 0.01
@@ -262,6 +267,7 @@ def make_demo_dataset(root: Path, seed: int = 0, *, overwrite: bool = False) -> 
     """Three small synthetic categories with clearly different textures (a unified multi-class set),
     returns their folders."""
     return [
-        make_synthetic_category(Path(root), name, texture=texture, seed=seed, overwrite=overwrite)
+        make_synthetic_category(Path(root), name, n_train=DEMO_TRAIN_NORMALS, texture=texture, seed=seed,
+                                overwrite=overwrite)
         for name, texture in DEMO_CATEGORIES
     ]
