@@ -59,6 +59,8 @@ def plan_services(home: Home, *, streamlit_port: int, labelstudio: bool = True, 
                   labelstudio_running: bool = False) -> list[Service]:
     """What `dmad up` starts for this home, in start order; fast services first so the UI is up while
     Label Studio (about a minute the first time) is still starting."""
+    from app.services.inference import MAX_UPLOAD_BYTES
+
     settings = home.load_settings()
     root = str(home.root)
     services = [
@@ -71,7 +73,9 @@ def plan_services(home: Home, *, streamlit_port: int, labelstudio: bool = True, 
         "streamlit",
         (sys.executable, "-m", "streamlit", "run", str(UI_SCRIPT), "--server.address", HOST,
          "--server.port", str(streamlit_port), "--server.headless", "true", "--server.fileWatcherType", "none",
-         "--server.runOnSave", "false", "--browser.gatherUsageStats", "false"),
+         "--server.runOnSave", "false", "--browser.gatherUsageStats", "false",
+         # the upload widget's bound (in MB) is `dmad serve`'s, so it does not promise Streamlit's 200 MB
+         "--server.maxUploadSize", str(MAX_UPLOAD_BYTES // 2**20)),
         port=streamlit_port, health_url=f"http://{HOST}:{streamlit_port}/_stcore/health",
         env=(("DMAD_HOME", root),)))
     if labelstudio:
