@@ -145,10 +145,13 @@ def _score_upload(home: Home, sessions: sessionmaker[Session], run: JobRun) -> s
 
 def _labelstudio_sync(home: Home, sessions: sessionmaker[Session], run: JobRun) -> str:
     from app.services.labelstudio import sync_project
+    from app.services.labelstudio_tasks import refresh_tasks
 
     report, _project_id = sync_project(home, sessions)
+    refreshed = refresh_tasks(home, sessions)  # tasks a re-ranking could not reach (Label Studio was down)
     return (f"{report.created} created, {report.updated} updated, {report.deleted} deleted, "
-            f"{len(report.failed)} failed")
+            f"{len(report.failed)} failed" + (f"; {refreshed} tasks given the active version's proposal"
+                                              if refreshed else ""))
 
 
 # The job types that can write features into the cache: the budget is held after these only (a Label Studio

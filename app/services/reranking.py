@@ -117,12 +117,30 @@ def rerank_chunk(home: Home, sessions: sessionmaker[Session], job_id: int, paylo
         store_pool_scores(session, version_id, pool_rows(images, predictions))
         last = session.scalar(select(Job.id).where(Job.type == RERANK_JOB, Job.status.in_(_OPEN),
                                                    Job.id != job_id).limit(1)) is None
+    _refresh_label_tasks(home, sessions, [img.id for img in images])
     if last:
         with sessions() as session, write_transaction(session):
             pruned = prune_pool_scores(session, home.load_settings().pool_score_versions_kept)
         if pruned:
             log.info("pool scores of %d old versions removed", pruned)
     return f"{len(images)} pool images re-ranked under {version.name} ({where})"
+
+
+def _refresh_label_tasks(home: Home, sessions: sessionmaker[Session], image_ids: Sequence[int]) -> None:
+    """The chunk's images waiting in Label Studio get the new version's proposal now; a failure (Label Studio
+    down) is logged, never the chunk's: the worker's periodic sync refreshes what is still stale."""
+    from app.services.labelstudio import has_project
+    from app.services.labelstudio_tasks import refresh_tasks
+
+    if not has_project(home):
+        return
+    try:
+        refreshed = refresh_tasks(home, sessions, image_ids)
+    except Exception as exc:  # noqa: BLE001 - Label Studio's and the network's errors alike
+        log.warning("could not refresh the Label Studio tasks of this chunk (the next sync will): %s", exc)
+        return
+    if refreshed:
+        log.info("%d Label Studio tasks now show the active version's proposal", refreshed)
 
 
 def _pool_images(session: Session, ids: Sequence[int]) -> list[Image]:
