@@ -368,11 +368,12 @@ def prepare_demo(home: Home, epochs: int | None = None) -> None:
     home.create()
     folders = demo_folders(home)
     print(f"dmad: demo data in {home.root / DEMO_DATA} ({', '.join(f.name for f in folders)})", flush=True)
-    from dmad_core.data.synthetic import DEMO_FALSE_ALARM_RATE
+    from dmad_core.data.synthetic import DEMO_FALSE_ALARM_RATE, DEMO_VALIDATION_FRACTION
 
     # --no-hint: the demo runs the next step itself, so no "next: dmad ..." line; its false-alarm rate is one
     # its validation normals can check (dmad_core/data/synthetic.py)
-    init = ("--no-hint", "--false-alarm-rate", str(DEMO_FALSE_ALARM_RATE))
+    init = ("--no-hint", "--false-alarm-rate", str(DEMO_FALSE_ALARM_RATE),
+            "--validation-fraction", str(DEMO_VALIDATION_FRACTION))
     ensure_initialised(home, init if epochs is None else (*init, "--train-epochs", str(epochs)))
     root = str(home.root)
     run_step(dmad_argv("ingest", "--home", root, "--no-hint", *map(str, folders)), "ingesting the demo categories")

@@ -62,7 +62,8 @@ def rate_warning(category: str, normals: int, false_alarm_rate: float | None) ->
     return (f"{category}: {normals} validation normal{'s' if normals != 1 else ''} cannot support a false-alarm "
             f"rate of {100 * false_alarm_rate:.3g} % (the smallest rate they can check is about "
             f"{100 * smallest:.3g} %, 1/(n+1)). Ingest more normal images of {category} and retrain ({need} "
-            f"validation normals are needed; they are held out from its normal training images), or accept "
+            f"validation normals are needed; they are held out from its normal training images, a share set by "
+            f"validation_fraction), or accept "
             f"the rate {normals} normals support: false_alarm_rate {smallest:.3g} or more in the home's settings.json "
             f"(`dmad init --false-alarm-rate`), for the next version.")
 

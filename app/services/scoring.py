@@ -33,6 +33,9 @@ def engine_config(home: Home) -> DMADConfig:
             config.backbone, weights="file", weights_path=settings.weights_path))
     if settings.train_epochs:
         config = dataclasses.replace(config, mapper=dataclasses.replace(config.mapper, epochs=settings.train_epochs))
+    if settings.validation_fraction is not None:  # more held out: thresholds a lower false-alarm rate can check
+        config = dataclasses.replace(config, mapper=dataclasses.replace(
+            config.mapper, validation_fraction=settings.validation_fraction))
     return config
 
 

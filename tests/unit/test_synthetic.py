@@ -117,7 +117,7 @@ def test_outlier_textures() -> None:
 def test_demo_dataset_is_multi_class_and_supports_its_false_alarm_rate(tmp_path: Path) -> None:
     from app.services.decisions import normals_needed
     from dmad_core.config import DMADConfig
-    from dmad_core.data.synthetic import DEMO_FALSE_ALARM_RATE, DEMO_TRAIN_NORMALS
+    from dmad_core.data.synthetic import DEMO_FALSE_ALARM_RATE, DEMO_TRAIN_NORMALS, DEMO_VALIDATION_FRACTION
     from dmad_core.training import split_validation
 
     roots = make_demo_dataset(tmp_path)
@@ -125,8 +125,7 @@ def test_demo_dataset_is_multi_class_and_supports_its_false_alarm_rate(tmp_path:
     datasets = [read_category(r) for r in roots]
     assert all(ds.has_masks and len(ds.train) == DEMO_TRAIN_NORMALS for ds in datasets)
     # the validation normals the demo holds out per class can check its own false-alarm rate (1/(n+1) <= rate)
-    mapper = DMADConfig().mapper
-    _train, held_out = split_validation(datasets[0].train, mapper.validation_fraction, mapper.seed)
+    _train, held_out = split_validation(datasets[0].train, DEMO_VALIDATION_FRACTION, DMADConfig().mapper.seed)
     assert len(held_out) >= normals_needed(DEMO_FALSE_ALARM_RATE)
     mean_colours = [load_image(ds.train[0].path).reshape(-1, 3).mean(axis=0) for ds in datasets]
     for m1, m2 in itertools.combinations(mean_colours, 2):
