@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.api.config import ServeConfig
 from app.home_folder import Home
-from app.services.inference import Inferencer
+from app.services.prediction import LineModel
 from app.services.serving import ActiveLineModel, LineBatcher
 
 
@@ -34,6 +34,12 @@ class ServeState:
     holder: ActiveLineModel | None = None  # set by the lifespan
     batcher: LineBatcher | None = None  # set by the lifespan
 
+    def running(self) -> tuple[ActiveLineModel, LineBatcher]:
+        """(the model holder, the batcher); RuntimeError before the lifespan started them."""
+        if self.holder is None or self.batcher is None:
+            raise RuntimeError("the scoring service has not started (its lifespan did not run)")
+        return self.holder, self.batcher
+
 
 class Unauthorised(Exception):
     """No or a wrong bearer token (answered 401 by ``errors.install``)."""
@@ -46,12 +52,12 @@ def get_state(request: Request) -> ServeState:
 StateDep = Annotated[ServeState, Depends(get_state)]
 
 
-def current_line(state: StateDep) -> Inferencer:
+def current_line(state: StateDep) -> LineModel:
     """The version in force now: the request is scored by it to the end."""
-    return state.holder.current
+    return state.running()[0].current
 
 
-LineDep = Annotated[Inferencer, Depends(current_line)]
+LineDep = Annotated[LineModel, Depends(current_line)]
 
 bearer = HTTPBearer(auto_error=False, description="the home's serve_token secret")
 

@@ -38,6 +38,7 @@ async def user_error(request: Request, exc: UserError) -> JSONResponse:
 
 def install(app: FastAPI) -> None:
     """Register the handlers on ``app``."""
-    app.add_exception_handler(Unauthorised, unauthorised)
-    app.add_exception_handler(RequestValidationError, invalid_request)
-    app.add_exception_handler(UserError, user_error)
+    # Starlette types a handler as taking any Exception; each of these takes the one it is registered for
+    app.add_exception_handler(Unauthorised, unauthorised)  # type: ignore[arg-type]
+    app.add_exception_handler(RequestValidationError, invalid_request)  # type: ignore[arg-type]
+    app.add_exception_handler(UserError, user_error)  # type: ignore[arg-type]

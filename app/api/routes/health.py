@@ -12,4 +12,5 @@ router = APIRouter(tags=["health"])
 
 @router.get("/health", response_model=HealthResponse)
 async def health(state: StateDep) -> HealthResponse:
-    return HealthResponse(status="ok", model_version=state.holder.current.version, queue_depth=state.batcher.depth)
+    holder, batcher = state.running()
+    return HealthResponse(status="ok", model_version=holder.current.version, queue_depth=batcher.depth)

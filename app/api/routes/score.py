@@ -21,6 +21,7 @@ from app.api.deps import LineDep, StateDep, authorised
 from app.api.errors import UnsupportedBody
 from app.api.models import ERRORS, HeatmapRLE, Patch, ScoreResponse
 from app.services.inference import Inferencer, LineImage, LineResult
+from app.services.prediction import LineModel
 from dmad_core.errors import Invalid, TooLarge
 
 router = APIRouter(tags=["score"], dependencies=[Depends(authorised)])
@@ -50,7 +51,7 @@ def heatmap_png(line: Inferencer, result: LineResult) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def heatmap_rle(line: Any, result: LineResult) -> HeatmapRLE:
+def heatmap_rle(line: LineModel, result: LineResult) -> HeatmapRLE:
     """The proposed defect mask, the one Label Studio's pre-annotation shows (``heatmap_mask``)."""
     from annotation.rle import mask_to_rle
     from dmad_core.preannotation import heatmap_mask
@@ -113,7 +114,7 @@ async def score(request: Request, state: StateDep, line: LineDep,
     data, category = await _image_and_category(request, category, config.max_upload_bytes)
     line.check_category(category)
     image = await run_in_threadpool(LineImage.from_bytes, data, category, "upload", config.max_pixels, config.feed)
-    result: LineResult = await asyncio.wrap_future(state.batcher.submit(line, image))
+    result: LineResult = await asyncio.wrap_future(state.running()[1].submit(line, image))
     response = ScoreResponse(
         category=result.category, score=result.score, decision=result.decision, threshold=result.threshold,
         threshold_source=result.threshold_source, model_version=result.version, sha256=result.content_hash,
