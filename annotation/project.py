@@ -236,6 +236,23 @@ def task_payload(item: TaskItem, label: str = DEFAULT_LABELS[0]) -> dict[str, An
     }
 
 
+def replace_prediction(client: LabelStudio, task_id: int, item: TaskItem, label: str = DEFAULT_LABELS[0]) -> int:
+    """Give an existing task ``item``'s proposal (a newer version's): the task's data (score, version) is
+    updated, the new prediction created, then every older prediction of the task deleted, so the inspector
+    who opens it sees the newest version's mask and score and never an older one. Returns the new
+    prediction's id."""
+    payload = task_payload(item, label)
+    client.tasks.update(str(task_id), data=payload["data"])
+    prediction = payload["predictions"][0]
+    created = client.predictions.create(task=int(task_id), result=prediction["result"],
+                                        model_version=prediction["model_version"],
+                                        **({"score": prediction["score"]} if "score" in prediction else {}))
+    for old in client.predictions.list(task=int(task_id)):
+        if old.id != created.id:
+            client.predictions.delete(old.id)
+    return int(created.id)
+
+
 def push_tasks(
     client: LabelStudio, project_id: int, items: Sequence[TaskItem], *, label: str = DEFAULT_LABELS[0]
 ) -> PushResult:

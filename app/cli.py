@@ -48,8 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.verbose:
         # Schema upgrades at every start are routine, not news; faiss's INFO "Could not load library with
         # AVX2 support due to: ModuleNotFoundError(...)" only says it uses its generic build, yet reads
-        # like an error.
-        for name in ("alembic", "faiss.loader"):
+        # like an error; `dmad export`'s ONNX writer (onnxscript, onnx_ir) logs each of its ~60 passes.
+        for name in ("alembic", "faiss.loader", "onnxscript", "onnx_ir"):
             logging.getLogger(name).setLevel(logging.WARNING)
     try:
         return int(args.handler(args) or 0)

@@ -47,6 +47,7 @@ class HomeSettings:
     train_epochs: int | None = None  # mapper epochs of a training from scratch; None: the preset's
     retrain_epochs: int | None = None  # mapper epochs of a warm-started retrain; None: an eighth of those
     false_alarm_rate: float = 0.01  # OK/NG: share of a class's validation normals a new version may call NG
+    validation_fraction: float | None = None  # normal training images held out per class (thresholds); None: the preset's
     line_pool_max_images: int | None = 100_000  # the line's images kept in the pool (oldest go first); None: all
     feature_cache_max_bytes: int | None = 20 * 1024**3  # the feature cache's budget (app/services/cache_budget.py)
     # Factory scale (docs/scaling.md): a retrain evaluates on at most this many images per class and

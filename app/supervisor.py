@@ -60,6 +60,8 @@ def plan_services(home: Home, *, streamlit_port: int, labelstudio: bool = True, 
                   labelstudio_running: bool = False) -> list[Service]:
     """What `dmad up` starts for this home, in start order; fast services first so the UI is up while
     Label Studio (about a minute the first time) is still starting."""
+    from app.services.inference import MAX_UPLOAD_BYTES
+
     settings = home.load_settings()
     root = str(home.root)
     services = [
@@ -72,7 +74,9 @@ def plan_services(home: Home, *, streamlit_port: int, labelstudio: bool = True, 
         "streamlit",
         (sys.executable, "-m", "streamlit", "run", str(UI_SCRIPT), "--server.address", HOST,
          "--server.port", str(streamlit_port), "--server.headless", "true", "--server.fileWatcherType", "none",
-         "--server.runOnSave", "false", "--browser.gatherUsageStats", "false"),
+         "--server.runOnSave", "false", "--browser.gatherUsageStats", "false",
+         # the upload widget's bound (in MB) is `dmad serve`'s, so it does not promise Streamlit's 200 MB
+         "--server.maxUploadSize", str(MAX_UPLOAD_BYTES // 2**20)),
         port=streamlit_port, health_url=f"http://{HOST}:{streamlit_port}/_stcore/health",
         env=(("DMAD_HOME", root),)))
     if labelstudio:
@@ -365,8 +369,13 @@ def prepare_demo(home: Home, epochs: int | None = None) -> None:
     home.create()
     folders = demo_folders(home)
     print(f"dmad: demo data in {home.root / DEMO_DATA} ({', '.join(f.name for f in folders)})", flush=True)
-    # --no-hint: the demo runs the next step itself, so no "next: dmad ..." line
-    ensure_initialised(home, ("--no-hint",) if epochs is None else ("--no-hint", "--train-epochs", str(epochs)))
+    from dmad_core.data.synthetic import DEMO_FALSE_ALARM_RATE, DEMO_VALIDATION_FRACTION
+
+    # --no-hint: the demo runs the next step itself, so no "next: dmad ..." line; its false-alarm rate is one
+    # its validation normals can check (dmad_core/data/synthetic.py)
+    init = ("--no-hint", "--false-alarm-rate", str(DEMO_FALSE_ALARM_RATE),
+            "--validation-fraction", str(DEMO_VALIDATION_FRACTION))
+    ensure_initialised(home, init if epochs is None else (*init, "--train-epochs", str(epochs)))
     root = str(home.root)
     run_step(dmad_argv("ingest", "--home", root, "--no-hint", *map(str, folders)), "ingesting the demo categories")
     if has_active_version(home):

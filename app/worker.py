@@ -32,7 +32,7 @@ from typing import Any
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.home_folder import Home
-from app.services.reranking import LoadedModel
+from app.services.inference import LoadedModel
 from db import queue
 from db.engine import write_transaction
 from db.models import Job
@@ -128,27 +128,30 @@ def _rerank(home: Home, sessions: sessionmaker[Session], run: JobRun) -> str:
 
 def _score_upload(home: Home, sessions: sessionmaker[Session], run: JobRun) -> str:
     from app.services import versions
-    from app.services.scoring import score_file
+    from app.services.scoring import score_upload
 
+    run.progress(0.1, "scoring the uploaded image")
     with sessions() as session:
         version = versions.active_version(session)
-    if version is None:
-        raise RuntimeError("no active model version yet; train one with `dmad train`")
-    run.progress(0.1, "scoring the uploaded image")
-    result = score_file(home, version, run.payload["path"], run.payload["category"], model=run.loaded.get(home, version))
+        if version is None:
+            raise RuntimeError("no active model version yet; train one with `dmad train`")
+        result = score_upload(home, session, version, run.payload["path"], run.payload["category"], run.loaded)
     run.checkpoint("storing the result")
     with sessions() as session, write_transaction(session):
         job = session.get(Job, run.job_id)
         job.payload = {**run.payload, "result": result}
-    return f"score {result['score']:.3f} under {version.name}"
+    return f"{result['decision']} (score {result['score']:.3f}, threshold {result['threshold']:.3f}) under {version.name}"
 
 
 def _labelstudio_sync(home: Home, sessions: sessionmaker[Session], run: JobRun) -> str:
     from app.services.labelstudio import sync_project
+    from app.services.labelstudio_tasks import refresh_tasks
 
     report, _project_id = sync_project(home, sessions)
+    refreshed = refresh_tasks(home, sessions)  # tasks a re-ranking could not reach (Label Studio was down)
     return (f"{report.created} created, {report.updated} updated, {report.deleted} deleted, "
-            f"{len(report.failed)} failed")
+            f"{len(report.failed)} failed" + (f"; {refreshed} tasks given the active version's proposal"
+                                              if refreshed else ""))
 
 
 # The job types that can write features into the cache: the budget is held after these only (a Label Studio

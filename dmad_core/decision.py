@@ -4,8 +4,9 @@ false-alarm rate, and the error rates a threshold implies on scored images.
 A unified model's classes score on different scales (a tire's ordinary patch is not a bottle's), so one
 global threshold rejects too much of one class and misses defects of another. Each class gets the lowest
 threshold at which at most ``false_alarm_rate`` of its validation normals score above it. Only validation
-normals are read: no defect, no test image. With n validation normals the smallest false-alarm rate that
-can be told apart is 1/n; a lower target gives the highest validation score (nothing above it).
+normals are read: no defect, no test image. With n validation normals the smallest false-alarm rate one
+can check is about 1/(n+1); a lower target gives the highest validation score (nothing above it), and the
+application says so wherever it shows the threshold.
 
 Example:
     >>> calibrate_threshold([0.1, 0.2, 0.3, 0.4], false_alarm_rate=0.25)

@@ -26,10 +26,14 @@ Example::
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 from skimage.measure import label
 from skimage.morphology import remove_small_objects
+
+if TYPE_CHECKING:
+    from dmad_core.config import DMADConfig
 
 PEAK_SHARES = tuple(float(s) for s in np.round(np.linspace(0.3, 0.95, 14), 3))  # the levels tried
 
@@ -92,3 +96,31 @@ def choose_peak_share(heats: Sequence[np.ndarray], truths: Sequence[np.ndarray],
     fits = [np.mean([iou(defect_mask(h, threshold, a, s), t) for h, t, a in zip(heats, truths, min_areas, strict=True)])
             for s in shares]
     return float(shares[int(np.argmax(fits))])
+
+
+def heatmap_mask(patch_map: np.ndarray, height: int, width: int, threshold: float,
+                 config: DMADConfig | None = None, peak_share: float | None = None) -> np.ndarray:
+    """The model's proposed defect mask at the image's size from a stored patch grid (Label Studio's
+    pre-annotation, `dmad serve`'s RLE heat map).
+
+    The grid is made into the same smoothed map the version's pixel threshold was calibrated on
+    (``model.anomaly_map``), then ``defect_mask`` at one patch's area. The backbone sees the whole image
+    resized, so the grid covers it all.
+
+    Args:
+        patch_map: the patch grid (gh, gw).
+        height: the image's height in pixels.
+        width: the image's width in pixels.
+        threshold: the version's pixel threshold.
+        config: the version's engine configuration (its sigma and input size); None: the defaults, for a
+            version that records none.
+        peak_share: the class's share of the image's peak (a class with drawn masks); None: the threshold alone.
+
+    Returns:
+        A bool mask (height, width).
+    """
+    from dmad_core.config import DMADConfig
+    from dmad_core.model import anomaly_map  # the model imports this module: imported when called
+
+    heat = anomaly_map(patch_map, (height, width), config or DMADConfig())
+    return defect_mask(heat, threshold, patch_area(tuple(np.shape(patch_map)), (height, width)), peak_share)

@@ -13,12 +13,11 @@ import argparse
 import csv
 import json
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
 from app.home_folder import DEFAULT_HOME, Home
-from dmad_core.errors import Invalid, UserError
+from dmad_core.errors import Invalid
 
 EXIT_NG = 3
 CSV_FIELDS = ("path", "class", "score", "decision", "threshold", "threshold_source", "model_version", "sha256",
@@ -98,14 +97,9 @@ class _Writer:
         self.stream.flush()
 
 
-def _batches(items: list[Any], size: int) -> Iterator[list[Any]]:
-    for start in range(0, len(items), size):
-        yield items[start:start + size]
-
-
 def cmd_predict(args: argparse.Namespace) -> int:
     from app.services.database import open_database
-    from app.services.prediction import LineImage, LineModel, category_from_path, find_images
+    from app.services.prediction import find_images, load_inferencer, predict_files
     from dmad_core.progress_bar import make_bar
 
     if args.batch_size < 1:
@@ -119,76 +113,34 @@ def cmd_predict(args: argparse.Namespace) -> int:
         print(f"dmad predict: {spec}: {reason}", file=sys.stderr)
     if not files:
         raise Invalid("no image to score: pass image files, folders or glob patterns")
-    if args.model:
-        from app.services.prediction import ExportedLineModel
-
-        line = ExportedLineModel(args.model)
-    else:
-        line = LineModel.load(home, sessions, args.version)
+    line = load_inferencer(home, sessions, args.version, args.model)
     if args.category:
         line.check_category(args.category)
-    if args.heatmaps:
-        args.heatmaps.mkdir(parents=True, exist_ok=True)
 
     out = open(args.output, "w", newline="") if args.output else sys.stdout
     writer = _Writer(out, as_csv=bool(args.output and args.output.suffix.lower() == ".csv"))
-    scored = ng = skipped = fed = 0
     bar = make_bar(total=len(files), desc=f"predict ({line.version})", unit="img")
-    try:
-        for batch in _batches(files, args.batch_size):
-            images = []
-            for path in batch:
-                category = args.category or category_from_path(path, line.categories)
-                try:
-                    if category is None:
-                        raise Invalid(f"{path}: no parent folder is named like a class of {line.version} "
-                                      f"({', '.join(line.categories)}); pass --category")
-                    images.append(LineImage.from_file(path, category, keep_bytes=args.ingest))
-                except UserError as exc:
-                    skipped += 1
-                    bar.write(f"dmad predict: skipped {exc}", file=sys.stderr)
-            results = line.score(images, cache_features=args.ingest) if images else []
-            for result in results:
-                writer.write(result.record())
-                ng += result.decision == "NG"
-                if args.heatmaps:
-                    _write_heatmap(args.heatmaps, line, result)
-            writer.flush()
-            if args.ingest and images:
-                from app.services.feed import feed
 
-                with sessions() as session:
-                    fed += feed(session, home, line.version_id, images, results).added
-            scored += len(results)
-            bar.update(len(batch))
+    def write(results: list) -> None:
+        for result in results:
+            writer.write(result.record())
+        writer.flush()
+
+    try:
+        report = predict_files(line, files, write, category=args.category, batch_size=args.batch_size,
+                               ingest_into=(home, sessions) if args.ingest else None, heatmaps=args.heatmaps,
+                               on_skip=lambda reason: bar.write(f"dmad predict: skipped {reason}", file=sys.stderr),
+                               on_batch=bar.update)
     finally:
         bar.close()
         if args.output:
             out.close()
-    print(f"dmad predict: {scored} scored with {line.version} ({ng} NG, {scored - ng} OK), {skipped} skipped"
-          + (f", {fed} new in the pool" if args.ingest else "")
+    print(f"dmad predict: {report.scored} scored with {line.version} ({report.ng} NG, {report.scored - report.ng} OK), "
+          f"{report.skipped} skipped" + (f", {report.fed} new in the pool" if args.ingest else "")
           + (f"; written to {args.output}" if args.output else ""), file=sys.stderr)
-    if scored == 0:
+    if report.scored == 0:
         raise Invalid("no image could be scored (see the lines above)")
-    return EXIT_NG if args.fail_on_ng and ng else 0
-
-
-def _write_heatmap(folder: Path, line: Any, result: Any) -> Path:
-    """The image with its heat map blended in, coloured from the class's ordinary level (its lowest
-    validation score; 0, a typical normal patch, for an exported model) to its threshold: the brightest
-    colour means at or above the NG level."""
-    import PIL.Image
-
-    from app.services.imaging import heat_overlay, load_rgb
-    from app.services.prediction import heat_scale
-
-    model = getattr(line, "model", None)
-    lo, hi = heat_scale(model.validation_scores_.get(result.category) if model is not None else None, result.threshold)
-    overlay = heat_overlay(load_rgb(result.source), result.patch_map, lo, hi,
-                           config=None if model is None else model.config)
-    path = folder / f"{Path(result.source).stem}-{result.content_hash[:8]}.png"
-    PIL.Image.fromarray(overlay).save(path)
-    return path
+    return EXIT_NG if args.fail_on_ng and report.ng else 0
 
 
 # -- serve ----------------------------------------------------------------------------------------
@@ -255,7 +207,9 @@ def cmd_thresholds(args: argparse.Namespace) -> int:
         for t, rates in decisions.thresholds_with_rates(session, version, home.load_settings().false_alarm_rate):
             rows.append({"class": t.category, "threshold": t.threshold, "source": t.source,
                          "calibrated": t.calibrated, "false_alarm_target": t.false_alarm_target,
-                         "validation_normals": t.validation_normals, "note": t.note,
+                         "validation_normals": t.validation_normals,
+                         "supported_false_alarm_rate": t.supported_false_alarm_rate, "warning": t.warning,
+                         "note": t.note,
                          "validation_false_alarm_rate": rates.validation.false_alarm_rate,
                          "annotated_false_alarm_rate": rates.annotated.false_alarm_rate,
                          "annotated_miss_rate": rates.annotated.miss_rate,
@@ -273,4 +227,6 @@ def cmd_thresholds(args: argparse.Namespace) -> int:
               f"normals, {pct(r['annotated_false_alarm_rate'])} of {r['annotated_normals']} confirmed normals · misses: "
               f"{pct(r['annotated_miss_rate'])} of {r['annotated_defects']} annotated defects"
               + (f" · note: {r['note']}" if r["note"] else ""))
+        if r["warning"]:
+            print(f"    warning: {r['warning']}")
     return 0

@@ -47,6 +47,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="classifier (default: kNN distance + per-class defect classifiers) or mapper (the "
                         "paper's loop: abnormal bank + score mapper retrained on every annotation; see "
                         "docs/results.md for why it is not the default)")
+    p.add_argument("--false-alarm-rate", type=float, default=None, metavar="RATE",
+                   help="OK/NG: the share of a class's validation normals a new version may call NG (default 0.01; "
+                        "n validation normals can check about 1/(n+1) at best)")
+    p.add_argument("--validation-fraction", type=float, default=None, metavar="SHARE",
+                   help="share of each class's normal training images held out to calibrate its threshold "
+                        "(default: the preset's, 0.1)")
     _hint_flag(p)
     p.set_defaults(handler=cmd_init)
 
@@ -120,8 +126,14 @@ def cmd_init(args: argparse.Namespace) -> int:
     changes = {k: v for k, v in {
         "db_url": args.db, "preset": args.preset, "weights_path": str(Path(args.weights).resolve()) if args.weights else None,
         "outliers_dir": str(Path(args.outliers).resolve()) if args.outliers else None,
-        "train_epochs": args.train_epochs, "retrain_epochs": args.retrain_epochs, "scorer": args.scorer}.items()
+        "train_epochs": args.train_epochs, "retrain_epochs": args.retrain_epochs,
+        "false_alarm_rate": args.false_alarm_rate, "validation_fraction": args.validation_fraction,
+        "scorer": args.scorer}.items()
         if v is not None}
+    if args.validation_fraction is not None and not 0.0 < args.validation_fraction < 1.0:
+        raise Invalid(f"--validation-fraction must be in (0, 1), got {args.validation_fraction}")
+    if args.false_alarm_rate is not None and not 0.0 <= args.false_alarm_rate < 1.0:
+        raise Invalid(f"--false-alarm-rate must be in [0, 1), got {args.false_alarm_rate}")
     if args.outliers and not Path(args.outliers).is_dir():
         raise Invalid(f"--outliers {args.outliers} is not a folder")
     if args.weights and not Path(args.weights).is_file():

@@ -8,8 +8,10 @@ Where they live:
   in force, the older ones are its history (who, when, why), and a row without a threshold returns the
   class to its calibrated value. A version's folder is never touched.
 
-Versions trained before per-class calibration fall back to their validation scores at the home's rate,
-and failing those to their one global image threshold (``source="global"``).
+Versions trained before per-class calibration fall back to their validation scores at the home's rate.
+A version that recorded neither has no threshold for a class until an engineer sets one: no decision is
+ever made against the model's one global ``image_threshold`` (the highest validation score over every
+class, which judges each class by the noisiest one's scale).
 """
 
 from __future__ import annotations
@@ -34,11 +36,48 @@ DECISION_KEY = "decision"  # in a version's config: {"false_alarm_rate": r, "thr
 DEFAULT_FALSE_ALARM_RATE = 0.01
 
 
+def smallest_checkable_rate(normals: int) -> float:
+    """The smallest false-alarm rate ``normals`` validation normals can check: about 1/(n+1) (one false
+    alarm among n normals is already 1/n; below 1/(n+1) the calibrated threshold is simply their highest
+    score, whatever the target)."""
+    return 1.0 / (max(0, int(normals)) + 1)
+
+
+def normals_needed(false_alarm_rate: float) -> int | None:
+    """The validation normals a class needs to check ``false_alarm_rate`` (1/(n+1) <= rate); None for a
+    rate of 0, which no number of normals can check."""
+    return math.ceil(1.0 / false_alarm_rate - 1.0 - 1e-9) if false_alarm_rate > 0 else None
+
+
+def rate_warning(category: str, normals: int, false_alarm_rate: float | None) -> str | None:
+    """What to say where a class's threshold is shown when its validation normals are too few to support
+    the target false-alarm rate, with what to do; None when they suffice (or nothing was calibrated)."""
+    if false_alarm_rate is None:
+        return None
+    smallest = smallest_checkable_rate(normals)
+    if false_alarm_rate >= smallest - 1e-12:
+        return None
+    needed = normals_needed(false_alarm_rate)
+    need = "more" if needed is None else f"about {needed}"
+    return (f"{category}: {normals} validation normal{'s' if normals != 1 else ''} cannot support a false-alarm "
+            f"rate of {100 * false_alarm_rate:.3g} % (the smallest rate they can check is about "
+            f"{100 * smallest:.3g} %, 1/(n+1)). Ingest more normal images of {category} and retrain ({need} "
+            f"validation normals are needed; they are held out from its normal training images, a share set by "
+            f"validation_fraction), or accept "
+            f"the rate {normals} normals support: false_alarm_rate {smallest:.3g} or more in the home's settings.json "
+            f"(`dmad init --false-alarm-rate`), for the next version.")
+
+
 def calibrated_decision(validation_scores: dict[str, list[float]], false_alarm_rate: float) -> dict[str, Any]:
-    """The record a new version stores under ``DECISION_KEY``."""
+    """The record a new version stores under ``DECISION_KEY``: the target rate, the thresholds, the
+    validation normals each rests on, and a warning per class whose normals are too few for the rate."""
+    counts = {c: len(s) for c, s in validation_scores.items()}
+    warnings = {c: rate_warning(c, n, false_alarm_rate) for c, n in counts.items()}
     return {"false_alarm_rate": float(false_alarm_rate),
             "thresholds": calibrate_thresholds(validation_scores, false_alarm_rate),
-            "validation_normals": {c: len(s) for c, s in validation_scores.items()}}
+            "validation_normals": counts,
+            "supported_false_alarm_rate": {c: smallest_checkable_rate(n) for c, n in counts.items()},
+            "warnings": {c: w for c, w in warnings.items() if w}}
 
 
 @dataclass(frozen=True)
@@ -47,12 +86,22 @@ class ClassThreshold:
 
     category: str
     threshold: float
-    source: Literal["calibrated", "override", "global"]
+    source: Literal["calibrated", "override", "exported"]  # "exported": a `dmad export` file that named none
     calibrated: float | None  # what calibration gave (None: the version recorded no validation scores)
     false_alarm_target: float | None  # the rate the calibrated threshold was chosen for
     validation_normals: int  # how many normals it was calibrated on
     note: str = ""  # the override's note
     set_at: datetime | None = None  # when the override was made
+
+    @property
+    def supported_false_alarm_rate(self) -> float | None:
+        """The smallest false-alarm rate its validation normals can check (None: not calibrated)."""
+        return None if self.false_alarm_target is None else smallest_checkable_rate(self.validation_normals)
+
+    @property
+    def warning(self) -> str | None:
+        """Said wherever the threshold is shown when its validation normals cannot support its target."""
+        return rate_warning(self.category, self.validation_normals, self.false_alarm_target)
 
 
 def _calibrated(config: dict[str, Any], false_alarm_rate: float) -> dict[str, Any]:
@@ -71,16 +120,10 @@ def class_thresholds(session: Session, version: ModelVersion,
     calibrated: dict[str, float] = decision.get("thresholds", {})
     counts: dict[str, int] = decision.get("validation_normals", {})
     target = decision.get("false_alarm_rate")
-    trained = {c for c, counts in ((version.trained_on or {}).get("categories") or {}).items()
-               if counts.get("normal_images")}
-    out: dict[str, ClassThreshold] = {}
-    for category in sorted(set(calibrated) | trained):
-        value = calibrated.get(category)
-        if value is not None:
-            out[category] = ClassThreshold(category, float(value), "calibrated", float(value), target,
-                                           int(counts.get(category, 0)))
-        elif config.get("image_threshold") is not None:
-            out[category] = ClassThreshold(category, float(config["image_threshold"]), "global", None, None, 0)
+    out: dict[str, ClassThreshold] = {
+        category: ClassThreshold(category, float(value), "calibrated", float(value), target,
+                                 int(counts.get(category, 0)))
+        for category, value in sorted(calibrated.items()) if value is not None}
     for row, category in _newest_overrides(session, version.id):
         base = out.get(category)
         if row.threshold is None:
@@ -114,8 +157,11 @@ def threshold_for(thresholds: Mapping[str, T], category: str, version: str) -> T
 def set_threshold(session: Session, version: ModelVersion, category: str, threshold: float | None,
                   note: str = "") -> ClassThreshold:
     """Record an engineer's threshold for one class of ``version`` (None: back to the calibrated one);
-    returns the threshold now in force."""
-    threshold_for(class_thresholds(session, version), category, version.name)
+    returns the threshold now in force. A class the version was trained on but never calibrated (a version
+    older than calibration) can be given one here."""
+    trained = {c for c, counts in ((version.trained_on or {}).get("categories") or {}).items()
+               if counts.get("normal_images")}
+    threshold_for({**dict.fromkeys(trained), **class_thresholds(session, version)}, category, version.name)
     if threshold is not None and not (isinstance(threshold, (int, float)) and math.isfinite(threshold)):
         raise Invalid(f"a threshold must be a finite number, got {threshold!r}")
     with write_transaction(session):
@@ -153,6 +199,15 @@ def implied_rates(session: Session, version: ModelVersion, category: str, thresh
     normals = [float(s) for kind, s in rows if kind == "normal"]
     defects = [float(s) for kind, s in rows if kind != "normal"]
     return ImpliedRates(error_rates(threshold, validation, []), error_rates(threshold, normals, defects))
+
+
+def threshold_warnings(session: Session, version_id: int,
+                       false_alarm_rate: float = DEFAULT_FALSE_ALARM_RATE) -> list[str]:
+    """The warnings of a version's thresholds (``ClassThreshold.warning``), one per class that has one."""
+    version = session.get(ModelVersion, version_id)
+    if version is None:
+        raise NotFound(f"there is no model version {version_id}")
+    return [t.warning for t in class_thresholds(session, version, false_alarm_rate).values() if t.warning]
 
 
 def thresholds_with_rates(session: Session, version: ModelVersion,

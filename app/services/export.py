@@ -1,5 +1,5 @@
 """`dmad export`: a model version's whole scorer as one TorchScript or ONNX file (dmad_core/export.py),
-with its description (version, classes, their OK/NG thresholds, input size) inside, written to a
+with its description (version, classes, their OK/NG thresholds in force and their sources, input size) inside, written to a
 temporary name and renamed, so a half-written export never sits under the asked name.
 
 The file runs with torch.jit or onnxruntime alone (``app/services/exported.py``); its scores equal the
@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.home_folder import Home
 from app.services import versions
-from app.services.decisions import class_thresholds
+from app.services.inference import Judge
 from app.services.exported import FORMAT, META_KEY, META_NAME
 from app.services.scoring import load_model
 from dmad_core.errors import Invalid
@@ -49,7 +49,7 @@ def export_version(home: Home, sessions: sessionmaker[Session], out: str | Path,
         raise Invalid(f"unknown export format {fmt!r}: onnx or torchscript")
     with sessions() as session:
         row = versions.version_or_active(session, version)
-        thresholds = {c: t.threshold for c, t in class_thresholds(session, row, home.load_settings().false_alarm_rate).items()}
+        judge = Judge.of(session, row, home.load_settings().false_alarm_rate)
         name = row.name
     model = load_model(home, row)
     try:
@@ -57,7 +57,9 @@ def export_version(home: Home, sessions: sessionmaker[Session], out: str | Path,
     except ValueError as exc:
         raise Invalid(str(exc)) from exc
     meta = json.dumps({"format": FORMAT, "model_version": name, "categories": module.categories,
-                       "thresholds": thresholds, "input_size": list(module.input_size)})
+                       "thresholds": {c: t.threshold for c, t in judge.thresholds.items()},
+                       "threshold_sources": {c: t.source for c, t in judge.thresholds.items()},
+                       "input_size": list(module.input_size)})
     item = model.normal_items_[0]  # any training image traces the graph (it is resized inside)
     example = (torch.from_numpy(load_image(item.path) if item.path else item.load()), torch.tensor(0))
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -3,13 +3,15 @@ onnxruntime alone: this module imports nothing of the project, so it can be copi
 software as it is.
 
 The file carries its own description (TorchScript: the extra file ``dmad.json``; ONNX: the metadata entry
-``dmad``): the model version, its classes in index order, their OK/NG thresholds and the input size.
+``dmad``): the model version, its classes in index order, their OK/NG thresholds in force when it was
+exported (with where each comes from: "calibrated" or "override") and the input size. The rule is the
+project's (``dmad_core.decision.decide``): NG when the score is above the class's threshold.
 
 Example::
 
     model = ExportedModel.load("v0007.onnx")
     grid, score, heat = model.score(rgb_uint8_hwc, "bottle")
-    decision = "NG" if score > model.thresholds["bottle"] else "OK"
+    model.decision(score, "bottle")          # "OK" or "NG"
 """
 
 from __future__ import annotations
@@ -45,6 +47,16 @@ class ExportedModel:
     @property
     def thresholds(self) -> dict[str, float]:
         return {c: float(t) for c, t in self.meta["thresholds"].items()}
+
+    @property
+    def threshold_sources(self) -> dict[str, str]:
+        """Where each threshold comes from ("calibrated" or "override"); empty for a file written before
+        `dmad export` recorded it."""
+        return dict(self.meta.get("threshold_sources") or {})
+
+    def decision(self, score: float, category: str) -> str:
+        """OK/NG of an image score by the class's threshold (NG above it; equal is OK, as calibrated)."""
+        return "NG" if score > self.thresholds[category] else "OK"
 
     @staticmethod
     def load(path: str | Path) -> ExportedModel:

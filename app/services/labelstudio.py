@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import numpy as np
 import requests
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -23,9 +22,6 @@ from annotation.webhook import WebhookServer, make_webhook_server
 from app.home_folder import Home
 from app.services.annotation_sink import DatabaseSink
 from dmad_core.errors import Unavailable
-
-if TYPE_CHECKING:
-    from dmad_core.config import DMADConfig
 
 WEBHOOK_SECRET = "webhook_secret"
 PIXEL_THRESHOLD_KEY = "pixel_threshold"  # in a model version's config: heat-map value that marks a defect
@@ -142,19 +138,3 @@ def webhook_receiver(home: Home, sessions: sessionmaker[Session], host: str = "1
     port = port if port is not None else home.load_settings().webhook_port
     sink = DatabaseSink(home, sessions)
     return make_webhook_server(host, port, sink, webhook_secret(home), image_path=sink.image_path)
-
-
-def heatmap_mask(patch_map: np.ndarray, height: int, width: int, threshold: float,
-                 config: DMADConfig | None = None, peak_share: float | None = None) -> np.ndarray:
-    """The model's proposed defect mask at the image's size: the patch grid made into the same smoothed
-    map the version's pixel threshold was calibrated on (the engine's `anomaly_map`), above the threshold
-    and, for a class with drawn masks, cut at the version's share of the image's peak (``peak_share``),
-    without specks (dmad_core/preannotation.py). The backbone sees the whole image resized, so the grid
-    covers it all. `config`: the version's engine configuration (its sigma and input size; None: the
-    defaults, for a version that records none)."""
-    from dmad_core.config import DMADConfig
-    from dmad_core.model import anomaly_map
-    from dmad_core.preannotation import defect_mask, patch_area
-
-    heat = anomaly_map(patch_map, (height, width), config or DMADConfig())
-    return defect_mask(heat, threshold, patch_area(tuple(np.shape(patch_map)), (height, width)), peak_share)

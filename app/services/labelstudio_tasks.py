@@ -1,4 +1,5 @@
-"""Send pool images to Label Studio as tasks, with the model's heat map as pre-annotation.
+"""Send pool images to Label Studio as tasks, with the model's heat map as pre-annotation, and keep the
+proposal of the tasks still waiting for an inspector that of the active version (``refresh_tasks``).
 
 One path for `dmad labelstudio push` (the active version's top N, :func:`push_top`) and for images an
 inspector picked in the UI (:func:`send_images`): items built from the active version's pool scores,
@@ -22,13 +23,12 @@ from app.services.labelstudio import (
     PIXEL_THRESHOLD_KEY,
     Connection,
     connect,
-    heatmap_mask,
     webhook_base_url,
 )
 from app.services.read_models import normal_percentile_of
 from app.services.versions import version_or_active
 from db.engine import write_transaction
-from db.models import Image, ModelVersion, PoolScore
+from db.models import Annotation, Image, LabelTask, ModelVersion, PoolScore
 from db.repositories import record_label_tasks, top_pool_scores
 from dmad_core.config import DMADConfig
 from dmad_core.errors import Conflict, Invalid
@@ -66,6 +66,7 @@ class SendResult:
 def task_items(version: ModelVersion, rows: Sequence[PoolScore], image_base_url: str) -> list[TaskItem]:
     """One task item per pool score row (each with `image` and its category loaded)."""
     from annotation.project import TaskItem, image_url_for
+    from dmad_core.preannotation import heatmap_mask  # scikit-image: loaded when tasks are made
 
     threshold = (version.config or {}).get(PIXEL_THRESHOLD_KEY)
     engine = (version.config or {}).get("engine")  # the version's DMADConfig: its heat maps' sigma and size
@@ -150,3 +151,58 @@ def push_top(home: Home, sessions: sessionmaker[Session], limit: int = 50, categ
                            [(item.image_id, ids.get(item.content_hash)) for item in items])
     return PushTopResult(result.created, result.skipped_existing, project_id, version.name,
                          (version.config or {}).get(PIXEL_THRESHOLD_KEY) is not None)
+
+
+def stale_tasks(session: Session, version: ModelVersion, image_ids: Sequence[int] | None = None) -> list[PoolScore]:
+    """The pool scores of ``version`` for images whose Label Studio task carries an older version's
+    proposal and that no inspector has annotated yet (``image_ids``: only those images)."""
+    annotated = select(Annotation.id).where(Annotation.image_id == LabelTask.image_id, Annotation.deleted_at.is_(None))
+    query = (select(PoolScore).join(PoolScore.image).join(LabelTask, LabelTask.image_id == PoolScore.image_id)
+             .options(contains_eager(PoolScore.image).joinedload(Image.category))
+             .where(PoolScore.version_id == version.id, LabelTask.task_id.is_not(None),
+                    LabelTask.model_version != version.name, ~annotated.exists())
+             .order_by(PoolScore.image_id))
+    if image_ids is not None:
+        query = query.where(PoolScore.image_id.in_([int(i) for i in image_ids]))
+    return list(session.scalars(query).unique())
+
+
+def refresh_tasks(home: Home, sessions: sessionmaker[Session], image_ids: Sequence[int] | None = None) -> int:
+    """Replace the proposal (mask, score) of every task still waiting in Label Studio by the active
+    version's, where that version has scored the image: what a re-ranking chunk does for its images after
+    a promotion, and the periodic sync for any it missed (Label Studio down then). Returns the tasks
+    refreshed; ``Unavailable`` when Label Studio is not answering."""
+    from annotation.project import replace_prediction
+
+    from app.services.versions import active_version
+
+    with sessions() as session:
+        version = active_version(session)
+        rows = [] if version is None else stale_tasks(session, version, image_ids)
+        if not rows:
+            return 0
+        items = task_items(version, rows, webhook_base_url(home))
+        name = version.name
+    connection = connect(home)
+    tasks = dict(sessions_task_ids(sessions, connection.project_id, [item.image_id for item in items]))
+    label = home.load_settings().defect_labels[0]
+    refreshed = []
+    for item in items:
+        task_id = tasks.get(item.image_id)
+        if task_id is not None:
+            replace_prediction(connection.client, task_id, item, label)
+            refreshed.append(item.image_id)
+    with sessions() as session, write_transaction(session):
+        for row in session.scalars(select(LabelTask).where(LabelTask.project_id == connection.project_id,
+                                                          LabelTask.image_id.in_(refreshed))):
+            row.model_version = name
+    return len(refreshed)
+
+
+def sessions_task_ids(sessions: sessionmaker[Session], project_id: int, image_ids: Sequence[int]) -> list[tuple[int, int]]:
+    """(image id, task id) of the images' recorded tasks in the project."""
+    with sessions() as session:
+        return [(int(i), int(t)) for i, t in session.execute(
+            select(LabelTask.image_id, LabelTask.task_id).where(
+                LabelTask.project_id == project_id, LabelTask.image_id.in_(list(image_ids)),
+                LabelTask.task_id.is_not(None)))]

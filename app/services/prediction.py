@@ -1,9 +1,11 @@
-"""Scoring new images on the line: a model version with its per-class OK/NG thresholds, shared by
-`dmad predict` and `dmad serve`.
+"""Scoring new images on the line: the two implementations of the scoring contract
+(``app/services/inference.py``), and `dmad predict` (``predict_files``).
 
-A ``LineModel`` is loaded once and then scores batches of decoded images: image score, the class's
-threshold and decision, top patches and the patch grid for a heat map. It never changes after loading,
-so a request that started on one version finishes on it while a newer one is being loaded beside it.
+A ``LineModel`` (a home's version, the Python scorer) is loaded once and then scores batches of decoded
+images: image score, the class's threshold and decision, top patches and the patch grid for a heat map. It
+never changes after loading, so a request that started on one version finishes on it while a newer one is
+being loaded beside it. An ``ExportedLineModel`` is a file from `dmad export` in its place: the same
+results, computed by torch.jit or onnxruntime from the file alone, judged by the thresholds written in it.
 
 Example::
 
@@ -15,27 +17,24 @@ Example::
 from __future__ import annotations
 
 import glob
-import hashlib
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.home_folder import Home
 from app.services import versions
-from app.services.decisions import ClassThreshold, class_thresholds, threshold_for
-from app.services.scoring import load_model, top_patches
+from app.services.decisions import ClassThreshold
+from app.services.inference import (  # noqa: F401 (LineImage, LineResult, MAX_PIXELS: imported from here too)
+    MAX_PIXELS, Inferencer, Judge, LineImage, LineResult, heat_scale)
+from app.services.scoring import load_model
 from db.models import ModelVersion
-from dmad_core.data.readers import CorruptImageError, ImageTooLarge, decode_image
-from dmad_core.decision import decide
-from dmad_core.errors import Invalid, TooLarge
+from dmad_core.errors import Invalid, UserError
 from dmad_core.items import ImageItem
 from dmad_core.model import DMAD
 
-MAX_PIXELS = 60_000_000  # a 50-megapixel line camera fits; a decompression bomb does not
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 
 
@@ -72,84 +71,15 @@ def category_from_path(path: Path, categories: Sequence[str]) -> str | None:
     return next((parent.name for parent in path.parents if parent.name in known), None)
 
 
-@dataclass(frozen=True)
-class LineImage:
-    """An image to score: its pixels, its class, the sha256 of its file bytes (its identity in the image
-    store) and where it came from (a path, or a name given by a client)."""
-
-    array: np.ndarray = field(repr=False)
-    category: str
-    content_hash: str
-    source: str
-    data: bytes | None = field(default=None, repr=False)  # the file's bytes, kept when it joins the pool
-
-    @staticmethod
-    def from_bytes(data: bytes, category: str, source: str = "upload", max_pixels: int = MAX_PIXELS,
-                   keep_bytes: bool = False) -> LineImage:
-        """Decode an image file's bytes; Invalid (with the reason) for bytes that are no usable image."""
-        if not data:
-            raise Invalid(f"{source}: empty file")
-        try:
-            array = decode_image(data, source, max_pixels)
-        except ImageTooLarge as exc:
-            raise TooLarge(str(exc)) from exc
-        except CorruptImageError as exc:
-            raise Invalid(str(exc)) from exc
-        return LineImage(array, category, hashlib.sha256(data).hexdigest(), source, data if keep_bytes else None)
-
-    @staticmethod
-    def from_file(path: str | Path, category: str, max_pixels: int = MAX_PIXELS, keep_bytes: bool = False) -> LineImage:
-        path = Path(path)
-        try:
-            data = path.read_bytes()
-        except OSError as exc:
-            raise Invalid(f"{path}: cannot read ({exc.strerror or exc})") from exc
-        return LineImage.from_bytes(data, category, str(path), max_pixels, keep_bytes)
-
-
-@dataclass(frozen=True)
-class LineResult:
-    """One scored image: what `dmad predict` writes and `dmad serve` answers."""
-
-    source: str
-    category: str
-    score: float
-    decision: str  # "OK" or "NG"
-    threshold: float
-    threshold_source: str  # "calibrated", "override" or "global"
-    version: str
-    content_hash: str
-    width: int
-    height: int
-    top_patches: list[dict[str, Any]]  # [{"box": [x0, y0, x1, y1], "score": s}] in image pixels, best first
-    patch_map: np.ndarray = field(repr=False)  # float32 (gh, gw)
-
-    @staticmethod
-    def of(image: LineImage, grid: np.ndarray, score: float, threshold: float, threshold_source: str,
-           version: str) -> LineResult:
-        """The result of one scored image: its decision by ``threshold`` and its top patches in its pixels."""
-        height, width = image.array.shape[:2]
-        return LineResult(image.source, image.category, float(score), decide(float(score), threshold), threshold,
-                          threshold_source, version, image.content_hash, width, height,
-                          top_patches(grid, width, height), np.asarray(grid, np.float32))
-
-    def record(self) -> dict[str, Any]:
-        """The JSON-ready fields (no patch grid)."""
-        return {"path": self.source, "class": self.category, "score": round(self.score, 6), "decision": self.decision,
-                "threshold": round(self.threshold, 6), "threshold_source": self.threshold_source,
-                "model_version": self.version, "sha256": self.content_hash, "width": self.width,
-                "height": self.height, "top_patches": self.top_patches}
-
-
-class LineModel:
-    """A model version ready to score line images, with the per-class thresholds in force when loaded."""
+class LineModel(Inferencer):
+    """A home's model version ready to score line images, with the per-class thresholds in force when
+    loaded (the contract's Python implementation)."""
 
     def __init__(self, version: ModelVersion, model: DMAD, thresholds: dict[str, ClassThreshold],
                  knn_baseline: bool = False):
-        self.version = version.name
+        self.judge = Judge(version.name, thresholds)
         self.version_id = version.id
         self.model = model
-        self.thresholds = thresholds
         # benchmarks/serve.py only: score with the PatchCore kNN baseline on the same features and bank, to
         # measure the service's cost against it (its scores are on another scale: decisions mean nothing)
         self.knn_baseline = knn_baseline
@@ -160,38 +90,33 @@ class LineModel:
         """The active version (or the named one) with its thresholds; Conflict when there is none."""
         with sessions() as session:
             row = versions.version_or_active(session, version)
-            thresholds = class_thresholds(session, row, home.load_settings().false_alarm_rate)
-        return cls(row, load_model(home, row), thresholds, knn_baseline)
+            judge = Judge.of(session, row, home.load_settings().false_alarm_rate)
+        return cls(row, load_model(home, row), judge.thresholds, knn_baseline)
 
-    @property
-    def categories(self) -> list[str]:
-        return sorted(self.thresholds)
-
-    def check_category(self, category: str) -> ClassThreshold:
-        """The class's threshold; NotFound naming the classes this version knows."""
-        return threshold_for(self.thresholds, category, self.version)
-
-    def score(self, images: Sequence[LineImage], cache_features: bool = False) -> list[LineResult]:
-        """Score a batch (one backbone call per input size); features are cached only when asked (images
-        that join the pool are scored again at every retrain)."""
-        limits = [self.check_category(img.category) for img in images]
+    def forward(self, images: Sequence[LineImage], cache_features: bool = False) -> list[tuple[np.ndarray, float]]:
+        """One backbone call per input size; features are cached only when asked (images that join the
+        pool are scored again at every retrain)."""
         items = [ImageItem(category=img.category, hash=img.content_hash, array=img.array) for img in images]
         if self.knn_baseline:
             predictions = self.model.knn_predict(items, batch_size=max(1, len(items)), cache_features=cache_features)
         else:
             predictions = self.model.predict(items, batch_size=max(1, len(items)), progress_bar=False,
                                              cache_features=cache_features)
-        return [LineResult.of(img, p.patch_scores, p.image_score, limit.threshold, limit.source, self.version)
-                for img, limit, p in zip(images, limits, predictions, strict=True)]
+        return [(p.patch_scores, float(p.image_score)) for p in predictions]
 
     def heatmap(self, result: LineResult) -> np.ndarray:
         """The result's pixel heat map at the image's size (the same map every other view draws)."""
         return self.model.anomaly_map(result.patch_map, (result.height, result.width))
 
+    def validation_scores(self, category: str) -> Sequence[float] | None:
+        # None for a version saved before validation scores were recorded
+        return (self.model.validation_scores_ or {}).get(category)
 
-class ExportedLineModel:
+
+class ExportedLineModel(Inferencer):
     """A file from `dmad export` in the place of a LineModel (`dmad predict --model`): the same results,
-    computed by torch.jit or onnxruntime from the file alone."""
+    computed by torch.jit or onnxruntime from the file alone, judged by the thresholds written into it (with
+    their sources; a file written before sources were says "exported")."""
 
     def __init__(self, path: str | Path):
         from app.services.exported import ExportedModel
@@ -200,27 +125,117 @@ class ExportedLineModel:
             self.exported = ExportedModel.load(path)
         except (ValueError, OSError) as exc:
             raise Invalid(f"cannot load {path}: {exc}") from exc
-        self.version = self.exported.version
-        self.version_id = None
-        self.thresholds = self.exported.thresholds
+        sources = self.exported.threshold_sources
+        self.judge = Judge(self.exported.version, {
+            c: ClassThreshold(c, t, sources.get(c, "exported"), None, None, 0)  # type: ignore[arg-type]
+            for c, t in self.exported.thresholds.items()})
 
-    @property
-    def categories(self) -> list[str]:
-        return self.exported.categories
+    def forward(self, images: Sequence[LineImage], cache_features: bool = False) -> list[tuple[np.ndarray, float]]:
+        return [self.exported.score(img.array, img.category)[:2] for img in images]
 
-    def check_category(self, category: str) -> float:
-        return threshold_for(self.thresholds, category, self.version)
+    def heatmap(self, result: LineResult) -> np.ndarray:
+        from dmad_core.config import DMADConfig
+        from dmad_core.model import anomaly_map
 
-    def score(self, images: Sequence[LineImage], cache_features: bool = False) -> list[LineResult]:
-        out = []
-        for img in images:
-            threshold = self.check_category(img.category)
-            grid, score, _heat = self.exported.score(img.array, img.category)
-            out.append(LineResult.of(img, grid, score, threshold, "exported", self.version))
-        return out
+        return anomaly_map(result.patch_map, (result.height, result.width), DMADConfig())
 
 
-def heat_scale(validation_scores: Sequence[float] | None, threshold: float) -> tuple[float, float]:
-    """The colour scale of a result's heat map: from the class's ordinary level (its lowest validation
-    score; 0, a typical normal patch, where none are known) to its threshold, the NG level."""
-    return min(min(validation_scores or [0.0]), threshold - 1e-6), threshold
+def load_inferencer(home: Home, sessions: sessionmaker[Session] | None, version: str | int | None = None,
+                    model_file: str | Path | None = None) -> Inferencer:
+    """The scorer `dmad predict` uses: the exported ``model_file`` when given, else the home's ``version``
+    (default: the active one)."""
+    if model_file is not None:
+        return ExportedLineModel(model_file)
+    if sessions is None:
+        raise Invalid("scoring with the home's model needs its database")
+    return LineModel.load(home, sessions, version)
+
+
+@dataclass
+class PredictReport:
+    """What `dmad predict` did."""
+
+    version: str
+    scored: int = 0
+    ng: int = 0
+    skipped: int = 0
+    fed: int = 0  # new in the pool (with ``ingest``)
+
+
+def _batches(items: list[Path], size: int) -> Iterator[list[Path]]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+def predict_files(line: Inferencer, files: Sequence[Path], on_results: Callable[[list[LineResult]], None],
+                  category: str | None = None, batch_size: int = 4, ingest_into: tuple[Home, sessionmaker[Session]] | None = None,
+                  heatmaps: Path | None = None, on_skip: Callable[[str], None] = lambda message: None,
+                  on_batch: Callable[[int], None] = lambda n: None) -> PredictReport:
+    """Score image files in batches with ``line`` (`dmad predict`).
+
+    Args:
+        line: the scorer (the home's version or an exported file).
+        files: the image files, in order.
+        on_results: gets each batch's results as soon as they are judged (a pipeline sees them as they come).
+        category: the class of every image; None: each file's nearest parent folder named like a class.
+        batch_size: images per backbone call.
+        ingest_into: (home, sessions) to add the scored images to that home's pool; None: not added.
+        heatmaps: a folder for a heat-map overlay PNG per image; None: none written.
+        on_skip: gets the reason of each file that could not be scored.
+        on_batch: gets the number of files of each batch done (a progress bar).
+
+    Returns:
+        The counts.
+    """
+    if batch_size < 1:
+        raise Invalid("the batch size must be at least 1")
+    if ingest_into is not None and line.version_id is None:
+        raise Invalid("an exported file scores alone: adding images to the pool needs the home's model")
+    if category is not None:
+        line.check_category(category)
+    if heatmaps is not None:
+        heatmaps.mkdir(parents=True, exist_ok=True)
+    report = PredictReport(line.version)
+    for batch in _batches(list(files), batch_size):
+        images = []
+        for path in batch:
+            of = category or category_from_path(path, line.categories)
+            try:
+                if of is None:
+                    raise Invalid(f"{path}: no parent folder is named like a class of {line.version} "
+                                  f"({', '.join(line.categories)}); pass --category")
+                images.append(LineImage.from_file(path, of, keep_bytes=ingest_into is not None))
+            except UserError as exc:
+                report.skipped += 1
+                on_skip(str(exc))
+        results = line.score(images, cache_features=ingest_into is not None) if images else []
+        on_results(results)
+        for result in results:
+            report.ng += result.decision == "NG"
+            if heatmaps is not None:
+                write_heatmap(heatmaps, line, result)
+        if ingest_into is not None and images:
+            from app.services.feed import feed
+
+            home, sessions = ingest_into
+            with sessions() as session:
+                report.fed += feed(session, home, line.version_id, images, results).added
+        report.scored += len(results)
+        on_batch(len(batch))
+    return report
+
+
+def write_heatmap(folder: Path, line: Inferencer, result: LineResult) -> Path:
+    """The image with its heat map blended in, coloured from the class's ordinary level to its threshold
+    (``Inferencer.heat_scale``): the brightest colour means at or above the NG level."""
+    import PIL.Image
+
+    from app.services.imaging import heat_overlay, load_rgb
+
+    lo, hi = line.heat_scale(result)
+    model = getattr(line, "model", None)
+    overlay = heat_overlay(load_rgb(result.source), result.patch_map, lo, hi,
+                           config=None if model is None else model.config)
+    path = folder / f"{Path(result.source).stem}-{result.content_hash[:8]}.png"
+    PIL.Image.fromarray(overlay).save(path)
+    return path

@@ -28,6 +28,7 @@ from db.queue import enqueue_many
 from db.repositories import store_pool_scores
 
 if TYPE_CHECKING:  # the engine (PyTorch) is imported by the worker only: promotion and the UI stay light
+    from app.services.inference import LoadedModel
     from dmad_core.model import DMAD, Progress
 
 log = logging.getLogger(__name__)
@@ -73,22 +74,6 @@ def plan_rerank(session: Session, version: ModelVersion, previous_id: int | None
     return len(chunks)
 
 
-class LoadedModel:
-    """The version a worker scores its chunks with, loaded once rather than once a chunk (a load reads the
-    banks and builds the backbone: seconds)."""
-
-    def __init__(self) -> None:
-        self.folder_: str | None = None
-        self.model_: DMAD | None = None
-
-    def get(self, home: Home, version: ModelVersion) -> DMAD:
-        from app.services.scoring import load_model
-
-        if self.model_ is None or self.folder_ != version.folder:
-            self.model_, self.folder_ = load_model(home, version), version.folder
-        return self.model_
-
-
 def pool_features_fit(home: Home, session: Session, model: DMAD) -> bool:
     """Whether the patch features of every image of the home (the pool with the protected training and
     annotated images) fit in the feature cache's budget. When they do, a re-ranking stores the pool's features
@@ -132,12 +117,30 @@ def rerank_chunk(home: Home, sessions: sessionmaker[Session], job_id: int, paylo
         store_pool_scores(session, version_id, pool_rows(images, predictions))
         last = session.scalar(select(Job.id).where(Job.type == RERANK_JOB, Job.status.in_(_OPEN),
                                                    Job.id != job_id).limit(1)) is None
+    _refresh_label_tasks(home, sessions, [img.id for img in images])
     if last:
         with sessions() as session, write_transaction(session):
             pruned = prune_pool_scores(session, home.load_settings().pool_score_versions_kept)
         if pruned:
             log.info("pool scores of %d old versions removed", pruned)
     return f"{len(images)} pool images re-ranked under {version.name} ({where})"
+
+
+def _refresh_label_tasks(home: Home, sessions: sessionmaker[Session], image_ids: Sequence[int]) -> None:
+    """The chunk's images waiting in Label Studio get the new version's proposal now; a failure (Label Studio
+    down) is logged, never the chunk's: the worker's periodic sync refreshes what is still stale."""
+    from app.services.labelstudio import has_project
+    from app.services.labelstudio_tasks import refresh_tasks
+
+    if not has_project(home):
+        return
+    try:
+        refreshed = refresh_tasks(home, sessions, image_ids)
+    except Exception as exc:  # noqa: BLE001 - Label Studio's and the network's errors alike
+        log.warning("could not refresh the Label Studio tasks of this chunk (the next sync will): %s", exc)
+        return
+    if refreshed:
+        log.info("%d Label Studio tasks now show the active version's proposal", refreshed)
 
 
 def _pool_images(session: Session, ids: Sequence[int]) -> list[Image]:

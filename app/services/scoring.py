@@ -1,27 +1,27 @@
 """Scoring with a stored model version: the pool (stored as rows a UI ranks without running the model)
-and single uploaded images. Features come from the home's cache, so a known image never goes through
-the backbone again."""
+and single uploaded images (judged through the scoring contract, ``app/services/inference.py``). Features
+come from the home's cache, so a known image never goes through the backbone again."""
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from sqlalchemy.orm import Session
 
 from app.home_folder import Home
+from app.services.inference import TOP_PATCHES, top_patches  # noqa: F401 (TOP_PATCHES: imported from here too)
 from db.models import Image, ModelVersion
 from db.repositories import PoolScoreRow
 from dmad_core.config import DMADConfig
-from dmad_core.data.readers import load_image
-from dmad_core.errors import NotFound
 from dmad_core.model import DMAD, FeatureStore, ImageItem, Prediction, Progress, no_progress
 from dmad_core.persistence import saved_config
 
-TOP_PATCHES = 8
+if TYPE_CHECKING:
+    from app.services.inference import LoadedModel
 
 
 def engine_config(home: Home) -> DMADConfig:
@@ -37,6 +37,9 @@ def engine_config(home: Home) -> DMADConfig:
         config = dataclasses.replace(config, score=dataclasses.replace(config.score, scorer=settings.scorer))
         if settings.scorer == "mapper":  # the mapper batches whole images of one grid
             config = dataclasses.replace(config, backbone=dataclasses.replace(config.backbone, geometry="square"))
+    if settings.validation_fraction is not None:  # more held out: thresholds a lower false-alarm rate can check
+        config = dataclasses.replace(config, mapper=dataclasses.replace(
+            config.mapper, validation_fraction=settings.validation_fraction))
     return config
 
 
@@ -55,27 +58,6 @@ def image_item(image: Image) -> ImageItem:
     return ImageItem(category=image.category.name, hash=image.content_hash, path=Path(image.path))
 
 
-def top_patches(grid: np.ndarray, width: int, height: int, n: int = TOP_PATCHES) -> list[dict[str, Any]]:
-    """The `n` highest-scoring patches as boxes in image pixels, best first.
-
-    A patch is the 3x3-cell window around a grid cell (the neighbourhood its feature aggregates); cells
-    next to an already chosen one are skipped, so one defect does not fill the list."""
-    gh, gw = grid.shape
-    taken = np.zeros_like(grid, dtype=bool)
-    out: list[dict[str, Any]] = []
-    for flat in np.argsort(grid, axis=None)[::-1]:
-        i, j = divmod(int(flat), gw)
-        if taken[i, j]:
-            continue
-        taken[max(0, i - 1):i + 2, max(0, j - 1):j + 2] = True
-        box = [round(max(0, j - 1) * width / gw), round(max(0, i - 1) * height / gh),
-               round(min(gw, j + 2) * width / gw), round(min(gh, i + 2) * height / gh)]
-        out.append({"box": box, "score": float(grid[i, j])})
-        if len(out) == n:
-            break
-    return out
-
-
 def pool_rows(images: Sequence[Image], predictions: Sequence[Prediction]) -> list[PoolScoreRow]:
     return [PoolScoreRow(image_id=img.id, score=float(p.image_score), patch_map=p.patch_scores,
                          top_patches=top_patches(p.patch_scores, img.width, img.height))
@@ -90,17 +72,18 @@ def score_pool(session: Session, home: Home, version: ModelVersion, images: Sequ
     return pool_rows(images, predictions)
 
 
-def score_file(home: Home, version: ModelVersion, path: str | Path, category: str,
-               model: DMAD | None = None) -> dict[str, Any]:
-    """Score one image file now (an upload): its score, patch grid, top patches and how it compares
-    with the version's image threshold (the highest score of a normal validation image). Pass `model`
-    when the version is already in memory (a worker keeps the one it last used)."""
-    model = model or load_model(home, version)
-    if category not in model.categories_:
-        raise NotFound(f"unknown category {category!r}; this model knows {', '.join(model.categories_)}")
-    array = load_image(path)
-    pred = model.predict([ImageItem.from_path(path, category)], progress_bar=False)[0]
-    height, width = array.shape[:2]
-    return {"score": pred.image_score, "patch_map": pred.patch_scores.tolist(),
-            "top_patches": top_patches(pred.patch_scores, width, height),
-            "image_threshold": model.image_threshold_, "version": version.name}
+def score_upload(home: Home, session: Session, version: ModelVersion, path: str | Path, category: str,
+                 loaded: LoadedModel | None = None) -> dict[str, Any]:
+    """Score one uploaded image file now (Inspect's upload) through the scoring contract, as `dmad predict`
+    and `dmad serve` would: its score, the class's threshold in force and its OK/NG decision, the patch grid
+    and top patches. ``loaded``: the worker's held model (a new one is loaded when absent).
+
+    Returns:
+        ``LineResult.record()`` with ``patch_map`` (the grid as lists) and ``version``.
+    """
+    from app.services.inference import LineImage, LoadedModel
+
+    line = (loaded or LoadedModel()).line(home, session, version)
+    line.check_category(category)
+    [result] = line.score([LineImage.from_file(path, category)])
+    return {**result.record(), "patch_map": result.patch_map.tolist(), "version": result.version}

@@ -28,6 +28,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.home_folder import Home
+from app.services.inference import Inferencer
 from app.services.prediction import LineImage, LineModel, LineResult
 from db.models import ModelVersion, ThresholdOverride
 from dmad_core.errors import Unavailable
@@ -92,7 +93,7 @@ class ActiveLineModel:
 
 @dataclass
 class _Request:
-    model: LineModel
+    model: Inferencer
     image: LineImage
     future: Future[LineResult] = field(default_factory=Future)
     queued_at: float = field(default_factory=time.perf_counter)
@@ -102,7 +103,7 @@ class LineBatcher:
     """Scores submitted images in batches on one thread (see the module docstring)."""
 
     def __init__(self, max_batch: int = 16, max_wait_s: float = 0.01, max_queue: int = 64,
-                 on_batch: Callable[[LineModel, Sequence[LineImage], Sequence[LineResult]], None] | None = None):
+                 on_batch: Callable[[Inferencer, Sequence[LineImage], Sequence[LineResult]], None] | None = None):
         if max_batch < 1 or max_queue < 1:
             raise ValueError("max_batch and max_queue must be at least 1")
         self.max_batch, self.max_wait_s, self.max_queue = max_batch, max_wait_s, max_queue
@@ -126,7 +127,7 @@ class LineBatcher:
     def depth(self) -> int:
         return self._queue.qsize()
 
-    def submit(self, model: LineModel, image: LineImage) -> Future[LineResult]:
+    def submit(self, model: Inferencer, image: LineImage) -> Future[LineResult]:
         """Queue one image for ``model``; QueueFull when the queue is at its bound."""
         request = _Request(model, image)
         try:

@@ -22,6 +22,8 @@ from __future__ import annotations
 import io
 import logging
 import os
+import re
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -147,22 +149,37 @@ def decode_image(data: bytes, name: str = "upload", max_pixels: int | None = Non
     (a CorruptImageError) for too many pixels.
     """
     try:
-        with Image.open(io.BytesIO(data)) as im:  # reads the header only
-            width, height = im.size
-            if max_pixels is not None and width * height > max_pixels:
-                raise ImageTooLarge(f"{name}: {width}x{height} is {width * height / 1e6:.1f} megapixels, over "
-                                    f"the limit of {max_pixels / 1e6:.1f}")
-            if im.format not in _OPENCV_FORMATS or im.mode not in _OPENCV_MODES:
-                im.load()
-                return _to_rgb_uint8(im)
+        with warnings.catch_warnings():
+            if max_pixels is not None:  # checked below, with a clear error: PIL's own warning is noise
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as im:  # reads the header only
+                width, height = im.size
+                if max_pixels is not None and width * height > max_pixels:
+                    raise ImageTooLarge(f"{name}: {width}x{height} is {width * height / 1e6:.1f} megapixels, over "
+                                        f"the limit of {max_pixels / 1e6:.1f}")
+                if im.format not in _OPENCV_FORMATS or im.mode not in _OPENCV_MODES:
+                    im.load()
+                    return _to_rgb_uint8(im)
     except CorruptImageError:
         raise
+    except Image.DecompressionBombError as exc:
+        raise ImageTooLarge(f"{name}: {_without_buffer(exc)}") from exc
     except Exception as exc:
-        raise CorruptImageError(f"{name}: unreadable image ({type(exc).__name__}: {exc})") from exc
-    bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+        raise CorruptImageError(f"{name}: unreadable image ({type(exc).__name__}: {_without_buffer(exc)})") from exc
+    quiet = cv2.getLogLevel()
+    cv2.setLogLevel(2)  # errors only: a truncated file is reported below, not by OpenCV's warning on stderr
+    try:
+        bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+    finally:
+        cv2.setLogLevel(quiet)
     if bgr is None or bgr.shape[:2] != (height, width):
         raise CorruptImageError(f"{name}: unreadable image (the {width}x{height} pixel data does not decode)")
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+def _without_buffer(exc: Exception) -> str:
+    """PIL's message without the in-memory buffer it names (``<_io.BytesIO object at 0x...>``)."""
+    return re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", str(exc)) or type(exc).__name__
 
 
 def _to_rgb_uint8(im: Image.Image) -> np.ndarray:

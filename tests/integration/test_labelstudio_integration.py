@@ -318,7 +318,8 @@ def test_cli_push_webhook_and_sync_on_the_database(labelstudio: LabelStudioServe
     as tasks, annotated through the API, received by `dmad webhook` (a subprocess), then synced."""
     from app.cli import main
     from app.home_folder import HomeSettings
-    from app.services.labelstudio import heatmap_mask, webhook_secret
+    from app.services.labelstudio import webhook_secret
+    from dmad_core.preannotation import heatmap_mask
     from app.services.versions import commit_version, new_version_dir
     from db.engine import make_engine, session_factory, upgrade_to_head
     from db.models import Annotation
@@ -506,3 +507,72 @@ def test_secrets_never_reach_the_log(labelstudio: LabelStudioServer) -> None:  #
         secret = Home.at(labelstudio.paths.owner).read_secret(name)
         assert secret and secret not in log_text
     assert SECRET not in log_text
+
+
+def test_a_promotion_gives_waiting_tasks_the_new_versions_proposal(labelstudio: LabelStudioServer,  # noqa: F811
+                                                                    tmp_path: Path) -> None:
+    """A task pushed under one version, then a newer one promoted and its re-ranking scoring the image: the
+    task an inspector opens now carries the newer version's mask and score only (the older prediction is gone); a task already
+    annotated keeps what the inspector saw. Its own database and project, so it depends on no other test."""
+    from app.home_folder import HomeSettings
+    from app.services.annotations import record_annotation
+    from app.services.labelstudio_tasks import push_top, refresh_tasks
+    from app.services.versions import commit_version, new_version_dir
+    from db.engine import make_engine, session_factory, upgrade_to_head
+    from db.repositories import PoolScoreRow, add_image, store_pool_scores
+    from dmad_core.preannotation import heatmap_mask
+
+    home = Home.at(labelstudio.paths.owner)
+    saved = home.load_settings() if home.settings_path.exists() else None
+    home.save_settings(HomeSettings(db_url=f"sqlite:///{tmp_path / 'refresh.db'}", webhook_port=free_port(),
+                                    label_studio_project="DMAD refresh", defect_labels=("defect",)))
+    try:
+        upgrade_to_head(home.db_url())
+        sessions = session_factory(make_engine(home.db_url()))
+        pool = write_test_images(tmp_path / "pool", 3, height=120, width=160)
+
+        def grid(row: int) -> np.ndarray:
+            g = np.zeros((8, 8), dtype=np.float32)
+            g[row:row + 3, 2:5] = 1.0
+            return g
+
+        def publish(scores: dict[int, tuple[float, np.ndarray]]) -> str:
+            with sessions() as session:
+                name, folder = new_version_dir(home, session)
+                version = commit_version(session, home, name, folder, {"pixel_threshold": 0.5}, None, {},
+                                         status="active")
+                store_pool_scores(session, version.id, [PoolScoreRow(image_id=i, score=s, patch_map=g)
+                                                        for i, (s, g) in scores.items()])
+                session.commit()
+                return name
+
+        with sessions() as session:
+            ids = [add_image(session, "bottle", im.path, "pool").id for im in pool]
+            session.commit()
+        first = publish({i: (0.9 - 0.1 * k, grid(0)) for k, i in enumerate(ids)})  # names: the home's folders
+        pushed = push_top(home, sessions)
+        assert pushed.created == 3 and pushed.model_version == first
+        with sessions() as session:  # an inspector has answered the last task already
+            record_annotation(session, home, image=ids[-1], kind="normal", source="cli", enqueue_retrain=False)
+
+        second = publish({i: (0.5 + 0.1 * k, grid(4)) for k, i in enumerate(ids)})
+        assert refresh_tasks(home, sessions, ids) == 2  # what the re-ranking chunk of these images does
+        assert refresh_tasks(home, sessions, ids) == 0  # nothing is stale any more
+
+        client = labelstudio.client()
+        project = next(p for p in client.projects.list() if p.title == "DMAD refresh")
+        tasks = {t.data["image_id"]: t.model_dump() for t in client.tasks.list(project=project.id, fields="all")}
+        for k, image_id in enumerate(ids):
+            predictions = tasks[image_id]["predictions"]
+            want = first if image_id == ids[-1] else second
+            assert [p["model_version"] for p in predictions] == [want], image_id
+            assert tasks[image_id]["data"]["model_version"] == want
+            (result,) = predictions[0]["result"]
+            expected = heatmap_mask(grid(0 if want == first else 4), 120, 160, 0.5)
+            assert np.array_equal(rle_to_mask(result["value"]["rle"], 120, 160), expected)
+        assert tasks[ids[0]]["data"]["score"] == pytest.approx(0.5)
+    finally:
+        if saved is None:
+            home.settings_path.unlink(missing_ok=True)
+        else:
+            home.save_settings(saved)

@@ -9,7 +9,7 @@ import pytest
 
 from annotation.project import BRUSH_NAME, IMAGE_NAME, VERDICT_NAME, TaskItem, image_url_for, label_config, task_payload
 from annotation.rle import rle_to_mask
-from app.services.labelstudio import heatmap_mask
+from dmad_core.preannotation import heatmap_mask
 from dmad_core.errors import UserError
 
 

@@ -65,7 +65,7 @@ def test_predict_with_an_exported_model(ui_home: PreparedHome, tmp_path: Path, c
     python = {r["path"]: r for r in map(json.loads, capsys.readouterr().out.splitlines())}
     assert exported.keys() == python.keys() and exported
     for path, r in exported.items():
-        assert r["model_version"] == "v0002" and r["threshold_source"] == "exported"
+        assert r["model_version"] == "v0002" and r["threshold_source"] == python[path]["threshold_source"]
         assert r["score"] == pytest.approx(python[path]["score"], abs=1e-4)
         assert r["decision"] == python[path]["decision"] or abs(r["score"] - r["threshold"]) < 1e-4
     assert run_cli("predict", "--home", ui_home.home.root, "--model", out, "--ingest", folder) == 2

@@ -124,6 +124,15 @@ def test_faiss_loader_info_is_quiet_unless_verbose(tmp_path, monkeypatch) -> Non
     assert logger.level == logging.WARNING  # its "Could not load library with AVX2 support" INFO is hidden
 
 
+def test_the_onnx_writers_info_lines_are_quiet_unless_verbose(tmp_path, monkeypatch) -> None:
+    """`dmad export` printed about 60 INFO lines of onnxscript's and onnx_ir's passes."""
+    loggers = [logging.getLogger(name) for name in ("onnxscript", "onnx_ir")]
+    for logger in loggers:
+        monkeypatch.setattr(logger, "level", logging.NOTSET)
+    run_cli("down", "--home", tmp_path / "home")
+    assert [logger.level for logger in loggers] == [logging.WARNING] * 2
+
+
 def test_train_progress_prints_each_step_and_a_burst_of_reports_once(capsys) -> None:
     from app.commands.loop import _progress_printer
 

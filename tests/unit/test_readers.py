@@ -307,7 +307,7 @@ def test_decoding_is_pixel_for_pixel_pillows_whichever_library_decodes(tmp_path,
     assert np.array_equal(load_image(path), expected)
 
 
-def test_a_truncated_png_is_refused_not_half_decoded(tmp_path) -> None:
+def test_a_truncated_png_is_refused_not_half_decoded(tmp_path, capfd) -> None:
     import io
 
     from dmad_core.data.readers import decode_image
@@ -316,3 +316,21 @@ def test_a_truncated_png_is_refused_not_half_decoded(tmp_path) -> None:
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(buffer, format="PNG")
     with pytest.raises(CorruptImageError):
         decode_image(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+    assert "PNG input buffer is incomplete" not in capfd.readouterr().err  # said once, in the error, not by OpenCV
+
+
+def test_refusals_are_quiet_and_name_no_buffer(recwarn) -> None:
+    """Bytes no format recognises are named as such (not PIL's ``<_io.BytesIO object at 0x...>``), and an
+    image over the caller's pixel limit is refused (413 in `dmad serve`) without PIL's DecompressionBombWarning."""
+    import io
+
+    from dmad_core.data.readers import ImageTooLarge, decode_image
+
+    with pytest.raises(CorruptImageError) as unreadable:
+        decode_image(b"not an image", "upload")
+    assert "BytesIO" not in str(unreadable.value) and "cannot identify image file" in str(unreadable.value)
+    buffer = io.BytesIO()
+    Image.new("1", (10_000, 10_000)).save(buffer, format="PNG")  # 100 megapixels, over PIL's own warning level
+    with pytest.raises(ImageTooLarge):
+        decode_image(buffer.getvalue(), "upload", max_pixels=1_000_000)
+    assert not [w for w in recwarn if issubclass(w.category, Image.DecompressionBombWarning)]

@@ -14,7 +14,8 @@ from sqlalchemy import func, select
 from app.home_folder import Home
 from app.services import ui_queries
 from app.services.database import open_database
-from app.services.reranking import RERANK_JOB, LoadedModel, prune_pool_scores, rerank_chunk, rerank_progress
+from app.services.inference import LoadedModel
+from app.services.reranking import RERANK_JOB, prune_pool_scores, rerank_chunk, rerank_progress
 from app.services.training import evaluation_set, train_version
 from app.services.versions import active_version
 from app.worker import rerank_now

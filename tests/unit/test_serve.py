@@ -108,6 +108,24 @@ def test_bad_requests_get_a_clear_4xx(ui_home: PreparedHome, content: bytes, hea
     assert says in r.json()["detail"]
 
 
+def test_heat_map_of_a_version_saved_before_validation_scores(ui_home: PreparedHome) -> None:  # noqa: F811
+    """A model folder written before `validation_scores` existed loads with None there (persistence.load_into):
+    its PNG heat map starts at 0, a typical normal patch, instead of answering 500."""
+    from app.services.prediction import LineModel
+
+    def saved_before(home, sessions):
+        line = LineModel.load(home, sessions)
+        line.model.validation_scores_ = None  # what load_into reads from such a folder
+        return line
+
+    app = create_app(ui_home.home, ui_home.sessions(), ServeConfig(feed=False), token=TOKEN, loader=saved_before)
+    with TestClient(app) as c:
+        r = c.post("/v1/score?category=tiles&heatmap=png", content=png(3), headers={**AUTH, "Content-Type": "image/png"})
+    assert r.status_code == 200, r.text
+    with PIL.Image.open(io.BytesIO(base64.b64decode(r.json()["heatmap_png"]))) as heat:
+        assert heat.size == (80, 64)
+
+
 # -- a real server on loopback ----------------------------------------------------------------------
 def free_port() -> int:
     with socket.socket() as s:

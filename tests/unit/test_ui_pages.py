@@ -278,8 +278,11 @@ def test_inspect_an_image_by_query_parameter(ui_home: PreparedHome) -> None:  # 
     assert len(at.get("image")) == 2  # the heat map view and the annotated mask
     assert len(at.get("vega_lite_chart")) == 1  # score history
     assert at.metric[0].label == "Score (v0002)"
+    # the pool image's verdict by its class's threshold under the version shown
+    assert any(" under v0002: the class's threshold is " in e.value for e in [*at.warning, *at.success])
     at.selectbox(key="inspect-version").select("v0001").run()
     assert at.metric[0].label == "Score (v0001)"
+    assert any(" under v0001: the class's threshold is " in e.value for e in [*at.warning, *at.success])
     at.slider(key="inspect-opacity").set_value(0.9).run()
     assert not at.exception
     # three of the stored top patches are drawn by default (eight covered the defect they point at)
@@ -317,14 +320,14 @@ def test_inspect_shows_an_upload_job_then_its_result(ui_home: PreparedHome) -> N
     with sessions() as session:
         row = session.get(Job, job.id)
         row.status, row.progress = "succeeded", 1.0
-        row.payload = {**row.payload, "result": {"score": 1.0, "patch_map": grid, "image_threshold": 0.5,
-                                                 "version": "v0002",
+        row.payload = {**row.payload, "result": {"score": 1.0, "patch_map": grid, "decision": "NG",
+                                                 "threshold": 0.5, "threshold_source": "calibrated", "version": "v0002",
                                                  "top_patches": [{"box": [32, 24, 56, 48], "score": 1.0}]}}
         session.commit()
     at.run()
     assert not at.exception
     assert any(m.label == "Score (v0002)" and m.value == "1.0000" for m in at.metric)
-    assert any("Above v0002's image threshold (0.5000): likely defective." in w.value for w in at.warning)
+    assert any("**NG** under v0002: the class's threshold is 0.5000 (calibrated)" in w.value for w in at.warning)
     assert not at.get("progress")
 
 
@@ -352,7 +355,8 @@ def test_inspect_upload_scored_by_the_real_worker(ui_home: PreparedHome) -> None
         result = queries.job(session, job.id).payload["result"]
     assert any(m.label == "Score (v0002)" and m.value == f"{result['score']:.4f}" for m in at.metric)
     assert f"Job #{job.id} (score_upload) for `{path}`: **succeeded**" in texts(at)
-    assert any("image threshold" in e.value for e in [*at.warning, *at.success])
+    assert any(f"**{result['decision']}** under v0002: the class's threshold is {result['threshold']:.4f}" in e.value
+               for e in [*at.warning, *at.success])
     assert len(at.get("image")) >= 2  # the inspected image and the upload with its heat map
 
 

@@ -67,6 +67,7 @@ def test_plan_starts_every_service_on_localhost_with_the_home_settings(home: Hom
     ui = services["streamlit"]
     assert ui.port == 9003 and dict(ui.env)["DMAD_HOME"] == str(home.root)
     assert ui.argv[ui.argv.index("--server.address") + 1] == "127.0.0.1"
+    assert ui.argv[ui.argv.index("--server.maxUploadSize") + 1] == "64"  # MB: `dmad serve`'s bound, not 200
     assert Path(ui.argv[ui.argv.index("run") + 1]).is_file()
     for service in services.values():
         assert str(home.root) in service.argv or service is ui

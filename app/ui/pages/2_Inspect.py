@@ -14,6 +14,7 @@ from app.services import ui_queries as queries
 from app.services.annotations import load_mask
 from app.ui import context as ui
 from app.services import imaging
+from app.services.inference import Judge, Verdict
 from app.ui.uploads import save_upload
 from dmad_core.errors import UserError
 
@@ -86,8 +87,13 @@ def image_view() -> None:
             scored = queries.image_score(session, image_id, version_id)
             scale = queries.score_range(session, version_id)
             rank, pool = queries.score_rank(session, version_id, scored.score) if scored else (0, 0)
+            judge = Judge.for_version(session, version_id, home.load_settings().false_alarm_rate)
         if scored is not None:
             right.metric(f"Score ({version_name})", f"{scored.score:.4f}", help=f"rank {rank} of {pool} pool images")
+            try:
+                show_verdict(judge.verdict(info.category, scored.score), right)
+            except UserError as exc:  # a version without a threshold for this class
+                right.info(str(exc))
             right.caption(f"Rank {rank} of {pool} pool images under {version_name}.")
     else:
         right.info("No model version has scored this image.")
@@ -182,20 +188,20 @@ def upload_result(job_id: int, was_active: bool) -> None:
         show_upload_score(path, job.payload["result"])
 
 
+def show_verdict(verdict: Verdict, where=st) -> None:
+    """OK/NG by the class's threshold in force, as `dmad predict`, `dmad serve` and the export decide."""
+    text = (f"**{verdict.decision}** under {verdict.version}: the class's threshold is {verdict.threshold:.4f} "
+            f"({verdict.threshold_source}); NG above it.")
+    (where.warning if verdict.decision == "NG" else where.success)(text)
+
+
 def show_upload_score(path: str | None, result: dict) -> None:
-    """The worker's result: score (against the version's image threshold), heat map, top patches."""
+    """The worker's result: score, OK/NG by the class's threshold, heat map, top patches."""
     score = float(result["score"])
-    threshold = result.get("image_threshold")
     version = result.get("version", "the active version")
-    verdict = None
-    if threshold is not None:
-        verdict = "above" if score > float(threshold) else "within"
-    st.metric(f"Score ({version})", f"{score:.4f}",
-              help=None if threshold is None else f"image threshold {float(threshold):.4f}")
-    if verdict == "above":
-        st.warning(f"Above {version}'s image threshold ({float(threshold):.4f}): likely defective.")
-    elif verdict == "within":
-        st.success(f"Within {version}'s image threshold ({float(threshold):.4f}): looks normal.")
+    st.metric(f"Score ({version})", f"{score:.4f}")
+    if "decision" in result:
+        show_verdict(Verdict(result["decision"], float(result["threshold"]), result["threshold_source"], version))
     try:
         rgb = imaging.load_rgb(str(path))
     except OSError as exc:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import streamlit as st
 
+from app.services import decisions
 from app.services import ui_queries as queries
 from app.services import versions as version_service
 from app.services.version_change import change_report, pool_decisions_text
@@ -168,6 +169,9 @@ st.caption(f"An image is NG when its score is above its class's threshold. Calib
            f"most {100 * home.load_settings().false_alarm_rate:.0f} % of the class's validation normals are NG. "
            "The rates on annotated images are optimistic: those images trained the version.")
 st.dataframe(limits, width="stretch", hide_index=True)
+with sessions() as session:
+    for warning in decisions.threshold_warnings(session, active.id, home.load_settings().false_alarm_rate):
+        st.warning(warning)
 if not limits.empty:
     left, middle, right = st.columns([1, 1, 2], vertical_alignment="bottom")
     category = left.selectbox("Class", list(limits["class"]), key="threshold-class")
