@@ -31,7 +31,7 @@ Texture = Literal["grid", "stripes", "dots", "weave"]
 DefectType = Literal["scratch", "stain", "hole"]
 
 TEXTURES: tuple[str, ...] = ("grid", "stripes", "dots", "weave")
-DEFECT_TYPES: tuple[str, ...] = ("scratch", "stain", "hole")
+DEFECT_TYPES: tuple[DefectType, ...] = ("scratch", "stain", "hole")
 DEMO_CATEGORIES: tuple[tuple[str, Texture], ...] = (("tiles", "grid"), ("fabric", "weave"), ("sheet", "dots"))
 
 # Defect area bounds as a fraction of the image (the brief: roughly 1-5%).
