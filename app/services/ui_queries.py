@@ -18,7 +18,7 @@ from sqlalchemy import Select, case, exists, func, select
 from sqlalchemy.orm import Session
 
 from app.services.annotations import RETRAIN_KEY
-from app.services.reranking import RERANK_JOB, RerankProgress, rerank_progress  # noqa: F401 (the pages' query)
+from app.services.reranking import RerankProgress, rerank_progress  # noqa: F401 (the pages' query)
 from app.services.read_models import (
     ACTIVE_JOB_STATUSES,
     JobInfo,
@@ -30,7 +30,7 @@ from app.services.read_models import (
 )
 from db.engine import write_transaction
 from db.models import Annotation, Category, Image, Job, LabelTask, ModelVersion, PoolScore
-from db.queue import enqueue, list_jobs
+from db.queue import JobPayload, JobType, Trigger, UploadToScore, enqueue, list_jobs
 from db.repositories import COUNT_KEYS, annotation_counts_by_version, metric_history
 from dmad_core.metrics import METRIC_NAMES
 
@@ -290,9 +290,6 @@ def image_annotations(session: Session, image_id: int) -> list[Annotation]:
 
 
 # -- jobs -------------------------------------------------------------------------------------------
-SYNC_JOB = "labelstudio_sync"  # the worker's periodic pull from Label Studio: once a minute
-
-
 def jobs(session: Session, limit: int = 50, routine_syncs: bool = True) -> list[JobInfo]:
     """The newest jobs, newest first; without ``routine_syncs``, Label Studio syncs that succeeded are left
     out (they run every minute and would push the trainings out of view: ``sync_summary`` counts them), and
@@ -300,8 +297,8 @@ def jobs(session: Session, limit: int = 50, routine_syncs: bool = True) -> list[
     them up)."""
     if routine_syncs:
         return [job_info(j) for j in list_jobs(session, limit=limit)]
-    return [job_info(j) for j in list_jobs(session, limit=limit, hide_succeeded=(SYNC_JOB,),
-                                            hide_unless_failed=(RERANK_JOB,))]
+    return [job_info(j) for j in list_jobs(session, limit=limit, hide_succeeded=(JobType.LABELSTUDIO_SYNC,),
+                                            hide_unless_failed=(JobType.RERANK,))]
 
 
 @dataclass(frozen=True)
@@ -312,8 +309,8 @@ class SyncSummary:
 
 def sync_summary(session: Session) -> SyncSummary:
     """How many Label Studio syncs succeeded, and the newest one (its message says what it pulled)."""
-    runs = int(session.scalar(select(func.count(Job.id)).where(Job.type == SYNC_JOB, Job.status == "succeeded")) or 0)
-    newest = list_jobs(session, limit=1, types=[SYNC_JOB], statuses=["succeeded"])
+    runs = int(session.scalar(select(func.count(Job.id)).where(Job.type == JobType.LABELSTUDIO_SYNC, Job.status == "succeeded")) or 0)
+    newest = list_jobs(session, limit=1, types=[JobType.LABELSTUDIO_SYNC], statuses=["succeeded"])
     return SyncSummary(runs, job_info(newest[0]) if newest else None)
 
 
@@ -326,7 +323,7 @@ def any_active_job(session: Session) -> bool:
     return session.scalar(select(Job.id).where(Job.status.in_(ACTIVE_JOB_STATUSES)).limit(1)) is not None
 
 
-def _enqueue(session: Session, type: str, payload: dict[str, Any], coalesce_key: str | None) -> JobInfo:
+def _enqueue(session: Session, type: JobType, payload: JobPayload, coalesce_key: str | None) -> JobInfo:
     with write_transaction(session):
         queued = enqueue(session, type, payload, coalesce_key=coalesce_key)
     return job_info(queued)
@@ -334,12 +331,12 @@ def _enqueue(session: Session, type: str, payload: dict[str, Any], coalesce_key:
 
 def enqueue_retrain(session: Session) -> JobInfo:
     """Queue a retrain, or return the one already waiting (annotations coalesce into one retrain)."""
-    return _enqueue(session, "retrain", {"trigger": "ui"}, RETRAIN_KEY)
+    return _enqueue(session, JobType.RETRAIN, Trigger(trigger="ui"), RETRAIN_KEY)
 
 
 def enqueue_score_upload(session: Session, path: str | Path, category: str) -> JobInfo:
-    """Queue the scoring of an uploaded image; the worker writes the result into the job's payload."""
-    return _enqueue(session, "score_upload", {"path": str(path), "category": category}, None)
+    """Queue the scoring of an uploaded image; the worker leaves the score as the job's result."""
+    return _enqueue(session, JobType.SCORE_UPLOAD, UploadToScore(path=str(path), category=category), None)
 
 
 # -- metrics ----------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from sqlalchemy import func, select
 from app.home_folder import Home
 from app.services import ui_queries
 from app.services.database import open_database
-from app.services.reranking import RERANK_JOB, LoadedModel, prune_pool_scores, rerank_chunk, rerank_progress
+from app.services.reranking import LoadedModel, prune_pool_scores, rerank_chunk, rerank_progress
 from app.services.training import evaluation_set, train_version
 from app.services.versions import active_version
 from app.worker import rerank_now
@@ -32,7 +32,7 @@ def _scores(session, version_id: int) -> dict[int, float]:
 
 
 def _chunks(session, status: str | None = None) -> list[Job]:
-    query = select(Job).where(Job.type == RERANK_JOB).order_by(Job.id)
+    query = select(Job).where(Job.type == queue.JobType.RERANK).order_by(Job.id)
     if status is not None:
         query = query.where(Job.status == status)
     return list(session.scalars(query))
@@ -82,7 +82,7 @@ def test_a_newer_promotion_supersedes_the_older_re_ranking(trained_home: LoopHom
     _settings(home, evaluation_max_per_label=1, rerank_chunk_images=4)
     sessions = open_database(home)
     v2 = train_version(home, sessions, warm_start=True)
-    running = queue.claim(sessions, "worker-a", [RERANK_JOB])  # a worker is in the middle of v2's first chunk
+    running = queue.claim(sessions, "worker-a", [queue.JobType.RERANK])  # a worker is in the middle of v2's first chunk
     assert running is not None and running.payload["version_id"] == v2.version_id
 
     v3 = train_version(home, sessions, warm_start=True)
@@ -95,7 +95,7 @@ def test_a_newer_promotion_supersedes_the_older_re_ranking(trained_home: LoopHom
         v2_partial = _scores(session, v2.version_id)
     # the worker learns it at its next heartbeat, and a stale chunk run anyway stores nothing
     assert not queue.heartbeat(sessions, running.id, "worker-a", 0.5, "scoring")
-    message = rerank_chunk(home, sessions, running.id, running.payload, LoadedModel())
+    message = rerank_chunk(home, sessions, running.id, queue.payload_of(running), LoadedModel())
     assert message.startswith("skipped")
     with sessions() as session:
         assert _scores(session, v2.version_id) == v2_partial

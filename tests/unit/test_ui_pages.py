@@ -317,9 +317,8 @@ def test_inspect_shows_an_upload_job_then_its_result(ui_home: PreparedHome) -> N
     with sessions() as session:
         row = session.get(Job, job.id)
         row.status, row.progress = "succeeded", 1.0
-        row.payload = {**row.payload, "result": {"score": 1.0, "patch_map": grid, "image_threshold": 0.5,
-                                                 "version": "v0002",
-                                                 "top_patches": [{"box": [32, 24, 56, 48], "score": 1.0}]}}
+        row.result = {"score": 1.0, "patch_map": grid, "image_threshold": 0.5, "version": "v0002",
+                      "top_patches": [{"box": [32, 24, 56, 48], "score": 1.0}]}
         session.commit()
     at.run()
     assert not at.exception
@@ -349,7 +348,9 @@ def test_inspect_upload_scored_by_the_real_worker(ui_home: PreparedHome) -> None
     at.run()
     assert not at.exception
     with sessions() as session:
-        result = queries.job(session, job.id).payload["result"]
+        stored = queries.job(session, job.id)
+    assert stored.result is not None and "result" not in stored.payload  # the result has a column of its own
+    result = stored.result
     assert any(m.label == "Score (v0002)" and m.value == f"{result['score']:.4f}" for m in at.metric)
     assert f"Job #{job.id} (score_upload) for `{path}`: **succeeded**" in texts(at)
     assert any("image threshold" in e.value for e in [*at.warning, *at.success])

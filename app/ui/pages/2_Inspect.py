@@ -160,7 +160,7 @@ def upload_form() -> None:
 
 
 def upload_result(job_id: int, was_active: bool) -> None:
-    """The scoring job's progress, then its result (the worker stores it in the job's payload)."""
+    """The scoring job's progress, then its result (the worker stores it with the job's success)."""
     with sessions() as session:
         job = queries.job(session, job_id)
     if job is None:
@@ -176,10 +176,10 @@ def upload_result(job_id: int, was_active: bool) -> None:
         st.progress(min(1.0, max(0.0, job.progress)), text=job.message or "running")
     elif job.status in ("failed", "cancelled"):
         st.error(f"{job.message}: {job.error or 'no error recorded'}")
-    elif not isinstance(job.payload.get("result"), dict) or "score" not in job.payload["result"]:
-        st.info("The job finished but stored no result in its payload.")
+    elif job.result is None or "score" not in job.result:
+        st.info("The job finished but stored no result.")
     else:
-        show_upload_score(path, job.payload["result"])
+        show_upload_score(path, job.result)
 
 
 def show_upload_score(path: str | None, result: dict) -> None:
