@@ -9,7 +9,7 @@
 Every route but health needs ``Authorization: Bearer <token>`` (the home's secret ``serve_token``).
 Uploads are bounded before they are read whole (bytes) and before they are decoded (pixels): 413. A
 request never names a path: the image store's file names come from content hashes. Typed errors become
-statuses in one table (``annotation.webhook.HTTP_STATUS``), a full queue 503 with Retry-After.
+statuses in one table (``dmad_core.errors.HTTP_STATUS``), a full queue 503 with Retry-After.
 """
 
 from __future__ import annotations
@@ -34,11 +34,10 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, Field
 from sqlalchemy.orm import Session, sessionmaker
 
-from annotation.webhook import http_status
 from app.home_folder import Home
 from app.services.prediction import MAX_PIXELS, LineImage, LineModel, LineResult, heat_scale
 from app.services.serving import ActiveLineModel, LineBatcher, QueueFull
-from dmad_core.errors import Invalid, TooLarge, UserError
+from dmad_core.errors import Invalid, TooLarge, UserError, http_status
 
 TOKEN_SECRET = "serve_token"
 API_VERSION = "1"
