@@ -17,6 +17,7 @@ import pandas as pd
 from sqlalchemy import Select, case, exists, func, select
 from sqlalchemy.orm import Session
 
+from app.home_folder import HomeSettings
 from app.services.annotations import RETRAIN_KEY
 from app.services.reranking import RerankProgress, rerank_progress  # noqa: F401 (the pages' query)
 from app.services.read_models import (
@@ -31,7 +32,7 @@ from app.services.read_models import (
 from db.engine import write_transaction
 from db.models import Annotation, Category, Image, Job, LabelTask, ModelVersion, PoolScore
 from db.queue import JobPayload, JobType, Trigger, UploadToScore, enqueue, list_jobs
-from db.repositories import COUNT_KEYS, annotation_counts_by_version, metric_history
+from db.repositories import COUNT_KEYS, annotation_counts_by_version, evaluation_counts, metric_history
 from dmad_core.metrics import METRIC_NAMES
 
 
@@ -78,7 +79,10 @@ class Overview:
     jobs: dict[str, int]  # job status -> count
 
 
-def overview(session: Session) -> Overview:
+def overview(session: Session, evaluation_max_per_label: int | None = None) -> Overview:
+    """What the Home page shows; its "evaluation" column counts the images a retrain is measured on
+    (untouched images with ground truth, at most ``evaluation_max_per_label`` per label; default: the home
+    setting's default)."""
     per_role = session.execute(
         select(Category.name, Image.role, func.count(Image.id))
         .join(Image, Image.category_id == Category.id).group_by(Category.name, Image.role))
@@ -89,6 +93,9 @@ def overview(session: Session) -> Overview:
     table: dict[str, dict[str, int]] = {}
     for category, key, n in [*per_role, *per_kind]:
         table.setdefault(category, {})[key] = int(n)
+    cap = evaluation_max_per_label if evaluation_max_per_label is not None else HomeSettings().evaluation_max_per_label
+    for category, n in evaluation_counts(session, cap).items():
+        table.setdefault(category, {})["evaluation"] = n  # not a role: the pool's images with ground truth
     columns = ["train_normal", "pool", "evaluation", "defect_mask", "normal", "defect_no_mask"]
     images = pd.DataFrame.from_dict(table, orient="index").reindex(columns=columns).fillna(0).astype(int)
     images = images.rename(columns={"defect_mask": "annotated defect (mask)", "normal": "confirmed normal",
@@ -391,8 +398,12 @@ def thresholds_frame(session: Session, version_id: int, false_alarm_rate: float)
                      "validation normals": rates.validation.normals,
                      "false alarms, confirmed normals (%)": pct(rates.annotated.false_alarm_rate),
                      "misses, annotated defects (%)": pct(rates.annotated.miss_rate),
-                     "annotated defects": rates.annotated.defects, "note": t.note})
-    return pd.DataFrame(rows)
+                     "annotated defects": rates.annotated.defects, "note": t.note or ""})
+    frame = pd.DataFrame(rows)
+    # numbers stay numbers where a value is missing (NaN, shown as an empty cell, not as "None")
+    missing = ["calibrated", "false alarms, validation normals (%)", "false alarms, confirmed normals (%)",
+               "misses, annotated defects (%)"]
+    return frame.astype({c: float for c in missing}) if not frame.empty else frame
 
 
 def set_threshold(session: Session, version_id: int, category: str, threshold: float | None, note: str) -> None:

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import func, select
 from streamlit.testing.v1 import AppTest
 
 from app.home_folder import Home
@@ -19,8 +19,9 @@ from app.services import ui_queries as queries
 from app.services.annotations import RETRAIN_KEY
 from app.ui.diversity import iou, pick_patches
 from app.services.imaging import clip_box
-from db.models import Annotation, Job, ModelVersion
+from db.models import Annotation, Category, Image, Job, ModelVersion
 from db.queue import claim, heartbeat
+from db.repositories import untouched_ground_truth
 from tests.ui_fixtures import N_TRAIN, PreparedHome, ui_empty_home, ui_home, ui_no_database, ui_template  # noqa: F401
 
 UI = Path(__file__).resolve().parents[2] / "app" / "ui"
@@ -123,6 +124,11 @@ def test_home_overview(ui_home: PreparedHome) -> None:  # noqa: F811
     assert "scored **20** pool images" in texts(at)
     assert at.dataframe[0].value.loc["fabric", "pool"] == 10
     assert len(at.get("page_link")) == 4
+    # "evaluation": the pool's images with ground truth that no annotation touched (it read 0 as a role)
+    with ui_home.sessions()() as session:
+        untouched = session.scalar(select(func.count(Image.id)).join(Category).where(
+            Category.name == "fabric", *untouched_ground_truth()))
+    assert untouched > 0 and at.dataframe[0].value.loc["fabric", "evaluation"] == untouched
 
 
 # -- review -----------------------------------------------------------------------------------------
@@ -277,6 +283,8 @@ def test_inspect_an_image_by_query_parameter(ui_home: PreparedHome) -> None:  # 
     assert f"image {image_id}" in shown and "defect_mask" in shown
     assert len(at.get("image")) == 2  # the heat map view and the annotated mask
     assert len(at.get("vega_lite_chart")) == 1  # score history
+    axis_formats = re.findall(r'"format":\s*"([^"]*)"', at.get("vega_lite_chart")[0].proto.spec)
+    assert axis_formats and all(re.fullmatch(r"\.[0-4]f", f) for f in axis_formats if f.endswith("f"))
     assert at.metric[0].label == "Score (v0002)"
     at.selectbox(key="inspect-version").select("v0001").run()
     assert at.metric[0].label == "Score (v0001)"
@@ -515,11 +523,15 @@ def test_metrics_history_and_latest_values(ui_home: PreparedHome) -> None:  # no
     at = run(METRICS)
     assert len(at.get("vega_lite_chart")) == 1
     spec = at.get("vega_lite_chart")[0].proto.spec
-    assert '".1~%"' in spec and '"tableau10"' in spec  # percent axes, classes in distinct hues
+    assert '"tableau10"' in spec  # classes in distinct hues
+    # percent axes whose decimals follow each metric's range (a fixed ".1%" gave nine "98.6%" ticks)
+    formats = re.findall(r'"format":\s*"(\.[0-2]%)"', spec)
+    assert len(formats) == 3 and '".1~%"' not in spec
     assert at.multiselect(key="metrics-names").value == ["image_auroc", "pixel_auroc", "pro"]
     assert "Latest values (v0002)" in texts(at)
     latest = at.dataframe[0].value
     assert list(latest.index) == ["fabric", "tiles"] and "image_auroc" in latest.columns
+    assert latest.max().max() > 1.0 and latest.max().max() <= 100.0  # in percent, as the charts
     at.radio(key="metrics-axis").set_value("creation time").run()
     at.multiselect(key="metrics-names").select("image_f1max").run()
     assert not at.exception
@@ -532,6 +544,10 @@ def test_training_shows_thresholds_with_their_rates_and_takes_an_override(ui_hom
     limits = at.dataframe[-1].value
     assert list(limits["class"]) == ["fabric", "tiles"] and set(limits["source"]) == {"calibrated"}
     assert list(limits["annotated defects"]) == [2, 2] and limits["misses, annotated defects (%)"].notna().all()
+    # no "None" cells: a missing rate is a number's NaN (an empty cell), a missing note an empty text
+    assert limits["false alarms, confirmed normals (%)"].dtype.kind == "f" and list(limits["note"]) == ["", ""]
+    shown = at.dataframe[-1].proto.columns  # short headers, so the table fits the page
+    assert '"false alarms (val.)"' in shown and '"misses (annotated)"' in shown
     at.selectbox(key="threshold-class").select("tiles").run()
     at.number_input(key="threshold-value-tiles").set_value(123.0).run()
     at.text_input(key="threshold-note").input("trial on line 3").run()

@@ -13,6 +13,7 @@ import streamlit as st
 from app.services import ui_queries as queries
 from app.services.annotations import load_mask
 from app.ui import context as ui
+from app.ui.formats import number_axis
 from app.services import imaging
 from app.ui.uploads import save_upload
 from dmad_core.errors import UserError
@@ -128,9 +129,11 @@ def image_view() -> None:
     if history.empty:
         st.markdown("No version has scored this image yet.")
     else:
+        layout = number_axis(history["score"])  # decimals from the range (a flat history showed six)
         chart = alt.Chart(history).mark_line(point=True).encode(
             x=alt.X("version:N", sort=list(history["version"]), title="model version"),
-            y=alt.Y("score:Q", title="anomaly score", scale=alt.Scale(zero=False)),
+            y=alt.Y("score:Q", title="anomaly score", scale=alt.Scale(domain=list(layout.domain), zero=False),
+                    axis=alt.Axis(format=layout.format, tickCount=5)),
             tooltip=["version", "status", "created", alt.Tooltip("score:Q", format=".4f")],
         )
         st.altair_chart(chart, width="stretch")
