@@ -546,8 +546,9 @@ def test_training_shows_thresholds_with_their_rates_and_takes_an_override(ui_hom
     assert list(limits["annotated defects"]) == [2, 2] and limits["misses, annotated defects (%)"].notna().all()
     # no "None" cells: a missing rate is a number's NaN (an empty cell), a missing note an empty text
     assert limits["false alarms, confirmed normals (%)"].dtype.kind == "f" and list(limits["note"]) == ["", ""]
-    shown = at.dataframe[-1].proto.columns  # short headers, so the table fits the page
-    assert '"false alarms (val.)"' in shown and '"misses (annotated)"' in shown
+    shown = at.dataframe[-1].proto  # short headers, so the table fits the page; "–" where a rate has no images
+    assert '"false alarms (val.)"' in shown.columns and '"misses (annotated)"' in shown.columns
+    assert shown.placeholder == "–"
     at.selectbox(key="threshold-class").select("tiles").run()
     at.number_input(key="threshold-value-tiles").set_value(123.0).run()
     at.text_input(key="threshold-note").input("trial on line 3").run()
