@@ -44,13 +44,17 @@ SECRET_HEADER = "X-DMAD-Secret"
 STATE_FILE = "dmad_state.json"
 _CONTENT_HASH = re.compile(r"^[0-9a-f]{8,128}$")
 _IMPORT_BATCH = 200
+SCORE_DECIMALS = 3  # the anomaly score as an inspector reads it (the database keeps it exact)
 
 
 def label_config(defect_labels: Sequence[str] = DEFAULT_LABELS) -> str:
-    """The labelling interface: the image, a brush per defect type, and a normal/defect verdict.
+    """The labelling interface: a brush per defect type and a normal/defect verdict, above the image.
 
     Our ids are shown as text (one Header with ``$field`` templates: a bare ``$field`` would hand a number
-    to a string-only tag) so an inspector can quote them when talking to an engineer.
+    to a string-only tag) so an inspector can quote them when talking to an engineer; the content hash
+    stays in the task's data (it finds the task again) but not in the header, where its 64 hex digits said
+    nothing to an inspector. The labels and the verdict come before the image: below it, they sat under
+    the fold of a 1400 x 1000 window.
     """
     labels = [str(label).strip() for label in defect_labels]
     if not labels or any(not label for label in labels) or len(set(labels)) != len(labels):
@@ -60,11 +64,10 @@ def label_config(defect_labels: Sequence[str] = DEFAULT_LABELS) -> str:
     return (
         "<View>\n"
         '  <Header size="5" value="image $image_id · $category · score $score · model $model_version"/>\n'
-        '  <Header size="6" value="content hash $content_hash"/>\n'
-        f'  <Image name="{IMAGE_NAME}" value="$image" zoom="true"/>\n'
         f'  <BrushLabels name="{BRUSH_NAME}" toName="{IMAGE_NAME}">\n{label_tags}\n  </BrushLabels>\n'
         f'  <Choices name="{VERDICT_NAME}" toName="{IMAGE_NAME}" choice="single" showInline="true">\n'
         f"{choice_tags}\n  </Choices>\n"
+        f'  <Image name="{IMAGE_NAME}" value="$image" zoom="true" zoomControl="true"/>\n'
         "</View>"
     )
 
@@ -227,7 +230,7 @@ def task_payload(item: TaskItem, label: str = DEFAULT_LABELS[0]) -> dict[str, An
             "image_id": int(item.image_id),
             "content_hash": item.content_hash,
             "category": item.category,
-            "score": round(float(item.score), 6),
+            "score": round(float(item.score), SCORE_DECIMALS),
             "normal_percentile": None if item.normal_percentile is None else round(item.normal_percentile, 4),
             "model_version": item.model_version,
         },

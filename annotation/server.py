@@ -53,6 +53,7 @@ TOKEN_SECRET = "labelstudio_token"
 PASSWORD_SECRET = "labelstudio_password"
 ADMIN_EMAIL = "admin@dmad.local"
 HOST = "127.0.0.1"
+START_SECONDS = 180.0  # how long a start may take before the server counts as not answering
 _PID_FILE = "labelstudio.pid"
 _PORT_FILE = "labelstudio.port"
 _LOG_FILE = "labelstudio.log"
@@ -157,6 +158,17 @@ class ServerStatus:
     pid: int | None
     url: str
     healthy: bool
+    starting: bool = False  # running, not answering yet, and started less than START_SECONDS ago
+
+    @property
+    def state(self) -> str:
+        """In two words or fewer, the same on every page and in the terminal: "running", "starting",
+        "not answering" (running past its start time without answering) or "not running"."""
+        if self.healthy:
+            return "running"
+        if self.starting:
+            return "starting"
+        return "not answering" if self.running else "not running"
 
 
 class LabelStudioServer:
@@ -239,11 +251,19 @@ class LabelStudioServer:
 
     def status(self) -> ServerStatus:
         pid = self.pid()
-        return ServerStatus(running=pid is not None, pid=pid, url=self.url,
-                            healthy=pid is not None and self.healthy())
+        healthy = pid is not None and self.healthy()
+        return ServerStatus(running=pid is not None, pid=pid, url=self.url, healthy=healthy,
+                            starting=pid is not None and not healthy and self._started_within(START_SECONDS))
+
+    def _started_within(self, seconds: float) -> bool:
+        """Whether our pid file (written when the server was started) is younger than ``seconds``."""
+        try:
+            return time.time() - self.pid_path.stat().st_mtime < seconds
+        except OSError:
+            return False
 
     # -- start / stop -----------------------------------------------------------------------------
-    def start(self, timeout: float = 180.0) -> ServerStatus:
+    def start(self, timeout: float = START_SECONDS) -> ServerStatus:
         """Starts Label Studio detached (own process group) and waits until it answers on ``self.port``.
 
         Does nothing when our server is already running. Raises ``UserError`` when the port is taken by

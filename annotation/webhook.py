@@ -21,7 +21,7 @@ Routes:
 Answers: every client error is a 4xx with a JSON body ``{"error": "..."}``, never a 5xx: 401 no secret,
 403 wrong secret, 411 no Content-Length, 413 body over the cap (20 MB), 415 not JSON, 400 malformed JSON
 or payload shape, 404 unknown image, 422 a mask that does not fit its image (or is corrupt); an error
-the sink raises answers the status of its type (:data:`HTTP_STATUS`: ``NotFound`` 404, ``Invalid`` 422,
+the sink raises answers the status of its type (``dmad_core.errors.HTTP_STATUS``: ``NotFound`` 404, ``Invalid`` 422,
 ``Conflict`` 409, ``Unavailable`` 503); 500 only for our own bugs (logged). Actions other than the four
 annotation actions are answered 200 ``{"outcome": "ignored"}``: Label Studio may be configured to send
 more than we need, and a 4xx would only fill its log. A payload is checked completely before anything is
@@ -54,7 +54,7 @@ from starlette.routing import Route
 from annotation.parse import ParsedAnnotation, PayloadError, annotation_id, parse_annotation, task_image_id
 from annotation.project import SECRET_HEADER
 from annotation.sink import AnnotationSink, UnknownImageError
-from dmad_core.errors import Conflict, Invalid, NotFound, TooLarge, Unavailable, UserError
+from dmad_core.errors import Conflict, UserError, http_status
 
 log = logging.getLogger(__name__)
 
@@ -378,16 +378,3 @@ def _deliver(payload: Any, sink: AnnotationSink) -> _Reply:
     except Exception:
         log.exception("webhook delivery failed")
         return _error(500, "internal error (logged)")
-
-
-# The one table of HTTP statuses of typed errors (this receiver and `dmad serve` both answer by it); the
-# first matching type wins, so a subtype comes before its base.
-HTTP_STATUS: dict[type[UserError], int] = {NotFound: 404, TooLarge: 413, Invalid: 422, Conflict: 409, Unavailable: 503}
-
-
-def http_status(exc: UserError) -> int:
-    """The HTTP status of an error the sink raised, from its type (422 for a plain ``UserError``)."""
-    for kind, status in HTTP_STATUS.items():
-        if isinstance(exc, kind):
-            return status
-    return 422

@@ -21,41 +21,100 @@ import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Annotated, Literal
+
+import pydantic
+from pydantic import ConfigDict, Field
 
 from annotation.secret_files import read_secret, write_secret
+from dmad_core.config import PRESETS
+from dmad_core.errors import Invalid
 
 DEFAULT_HOME = Path("dmad-home")
 
 
-@dataclass(frozen=True)
+Port = Annotated[int, Field(ge=1, le=65535)]
+Positive = Annotated[int, Field(ge=1)]
+Label = Annotated[str, Field(min_length=1)]
+
+
+# A pydantic dataclass: every way one is built (settings.json, `dmad init`, dataclasses.replace, tests) is
+# validated, so a reader can trust each field; unknown keys are refused (a misspelt setting would otherwise
+# be silently ignored).
+@pydantic.dataclasses.dataclass(frozen=True, config=ConfigDict(extra="forbid"))
 class HomeSettings:
-    """What `dmad init` stores in settings.json."""
+    """What `dmad init` stores in settings.json, checked when it is built (``Home.load_settings`` turns a
+    bad file into an error that names the file and the key)."""
 
     db_url: str | None = None  # None: SQLite file <home>/dmad.db
-    preset: str = "offline"
+    preset: str = "offline"  # one of dmad_core.config.PRESETS
     # "classifier" (kNN distance + per-class defect classifiers, the default) or "mapper": the paper's loop,
     # the abnormal bank rebuilt from seen features and anomaly-centre perturbations and the score mapper
     # retrained on every annotation (square images: the mapper batches whole images of one grid).
-    scorer: str = "classifier"
+    scorer: Literal["classifier", "mapper"] = "classifier"
     weights_path: str | None = None
-    label_studio_port: int = 8080
-    webhook_port: int = 8765
-    streamlit_port: int = 8501
-    defect_labels: tuple[str, ...] = ("defect",)
-    label_studio_project: str = "DMAD inspection"  # this home's project title in Label Studio
+    label_studio_port: Port = 8080
+    webhook_port: Port = 8765
+    streamlit_port: Port = 8501
+    defect_labels: Annotated[tuple[Label, ...], Field(min_length=1)] = ("defect",)
+    label_studio_project: Label = "DMAD inspection"  # this home's project title in Label Studio
     outliers_dir: str | None = None  # DTD-like textures for the abnormal bank; None: procedural textures
-    train_epochs: int | None = None  # mapper epochs of a training from scratch; None: the preset's
-    retrain_epochs: int | None = None  # mapper epochs of a warm-started retrain; None: an eighth of those
-    false_alarm_rate: float = 0.01  # OK/NG: share of a class's validation normals a new version may call NG
-    validation_fraction: float | None = None  # normal training images held out per class (thresholds); None: the preset's
-    line_pool_max_images: int | None = 100_000  # the line's images kept in the pool (oldest go first); None: all
-    feature_cache_max_bytes: int | None = 20 * 1024**3  # the feature cache's budget (app/services/cache_budget.py)
+    train_epochs: Positive | None = None  # mapper epochs of a training from scratch; None: the preset's
+    retrain_epochs: Positive | None = None  # mapper epochs of a warm-started retrain; None: an eighth of those
+    # OK/NG: share of a class's validation normals a new version may call NG
+    false_alarm_rate: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.01
+    # normal training images held out per class (thresholds); None: the preset's
+    validation_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] | None = None
+    line_pool_max_images: Positive | None = 100_000  # the line's images kept in the pool (oldest go first); None: all
+    # the feature cache's budget (app/services/cache_budget.py); None: no budget
+    feature_cache_max_bytes: Annotated[int, Field(ge=0)] | None = 20 * 1024**3
     # Factory scale (docs/scaling.md): a retrain evaluates on at most this many images per class and
     # ground-truth label (chosen by content hash, the same set for every version), then promotes; the pool
     # is re-ranked after, in chunks of `rerank_chunk_images` that any number of workers share.
-    evaluation_max_per_label: int = 250
-    rerank_chunk_images: int = 256
-    pool_score_versions_kept: int = 3  # versions whose pool scores are kept: the active one and the newest others
+    evaluation_max_per_label: Positive = 250
+    rerank_chunk_images: Positive = 256
+    pool_score_versions_kept: Positive = 3  # versions whose pool scores are kept: the active one and the newest others
+
+    @pydantic.field_validator("preset")
+    @classmethod
+    def _known_preset(cls, preset: str) -> str:
+        if preset not in PRESETS:
+            raise ValueError(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}")
+        return preset
+
+    @staticmethod
+    def from_json(text: str, source: str = "settings") -> HomeSettings:
+        """Settings from settings.json's text; Invalid naming ``source`` and every bad key otherwise.
+
+        Args:
+            text: the file's JSON (an object of the fields above; absent keys take their defaults).
+            source: what to name in the error (the file's path).
+
+        Returns:
+            The validated settings.
+        """
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise Invalid(f"{source} is not valid JSON ({exc}): fix it or run `dmad init` again") from exc
+        if not isinstance(raw, dict):
+            raise Invalid(f"{source} must hold a JSON object of settings, not {type(raw).__name__}")
+        try:
+            return HomeSettings(**raw)
+        except pydantic.ValidationError as exc:
+            raise Invalid(f"{source}: {describe_errors(exc)}") from exc
+
+
+def describe_errors(exc: pydantic.ValidationError) -> str:
+    """One line per bad key: ``key: what is wrong (got value)``; unknown keys are named as such."""
+    parts = []
+    for error in exc.errors():
+        key = ".".join(str(p) for p in error["loc"]) or "settings"
+        if error["type"] in ("unexpected_keyword_argument", "extra_forbidden"):
+            parts.append(f"{key}: unknown setting")
+        else:
+            parts.append(f"{key}: {error['msg']} (got {error['input']!r})")
+    return "; ".join(parts)
 
 
 @dataclass(frozen=True)
@@ -122,12 +181,11 @@ class Home:
         return s.db_url or f"sqlite:///{self.db_path}"
 
     def load_settings(self) -> HomeSettings:
+        """The home's settings, validated (defaults where there is no settings.json); Invalid naming the file
+        and the bad key when it holds a value no reader could use."""
         if not self.settings_path.exists():
             return HomeSettings()
-        raw = json.loads(self.settings_path.read_text())
-        if "defect_labels" in raw:
-            raw["defect_labels"] = tuple(raw["defect_labels"])
-        return HomeSettings(**raw)
+        return HomeSettings.from_json(self.settings_path.read_text(), str(self.settings_path))
 
     def save_settings(self, settings: HomeSettings) -> None:
         self.root.mkdir(parents=True, exist_ok=True)

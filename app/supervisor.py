@@ -75,6 +75,7 @@ def plan_services(home: Home, *, streamlit_port: int, labelstudio: bool = True, 
         (sys.executable, "-m", "streamlit", "run", str(UI_SCRIPT), "--server.address", HOST,
          "--server.port", str(streamlit_port), "--server.headless", "true", "--server.fileWatcherType", "none",
          "--server.runOnSave", "false", "--browser.gatherUsageStats", "false",
+         "--client.toolbarMode", "minimal",  # no Deploy button: this UI runs on the factory's machine
          # the upload widget's bound (in MB) is `dmad serve`'s, so it does not promise Streamlit's 200 MB
          "--server.maxUploadSize", str(MAX_UPLOAD_BYTES // 2**20)),
         port=streamlit_port, health_url=f"http://{HOST}:{streamlit_port}/_stcore/health",
@@ -330,6 +331,14 @@ class DownResult:
     stopped: list[str]  # otherwise: what was still running and got stopped
 
 
+def service_pid(home: Home, name: str) -> int | None:
+    """The pid of the live process that `dmad up` started as ``name`` ("worker", "webhook", ...), from its
+    pid file under `<home>/run`; None when there is none or it has died."""
+    path = home.run_dir / f"{name}.pid"
+    text = path.read_text().strip() if path.exists() else ""
+    return int(text) if text.isdigit() and _pid_alive(int(text)) else None
+
+
 def down(home: Home) -> DownResult:
     """Stops the children recorded in `<home>/run` (after a `dmad up` was killed without cleaning up);
     a `dmad up` still alive is only asked to stop."""
@@ -341,12 +350,11 @@ def down(home: Home) -> DownResult:
         return DownResult(int(text), [])
     stopped = []
     for name in ("webhook", "worker", "streamlit", "labelstudio-start"):
-        path = home.run_dir / f"{name}.pid"
-        text = path.read_text().strip() if path.exists() else ""
-        if text.isdigit() and _pid_alive(int(text)):
-            _signal_group(int(text), signal.SIGTERM)
+        pid = service_pid(home, name)
+        if pid is not None:
+            _signal_group(pid, signal.SIGTERM)
             stopped.append(name)
-        path.unlink(missing_ok=True)
+        (home.run_dir / f"{name}.pid").unlink(missing_ok=True)
     if label_studio_server(home).stop():
         stopped.append("labelstudio")
     supervisor_pid.unlink(missing_ok=True)

@@ -5,11 +5,11 @@ it, for the UI's progress bars). A worker that dies stops heartbeating; when its
 worker claims the job again, up to the job's attempt limit, after which the job fails with the error
 kept. A worker that finds it has lost its lease stops at the next checkpoint and publishes nothing.
 
-Job types: 'train' (from scratch), 'retrain' (warm start from the active version; annotations
-coalesce into one), 'rerank' (one chunk of the pool scored under the active version, queued by each
-promotion below every other job's priority; see app/services/reranking.py), 'score_upload' (one uploaded
-image, result written into the job's payload) and 'labelstudio_sync' (pull annotations the webhook
-missed; also run every `sync_every_seconds`).
+Job types (`db.queue.JobType`, each with its typed payload): 'train' (from scratch), 'retrain' (warm start
+from the active version; annotations coalesce into one), 'rerank' (one chunk of the pool scored under the
+active version, queued by each promotion below every other job's priority; see app/services/reranking.py),
+'score_upload' (one uploaded image; its score is the job's result) and 'labelstudio_sync' (pull annotations
+the webhook missed; also run every `sync_every_seconds`).
 
 Workers on several machines share one database and a home on a shared file system (docs/scaling.md): a
 claim never hands one job to two workers, and a worker's loaded model is kept between the chunks it runs.
@@ -36,11 +36,12 @@ from app.services.inference import LoadedModel
 from db import queue
 from db.engine import write_transaction
 from db.models import Job
+from db.queue import JobPayload, JobType, RerankChunk, Trigger, UploadToScore
 from dmad_core.errors import Conflict
 
 log = logging.getLogger(__name__)
 
-JOB_TYPES = ("train", "retrain", "rerank", "score_upload", "labelstudio_sync")
+JOB_TYPES: tuple[JobType, ...] = tuple(JobType)
 
 
 class JobLost(Exception):
@@ -66,7 +67,8 @@ class JobRun:
         self.sessions, self.job_id, self.worker_id, self.options = sessions, job.id, worker_id, options
         self.on_progress = on_progress
         self.loaded = loaded or LoadedModel()  # the worker's model, kept from one chunk to the next
-        self.payload: dict[str, Any] = dict(job.payload or {})
+        self.payload: JobPayload = queue.payload_of(job)
+        self.result: dict[str, Any] | None = None  # what the handler leaves; stored with the job's success
         self._state = (0.0, "started")
         self._lost = threading.Event()
         self._done = threading.Event()
@@ -122,6 +124,7 @@ def _train(home: Home, sessions: sessionmaker[Session], run: JobRun, warm_start:
 def _rerank(home: Home, sessions: sessionmaker[Session], run: JobRun) -> str:
     from app.services.reranking import rerank_chunk
 
+    assert isinstance(run.payload, RerankChunk)  # payload_of read it as the rerank job's record
     return rerank_chunk(home, sessions, run.job_id, run.payload, run.loaded, progress=run.progress,
                         checkpoint=run.checkpoint)
 
@@ -135,11 +138,10 @@ def _score_upload(home: Home, sessions: sessionmaker[Session], run: JobRun) -> s
         version = versions.active_version(session)
         if version is None:
             raise RuntimeError("no active model version yet; train one with `dmad train`")
-        result = score_upload(home, session, version, run.payload["path"], run.payload["category"], run.loaded)
-    run.checkpoint("storing the result")
-    with sessions() as session, write_transaction(session):
-        job = session.get(Job, run.job_id)
-        job.payload = {**run.payload, "result": result}
+        upload = run.payload
+        assert isinstance(upload, UploadToScore)  # payload_of read it as the score_upload job's record
+        result = score_upload(home, session, version, upload.path, upload.category, run.loaded)
+    run.result = result  # stored by queue.complete, with the job's success
     return f"{result['decision']} (score {result['score']:.3f}, threshold {result['threshold']:.3f}) under {version.name}"
 
 
@@ -156,14 +158,14 @@ def _labelstudio_sync(home: Home, sessions: sessionmaker[Session], run: JobRun) 
 
 # The job types that can write features into the cache: the budget is held after these only (a Label Studio
 # sync, once a minute, would otherwise list every cache entry each time for nothing).
-FILLS_FEATURE_CACHE = frozenset({"train", "retrain", "rerank", "score_upload"})
+FILLS_FEATURE_CACHE = frozenset({JobType.TRAIN, JobType.RETRAIN, JobType.RERANK, JobType.SCORE_UPLOAD})
 
 HANDLERS: dict[str, Callable[[Home, sessionmaker[Session], JobRun], str]] = {
-    "train": functools.partial(_train, warm_start=False),
-    "retrain": functools.partial(_train, warm_start=True),
-    "rerank": _rerank,
-    "score_upload": _score_upload,
-    "labelstudio_sync": _labelstudio_sync,
+    JobType.TRAIN: functools.partial(_train, warm_start=False),
+    JobType.RETRAIN: functools.partial(_train, warm_start=True),
+    JobType.RERANK: _rerank,
+    JobType.SCORE_UPLOAD: _score_upload,
+    JobType.LABELSTUDIO_SYNC: _labelstudio_sync,
 }
 
 
@@ -190,7 +192,7 @@ def run_job(home: Home, sessions: sessionmaker[Session], job: Job, options: Work
         log.error("job %s failed: %s", job.id, exc)
         queue.fail(sessions, job.id, worker_id, f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=8)}")
         return False
-    queue.complete(sessions, job.id, worker_id, message)
+    queue.complete(sessions, job.id, worker_id, message, result=run.result)
     log.info("job %s done: %s", job.id, message)
     if job.type in FILLS_FEATURE_CACHE:
         _hold_cache_budget(home, sessions)
@@ -218,9 +220,9 @@ def train_in_foreground(home: Home, sessions: sessionmaker[Session],
     """Queues a 'train' job and runs it in this process, so the UI sees its progress like any other
     job's; (succeeded, the finished job row). `on_claimed` gets the job id once this process owns it."""
     with sessions() as session, write_transaction(session):
-        job_id = queue.enqueue(session, "train", {"trigger": "cli"}, coalesce_key="train").id
+        job_id = queue.enqueue(session, JobType.TRAIN, Trigger(trigger="cli"), coalesce_key=JobType.TRAIN).id
     worker_id = default_worker_id()
-    claimed = queue.claim(sessions, worker_id, ["train"])
+    claimed = queue.claim(sessions, worker_id, [JobType.TRAIN])
     if claimed is None or claimed.id != job_id:
         raise Conflict("another worker took the training job; follow it with `dmad status`")
     if on_claimed is not None:
@@ -239,7 +241,8 @@ def _sync_due(home: Home, sessions: sessionmaker[Session], options: WorkerOption
     if not has_project(home):
         return False
     with sessions() as session, write_transaction(session):
-        queue.enqueue(session, "labelstudio_sync", {"trigger": "periodic"}, coalesce_key="labelstudio_sync")
+        queue.enqueue(session, JobType.LABELSTUDIO_SYNC, Trigger(trigger="periodic"),
+                      coalesce_key=JobType.LABELSTUDIO_SYNC)
     return True
 
 
@@ -273,9 +276,7 @@ def rerank_now(home: Home, sessions: sessionmaker[Session]) -> int:
     """Run the queued re-ranking chunks in this process until none is left (what `dmad train` does after
     training, so that a home without a worker still has a ranked pool; running workers share the chunks).
     Returns the chunks this process ran."""
-    from app.services.reranking import RERANK_JOB
-
-    return run_worker(home, sessions, WorkerOptions(once=True, sync_every_seconds=None, job_types=(RERANK_JOB,)))
+    return run_worker(home, sessions, WorkerOptions(once=True, sync_every_seconds=None, job_types=(JobType.RERANK,)))
 
 
 def _remove_abandoned_version_folders(home: Home, sessions: sessionmaker[Session]) -> None:

@@ -124,11 +124,11 @@ def chunks_done(sessions, version: str) -> list[tuple[int, float]]:  # noqa: ANN
     """(images, finished at) of the succeeded re-ranking chunks of `version`, in finishing order."""
     from sqlalchemy import select
 
-    from app.services.reranking import RERANK_JOB
+    from db.queue import JobType
     from db.models import Job
 
     with sessions() as session:
-        jobs = session.scalars(select(Job).where(Job.type == RERANK_JOB, Job.status == "succeeded"))
+        jobs = session.scalars(select(Job).where(Job.type == JobType.RERANK, Job.status == "succeeded"))
         rows = [(len(j.payload["image_ids"]), j.finished_at.timestamp()) for j in jobs
                 if j.payload.get("version") == version]
     return sorted(rows, key=lambda r: r[1])
@@ -154,11 +154,11 @@ def rate(sessions, version: str, skip: int, count: int, timeout: float = 1800) -
 def _open_chunks(sessions) -> int:  # noqa: ANN001
     from sqlalchemy import func, select
 
-    from app.services.reranking import RERANK_JOB
+    from db.queue import JobType
     from db.models import Job
 
     with sessions() as session:
-        return int(session.scalar(select(func.count(Job.id)).where(Job.type == RERANK_JOB,
+        return int(session.scalar(select(func.count(Job.id)).where(Job.type == JobType.RERANK,
                                                                    Job.status.in_(("queued", "running")))))
 
 
@@ -167,12 +167,12 @@ def wait_in_chunk(sessions, version: str) -> bool:  # noqa: ANN001
     left to run."""
     from sqlalchemy import select
 
-    from app.services.reranking import RERANK_JOB
+    from db.queue import JobType
     from db.models import Job
 
     while True:
         with sessions() as session:
-            running = [j for j in session.scalars(select(Job).where(Job.type == RERANK_JOB, Job.status == "running"))
+            running = [j for j in session.scalars(select(Job).where(Job.type == JobType.RERANK, Job.status == "running"))
                        if j.payload.get("version") == version]
         if running:
             return True

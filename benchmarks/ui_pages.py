@@ -71,7 +71,7 @@ def browser_figures(home_root: Path, image_id: int, repeats: int) -> None:
         port = s.getsockname()[1]
     server = subprocess.Popen(
         [sys.executable, "-m", "streamlit", "run", str(PAGES["Home"]), "--server.address", "127.0.0.1",
-         "--server.port", str(port), "--server.headless", "true", "--browser.gatherUsageStats", "false",
+         "--server.port", str(port), "--server.headless", "true", "--browser.gatherUsageStats", "false", "--client.toolbarMode", "minimal",
          "--server.fileWatcherType", "none"], cwd=home_root, env={**os.environ, "DMAD_HOME": str(home_root)},
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     urls = {"Home": "", "Review": "Review", "Inspect": f"Inspect?image_id={image_id}", "Training": "Training",

@@ -211,7 +211,8 @@ class Job(Base):
     lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     progress: Mapped[float] = mapped_column(Float, default=0.0)  # 0..1
     message: Mapped[str] = mapped_column(Text, default="")
-    payload: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    payload: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)  # what it is given (db/queue.py PAYLOADS)
+    result: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # what it left, set with its success
     error: Mapped[str | None] = mapped_column(Text)
     coalesce_key: Mapped[str | None] = mapped_column(String(200))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)

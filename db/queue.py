@@ -5,8 +5,13 @@ dies, the lease expires and another worker takes the job over (up to `max_attemp
 On PostgreSQL concurrent claimers skip each other's rows (`FOR UPDATE SKIP LOCKED`); on SQLite a claim
 takes the single write lock up front (`BEGIN IMMEDIATE`), which serialises claimers and is just as correct.
 
-Functions that take a `session_factory` run and commit their own short transaction; `enqueue` and
-`list_jobs` take the caller's session so that enqueueing is part of the caller's transaction.
+Functions that take a `session_factory` run and commit their own short transaction; `enqueue`,
+`enqueue_many`, `cancel_open` and `list_jobs` take the caller's session so that they are part of the
+caller's transaction.
+
+The rules of the queue live here: the job types (`JobType`), the typed payload each one carries (`PAYLOADS`;
+read back with `payload_of`), one cancellation (`cancel_open`, which `cancel` uses too), and the result a
+job leaves (`complete(..., result=)`, in the job's `result` column, never mixed into its payload).
 """
 
 from __future__ import annotations
@@ -14,14 +19,84 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timedelta
+from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import and_, insert, or_, select
+from pydantic import BaseModel, ConfigDict
+from sqlalchemy import and_, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.engine import write_transaction
 from db.models import Job, utcnow
+
+
+class JobType(StrEnum):
+    """What a job does (the `jobs.type` column holds the value)."""
+
+    TRAIN = "train"  # a version from scratch
+    RETRAIN = "retrain"  # warm start from the active version; annotations coalesce into one
+    RERANK = "rerank"  # one chunk of the pool scored under the active version
+    SCORE_UPLOAD = "score_upload"  # one uploaded image; its score is the job's result
+    LABELSTUDIO_SYNC = "labelstudio_sync"  # pull the annotations the webhook missed
+
+
+OPEN_STATUSES = ("queued", "running")  # a job that may still run
+
+
+class JobPayload(BaseModel):
+    """What a job is given, stored as JSON in `jobs.payload`; each job type has its own record (`PAYLOADS`)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Trigger(JobPayload):
+    """Train, retrain and sync jobs carry only who asked: 'cli', 'ui', 'annotations', 'periodic'..."""
+
+    trigger: str
+
+
+class RerankChunk(JobPayload):
+    """One chunk of a version's re-ranking of the pool (app/services/reranking.py plans them)."""
+
+    version_id: int
+    version: str  # its name, for messages
+    image_ids: list[int]
+    chunk: int  # 1-based
+    chunks: int
+
+
+class UploadToScore(JobPayload):
+    """An uploaded image to score under the active version."""
+
+    path: str
+    category: str
+
+
+PAYLOADS: dict[JobType, type[JobPayload]] = {
+    JobType.TRAIN: Trigger,
+    JobType.RETRAIN: Trigger,
+    JobType.RERANK: RerankChunk,
+    JobType.SCORE_UPLOAD: UploadToScore,
+    JobType.LABELSTUDIO_SYNC: Trigger,
+}
+
+
+def _stored(type: JobType, payload: JobPayload) -> dict[str, Any]:
+    """The payload's JSON, after checking that it is the record its job type takes."""
+    expected = PAYLOADS[JobType(type)]
+    if not isinstance(payload, expected):
+        raise TypeError(f"a {type} job takes a {expected.__name__} payload, not {payload.__class__.__name__}")
+    return payload.model_dump(mode="json")
+
+
+def payload_of(job: Job) -> JobPayload:
+    """The job's payload as its type's record; ValueError naming the job for an unknown type or a payload
+    that does not fit it."""
+    try:
+        return PAYLOADS[JobType(job.type)].model_validate(job.payload or {})
+    except ValueError as exc:  # pydantic's ValidationError is a ValueError too
+        raise ValueError(f"job {job.id} ({job.type}): {exc}") from exc
 
 
 @contextmanager
@@ -38,9 +113,10 @@ def _detach(session: Session, job: Job) -> Job:
     return job
 
 
-def enqueue(session: Session, type: str, payload: dict[str, Any] | None = None,
-            coalesce_key: str | None = None, max_attempts: int = 3, priority: int = 0) -> Job:
-    """Add a job in the caller's transaction (flushed, not committed).
+def enqueue(session: Session, type: JobType, payload: JobPayload, coalesce_key: str | None = None,
+            max_attempts: int = 3, priority: int = 0) -> Job:
+    """Add a job in the caller's transaction (flushed, not committed); `payload` is the record its type
+    takes (`PAYLOADS`), else TypeError.
 
     With a `coalesce_key`, a job with that key still waiting ('queued') is returned instead of a new
     one: the retrain job reads every annotation when it starts, so a burst of annotations needs one
@@ -52,6 +128,7 @@ def enqueue(session: Session, type: str, payload: dict[str, Any] | None = None,
     """
     if max_attempts < 1:
         raise ValueError("max_attempts must be at least 1")
+    stored = _stored(type, payload)
     for _ in range(3):
         if coalesce_key is not None:
             # Locked until the caller commits: a claimer (SKIP LOCKED) then cannot start this job before
@@ -63,7 +140,7 @@ def enqueue(session: Session, type: str, payload: dict[str, Any] | None = None,
             ).first()
             if waiting is not None:
                 return waiting
-        job = Job(type=type, status="queued", payload=dict(payload or {}), coalesce_key=coalesce_key,
+        job = Job(type=str(type), status="queued", payload=stored, coalesce_key=coalesce_key,
                   max_attempts=max_attempts, attempts=0, progress=0.0, message="queued", priority=priority)
         try:
             with session.begin_nested():
@@ -76,7 +153,7 @@ def enqueue(session: Session, type: str, payload: dict[str, Any] | None = None,
     raise RuntimeError(f"could not enqueue job with coalesce key {coalesce_key!r}")
 
 
-def enqueue_many(session: Session, type: str, payloads: Sequence[dict[str, Any]], priority: int = 0,
+def enqueue_many(session: Session, type: JobType, payloads: Sequence[JobPayload], priority: int = 0,
                  max_attempts: int = 3) -> int:
     """Add many jobs without a coalesce key in the caller's transaction, in one executemany (a promotion
     queues hundreds of re-ranking chunks: one flush each would cost a noticeable part of a second); they
@@ -84,7 +161,7 @@ def enqueue_many(session: Session, type: str, payloads: Sequence[dict[str, Any]]
     if max_attempts < 1:
         raise ValueError("max_attempts must be at least 1")
     now = utcnow()
-    rows = [{"type": type, "status": "queued", "payload": dict(p), "coalesce_key": None, "priority": priority,
+    rows = [{"type": str(type), "status": "queued", "payload": _stored(type, p), "coalesce_key": None, "priority": priority,
              "max_attempts": max_attempts, "attempts": 0, "lease_expiries": 0, "progress": 0.0, "message": "queued",
              "created_at": now + timedelta(microseconds=k)} for k, p in enumerate(payloads)]
     if rows:
@@ -182,12 +259,14 @@ def heartbeat(session_factory: sessionmaker[Session], job_id: int, worker_id: st
 
 
 def complete(session_factory: sessionmaker[Session], job_id: int, worker_id: str,
-             message: str = "done") -> bool:
-    """Mark the job succeeded; False if this worker no longer owns it (its result must be discarded)."""
+             message: str = "done", result: dict[str, Any] | None = None) -> bool:
+    """Mark the job succeeded, with its `result` (JSON, e.g. an upload's score) in the same transaction;
+    False if this worker no longer owns it (its result is then discarded)."""
     with _write(session_factory) as session:
         job = _owned(session, job_id, worker_id)
         if job is None:
             return False
+        job.result = result
         job.status = "succeeded"
         job.progress = 1.0
         job.message = message
@@ -232,23 +311,26 @@ def _coalesced_elsewhere(session: Session, job: Job) -> bool:
     return other is not None
 
 
+def cancel_open(session: Session, message: str, *, job_id: int | None = None, type: JobType | None = None) -> int:
+    """Cancel the open (queued or running) jobs with that id or of that type, in the caller's transaction
+    (a running worker learns it from its next heartbeat); returns how many were cancelled."""
+    if job_id is None and type is None:
+        raise ValueError("cancel_open needs a job id or a job type")
+    query = update(Job).where(Job.status.in_(OPEN_STATUSES))
+    if job_id is not None:
+        query = query.where(Job.id == job_id)
+    if type is not None:
+        query = query.where(Job.type == str(type))
+    done = session.execute(query.values(status="cancelled", message=message, finished_at=utcnow(), lease_owner=None,
+                                        lease_expires_at=None).execution_options(synchronize_session=False))
+    return int(getattr(done, "rowcount", 0) or 0)
+
+
 def cancel(session_factory: sessionmaker[Session], job_id: int, message: str = "cancelled") -> bool:
-    """Cancel a queued or running job (a running worker learns it from its next heartbeat).
-    False if the job does not exist or has already finished."""
+    """Cancel a queued or running job in a transaction of its own. False if the job does not exist or has
+    already finished."""
     with _write(session_factory) as session:
-        job = session.get(Job, job_id, with_for_update=True)
-        if job is None or job.status not in ("queued", "running"):
-            return False
-        job.status = "cancelled"
-        job.message = message
-        job.finished_at = utcnow()
-        job.lease_owner = None
-        job.lease_expires_at = None
-        return True
-
-
-def get_job(session: Session, job_id: int) -> Job | None:
-    return session.get(Job, job_id)
+        return cancel_open(session, message, job_id=job_id) == 1
 
 
 def list_jobs(session: Session, limit: int = 50, types: Sequence[str] | None = None,

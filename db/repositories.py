@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 import PIL.Image
-from sqlalchemy import delete, exists, func, insert, select
+from sqlalchemy import ColumnElement, delete, exists, func, insert, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, contains_eager
 
@@ -108,6 +108,24 @@ def images_by_role(session: Session, role: ImageRole, category: Category | str |
     if category is not None:
         query = query.where(Image.category_id == _category(session, category).id)
     return list(session.scalars(query))
+
+
+def untouched_ground_truth() -> tuple[ColumnElement[bool], ...]:
+    """Where-clauses of the images a version can be evaluated on: pool (or evaluation) images with ground
+    truth that no live annotation has touched (an annotated image trained the version)."""
+    return (Image.role.in_(("pool", "evaluation")), Image.gt_label.is_not(None),
+            ~exists().where(Annotation.image_id == Image.id, Annotation.deleted_at.is_(None)))
+
+
+def evaluation_counts(session: Session, max_per_label: int) -> dict[str, int]:
+    """Per class, how many images a retrain evaluates on: the untouched images with ground truth, at most
+    ``max_per_label`` per ground-truth label (``HomeSettings.evaluation_max_per_label``)."""
+    counts: dict[str, int] = {}
+    for name, _label, n in session.execute(
+            select(Category.name, Image.gt_label, func.count(Image.id)).join(Image, Image.category_id == Category.id)
+            .where(*untouched_ground_truth()).group_by(Category.name, Image.gt_label)):
+        counts[name] = counts.get(name, 0) + min(int(n), max_per_label)
+    return counts
 
 
 def record_metrics(session: Session, version_id: int, metrics: Mapping[str, Mapping[str, float | None]]) -> None:

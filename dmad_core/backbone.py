@@ -174,6 +174,9 @@ class PatchFeatureHead(nn.Module):
 class FeatureExtractor(nn.Module):
     """Image batch (B, 3, H, W) normalised -> patch features (B, gh, gw, C), frozen and in eval mode."""
 
+    mean: torch.Tensor  # buffers, declared for the type checker (nn.Module.__getattr__ cannot say)
+    std: torch.Tensor
+
     def __init__(self, config: BackboneConfig, allow_random_weights: bool = False, device: str = "auto"):
         super().__init__()
         self.config = config
@@ -193,7 +196,7 @@ class FeatureExtractor(nn.Module):
     @property
     def grid_size(self) -> tuple[int, int]:
         """The patch grid of a square image."""
-        stride = self.body.feature_info.reduction()[0]
+        stride: int = self.body.feature_info.reduction()[0]  # type: ignore[union-attr,operator]  # timm's features_only model has feature_info
         return (self.config.image_size // stride, self.config.image_size // stride)
 
     def preprocess(self, images: list[np.ndarray]) -> torch.Tensor:

@@ -120,6 +120,8 @@ class MemoryBank:
 
     def build_index(self, config: BankConfig) -> None:
         self._set_union(config)
+        assert self.union_ is not None  # set by _set_union
+        index: faiss.Index
         if config.index == "hnsw" and len(self.union_) > 2048:
             index = faiss.IndexHNSWFlat(self.dim, config.hnsw_m)
             index.hnsw.efConstruction = 64
@@ -131,6 +133,7 @@ class MemoryBank:
         self.index_ = index_on_best_device(faiss, index)
 
     def part_names_of(self, idx: np.ndarray) -> np.ndarray:
+        assert self.part_of_ is not None, "build_index() first"
         return np.asarray(self._part_names)[self.part_of_[idx]]
 
     def search(
@@ -146,6 +149,7 @@ class MemoryBank:
         """
         if self.index_ is None:
             raise RuntimeError("bank index not built: call build_index() once after changing parts")
+        assert self.union_ is not None  # built with the index
         if len(self.union_) == 0:
             raise RuntimeError("bank is empty")
         q = np.ascontiguousarray(queries, dtype=np.float32)
@@ -164,6 +168,7 @@ class MemoryBank:
                        k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Of the index's ``k`` nearest entries, the first allowed one (not of the query's own image; in
         ``rows`` if given), or the last one where none is: (distances (n,), indices (n,), found (n,))."""
+        assert self.union_ is not None and self.index_ is not None, "build_index() first"
         k = int(min(k, len(self.union_)))
         d, i = self.index_.search(q, k)
         ok = i >= 0  # faiss pads missing neighbours with index -1
@@ -172,7 +177,7 @@ class MemoryBank:
             ok &= np.isin(i, rows)
         if exclude_sources is not None:
             ok &= self.union_.sources[i] != exclude_sources[:, None]
-        found = ok.any(axis=1)
+        found: np.ndarray = np.asarray(ok.any(axis=1))
         first = np.where(found, ok.argmax(axis=1), k - 1)
         at = np.arange(len(q))
         return d[at, first], i[at, first], found
@@ -228,6 +233,7 @@ class MemoryBank:
         are then relative to ``start``); an index array restricts it to those rows (indices then index
         that array)."""
         if self._exact is None:
+            assert self.union_ is not None, "build_index() first"
             vectors = torch.from_numpy(np.ascontiguousarray(self.union_.vectors, dtype=np.float32))
             self._exact = (vectors, (vectors * vectors).sum(1), torch.from_numpy(self.union_.sources))
         vectors, norms, bank_sources = self._exact

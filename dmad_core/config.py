@@ -253,6 +253,7 @@ class DMADConfig:
     @staticmethod
     def from_dict(d: dict[str, Any]) -> DMADConfig:
         b = dict(d.get("backbone", {}))
+        classifier: dict[str, Any] = {k: tuple(v) if k == "weights" else v for k, v in d.get("classifier", {}).items()}
         if "layers" in b:
             b["layers"] = tuple(b["layers"])
         return DMADConfig(
@@ -261,7 +262,6 @@ class DMADConfig:
             mapper=MapperConfig(**d.get("mapper", {})),
             # models saved before the classifier scorer existed were all scored by the mapper
             score=ScoreConfig(**{"scorer": "mapper", **d.get("score", {})}),
-            classifier=ClassifierConfig(**{k: tuple(v) if k == "weights" else v
-                                           for k, v in d.get("classifier", {}).items()}),
+            classifier=ClassifierConfig(**classifier),
             device=d.get("device", "auto"),
         )

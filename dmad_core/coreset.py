@@ -43,7 +43,7 @@ def greedy_coreset(
     n = len(features)
     n_select = int(min(max(n_select, 1), n))
     rng = np.random.default_rng(seed)
-    candidates = np.arange(n)
+    candidates: np.ndarray = np.arange(n)
     if n > max_candidates:
         candidates = np.sort(rng.choice(n, size=max_candidates, replace=False))
         n_select = min(n_select, max_candidates)

@@ -133,7 +133,9 @@ class DefectClassifierScorer:
         """
         cfg = self.config
         positives = self._positives(memory, annotations, ann_feats)
-        classes, selection, pooled = {}, {}, {}
+        classes: dict[str, ClassState] = {}
+        selection: dict[str, dict[float, list[tuple[float, float, float]]]] = {}
+        pooled: dict[float, list[tuple[float, float, float]]] = {}
         negatives: dict[str, np.ndarray] = {}
         references: dict[str, _Reference] = {}
         for cat in sorted({it.category for it in train_items}):
@@ -271,19 +273,20 @@ class DefectClassifierScorer:
         if state.classifier is None:
             patch = image = z
         else:
+            assert state.logit_scale is not None  # a classifier always comes with its logit scale
             logit = state.logit_scale.apply(state.classifier.logit(feat.reshape(-1, memory.dim)))
             patch, image = z + state.map_weight * logit, z + state.image_weight * logit
         return patch.reshape(feat.shape[:-1]), top_k_mean(image, state.image_top_k or self.top_k)
 
     def _unknown_class(self) -> ClassState:
         """A class the model was not trained on: the kNN distance in the median unit of the known classes."""
-        scales = [c.distance_scale for c in self.classes_.values()]
+        scales = [c.distance_scale for c in (self.classes_ or {}).values()]
         return ClassState(Scale(float(np.median([s.median for s in scales])), float(np.median([s.q99 for s in scales]))))
 
     # ------------------------------------------------------------------------------------------ saving
     def to_state(self) -> tuple[dict, dict[str, np.ndarray]]:
         """(JSON-able description, arrays) for the model folder."""
-        meta = {"selection": {c: {str(w): v for w, v in crit.items()} for c, crit in (self.selection_ or {}).items()},
+        meta: dict[str, Any] = {"selection": {c: {str(w): v for w, v in crit.items()} for c, crit in (self.selection_ or {}).items()},
                 "classes": {}}
         arrays = {}
         for cat, st in (self.classes_ or {}).items():

@@ -14,7 +14,9 @@ type               CLI exit code    HTTP status  Streamlit
 ``UserError``      2                422          ``st.error``
 =================  ===============  ===========  =====================
 
-(``app/cli.py``, ``annotation/webhook.py`` and ``app/ui/context.py`` hold those tables.)
+(``app/cli.py`` and ``app/ui/context.py`` hold the CLI's and Streamlit's tables; the HTTP statuses are
+:data:`HTTP_STATUS` below, the one table that both HTTP edges answer by: the Label Studio webhook
+(``annotation/webhook.py``) and ``dmad serve`` (``app/api``), which may not import each other.)
 """
 
 from __future__ import annotations
@@ -26,8 +28,6 @@ class UserError(Exception):
     The base of every error below; raise a subclass, which says what kind of problem it is.
     """
 
-
-DmadError = UserError
 
 
 class NotFound(UserError):
@@ -49,3 +49,22 @@ class Conflict(UserError):
 
 class Unavailable(UserError):
     """A service the request needs is not running or not answering (Label Studio, the database)."""
+
+
+# The HTTP status of each type (the first matching type wins, so a subtype comes before its base).
+HTTP_STATUS: dict[type[UserError], int] = {NotFound: 404, TooLarge: 413, Invalid: 422, Conflict: 409, Unavailable: 503}
+
+
+def http_status(exc: UserError) -> int:
+    """The HTTP status an edge answers for ``exc``, from its type (422 for a plain ``UserError``).
+
+    Args:
+        exc: the error a service raised.
+
+    Returns:
+        The status code.
+    """
+    for kind, status in HTTP_STATUS.items():
+        if isinstance(exc, kind):
+            return status
+    return 422

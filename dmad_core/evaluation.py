@@ -121,13 +121,14 @@ def run_evaluation(request: EvalRequest, config: DMADConfig, cache_dir: Path,
         for ds in datasets:
             annotated[ds.name] = draw_annotated(ds, request.anomalies_per_class, request.seed)
     annotations = [DefectAnnotation(ImageItem.from_path(r.path, r.category),
-                                    load_mask(r.mask_path, load_image(r.path).shape[:2]))
-                   for recs in annotated.values() for r in recs]
+                                    load_mask(mask_path, load_image(r.path).shape[:2]))
+                   for recs in annotated.values() for r in recs
+                   if (mask_path := r.mask_path) is not None]  # draw_annotated draws images with masks only
     outliers = outlier_items(request.outliers, request.n_procedural_outliers, request.seed,
                              config.bank.outlier_images_max)
     model = DMAD(config, store)
     model.fit(normal, outliers, annotations)
-    seconds = {k: round(v, 2) for k, v in model.timings_.items()}
+    seconds = {k: round(v, 2) for k, v in (model.timings_ or {}).items()}
 
     t0 = time.perf_counter()
     results: dict[str, MethodResult] = {}
@@ -186,7 +187,7 @@ def format_table(result: EvalResult) -> str:
             lines.append(f"{c:<16}" + "".join(f"{_percent_cell(d[n]):>9}" for n in METRIC_NAMES))
     if "dmad" in result.results and "knn" in result.results:
         a, b = mean_metrics(result.results["dmad"].per_class), mean_metrics(result.results["knn"].per_class)
-        ratios = [f"{short[n]} x{a[n] / b[n]:.3f}" for n in METRIC_NAMES if a[n] is not None and b[n]]
+        ratios = [f"{short[n]} x{x / y:.3f}" for n in METRIC_NAMES if (x := a[n]) is not None and (y := b[n])]
         lines.append("dmad / knn (mean): " + ", ".join(ratios))
     if result.scorer and result.scorer["weights"]:
         lines.append("classifier weights (leave-one-annotated-image-out), image / map: " + ", ".join(

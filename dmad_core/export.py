@@ -34,6 +34,25 @@ from dmad_core.modules import smooth_maps
 class ExportedScorer(nn.Module):
     """The classifier scorer of a fitted DMAD as a pure torch module (see the module docstring)."""
 
+    body: nn.Module
+    head: nn.Module
+    # buffers, declared for the type checker (nn.Module.__getattr__ cannot say)
+    mean: torch.Tensor
+    std: torch.Tensor
+    shift: torch.Tensor
+    bank: torch.Tensor
+    bank_norms: torch.Tensor
+    row_mask: torch.Tensor
+    coef: torch.Tensor
+    intercept: torch.Tensor
+    dist_median: torch.Tensor
+    dist_span: torch.Tensor
+    logit_median: torch.Tensor
+    logit_span: torch.Tensor
+    map_weight: torch.Tensor
+    image_weight: torch.Tensor
+    top_k: torch.Tensor
+
     def __init__(self, model) -> None:
         super().__init__()
         if model.uses_mapper or model.scorer_ is None:

@@ -40,7 +40,11 @@ class ImageItem:
                          array=array)
 
     def load(self) -> np.ndarray:
-        return self.array if self.array is not None else load_image(self.path)
+        if self.array is not None:
+            return self.array
+        if self.path is None:
+            raise ValueError(f"image item {self.hash} has neither an array nor a path")
+        return load_image(self.path)
 
     @property
     def source(self) -> int:

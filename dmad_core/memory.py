@@ -76,11 +76,12 @@ class DualMemory:
         """Confirmed normal images join Mn: the greedy coreset continued from the current bank."""
         flat, sources, cats = _provenance(items, feats, self.dim)
         flat = flat.astype(np.float32)
-        current = self.normal_bank_.parts[banks.NORMAL]
+        normal_bank = built(self.normal_bank_)
+        current = normal_bank.parts[banks.NORMAL]
         sel = self._normal_coreset(flat, cats, current, progress)
-        self.normal_bank_.set_part(banks.NORMAL, BankPart.concat(
+        normal_bank.set_part(banks.NORMAL, BankPart.concat(
             [current, BankPart(flat[sel], sources[sel], cats[sel])], self.dim))
-        self.normal_bank_.build_index(self.config)
+        normal_bank.build_index(self.config)
         self.normal_nn_cache_ = {}
 
     def _normal_coreset(self, flat: np.ndarray, cats: np.ndarray, current: BankPart | None,
@@ -100,7 +101,7 @@ class DualMemory:
             sel = greedy_coreset(flat[rows], coreset_size(len(rows), cfg.coreset_ratio), cfg.coreset_projection_dim,
                                  self.seed, initial=initial if initial is not None and len(initial) else None,
                                  max_candidates=cfg.coreset_max_candidates, desc=name,
-                                 progress=lambda f, m, n=n: progress((n + f) / len(groups), m))
+                                 progress=_within(progress, n, len(groups)))
             chosen.append(rows[sel])
         return np.sort(np.concatenate(chosen))
 
@@ -154,7 +155,8 @@ class DualMemory:
         """Rebuilds Mas (seen), the weak part and Mp (anomaly centres) from the complete current set of
         annotations (``feats``: their standardised features), then Ma's index."""
         dim = self.dim
-        seen, weak = [], []
+        seen: list[BankPart] = []
+        weak: list[BankPart] = []
         self.annotated_patches_ = {}
         for ann, feat in zip(annotations, feats, strict=True):
             idx, is_weak = self.annotated_patches(ann, feat, net_scores)
@@ -172,17 +174,18 @@ class DualMemory:
                                size=(self.config.perturbations_per_centre, dim)).astype(np.float32)
             centres.append(BankPart(centre[None] + noise, np.full(len(noise), -1, np.int64),
                                     np.full(len(noise), cat, "<U64")))
-        self.abnormal_bank_.set_part(banks.SEEN, seen_part)
-        self.abnormal_bank_.set_part(banks.WEAK, weak_part)
-        self.abnormal_bank_.set_part(banks.CENTRE, BankPart.concat(centres, dim))
-        self.abnormal_bank_.build_index(self.config)
+        abnormal_bank = built(self.abnormal_bank_)
+        abnormal_bank.set_part(banks.SEEN, seen_part)
+        abnormal_bank.set_part(banks.WEAK, weak_part)
+        abnormal_bank.set_part(banks.CENTRE, BankPart.concat(centres, dim))
+        abnormal_bank.build_index(self.config)
 
     # ------------------------------------------------------------------------------------ searching
     def search_normal(self, q: np.ndarray, sources: np.ndarray | None,
                       categories: str | np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
         """Normal-bank search within each query's class (``categories``: one for all queries, or one per
         query) when ``BankConfig.class_aware``; across all classes otherwise or when the class is unknown."""
-        bank = self.normal_bank_
+        bank = built(self.normal_bank_)
         if not self.config.class_aware or categories is None:
             return bank.search(q, sources)
         if isinstance(categories, str):
@@ -206,8 +209,9 @@ class DualMemory:
                         categories: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
         """The nearest normal-bank and abnormal-bank entries (vectors, row for row with ``q``)."""
         i_n = self.search_normal(q, sources, categories)[1]
-        i_a = self.abnormal_bank_.search(q, sources)[1]
-        return self.normal_bank_.vectors[i_n], self.abnormal_bank_.vectors[i_a]
+        abnormal_bank = built(self.abnormal_bank_)
+        i_a = abnormal_bank.search(q, sources)[1]
+        return built(self.normal_bank_).vectors[i_n], abnormal_bank.vectors[i_a]
 
     def neighbours(self, items: Sequence[ImageItem], feats: Sequence[np.ndarray], exclude: bool,
                    progress: Progress = no_progress, desc: str = "nearest neighbours"
@@ -236,7 +240,7 @@ class DualMemory:
         """Nearest abnormal-bank entry of each patch, as the nearer of (a) its nearest entry in the outlier
         part, which is fixed once fitted and therefore cached by ``key`` and saved with the model, and (b)
         its nearest entry in the other parts (seen, weak, centre: small, rebuilt by every retrain)."""
-        bank = self.abnormal_bank_
+        bank = built(self.abnormal_bank_)
         if not len(bank.parts.get(banks.OUTLIER, ())):
             return bank.search(q, src)[1]
         if key not in self.outlier_nn_cache_:
@@ -255,3 +259,16 @@ class DualMemory:
         if alone.any():
             best_i[alone] = bank.search(q[alone], None if src is None else src[alone])[1]
         return best_i
+
+
+def built(bank: MemoryBank | None) -> MemoryBank:
+    """``bank``, which ``DualMemory.build`` (or ``load``) must have set: a clear error instead of an
+    AttributeError on None (and the narrowing the type checker needs)."""
+    if bank is None:
+        raise RuntimeError("the memory's banks are not built: call build() (or load a fitted model) first")
+    return bank
+
+
+def _within(progress: Progress, step: int, steps: int) -> Progress:
+    """``progress`` for step ``step`` of ``steps`` equal ones: its fraction maps into [step, step + 1] / steps."""
+    return lambda fraction, message: progress((step + fraction) / steps, message)

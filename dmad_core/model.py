@@ -113,7 +113,9 @@ class DMAD:
         memory.set_annotations(annotations, ann_feats, net_scores=None)  # no scorer yet: weak = kNN distance
         timings["banks"] = time.perf_counter() - t0
         mc, t0 = self._mapper_config(annotations), time.perf_counter()
-        net, scorer, history = None, None, []
+        net: DMADNet | None = None
+        scorer: DefectClassifierScorer | None = None
+        history: list[dict] = []
         if self.uses_mapper:
             net, history = self._train(memory, scaling, None, mc, train_items, val_items, annotations, ann_feats,
                                        mc.epochs, lambda f, m: progress(0.4 + 0.55 * f, m), patience=0)
@@ -140,6 +142,9 @@ class DMAD:
         """
         if self.memory_ is None:
             raise RuntimeError("update() needs a fitted model: call fit() first")
+        # fitted together with memory_ (narrowing for the type checker)
+        assert (self.scaling_ is not None and self.categories_ is not None and self.normal_items_ is not None
+                and self.validation_items_ is not None)
         memory, scaling, t0, timings = self.memory_, self.scaling_, time.perf_counter(), {}
         ann_feats = scaling.apply(self.features.get([a.item for a in annotations], desc="features: annotated"))
         known = {it.hash for it in self.normal_items_}
@@ -154,7 +159,8 @@ class DMAD:
         memory.set_annotations(annotations, ann_feats, self._net_scores)  # weak: the current model's top patches
         self.annotations_ = list(annotations)
         timings["banks"], t0 = time.perf_counter() - t0, time.perf_counter()
-        mc, history = self._mapper_config(annotations), []
+        mc = self._mapper_config(annotations)
+        history: list[dict] = []
         if self.uses_mapper:
             # A changed regime (first annotated defect: distance-only knowledge and the semi-supervised loss
             # weights, or back) starts a fresh mapper. Measured on tire + bottle with 10 masks: warm-starting
@@ -195,6 +201,8 @@ class DMAD:
     def knn_predict(self, items: Sequence[ImageItem], batch_size: int = 16, cache_features: bool = True) -> list[Prediction]:
         """The PatchCore baseline on the same features and normal bank: patch score = distance to the
         nearest normal patch, image score = the largest patch score."""
+        if self.memory_ is None:
+            raise RuntimeError("model is not fitted: call fit() or load() first")
         preds = []
         for start in range(0, len(items), batch_size):
             chunk = items[start:start + batch_size]
@@ -212,6 +220,8 @@ class DMAD:
     def patch_features(self, items: Sequence[ImageItem], desc: str = "features", store: bool = True,
                        bar: bool = True) -> list[np.ndarray]:
         """Standardised float32 patch features (gh, gw, C) of images, from the feature cache."""
+        if self.scaling_ is None:
+            raise RuntimeError("model is not fitted: call fit() or load() first")
         return self.scaling_.apply(self.features.get(items, desc=desc, store=store, bar=bar))
 
     def save(self, folder: str | Path) -> None:
@@ -266,16 +276,16 @@ class DMAD:
     def _mask_peak_shares(self, annotations: Sequence[DefectAnnotation]) -> dict[str, float]:
         """Per class with drawn masks, the pre-annotation level that fits them best
         (``preannotation.choose_peak_share``): inspectors' masks, never test images."""
-        masked = [a for a in annotations if a.mask is not None]
+        masked = [(a, a.mask) for a in annotations if a.mask is not None]
         if not masked or self.pixel_threshold_ is None:
             return {}
-        preds = self.predict([a.item for a in masked], progress_bar=False)
+        preds = self.predict([a.item for a, _ in masked], progress_bar=False)
         shares = {}
-        for category in sorted({a.item.category for a in masked}):
-            rows = [(a, p) for a, p in zip(masked, preds, strict=True) if a.item.category == category]
-            heats = [self.anomaly_map(p.patch_scores, a.mask.shape) for a, p in rows]
-            areas = [patch_area(p.patch_scores.shape, a.mask.shape) for a, p in rows]
-            shares[category] = choose_peak_share(heats, [a.mask for a, _ in rows], self.pixel_threshold_, areas)
+        for category in sorted({a.item.category for a, _ in masked}):
+            rows = [(mask, p) for (a, mask), p in zip(masked, preds, strict=True) if a.item.category == category]
+            heats = [self.anomaly_map(p.patch_scores, mask.shape) for mask, p in rows]
+            areas = [patch_area(p.patch_scores.shape, mask.shape) for mask, p in rows]
+            shares[category] = choose_peak_share(heats, [mask for mask, _ in rows], self.pixel_threshold_, areas)
         return shares
 
     def _net_scores(self, feat: np.ndarray, category: str) -> np.ndarray:
@@ -306,6 +316,7 @@ class DMAD:
             raise RuntimeError("model is not fitted: call fit() or load() first")
         if self.scorer_ is not None:
             return [self.scorer_.score(self.memory_, f, c) for f, c in zip(feats, categories, strict=True)]
+        assert self.net_ is not None  # is_fitted: a mapper where there is no classifier scorer
         dim = self.config.backbone.feature_dim
         flat = [np.asarray(f, np.float32).reshape(-1, dim) for f in feats]
         q_all = np.concatenate(flat)

@@ -21,6 +21,7 @@ module level and on in the presets:
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import numpy as np
 import torch
@@ -66,6 +67,9 @@ class DistanceScaler(nn.Module):
     Fitted once on normal training patches (``fit``): centre = median, scale = 99th percentile - median. The
     statistics are buffers, so they are saved and loaded with the weights.
     """
+
+    centre: torch.Tensor  # buffers, declared for the type checker (nn.Module.__getattr__ cannot say)
+    scale: torch.Tensor
 
     def __init__(self) -> None:
         super().__init__()
@@ -195,7 +199,8 @@ class DMADNet(nn.Module):
         ``[q, k_n, k_a, distances]``: ``W [Pq + b, Pk_n + b, Pk_a + b] = [W_1 P, W_2 P, W_3 P] [q, k_n, k_a] +
         (W_1 + W_2 + W_3) b``. Exact, and 3 C x C multiply-adds cheaper per patch (C = 1536 on the paper
         preset: almost half of the whole net's work)."""
-        weight, bias = self.mapper.input[0].weight, self.mapper.input[0].bias
+        first = cast(nn.Linear, self.mapper.input[0])
+        weight, bias = first.weight, first.bias
         proj = self.enhancer.projection
         c = proj.in_features
         blocks = [weight[:, i * c:(i + 1) * c] for i in range(3)]

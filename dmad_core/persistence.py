@@ -74,11 +74,13 @@ def _item(d: dict[str, Any]) -> ImageItem:
 def save_model(model: DMAD, folder: str | Path) -> None:
     """Writes everything ``load_into`` needs to predict and to retrain: banks, their faiss indexes, the
     trained weights, config, items, annotations with their masks and the neighbour caches."""
-    if model.memory_ is None:
+    memory, scaling, mapper_config = model.memory_, model.scaling_, model.mapper_config_
+    normal_items, validation_items, annotations = model.normal_items_, model.validation_items_, model.annotations_
+    if (memory is None or memory.normal_bank_ is None or memory.abnormal_bank_ is None or scaling is None
+            or mapper_config is None or normal_items is None or validation_items is None or annotations is None):
         raise RuntimeError("nothing to save: the model is not fitted")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    memory = model.memory_
     memory.normal_bank_.save(folder, "normal_bank")
     memory.abnormal_bank_.save(folder, "abnormal_bank")
     scorer_meta = None
@@ -86,17 +88,17 @@ def save_model(model: DMAD, folder: str | Path) -> None:
         torch.save(model.net_.state_dict(), folder / "net.pt")
     if model.scorer_ is not None:
         scorer_meta, coefficients = model.scorer_.to_state()
-        np.savez(folder / "classifiers.npz", **coefficients)
+        np.savez(folder / "classifiers.npz", **coefficients)  # type: ignore[arg-type]  # numpy's stub types **kwds as allow_pickle's bool
     meta = {
         "format_version": FORMAT_VERSION,
         "config": model.config.to_dict(),
-        "mapper_config": dataclasses.asdict(model.mapper_config_),
+        "mapper_config": dataclasses.asdict(mapper_config),
         "categories": model.categories_,
-        "normal_items": [_item_dict(it) for it in model.normal_items_],
-        "validation_items": [_item_dict(it) for it in model.validation_items_],
-        "annotations": [{**_item_dict(a.item), "has_mask": a.mask is not None} for a in model.annotations_],
-        "feature_shift": model.scaling_.shift.tolist(),
-        "feature_scale": model.scaling_.scale,
+        "normal_items": [_item_dict(it) for it in normal_items],
+        "validation_items": [_item_dict(it) for it in validation_items],
+        "annotations": [{**_item_dict(a.item), "has_mask": a.mask is not None} for a in annotations],
+        "feature_shift": scaling.shift.tolist(),
+        "feature_scale": scaling.scale,
         "pixel_threshold": model.pixel_threshold_,
         "image_threshold": model.image_threshold_,
         "validation_scores": model.validation_scores_,
@@ -106,14 +108,15 @@ def save_model(model: DMAD, folder: str | Path) -> None:
         "scorer": scorer_meta,
     }
     (folder / MODEL_FILE).write_text(json.dumps(meta, indent=1))
-    np.savez(folder / "annotated_patches.npz", **memory.annotated_patches_)
+    # numpy's stubs type savez's **kwds as if they could reach allow_pickle (a bool): hence the ignores below
+    np.savez(folder / "annotated_patches.npz", **memory.annotated_patches_)  # type: ignore[arg-type]
     np.savez_compressed(folder / "annotation_masks.npz",
-                        **{str(i): a.mask for i, a in enumerate(model.annotations_) if a.mask is not None})
+                        **{str(i): a.mask for i, a in enumerate(annotations) if a.mask is not None})  # type: ignore[arg-type]
     if memory.normal_nn_cache_:
-        np.savez(folder / "normal_neighbours.npz", **memory.normal_nn_cache_)
+        np.savez(folder / "normal_neighbours.npz", **memory.normal_nn_cache_)  # type: ignore[arg-type]
     if memory.outlier_nn_cache_:
         np.savez(folder / "outlier_neighbours.npz",
-                 **{f"{k}|{part}": v[j] for k, v in memory.outlier_nn_cache_.items() for j, part in enumerate("di")})
+                 **{f"{k}|{part}": v[j] for k, v in memory.outlier_nn_cache_.items() for j, part in enumerate("di")})  # type: ignore[arg-type]
 
 
 def _annotations(folder: Path, meta: dict[str, Any]) -> list[DefectAnnotation]:

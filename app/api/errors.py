@@ -1,5 +1,5 @@
 """The scoring API's error answers, in one shape (``{"detail": "<what to fix>"}``): typed errors become
-statuses through the one table (``annotation.webhook.HTTP_STATUS``), a full queue 503 with Retry-After,
+statuses through the one table (``dmad_core.errors.HTTP_STATUS``), a full queue 503 with Retry-After,
 FastAPI's own parameter errors 422, a missing or wrong token 401."""
 
 from __future__ import annotations
@@ -8,10 +8,9 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from annotation.webhook import http_status
 from app.api.deps import Unauthorised
 from app.services.serving import QueueFull
-from dmad_core.errors import Invalid, UserError
+from dmad_core.errors import Invalid, UserError, http_status
 
 
 class UnsupportedBody(Invalid):

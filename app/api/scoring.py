@@ -9,7 +9,7 @@
 Every route but health needs ``Authorization: Bearer <token>`` (the home's secret ``serve_token``).
 Uploads are bounded before they are read whole (bytes) and before they are decoded (pixels): 413. A
 request never names a path: the image store's file names come from content hashes. Typed errors become
-statuses in one table (``annotation.webhook.HTTP_STATUS``), a full queue 503 with Retry-After.
+statuses in one table (``dmad_core.errors.HTTP_STATUS``), a full queue 503 with Retry-After.
 
 Laid out as FastAPI's full-stack template lays out an API: this factory builds the app and its lifespan;
 the routes live in ``routes/`` (one module per resource, gathered in ``routes.api_router``), what they need

@@ -98,9 +98,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     status = found.server
     result = {**asdict(status), "project_id": found.project_id, "webhook_url": found.webhook_url,
               "webhook_healthy": found.webhook_healthy}
-    state = "running" if status.running else "not running"
-    answering = " and answering" if status.healthy else (" but not answering" if status.running else "")
-    _print(args, result, f"Label Studio: {state}{answering} at {status.url}"
+    _print(args, {**result, "state": status.state}, f"Label Studio: {status.state} at {status.url}"
                          + (f" (pid {status.pid})" if status.pid else "")
                          + f"; project {found.project_id}; webhook receiver at {found.webhook_url}: "
                          + ("answering" if found.webhook_healthy else "not answering"))

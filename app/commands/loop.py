@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 import threading
 import time
 from dataclasses import asdict, replace
@@ -169,14 +170,19 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 PRINT_EVERY_S = 5.0  # within one step ("normal bank coreset: ...") a progress line at most this often
 
 
-def _progress_printer(enabled: bool, every_s: float = PRINT_EVERY_S) -> Any:
+def _progress_printer(enabled: bool, every_s: float = PRINT_EVERY_S, bars: bool | None = None) -> Any:
     """Prints progress reports: the first of each step (the text before its first ':'), then at most one
-    every ``every_s`` seconds, so a step that reports twenty times in a second leaves one line."""
+    every ``every_s`` seconds, so a step that reports twenty times in a second leaves one line.
+
+    ``bars`` (default: whether stderr is a terminal): the engine draws its own progress bars there, so
+    only the first report of each step is printed; the repeats printed the feature bar's count a second
+    time under the bar itself."""
     state: dict[str, Any] = {"step": None, "at": 0.0}
+    repeat = not (sys.stderr.isatty() if bars is None else bars)
 
     def show(fraction: float, message: str) -> None:
         step, now = message.split(":")[0], time.monotonic()
-        if enabled and (step != state["step"] or now - state["at"] >= every_s):
+        if enabled and (step != state["step"] or (repeat and now - state["at"] >= every_s)):
             print(f"[{fraction * 100:5.1f}%] {message}", flush=True)
             state["step"], state["at"] = step, now
     return show
@@ -256,8 +262,18 @@ def cmd_annotate(args: argparse.Namespace) -> int:
         result = record_annotation(session, home, image=args.image, kind=kind, mask=mask, source="cli",
                                    category=args.category)
     _emit(args, asdict(result), f"annotation {result.annotation_id} {result.outcome}"
-          + (f"; retrain job {result.job_id} queued (run `dmad worker`)" if result.job_id else ""))
+          + (f"; retrain job {result.job_id} queued{_who_takes_jobs(home)}" if result.job_id else ""))
     return 0
+
+
+def _who_takes_jobs(home: Home) -> str:
+    """Who will run a queued job: the worker `dmad up` started, or a hint to start one."""
+    from app.supervisor import service_pid
+
+    pid = service_pid(home, "worker")
+    if pid is not None:
+        return f": the worker `dmad up` started (pid {pid}) takes it"
+    return " (run `dmad worker`, or `dmad up`, to take it)"
 
 
 # -- status / versions ----------------------------------------------------------------------------

@@ -34,7 +34,7 @@ from sqlalchemy.orm import Session, selectinload
 from app.home_folder import Home
 from db.engine import write_transaction
 from db.models import ANNOTATION_KINDS, Annotation, AnnotationKind, Category, Image, utcnow
-from db.queue import enqueue
+from db.queue import JobType, Trigger, enqueue
 from dmad_core.data.readers import load_mask as read_mask
 from dmad_core.errors import Invalid, NotFound, UserError
 
@@ -280,7 +280,7 @@ def _record(session: Session, home: Home, image_ref: Image | str | int, kind: An
             annotation.mask_sha256 = mask_hash
             job_id = None
             if enqueue_retrain:
-                job_id = enqueue(session, "retrain", {"trigger": "annotations"}, coalesce_key=RETRAIN_KEY).id
+                job_id = enqueue(session, JobType.RETRAIN, Trigger(trigger="annotations"), coalesce_key=RETRAIN_KEY).id
             session.flush()
             result = RecordResult(annotation.id, outcome, job_id)
     except BaseException:
@@ -334,7 +334,7 @@ def delete_annotation(session: Session, home: Home, *, source: str | None = None
         annotation.deleted_at = now
         annotation.updated_at = now
         if enqueue_retrain:
-            enqueue(session, "retrain", {"trigger": "annotations"}, coalesce_key=RETRAIN_KEY)
+            enqueue(session, JobType.RETRAIN, Trigger(trigger="annotations"), coalesce_key=RETRAIN_KEY)
     return True
 
 

@@ -82,6 +82,7 @@ class JobInfo:
     finished_at: datetime | None
     error: str | None
     payload: dict[str, Any]
+    result: dict[str, Any] | None  # what the job left (an upload's score), once it succeeded
 
     @property
     def active(self) -> bool:
@@ -91,4 +92,4 @@ class JobInfo:
 def job_info(job: Job) -> JobInfo:
     return JobInfo(job.id, job.type, job.status, float(job.progress or 0.0), job.message or "", job.attempts,
                    job.max_attempts, job.created_at, job.started_at, job.finished_at, job.error,
-                   dict(job.payload or {}))
+                   dict(job.payload or {}), job.result)

@@ -18,13 +18,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from sqlalchemy import and_, delete, exists, func, select, update
+from sqlalchemy import and_, delete, exists, func, select
 from sqlalchemy.orm import Session, aliased, selectinload, sessionmaker
 
 from app.home_folder import Home
 from db.engine import write_transaction
-from db.models import Image, Job, ModelVersion, PoolScore, utcnow
-from db.queue import enqueue_many
+from db.models import Image, Job, ModelVersion, PoolScore
+from db.queue import OPEN_STATUSES, JobType, RerankChunk, cancel_open, enqueue_many
 from db.repositories import store_pool_scores
 
 if TYPE_CHECKING:  # the engine (PyTorch) is imported by the worker only: promotion and the UI stay light
@@ -33,9 +33,7 @@ if TYPE_CHECKING:  # the engine (PyTorch) is imported by the worker only: promot
 
 log = logging.getLogger(__name__)
 
-RERANK_JOB = "rerank"
 RERANK_PRIORITY = -10  # below every other job: a retrain or a Label Studio sync is claimed first
-_OPEN = ("queued", "running")
 
 
 def rerank_order(session: Session, version_id: int, previous_id: int | None, first: int) -> list[int]:
@@ -60,14 +58,11 @@ def plan_rerank(session: Session, version: ModelVersion, previous_id: int | None
     the promotion and its re-ranking plan commit together, or neither does); returns the chunks queued."""
     if chunk_images < 1:
         raise ValueError("chunk_images must be at least 1")
-    session.execute(
-        update(Job).where(Job.type == RERANK_JOB, Job.status.in_(_OPEN))
-        .values(status="cancelled", message=f"superseded: {version.name} is active", finished_at=utcnow(),
-                lease_owner=None, lease_expires_at=None))
+    cancel_open(session, f"superseded: {version.name} is active", type=JobType.RERANK)
     order = rerank_order(session, version.id, previous_id, chunk_images)
     chunks = [order[i:i + chunk_images] for i in range(0, len(order), chunk_images)]
-    enqueue_many(session, RERANK_JOB, [{"version_id": version.id, "version": version.name, "image_ids": ids,
-                                        "chunk": k, "chunks": len(chunks)} for k, ids in enumerate(chunks, start=1)],
+    enqueue_many(session, JobType.RERANK, [RerankChunk(version_id=version.id, version=version.name, image_ids=ids,
+                                                       chunk=k, chunks=len(chunks)) for k, ids in enumerate(chunks, start=1)],
                  priority=RERANK_PRIORITY)
     if chunks:
         log.info("re-ranking %d pool images under %s in %d chunks", len(order), version.name, len(chunks))
@@ -91,19 +86,19 @@ def pool_features_fit(home: Home, session: Session, model: DMAD) -> bool:
     return int(n_images) * path.stat().st_size <= budget
 
 
-def rerank_chunk(home: Home, sessions: sessionmaker[Session], job_id: int, payload: dict, loaded: LoadedModel,
+def rerank_chunk(home: Home, sessions: sessionmaker[Session], job_id: int, payload: RerankChunk, loaded: LoadedModel,
                  progress: Progress | None = None, checkpoint: Callable[[str], None] = lambda m: None) -> str:
     """Score one chunk of pool images under its version and store the scores; returns what it did. The
     worker that stores the last open chunk removes the pool scores of versions no longer kept."""
     from app.services.scoring import image_item, pool_rows
 
     progress = progress or (lambda fraction, message: None)
-    version_id, ids = int(payload["version_id"]), [int(i) for i in payload["image_ids"]]
-    where = f"chunk {payload.get('chunk', '?')} of {payload.get('chunks', '?')}"
+    version_id, ids = payload.version_id, payload.image_ids
+    where = f"chunk {payload.chunk} of {payload.chunks}"
     with sessions() as session:
         version = session.get(ModelVersion, version_id)
         if version is None or version.status != "active":
-            return f"skipped {where}: {payload.get('version', version_id)} is no longer active"
+            return f"skipped {where}: {payload.version} is no longer active"
         images = _pool_images(session, ids)
         session.expunge_all()
     model = loaded.get(home, version)
@@ -115,7 +110,7 @@ def rerank_chunk(home: Home, sessions: sessionmaker[Session], job_id: int, paylo
     checkpoint(f"storing {where}")
     with sessions() as session, write_transaction(session):
         store_pool_scores(session, version_id, pool_rows(images, predictions))
-        last = session.scalar(select(Job.id).where(Job.type == RERANK_JOB, Job.status.in_(_OPEN),
+        last = session.scalar(select(Job.id).where(Job.type == JobType.RERANK, Job.status.in_(OPEN_STATUSES),
                                                    Job.id != job_id).limit(1)) is None
     _refresh_label_tasks(home, sessions, [img.id for img in images])
     if last:
@@ -190,9 +185,9 @@ def rerank_progress(session: Session, version_id: int) -> RerankProgress:
     pool = session.scalar(select(func.count(Image.id)).where(Image.role == "pool")) or 0
     scored = session.scalar(select(func.count(PoolScore.id)).join(Image, Image.id == PoolScore.image_id)
                             .where(PoolScore.version_id == version.id, Image.role == "pool")) or 0
-    open_ = session.scalar(select(func.count(Job.id)).where(Job.type == RERANK_JOB, Job.status.in_(_OPEN))) or 0
+    open_ = session.scalar(select(func.count(Job.id)).where(Job.type == JobType.RERANK, Job.status.in_(OPEN_STATUSES))) or 0
     failed = 0
     if version.activated_at is not None:
         failed = session.scalar(select(func.count(Job.id)).where(
-            Job.type == RERANK_JOB, Job.status == "failed", Job.created_at >= version.activated_at)) or 0
+            Job.type == JobType.RERANK, Job.status == "failed", Job.created_at >= version.activated_at)) or 0
     return RerankProgress(version.id, int(scored), int(pool), int(open_), int(failed))

@@ -17,7 +17,7 @@ from app.services.inference import TOP_PATCHES, top_patches  # noqa: F401 (TOP_P
 from db.models import Image, ModelVersion
 from db.repositories import PoolScoreRow
 from dmad_core.config import DMADConfig
-from dmad_core.model import DMAD, FeatureStore, ImageItem, Prediction, Progress, no_progress
+from dmad_core.model import DMAD, FeatureStore, ImageItem, Prediction
 from dmad_core.persistence import saved_config
 
 if TYPE_CHECKING:
@@ -62,14 +62,6 @@ def pool_rows(images: Sequence[Image], predictions: Sequence[Prediction]) -> lis
     return [PoolScoreRow(image_id=img.id, score=float(p.image_score), patch_map=p.patch_scores,
                          top_patches=top_patches(p.patch_scores, img.width, img.height))
             for img, p in zip(images, predictions, strict=True)]
-
-
-def score_pool(session: Session, home: Home, version: ModelVersion, images: Sequence[Image],
-               model: DMAD | None = None, progress: Progress = no_progress) -> list[PoolScoreRow]:
-    """Pool-score rows of `images` under `version` (pass `model` when it is already in memory)."""
-    model = model or load_model(home, version)
-    predictions = model.predict([image_item(img) for img in images], progress=progress, progress_bar=False)
-    return pool_rows(images, predictions)
 
 
 def score_upload(home: Home, session: Session, version: ModelVersion, path: str | Path, category: str,

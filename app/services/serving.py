@@ -63,7 +63,6 @@ class ActiveLineModel:
         with sessions() as session:
             self._seen = _state(session)
         self._model = loader(home, sessions)  # Conflict when no version is active
-        self.reloads = 0
 
     @property
     def current(self) -> LineModel:
@@ -78,7 +77,6 @@ class ActiveLineModel:
                 return False
             model = self.loader(self.home, self.sessions)  # the old one keeps serving meanwhile
             self._model, self._seen = model, state
-            self.reloads += 1
         log.info("serving %s now", model.version)
         return True
 
@@ -111,8 +109,6 @@ class LineBatcher:
         self._queue: queue.Queue[_Request | None] = queue.Queue(maxsize=max_queue)
         self._thread = threading.Thread(target=self._run, name="line-batcher", daemon=True)
         self._held: _Request | None = None  # taken from the queue for a later batch (another model)
-        self.batches = 0
-        self.scored = 0
 
     def start(self) -> LineBatcher:
         self._thread.start()
@@ -169,8 +165,6 @@ class LineBatcher:
                 continue
             for r, result in zip(batch, results, strict=True):
                 r.future.set_result(result)
-            self.batches += 1
-            self.scored += len(batch)
             if self.on_batch is not None:
                 try:
                     self.on_batch(model, images, results)

@@ -10,10 +10,10 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.home_folder import Home
 from app.services.read_models import JobInfo, VersionInfo, active_version_info, job_info
-from app.services.reranking import RERANK_JOB, rerank_progress
+from app.services.reranking import rerank_progress
 from app.services.version_change import change_report
 from db.models import JOB_STATUSES, Job
-from db.queue import list_jobs
+from db.queue import JobType, list_jobs
 from db.repositories import metric_history, training_counts
 
 
@@ -55,7 +55,7 @@ def home_status(home: Home, sessions: sessionmaker[Session]) -> dict[str, Any]:
             "queue": {**{s: counts.get(s, 0) for s in JOB_STATUSES},
                       # re-ranking chunks (hundreds a version) are summed up in "pool_ranking" unless they failed
                       "recent": [job_dict(job_info(j)) for j in list_jobs(session, limit=10,
-                                                                         hide_unless_failed=(RERANK_JOB,))]},
+                                                                         hide_unless_failed=(JobType.RERANK,))]},
             "pool_ranking": _pool_ranking(session, active),
             "change": None if active is None else change_report(session, active.id),
             "metrics": metrics_by_category(session),

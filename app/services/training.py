@@ -26,10 +26,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from sqlalchemy import exists, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session, selectinload, sessionmaker
 
-from app.home_folder import Home
+from app.home_folder import Home, HomeSettings
 from app.services import versions
 from app.services.annotations import active_annotations, load_mask
 from app.services.decisions import DECISION_KEY, calibrated_decision
@@ -37,8 +37,8 @@ from app.services.read_models import VALIDATION_SCORES_KEY
 from app.services.scoring import engine_config, feature_store, image_item, load_model, pool_rows
 from app.services.version_change import CHANGE_KEY, EVALUATION_SET_KEY, evaluation_fingerprint, measure_change
 from db.engine import write_transaction
-from db.models import Annotation, Image, ModelVersion
-from db.repositories import build_trained_on, record_metrics, store_pool_scores
+from db.models import Image, ModelVersion
+from db.repositories import build_trained_on, record_metrics, store_pool_scores, untouched_ground_truth
 from dmad_core.data.readers import ImageRecord
 from dmad_core.errors import Conflict
 from dmad_core.evaluation import class_metrics, outlier_items
@@ -80,8 +80,7 @@ def evaluation_set(session: Session, max_per_label: int) -> list[Image]:
     """Images with ground truth that no annotation has touched, at most `max_per_label` per class and
     label (normal, defective), chosen by content hash: a fixed sample, so that every version is measured on
     the same images while the pool grows, and a retrain's evaluation costs the same at any pool size."""
-    untouched = (Image.role.in_(("pool", "evaluation")), Image.gt_label.is_not(None),
-                 ~exists().where(Annotation.image_id == Image.id, Annotation.deleted_at.is_(None)))
+    untouched = untouched_ground_truth()
     groups = session.execute(select(Image.category_id, Image.gt_label).where(*untouched).distinct()).all()
     chosen: list[Image] = []
     for category_id, label in sorted(groups):
@@ -130,9 +129,22 @@ def evaluate(model: DMAD, images: list[Image], predictions: dict[int, Any]) -> d
 
 def train_version(home: Home, sessions: sessionmaker[Session], *, warm_start: bool, job_id: int | None = None,
                   progress: Progress = no_progress, checkpoint: Checkpoint = _no_checkpoint) -> TrainingOutcome:
-    """Train, evaluate and publish one version, then promote it. `warm_start` updates the active
-    version (falls back to training from scratch when there is none)."""
+    """Train, evaluate and publish one version, then promote it: the steps below, in order, with a
+    checkpoint between them (a worker that lost its job stops there and publishes nothing).
+
+    Args:
+        home: the home whose database and settings say what to train on.
+        sessions: its database.
+        warm_start: update the active version (from scratch when there is none).
+        job_id: the job that runs it (recorded with the version).
+        progress: (fraction, message) reports.
+        checkpoint: called before each step that publishes; raises to stop.
+
+    Returns:
+        What was trained: the version's name and id, the mode, timings, metrics and training counts.
+    """
     t_start = time.perf_counter()
+    settings = home.load_settings()
     with sessions() as session:
         _fail_stale_candidates(session, job_id)
         data = gather_training_data(session, home)
@@ -142,73 +154,136 @@ def train_version(home: Home, sessions: sessionmaker[Session], *, warm_start: bo
     seconds: dict[str, float] = {}
     mode: Literal["scratch", "warm_start"] = "warm_start" if warm_start and parent is not None else "scratch"
     t0 = time.perf_counter()
-    eval_items = [image_item(img) for img in data.evaluation]
-    before: list[Prediction] | None = None  # the parent's scores of the same images: what the retrain bought
-    if mode == "warm_start":
-        progress(0.0, f"loading {parent.name}")
-        model = load_model(home, parent)
-        before = model.predict(eval_items, progress_bar=False)
-        epochs = home.load_settings().retrain_epochs
-        model.update(data.annotations, data.confirmed_normals, epochs=epochs,
-                     progress=lambda f, m: progress(0.6 * f, m))
-    else:
-        config = engine_config(home)
-        settings = home.load_settings()
-        outliers = outlier_items(Path(settings.outliers_dir) if settings.outliers_dir else None,
-                                 N_PROCEDURAL_OUTLIERS, config.mapper.seed, config.bank.outlier_images_max)
-        model = DMAD(config, feature_store(home, config))
-        model.fit(data.normal + data.confirmed_normals, outliers, data.annotations,
-                  progress=lambda f, m: progress(0.6 * f, m))
+    model, before = fit_model(home, settings, data, parent if mode == "warm_start" else None, progress)
     seconds["train"] = round(time.perf_counter() - t0, 2)
-    seconds.update({f"train_{k}": round(v, 2) for k, v in model.timings_.items()})
+    seconds.update({f"train_{k}": round(v, 2) for k, v in (model.timings_ or {}).items()})
     checkpoint("trained")
 
     t0 = time.perf_counter()
-    progress(0.6, f"scoring {len(data.evaluation)} evaluation images")
-    predictions = {img.id: p for img, p in zip(data.evaluation, model.predict(
-        eval_items, progress=lambda f, m: progress(0.6 + 0.3 * f, m), progress_bar=False), strict=True)}
+    predictions = score_evaluation_set(model, data.evaluation, progress)
     seconds["score"] = round(time.perf_counter() - t0, 2)
     t0 = time.perf_counter()
     progress(0.9, f"evaluating on {len(data.evaluation)} images with ground truth")
     metrics = evaluate(model, data.evaluation, predictions)
     change = None
-    if before is not None:  # the parent on the same images (its heat maps depend on the config alone)
+    if before is not None and parent is not None:  # the parent on the same images (its heat maps need the config only)
         after = [predictions[img.id] for img in data.evaluation]
         change = measure_change(parent.name, data.evaluation, before, after, model, data.trained_on,
-                                evaluate(model, data.evaluation, dict(zip(predictions, before, strict=True))),
-                                metrics)
+                                evaluate(model, data.evaluation, dict(zip(predictions, before, strict=True))), metrics)
     seconds["evaluate"] = round(time.perf_counter() - t0, 2)
     checkpoint("publishing")
 
     progress(0.95, "publishing the new version")
-    config_record = {
-        "preset": home.load_settings().preset, "mode": mode, "job_id": job_id,
+    record = version_record(settings, model, mode, job_id)
+    record[EVALUATION_SET_KEY] = evaluation_fingerprint(data.evaluation)  # which images the metrics are on
+    record[CHANGE_KEY] = change  # what it bought against its parent (app/services/version_change.py)
+    name, version_id = publish_and_promote(home, sessions, settings, model, record, parent, data, metrics,
+                                           predictions, message=f"{mode.replace('_', ' ')}; job {job_id}" if job_id else mode,
+                                           seconds=seconds, started=t_start, checkpoint=checkpoint)
+    progress(1.0, f"{name} is active")
+    log.info("trained %s (%s) in %.1f s", name, mode, time.perf_counter() - t_start)
+    return TrainingOutcome(name, version_id, mode, seconds, metrics, data.trained_on)
+
+
+def fit_model(home: Home, settings: HomeSettings, data: TrainingData, parent: ModelVersion | None,
+              progress: Progress = no_progress) -> tuple[DMAD, list[Prediction] | None]:
+    """Step 1: the engine fitted on ``data``: ``parent`` loaded and updated (a warm start), or a new model
+    fitted from scratch when there is no parent. Reports the first 60 % of the progress. A warm start first
+    scores the evaluation set with the parent as it is: what the retrain bought is measured against that.
+
+    Args:
+        home: where the feature cache and the parent's folder are.
+        settings: the home's settings (epochs, outlier textures).
+        data: what the database holds now.
+        parent: the version to warm-start from; None: from scratch.
+        progress: (fraction, message) reports.
+
+    Returns:
+        The fitted model (not saved), and the parent's predictions of ``data.evaluation`` (None from scratch).
+    """
+    if parent is not None:
+        progress(0.0, f"loading {parent.name}")
+        model = load_model(home, parent)
+        before = model.predict([image_item(img) for img in data.evaluation], progress_bar=False)
+        model.update(data.annotations, data.confirmed_normals, epochs=settings.retrain_epochs,
+                     progress=lambda f, m: progress(0.6 * f, m))
+        return model, before
+    config = engine_config(home)
+    outliers = outlier_items(Path(settings.outliers_dir) if settings.outliers_dir else None,
+                             N_PROCEDURAL_OUTLIERS, config.mapper.seed, config.bank.outlier_images_max)
+    model = DMAD(config, feature_store(home, config))
+    model.fit(data.normal + data.confirmed_normals, outliers, data.annotations,
+              progress=lambda f, m: progress(0.6 * f, m))
+    return model, None
+
+
+def score_evaluation_set(model: DMAD, images: list[Image], progress: Progress = no_progress) -> dict[int, Prediction]:
+    """Step 2: the new model's predictions of the bounded evaluation set (image id -> Prediction), from 60 to
+    90 % of the progress."""
+    progress(0.6, f"scoring {len(images)} evaluation images")
+    predicted = model.predict([image_item(img) for img in images], progress=lambda f, m: progress(0.6 + 0.3 * f, m),
+                              progress_bar=False)
+    return {img.id: p for img, p in zip(images, predicted, strict=True)}
+
+
+def version_record(settings: HomeSettings, model: DMAD, mode: str, job_id: int | None) -> dict[str, Any]:
+    """Step 3: what the version's row records besides its files: thresholds, the calibrated OK/NG decision,
+    bank sizes and the engine's configuration."""
+    memory = model.memory_
+    if memory is None or memory.normal_bank_ is None or memory.abnormal_bank_ is None:
+        raise RuntimeError("a version is recorded after its model is fitted")
+    return {
+        "preset": settings.preset, "mode": mode, "job_id": job_id,
         "pixel_threshold": model.pixel_threshold_, "image_threshold": model.image_threshold_,
         "mask_peak_shares": model.mask_peak_shares_,  # Label Studio's pre-annotation level per class
         VALIDATION_SCORES_KEY: model.validation_scores_,  # per class: Label Studio's 0-1 score is a percentile
-        DECISION_KEY: calibrated_decision(model.validation_scores_, home.load_settings().false_alarm_rate),
-        "bank_sizes": {"normal": model.normal_bank_.part_sizes(), "abnormal": model.abnormal_bank_.part_sizes()},
+        DECISION_KEY: calibrated_decision(model.validation_scores_, settings.false_alarm_rate),
+        "bank_sizes": {"normal": memory.normal_bank_.part_sizes(), "abnormal": memory.abnormal_bank_.part_sizes()},
         "engine": model.config.to_dict(),
-        EVALUATION_SET_KEY: evaluation_fingerprint(data.evaluation),
-        CHANGE_KEY: change,
     }
+
+
+def publish_and_promote(home: Home, sessions: sessionmaker[Session], settings: HomeSettings, model: DMAD,
+                        record: dict[str, Any], parent: ModelVersion | None, data: TrainingData,
+                        metrics: dict[str, dict[str, float | None]], predictions: dict[int, Prediction], *,
+                        message: str, seconds: dict[str, float], started: float,
+                        checkpoint: Checkpoint = _no_checkpoint) -> tuple[str, int]:
+    """Step 4: the model saved into a temporary folder, published as a candidate with its metrics and the
+    evaluation set's pool scores, then promoted (which queues the pool's re-ranking). Nothing half-written
+    becomes active: a failure removes the folder, or marks the candidate failed.
+
+    Args:
+        home, sessions, settings: the home.
+        model: the fitted model.
+        record: ``version_record``'s dict; ``seconds`` (with the total since ``started``) is added to it.
+        parent: the version it was trained from, if any.
+        data: what it was trained on.
+        metrics, predictions: the evaluation's.
+        message: the version's message.
+        seconds: the timings so far.
+        started: ``time.perf_counter()`` when the training started.
+        checkpoint: called before the promotion.
+
+    Returns:
+        The version's name and id.
+    """
     with sessions() as session:
         name, tmp = versions.new_version_dir(home, session)
         version: ModelVersion | None = None
         try:
             model.save(tmp)
-            seconds["total"] = round(time.perf_counter() - t_start, 2)
-            config_record["seconds"] = seconds
+            seconds["total"] = round(time.perf_counter() - started, 2)
+            record["seconds"] = seconds
             version = versions.commit_version(
-                session, home, name, tmp, config_record, parent.id if parent else None, data.trained_on,
-                status="candidate", message=f"{mode.replace('_', ' ')}; job {job_id}" if job_id else mode)
+                session, home, name, tmp, record, parent.id if parent else None, data.trained_on,
+                status="candidate", message=message)
             scored_pool = [img for img in data.evaluation if img.role == "pool"]  # the re-ranking skips them
             with write_transaction(session):
                 record_metrics(session, version.id, metrics)
                 store_pool_scores(session, version.id,
                                   pool_rows(scored_pool, [predictions[img.id] for img in scored_pool]))
             checkpoint("promoting")
-            versions.promote(session, version.id, home.load_settings().rerank_chunk_images)
+            versions.promote(session, version.id, settings.rerank_chunk_images)
         except BaseException:
             session.rollback()  # whatever read or write was still open when the failure came
             if version is None:
@@ -216,9 +291,7 @@ def train_version(home: Home, sessions: sessionmaker[Session], *, warm_start: bo
             else:
                 _mark_failed(session, version.id)
             raise
-    progress(1.0, f"{name} is active")
-    log.info("trained %s (%s) in %.1f s", name, mode, time.perf_counter() - t_start)
-    return TrainingOutcome(name, version.id, mode, seconds, metrics, data.trained_on)
+    return name, version.id
 
 
 def _mark_failed(session: Session, version_id: int) -> None:

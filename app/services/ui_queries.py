@@ -17,8 +17,9 @@ import pandas as pd
 from sqlalchemy import Select, case, exists, func, select
 from sqlalchemy.orm import Session
 
+from app.home_folder import HomeSettings
 from app.services.annotations import RETRAIN_KEY
-from app.services.reranking import RERANK_JOB, RerankProgress, rerank_progress  # noqa: F401 (the pages' query)
+from app.services.reranking import RerankProgress, rerank_progress  # noqa: F401 (the pages' query)
 from app.services.read_models import (
     ACTIVE_JOB_STATUSES,
     JobInfo,
@@ -30,8 +31,8 @@ from app.services.read_models import (
 )
 from db.engine import write_transaction
 from db.models import Annotation, Category, Image, Job, LabelTask, ModelVersion, PoolScore
-from db.queue import enqueue, list_jobs
-from db.repositories import COUNT_KEYS, annotation_counts_by_version, metric_history
+from db.queue import JobPayload, JobType, Trigger, UploadToScore, enqueue, list_jobs
+from db.repositories import COUNT_KEYS, annotation_counts_by_version, evaluation_counts, metric_history
 from dmad_core.metrics import METRIC_NAMES
 
 
@@ -78,7 +79,10 @@ class Overview:
     jobs: dict[str, int]  # job status -> count
 
 
-def overview(session: Session) -> Overview:
+def overview(session: Session, evaluation_max_per_label: int | None = None) -> Overview:
+    """What the Home page shows; its "evaluation" column counts the images a retrain is measured on
+    (untouched images with ground truth, at most ``evaluation_max_per_label`` per label; default: the home
+    setting's default)."""
     per_role = session.execute(
         select(Category.name, Image.role, func.count(Image.id))
         .join(Image, Image.category_id == Category.id).group_by(Category.name, Image.role))
@@ -89,6 +93,9 @@ def overview(session: Session) -> Overview:
     table: dict[str, dict[str, int]] = {}
     for category, key, n in [*per_role, *per_kind]:
         table.setdefault(category, {})[key] = int(n)
+    cap = evaluation_max_per_label if evaluation_max_per_label is not None else HomeSettings().evaluation_max_per_label
+    for category, n in evaluation_counts(session, cap).items():
+        table.setdefault(category, {})["evaluation"] = n  # not a role: the pool's images with ground truth
     columns = ["train_normal", "pool", "evaluation", "defect_mask", "normal", "defect_no_mask"]
     images = pd.DataFrame.from_dict(table, orient="index").reindex(columns=columns).fillna(0).astype(int)
     images = images.rename(columns={"defect_mask": "annotated defect (mask)", "normal": "confirmed normal",
@@ -290,9 +297,6 @@ def image_annotations(session: Session, image_id: int) -> list[Annotation]:
 
 
 # -- jobs -------------------------------------------------------------------------------------------
-SYNC_JOB = "labelstudio_sync"  # the worker's periodic pull from Label Studio: once a minute
-
-
 def jobs(session: Session, limit: int = 50, routine_syncs: bool = True) -> list[JobInfo]:
     """The newest jobs, newest first; without ``routine_syncs``, Label Studio syncs that succeeded are left
     out (they run every minute and would push the trainings out of view: ``sync_summary`` counts them), and
@@ -300,8 +304,8 @@ def jobs(session: Session, limit: int = 50, routine_syncs: bool = True) -> list[
     them up)."""
     if routine_syncs:
         return [job_info(j) for j in list_jobs(session, limit=limit)]
-    return [job_info(j) for j in list_jobs(session, limit=limit, hide_succeeded=(SYNC_JOB,),
-                                            hide_unless_failed=(RERANK_JOB,))]
+    return [job_info(j) for j in list_jobs(session, limit=limit, hide_succeeded=(JobType.LABELSTUDIO_SYNC,),
+                                            hide_unless_failed=(JobType.RERANK,))]
 
 
 @dataclass(frozen=True)
@@ -312,8 +316,8 @@ class SyncSummary:
 
 def sync_summary(session: Session) -> SyncSummary:
     """How many Label Studio syncs succeeded, and the newest one (its message says what it pulled)."""
-    runs = int(session.scalar(select(func.count(Job.id)).where(Job.type == SYNC_JOB, Job.status == "succeeded")) or 0)
-    newest = list_jobs(session, limit=1, types=[SYNC_JOB], statuses=["succeeded"])
+    runs = int(session.scalar(select(func.count(Job.id)).where(Job.type == JobType.LABELSTUDIO_SYNC, Job.status == "succeeded")) or 0)
+    newest = list_jobs(session, limit=1, types=[JobType.LABELSTUDIO_SYNC], statuses=["succeeded"])
     return SyncSummary(runs, job_info(newest[0]) if newest else None)
 
 
@@ -326,7 +330,7 @@ def any_active_job(session: Session) -> bool:
     return session.scalar(select(Job.id).where(Job.status.in_(ACTIVE_JOB_STATUSES)).limit(1)) is not None
 
 
-def _enqueue(session: Session, type: str, payload: dict[str, Any], coalesce_key: str | None) -> JobInfo:
+def _enqueue(session: Session, type: JobType, payload: JobPayload, coalesce_key: str | None) -> JobInfo:
     with write_transaction(session):
         queued = enqueue(session, type, payload, coalesce_key=coalesce_key)
     return job_info(queued)
@@ -334,12 +338,12 @@ def _enqueue(session: Session, type: str, payload: dict[str, Any], coalesce_key:
 
 def enqueue_retrain(session: Session) -> JobInfo:
     """Queue a retrain, or return the one already waiting (annotations coalesce into one retrain)."""
-    return _enqueue(session, "retrain", {"trigger": "ui"}, RETRAIN_KEY)
+    return _enqueue(session, JobType.RETRAIN, Trigger(trigger="ui"), RETRAIN_KEY)
 
 
 def enqueue_score_upload(session: Session, path: str | Path, category: str) -> JobInfo:
-    """Queue the scoring of an uploaded image; the worker writes the result into the job's payload."""
-    return _enqueue(session, "score_upload", {"path": str(path), "category": category}, None)
+    """Queue the scoring of an uploaded image; the worker leaves the score as the job's result."""
+    return _enqueue(session, JobType.SCORE_UPLOAD, UploadToScore(path=str(path), category=category), None)
 
 
 # -- metrics ----------------------------------------------------------------------------------------
@@ -394,8 +398,12 @@ def thresholds_frame(session: Session, version_id: int, false_alarm_rate: float)
                      "validation normals": rates.validation.normals,
                      "false alarms, confirmed normals (%)": pct(rates.annotated.false_alarm_rate),
                      "misses, annotated defects (%)": pct(rates.annotated.miss_rate),
-                     "annotated defects": rates.annotated.defects, "note": t.note})
-    return pd.DataFrame(rows)
+                     "annotated defects": rates.annotated.defects, "note": t.note or ""})
+    frame = pd.DataFrame(rows)
+    # numbers stay numbers where a value is missing (NaN, shown as an empty cell, not as "None")
+    missing = ["calibrated", "false alarms, validation normals (%)", "false alarms, confirmed normals (%)",
+               "misses, annotated defects (%)"]
+    return frame.astype({c: float for c in missing}) if not frame.empty else frame
 
 
 def set_threshold(session: Session, version_id: int, category: str, threshold: float | None, note: str) -> None:

@@ -16,7 +16,7 @@ home, sessions = ui.open_home()
 st.caption(f"Home folder `{home.root}`")
 
 with sessions() as session:
-    info = queries.overview(session)
+    info = queries.overview(session, home.load_settings().evaluation_max_per_label)
 
 top = st.columns(5)
 top[0].metric("Images", info.n_images)
@@ -30,6 +30,8 @@ if info.n_images == 0:
     st.info(ui.NO_DATA)
 else:
     st.dataframe(info.images, width="stretch")
+    st.caption("train_normal: the normal images the model learns from; pool: the images to review; evaluation: "
+               "the pool's images with ground truth that no annotation touched, which every version is measured on.")
 
 st.subheader("Model")
 if info.active is None:
@@ -52,6 +54,9 @@ st.subheader("Label Studio")
 status = ui.labelstudio_status(str(home.root))
 if status.healthy:
     st.success(f"Label Studio is running at {status.url}.")
+elif status.starting:
+    st.info(f"Label Studio is starting (pid {status.pid}) at {status.url}: about a minute the first time. "
+            "This page shows it running once it answers.")
 elif status.running:
     st.warning(f"Label Studio is running (pid {status.pid}) but not answering at {status.url}; "
                f"check {home.logs_dir / 'labelstudio.log'}.")

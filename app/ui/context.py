@@ -27,6 +27,9 @@ HOME_ENV = "DMAD_HOME"
 NO_DATA = "No data yet: run `dmad ingest DIR` to add images of a product class."
 NO_MODEL = "No model yet: run `dmad train` to train the first (unsupervised) version."
 NO_LABEL_STUDIO = "Label Studio is not running: start it with `dmad labelstudio start`."
+# Label Studio's state in a few words, the same on every page (ServerStatus.state says which)
+LABEL_STUDIO_BRIEF = {"running": "running", "starting": "starting (about a minute the first time)",
+                      "not answering": "not answering", "not running": "not running (`dmad labelstudio start`)"}
 
 # The UI's edge of the error types (dmad_core/errors.py): what is missing is a warning (the page goes
 # on without it); everything else the user must act on is an error.

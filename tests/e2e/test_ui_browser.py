@@ -140,6 +140,8 @@ def test_review_send_annotate_retrain_metrics(app: App) -> None:
     def shot(page, name: str) -> None:  # noqa: ANN001
         if "127.0.0.1:" + app.ui.rsplit(":", 1)[1] in page.url:
             settle(page)
+            # the UI runs on the factory's machine: no "Deploy" to Streamlit's cloud on any page
+            assert page.get_by_role("button", name="Deploy").count() == 0
         page.screenshot(path=str(ARTEFACTS / f"{name}.png"), full_page=True)
 
     with sync_playwright() as pw:
@@ -201,6 +203,12 @@ def test_review_send_annotate_retrain_metrics(app: App) -> None:
                 ls_page.goto(href)
             ls_page.wait_for_load_state("networkidle")
             assert f"task={task_id}" in ls_page.url
+            # the verdict's buttons are above the fold of a 1400 x 1000 window (below the image, they were not)
+            verdict = ls_page.get_by_text("defect", exact=True).last
+            expect(verdict).to_be_visible()
+            box = verdict.bounding_box()
+            assert box is not None and box["y"] + box["height"] <= 1000, box
+            expect(ls_page.get_by_text(re.compile(r"[0-9a-f]{64}"))).to_have_count(0)  # no content hash shown
             shot(ls_page, "04-labelstudio-task")
             ls_page.close()
 

@@ -31,7 +31,7 @@ from tests.db_fixtures import (  # noqa: F401
     pg_url,
 )
 from tests.unit import test_db_annotations, test_db_models, test_db_queue, test_db_repositories, test_db_versions
-from tests.unit.test_db_migrations import check_up_down_up, schema_diff
+from tests.unit.test_db_migrations import check_job_result_moves_to_its_column_and_back, check_up_down_up, schema_diff
 
 pytestmark = pytest.mark.integration
 
@@ -42,6 +42,10 @@ def _ids(checks):
 
 def test_migrations_up_down_up(pg_url: str) -> None:  # noqa: F811
     check_up_down_up(pg_url)
+
+
+def test_job_result_moves_to_its_column_and_back(pg_url: str) -> None:  # noqa: F811
+    check_job_result_moves_to_its_column_and_back(pg_url)
 
 
 def test_head_migration_matches_models(pg_engine, pg_url: str) -> None:  # noqa: F811
@@ -108,7 +112,7 @@ def _claim_until_empty(url: str, worker: str, start_at: float) -> list[int]:
 def test_four_processes_claim_200_jobs_each_exactly_once(pg_sf, pg_url) -> None:  # noqa: F811
     with pg_sf() as session:
         for i in range(200):
-            queue.enqueue(session, "score_pool", payload={"i": i})
+            queue.enqueue(session, queue.JobType.SCORE_UPLOAD, test_db_queue.payload("score_upload", i))
         session.commit()
     start_at = time.time() + 3.0  # time for the spawned interpreters to import everything
     with ProcessPoolExecutor(4, mp_context=multiprocessing.get_context("spawn")) as pool:
@@ -122,7 +126,7 @@ def test_claim_skips_a_row_another_transaction_holds(pg_sf) -> None:  # noqa: F8
     """Proof that SKIP LOCKED is in play: with the oldest job locked elsewhere, a claim returns the next
     one at once instead of waiting for the lock."""
     with pg_sf() as session:
-        first, second = (queue.enqueue(session, "train").id for _ in range(2))
+        first, second = (queue.enqueue(session, queue.JobType.TRAIN, test_db_queue.payload("train")).id for _ in range(2))
         session.commit()
     holder = pg_sf()
     try:
@@ -144,7 +148,7 @@ def test_concurrent_enqueues_coalesce_into_one_job(pg_sf) -> None:  # noqa: F811
     def enqueue_one(_: int) -> int:
         with pg_sf() as session:
             start.wait()
-            job = queue.enqueue(session, "retrain", coalesce_key="retrain")
+            job = queue.enqueue(session, queue.JobType.RETRAIN, test_db_queue.payload("retrain"), coalesce_key="retrain")
             session.commit()
             return job.id
 
@@ -185,11 +189,11 @@ def test_a_waiting_retrain_joined_by_an_open_transaction_is_not_claimed_before_i
     retrain at all. While the joining transaction is open the claim finds nothing; after it commits the
     claim takes the job. A job claimed first makes the next enqueue queue a new one."""
     with pg_sf() as session:
-        waiting = queue.enqueue(session, "retrain", coalesce_key="retrain").id
+        waiting = queue.enqueue(session, queue.JobType.RETRAIN, test_db_queue.payload("retrain"), coalesce_key="retrain").id
         session.commit()
     joiner = pg_sf()
     try:
-        assert queue.enqueue(joiner, "retrain", coalesce_key="retrain").id == waiting  # joined, not committed
+        assert queue.enqueue(joiner, queue.JobType.RETRAIN, test_db_queue.payload("retrain"), coalesce_key="retrain").id == waiting  # joined, not committed
         with ThreadPoolExecutor(1) as pool:
             assert pool.submit(queue.claim, pg_sf, "w1").result(timeout=10) is None
         joiner.commit()
@@ -198,5 +202,5 @@ def test_a_waiting_retrain_joined_by_an_open_transaction_is_not_claimed_before_i
     claimed = queue.claim(pg_sf, "w1")
     assert claimed is not None and claimed.id == waiting
     with pg_sf() as session:
-        assert queue.enqueue(session, "retrain", coalesce_key="retrain").id != waiting
+        assert queue.enqueue(session, queue.JobType.RETRAIN, test_db_queue.payload("retrain"), coalesce_key="retrain").id != waiting
         session.commit()

@@ -23,10 +23,11 @@ from sqlalchemy import func, select
 
 from app.home_folder import Home
 from app.services.database import open_database
-from app.services.reranking import RERANK_JOB, rerank_progress
+from app.services.reranking import rerank_progress
 from app.services.training import train_version
 from app.services.versions import active_version
 from db.models import Image, Job, PoolScore
+from db.queue import JobType
 from tests.db_fixtures import pg_server_url, pg_url  # noqa: F401
 from tests.loop_fixtures import LoopHome, run_cli, trained_home_template  # noqa: F401
 from tests.processes import dmad, wait_until
@@ -49,7 +50,7 @@ def pg_home(pg_url: str, trained_home_template: LoopHome, tmp_path: Path) -> Hom
 
 def _rerank_jobs(home: Home) -> list[Job]:
     with open_database(home)() as session:
-        jobs = list(session.scalars(select(Job).where(Job.type == RERANK_JOB).order_by(Job.id)))
+        jobs = list(session.scalars(select(Job).where(Job.type == JobType.RERANK).order_by(Job.id)))
         session.expunge_all()
     return jobs
 
@@ -87,7 +88,7 @@ def test_a_worker_killed_mid_chunk_loses_nothing(pg_home: Home) -> None:
 
     def running_chunk() -> Job | None:
         with sessions() as session:
-            return session.scalars(select(Job).where(Job.type == RERANK_JOB, Job.status == "running",
+            return session.scalars(select(Job).where(Job.type == JobType.RERANK, Job.status == "running",
                                                      Job.lease_owner.contains(mark))).first()
 
     try:

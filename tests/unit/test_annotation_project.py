@@ -25,8 +25,12 @@ def test_label_config_structure() -> None:
     assert verdict is not None and verdict.get("name") == VERDICT_NAME and verdict.get("choice") == "single"
     assert [c.get("value") for c in verdict.findall("Choice")] == ["normal", "defect"]
     shown = " ".join(h.get("value", "") for h in root.findall("Header"))
-    for field in ("$image_id", "$content_hash", "$category", "$score", "$model_version"):
+    for field in ("$image_id", "$category", "$score", "$model_version"):
         assert field in shown
+    assert "$content_hash" not in shown  # 64 hex digits say nothing to an inspector
+    # the labels and the verdict come before the image, so they are in view at 1400 x 1000
+    order = [child.tag for child in root]
+    assert order.index("BrushLabels") < order.index("Image") and order.index("Choices") < order.index("Image")
 
 
 @pytest.mark.parametrize("labels", [[], ["a", "a"], ["a", " "]])
@@ -53,7 +57,7 @@ def test_task_payload_carries_ids_and_the_mask_as_a_prediction() -> None:
     mask[4:9, 10:30] = True
     payload = task_payload(_item(mask), label="scratch")
     assert payload["data"] == {"image": "http://x/images/ab", "image_id": 3, "content_hash": "ab" * 32,
-                               "category": "bottle", "score": 4.7591, "normal_percentile": 0.75,
+                               "category": "bottle", "score": 4.759, "normal_percentile": 0.75,
                                "model_version": "v0002"}
     (prediction,) = payload["predictions"]
     # Label Studio shows a prediction's score as a percentage: the percentile, never the raw anomaly score

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -9,7 +10,9 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 
-from db.engine import alembic_config, current_revision, downgrade, make_engine, upgrade_to_head
+from alembic import command
+
+from db.engine import _run_alembic, alembic_config, current_revision, downgrade, make_engine, upgrade_to_head
 from db.models import Base
 
 APP_TABLES = {"categories", "images", "annotations", "model_versions", "jobs", "metrics", "pool_scores",
@@ -47,6 +50,37 @@ def check_up_down_up(url: str) -> None:
     upgrade_to_head(url)
     assert current_revision(url) == head_revision(url)
     assert APP_TABLES <= table_names(url)
+
+
+def check_job_result_moves_to_its_column_and_back(url: str) -> None:
+    """Shared with the PostgreSQL tests: 0005 moves an upload's result out of the job's payload into the
+    `result` column, and its downgrade puts it back, so neither direction loses one."""
+    _run_alembic(url, command.upgrade, "0004")
+    engine = make_engine(url)
+    jobs = sa.table("jobs", sa.column("id", sa.Integer()), sa.column("payload", sa.JSON()),
+                    sa.column("result", sa.JSON()))
+    old = {"path": "/u/a.png", "category": "tiles", "result": {"score": 1.5, "version": "v0002"}}
+    try:
+        with engine.begin() as conn:
+            conn.execute(sa.text("INSERT INTO jobs (type, status, attempts, max_attempts, lease_expiries, progress, "
+                                 "message, payload, created_at, priority) VALUES ('score_upload', 'succeeded', 1, 3, "
+                                 "0, 1.0, '', :payload, :created, 0)")
+                         .bindparams(sa.bindparam("payload", type_=sa.JSON()),
+                                     sa.bindparam("created", type_=sa.DateTime(timezone=True))),
+                         {"payload": old, "created": datetime(2026, 12, 7, tzinfo=UTC)})
+        upgrade_to_head(url)
+        with engine.connect() as conn:
+            payload, result = conn.execute(sa.select(jobs.c.payload, jobs.c.result)).one()
+        assert (payload, result) == ({"path": "/u/a.png", "category": "tiles"}, {"score": 1.5, "version": "v0002"})
+        downgrade(url, "0004")
+        with engine.connect() as conn:
+            assert conn.execute(sa.text("SELECT payload FROM jobs").columns(sa.column("payload", sa.JSON()))).scalar() == old
+    finally:
+        engine.dispose()
+
+
+def test_job_result_moves_to_its_column_and_back(tmp_path: Path) -> None:
+    check_job_result_moves_to_its_column_and_back(f"sqlite:///{tmp_path / 'dmad.db'}")
 
 
 def schema_diff(url: str, metadata: sa.MetaData) -> list:

@@ -16,9 +16,16 @@ from db.models import Job
 from tests.db_fixtures import sqlite_engine, sqlite_sf, sqlite_url  # noqa: F401
 
 
-def _enqueue(sf: sessionmaker[Session], type: str = "train", **kwargs) -> int:
+def payload(type: str, n: int = 0) -> queue.JobPayload:
+    """A valid payload of the job type (the queue refuses any other)."""
+    if type == queue.JobType.SCORE_UPLOAD:
+        return queue.UploadToScore(path=f"/uploads/{n}.png", category="tiles")
+    return queue.Trigger(trigger=f"test {n}")
+
+
+def _enqueue(sf: sessionmaker[Session], type: str = "train", n: int = 0, **kwargs) -> int:
     with sf() as session:
-        job = queue.enqueue(session, type, **kwargs)
+        job = queue.enqueue(session, queue.JobType(type), payload(type, n), **kwargs)
         session.commit()
         return job.id
 
@@ -31,10 +38,10 @@ def _job(sf: sessionmaker[Session], job_id: int) -> Job:
 
 
 def check_claim_order_and_types(sf: sessionmaker[Session]) -> None:
-    ids = [_enqueue(sf, t, payload={"n": i}) for i, t in enumerate(["train", "score_pool", "train", "retrain"])]
+    ids = [_enqueue(sf, t, n=i) for i, t in enumerate(["train", "score_upload", "train", "retrain"])]
     first = queue.claim(sf, "w1")
     assert first is not None and first.id == ids[0]
-    assert (first.status, first.attempts, first.lease_owner, first.payload) == ("running", 1, "w1", {"n": 0})
+    assert (first.status, first.attempts, first.lease_owner, first.payload) == ("running", 1, "w1", {"trigger": "test 0"})
     assert first.started_at is not None and first.lease_expires_at > first.started_at
     assert first.lease_expires_at.tzinfo is not None
     only_retrain = queue.claim(sf, "w1", types=["retrain"])
@@ -96,7 +103,7 @@ def check_death_without_error_reports_the_last_message(sf: sessionmaker[Session]
 
 
 def check_fail_retries_then_gives_up(sf: sessionmaker[Session]) -> None:
-    job_id = _enqueue(sf, "score_pool", max_attempts=3)
+    job_id = _enqueue(sf, "score_upload", max_attempts=3)
     for attempt in (1, 2, 3):
         job = queue.claim(sf, "w")
         assert job is not None and job.id == job_id and job.attempts == attempt
@@ -110,14 +117,14 @@ def check_fail_retries_then_gives_up(sf: sessionmaker[Session]) -> None:
 
 def check_coalescing(sf: sessionmaker[Session]) -> None:
     with sf() as session:
-        ids = {queue.enqueue(session, "retrain", coalesce_key="retrain").id for _ in range(50)}
+        ids = {queue.enqueue(session, queue.JobType.RETRAIN, payload("retrain"), coalesce_key="retrain").id for _ in range(50)}
         session.commit()
     assert len(ids) == 1
     (first,) = ids
     running = queue.claim(sf, "w1")
     assert running is not None and running.id == first
     with sf() as session:  # while one runs, one more waits ...
-        waiting = {queue.enqueue(session, "retrain", coalesce_key="retrain").id for _ in range(50)}
+        waiting = {queue.enqueue(session, queue.JobType.RETRAIN, payload("retrain"), coalesce_key="retrain").id for _ in range(50)}
         session.commit()
     assert len(waiting) == 1 and first not in waiting
     with sf() as session:
@@ -127,14 +134,14 @@ def check_coalescing(sf: sessionmaker[Session]) -> None:
     assert queue.fail(sf, first, "w1", "boom")
     assert _job(sf, first).status == "failed"
     with sf() as session:
-        other = queue.enqueue(session, "score_pool", coalesce_key="score")  # other keys are independent
+        other = queue.enqueue(session, queue.JobType.SCORE_UPLOAD, payload("score_upload"), coalesce_key="score")  # other keys are independent
         session.commit()
     assert other.id not in waiting | {first}
 
 
 def check_heartbeat_progress_and_list_jobs(sf: sessionmaker[Session]) -> None:
     a = _enqueue(sf, "train")
-    b = _enqueue(sf, "score_pool")
+    b = _enqueue(sf, "score_upload")
     job = queue.claim(sf, "w1", lease_seconds=5)
     before = job.lease_expires_at
     time.sleep(0.01)
@@ -150,7 +157,7 @@ def check_heartbeat_progress_and_list_jobs(sf: sessionmaker[Session]) -> None:
 
 
 def check_cancel(sf: sessionmaker[Session]) -> None:
-    queued = _enqueue(sf, "score_pool")
+    queued = _enqueue(sf, "score_upload")
     running = _enqueue(sf, "train")
     assert queue.claim(sf, "w1", types=["train"]).id == running
     assert queue.cancel(sf, queued) and queue.cancel(sf, running)
@@ -175,7 +182,7 @@ def claim_concurrently(sf: sessionmaker[Session], n_jobs: int, n_workers: int) -
     """Workers in threads claim and complete until the queue is empty; returns claims per job id."""
     with sf() as session:
         for i in range(n_jobs):
-            queue.enqueue(session, "score_pool", payload={"i": i})
+            queue.enqueue(session, queue.JobType.SCORE_UPLOAD, payload("score_upload", i))
         session.commit()
     claims: list[int] = []
     lock = threading.Lock()

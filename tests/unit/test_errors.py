@@ -11,13 +11,13 @@ import requests
 
 from annotation.project import SECRET_HEADER
 from annotation.sink import MemorySink
-from annotation.webhook import http_status, make_webhook_server, serve_in_thread
+from annotation.webhook import make_webhook_server, serve_in_thread
 from app.cli import exit_code
 from app.cli import main as dmad
 from app.services.annotations import AnnotationError, InvalidAnnotation, UnknownAnnotationTarget
 from app.services.versions import VersionConflict, VersionError, VersionNotFound
 from app.ui.context import error_level
-from dmad_core.errors import Conflict, Invalid, NotFound, Unavailable, UserError
+from dmad_core.errors import Conflict, Invalid, NotFound, Unavailable, UserError, http_status
 
 KINDS = (NotFound, Invalid, Conflict, Unavailable)
 

@@ -136,7 +136,7 @@ def test_the_onnx_writers_info_lines_are_quiet_unless_verbose(tmp_path, monkeypa
 def test_train_progress_prints_each_step_and_a_burst_of_reports_once(capsys) -> None:
     from app.commands.loop import _progress_printer
 
-    show = _progress_printer(True, every_s=3600.0)
+    show = _progress_printer(True, every_s=3600.0, bars=False)
     for i in range(1, 21):
         show(0.3, f"normal bank coreset: {i}/20 patches selected")
     show(0.4, "epoch 1/3: loss 0.5, validation 0.4")
@@ -145,3 +145,15 @@ def test_train_progress_prints_each_step_and_a_burst_of_reports_once(capsys) -> 
         "[ 30.0%] normal bank coreset: 1/20 patches selected",
         "[ 40.0%] epoch 1/3: loss 0.5, validation 0.4",
         "[ 60.0%] epoch 2/3: loss 0.4, validation 0.3"]
+
+
+def test_train_progress_leaves_a_step_with_a_terminal_bar_to_the_bar(capsys) -> None:
+    """On a terminal the engine draws its own bars: a step's later reports would print its count twice."""
+    from app.commands.loop import _progress_printer
+
+    for bars, expected in ((True, 2), (False, 4)):
+        show = _progress_printer(True, every_s=0.0, bars=bars)
+        for i in (1, 2, 3):
+            show(0.1 * i, f"features: normal: {i}/3")
+        show(0.5, "building the normal bank (coreset)")
+        assert len(capsys.readouterr().out.splitlines()) == expected

@@ -57,7 +57,7 @@ def answers(prepared: PreparedHome, image_id: int, tmp: Path,
         job = queries.enqueue_score_upload(session, path, info.category)
     assert run_worker(home, sessions, WorkerOptions(once=True, sync_every_seconds=None), threading.Event()) >= 1
     with sessions() as session:
-        result = queries.job(session, job.id).payload["result"]
+        result = queries.job(session, job.id).result
     got["upload"] = {"decision": result["decision"], "threshold": result["threshold"],
                      "source": result["threshold_source"], "score": result["score"]}
 

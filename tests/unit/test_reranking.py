@@ -15,7 +15,7 @@ from app.home_folder import Home
 from app.services import ui_queries
 from app.services.database import open_database
 from app.services.inference import LoadedModel
-from app.services.reranking import RERANK_JOB, prune_pool_scores, rerank_chunk, rerank_progress
+from app.services.reranking import prune_pool_scores, rerank_chunk, rerank_progress
 from app.services.training import evaluation_set, train_version
 from app.services.versions import active_version
 from app.worker import rerank_now
@@ -33,7 +33,7 @@ def _scores(session, version_id: int) -> dict[int, float]:
 
 
 def _chunks(session, status: str | None = None) -> list[Job]:
-    query = select(Job).where(Job.type == RERANK_JOB).order_by(Job.id)
+    query = select(Job).where(Job.type == queue.JobType.RERANK).order_by(Job.id)
     if status is not None:
         query = query.where(Job.status == status)
     return list(session.scalars(query))
@@ -83,7 +83,7 @@ def test_a_newer_promotion_supersedes_the_older_re_ranking(trained_home: LoopHom
     _settings(home, evaluation_max_per_label=1, rerank_chunk_images=4)
     sessions = open_database(home)
     v2 = train_version(home, sessions, warm_start=True)
-    running = queue.claim(sessions, "worker-a", [RERANK_JOB])  # a worker is in the middle of v2's first chunk
+    running = queue.claim(sessions, "worker-a", [queue.JobType.RERANK])  # a worker is in the middle of v2's first chunk
     assert running is not None and running.payload["version_id"] == v2.version_id
 
     v3 = train_version(home, sessions, warm_start=True)
@@ -96,7 +96,7 @@ def test_a_newer_promotion_supersedes_the_older_re_ranking(trained_home: LoopHom
         v2_partial = _scores(session, v2.version_id)
     # the worker learns it at its next heartbeat, and a stale chunk run anyway stores nothing
     assert not queue.heartbeat(sessions, running.id, "worker-a", 0.5, "scoring")
-    message = rerank_chunk(home, sessions, running.id, running.payload, LoadedModel())
+    message = rerank_chunk(home, sessions, running.id, queue.payload_of(running), LoadedModel())
     assert message.startswith("skipped")
     with sessions() as session:
         assert _scores(session, v2.version_id) == v2_partial

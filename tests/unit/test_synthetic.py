@@ -107,7 +107,7 @@ def test_bad_arguments(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="unknown defect type"):
         add_defect(np.zeros((32, 32, 3), dtype=np.uint8), "dent", np.random.default_rng(0))  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="unknown defect types"):
-        make_synthetic_category(tmp_path, "y", defect_types=("dent",))
+        make_synthetic_category(tmp_path, "y", defect_types=("dent",))  # type: ignore[arg-type]
 
 
 def test_existing_category_is_not_overwritten_by_accident(tmp_path: Path) -> None:

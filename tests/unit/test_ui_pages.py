@@ -10,7 +10,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import func, select
 from streamlit.testing.v1 import AppTest
 
 from app.home_folder import Home
@@ -19,8 +19,9 @@ from app.services import ui_queries as queries
 from app.services.annotations import RETRAIN_KEY
 from app.ui.diversity import iou, pick_patches
 from app.services.imaging import clip_box
-from db.models import Annotation, Job, ModelVersion
+from db.models import Annotation, Category, Image, Job, ModelVersion
 from db.queue import claim, heartbeat
+from db.repositories import untouched_ground_truth
 from tests.ui_fixtures import N_TRAIN, PreparedHome, ui_empty_home, ui_home, ui_no_database, ui_template  # noqa: F401
 
 UI = Path(__file__).resolve().parents[2] / "app" / "ui"
@@ -123,6 +124,11 @@ def test_home_overview(ui_home: PreparedHome) -> None:  # noqa: F811
     assert "scored **20** pool images" in texts(at)
     assert at.dataframe[0].value.loc["fabric", "pool"] == 10
     assert len(at.get("page_link")) == 4
+    # "evaluation": the pool's images with ground truth that no annotation touched (it read 0 as a role)
+    with ui_home.sessions()() as session:
+        untouched = session.scalar(select(func.count(Image.id)).join(Category).where(
+            Category.name == "fabric", *untouched_ground_truth()))
+    assert untouched > 0 and at.dataframe[0].value.loc["fabric", "evaluation"] == untouched
 
 
 # -- review -----------------------------------------------------------------------------------------
@@ -277,6 +283,8 @@ def test_inspect_an_image_by_query_parameter(ui_home: PreparedHome) -> None:  # 
     assert f"image {image_id}" in shown and "defect_mask" in shown
     assert len(at.get("image")) == 2  # the heat map view and the annotated mask
     assert len(at.get("vega_lite_chart")) == 1  # score history
+    axis_formats = re.findall(r'"format":\s*"([^"]*)"', at.get("vega_lite_chart")[0].proto.spec)
+    assert axis_formats and all(re.fullmatch(r"\.[0-4]f", f) for f in axis_formats if f.endswith("f"))
     assert at.metric[0].label == "Score (v0002)"
     # the pool image's verdict by its class's threshold under the version shown
     assert any(" under v0002: the class's threshold is " in e.value for e in [*at.warning, *at.success])
@@ -320,9 +328,9 @@ def test_inspect_shows_an_upload_job_then_its_result(ui_home: PreparedHome) -> N
     with sessions() as session:
         row = session.get(Job, job.id)
         row.status, row.progress = "succeeded", 1.0
-        row.payload = {**row.payload, "result": {"score": 1.0, "patch_map": grid, "decision": "NG",
-                                                 "threshold": 0.5, "threshold_source": "calibrated", "version": "v0002",
-                                                 "top_patches": [{"box": [32, 24, 56, 48], "score": 1.0}]}}
+        row.result = {"score": 1.0, "patch_map": grid, "decision": "NG", "threshold": 0.5,
+                      "threshold_source": "calibrated", "version": "v0002",
+                      "top_patches": [{"box": [32, 24, 56, 48], "score": 1.0}]}
         session.commit()
     at.run()
     assert not at.exception
@@ -352,7 +360,9 @@ def test_inspect_upload_scored_by_the_real_worker(ui_home: PreparedHome) -> None
     at.run()
     assert not at.exception
     with sessions() as session:
-        result = queries.job(session, job.id).payload["result"]
+        stored = queries.job(session, job.id)
+    assert stored.result is not None and "result" not in stored.payload  # the result has a column of its own
+    result = stored.result
     assert any(m.label == "Score (v0002)" and m.value == f"{result['score']:.4f}" for m in at.metric)
     assert f"Job #{job.id} (score_upload) for `{path}`: **succeeded**" in texts(at)
     assert any(f"**{result['decision']}** under v0002: the class's threshold is {result['threshold']:.4f}" in e.value
@@ -518,11 +528,15 @@ def test_metrics_history_and_latest_values(ui_home: PreparedHome) -> None:  # no
     at = run(METRICS)
     assert len(at.get("vega_lite_chart")) == 1
     spec = at.get("vega_lite_chart")[0].proto.spec
-    assert '".1~%"' in spec and '"tableau10"' in spec  # percent axes, classes in distinct hues
+    assert '"tableau10"' in spec  # classes in distinct hues
+    # percent axes whose decimals follow each metric's range (a fixed ".1%" gave nine "98.6%" ticks)
+    formats = re.findall(r'"format":\s*"(\.[0-2]%)"', spec)
+    assert len(formats) == 3 and '".1~%"' not in spec
     assert at.multiselect(key="metrics-names").value == ["image_auroc", "pixel_auroc", "pro"]
     assert "Latest values (v0002)" in texts(at)
     latest = at.dataframe[0].value
     assert list(latest.index) == ["fabric", "tiles"] and "image_auroc" in latest.columns
+    assert latest.max().max() > 1.0 and latest.max().max() <= 100.0  # in percent, as the charts
     at.radio(key="metrics-axis").set_value("creation time").run()
     at.multiselect(key="metrics-names").select("image_f1max").run()
     assert not at.exception
@@ -535,6 +549,11 @@ def test_training_shows_thresholds_with_their_rates_and_takes_an_override(ui_hom
     limits = at.dataframe[-1].value
     assert list(limits["class"]) == ["fabric", "tiles"] and set(limits["source"]) == {"calibrated"}
     assert list(limits["annotated defects"]) == [2, 2] and limits["misses, annotated defects (%)"].notna().all()
+    # no "None" cells: a missing rate is a number's NaN (an empty cell), a missing note an empty text
+    assert limits["false alarms, confirmed normals (%)"].dtype.kind == "f" and list(limits["note"]) == ["", ""]
+    shown = at.dataframe[-1].proto  # short headers, so the table fits the page; "–" where a rate has no images
+    assert '"false alarms (val.)"' in shown.columns and '"misses (annotated)"' in shown.columns
+    assert shown.placeholder == "–"
     at.selectbox(key="threshold-class").select("tiles").run()
     at.number_input(key="threshold-value-tiles").set_value(123.0).run()
     at.text_input(key="threshold-note").input("trial on line 3").run()

@@ -68,6 +68,7 @@ def test_plan_starts_every_service_on_localhost_with_the_home_settings(home: Hom
     assert ui.port == 9003 and dict(ui.env)["DMAD_HOME"] == str(home.root)
     assert ui.argv[ui.argv.index("--server.address") + 1] == "127.0.0.1"
     assert ui.argv[ui.argv.index("--server.maxUploadSize") + 1] == "64"  # MB: `dmad serve`'s bound, not 200
+    assert ui.argv[ui.argv.index("--client.toolbarMode") + 1] == "minimal"  # no Deploy button on any page
     assert Path(ui.argv[ui.argv.index("run") + 1]).is_file()
     for service in services.values():
         assert str(home.root) in service.argv or service is ui
@@ -76,6 +77,23 @@ def test_plan_starts_every_service_on_localhost_with_the_home_settings(home: Hom
     assert [s.name for s in bare] == ["webhook", "streamlit"]
     running = {s.name: s for s in up.plan_services(home, streamlit_port=9003, labelstudio_running=True)}
     assert running["labelstudio-start"].port is None  # ours already runs there: no port check
+
+
+def test_a_worker_started_by_up_is_found_by_its_pid_file(home: Home) -> None:
+    """`dmad annotate` says the worker `dmad up` started takes the retrain, instead of "run `dmad worker`"."""
+    from app.commands.loop import _who_takes_jobs
+
+    assert up.service_pid(home, "worker") is None
+    assert "run `dmad worker`" in _who_takes_jobs(home)
+    child = subprocess.Popen(SLEEPER)
+    try:
+        (home.run_dir / "worker.pid").write_text(f"{child.pid}\n")
+        assert up.service_pid(home, "worker") == child.pid
+        assert _who_takes_jobs(home) == f": the worker `dmad up` started (pid {child.pid}) takes it"
+    finally:
+        child.kill()
+        child.wait()
+    assert up.service_pid(home, "worker") is None  # a dead worker's pid file counts as none
 
 
 def test_busy_ports_are_named_with_how_to_move_them(home: Home) -> None:

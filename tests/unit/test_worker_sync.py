@@ -114,8 +114,8 @@ def _enqueue_blockers(sessions: sessionmaker[Session], count: int) -> None:
     with sessions() as session:
         begin_write(session)
         for i in range(count):
-            queue.enqueue(session, "score_upload", {"path": f"/nonexistent/{i}.png", "category": "x"},
-                          max_attempts=1)
+            queue.enqueue(session, queue.JobType.SCORE_UPLOAD, queue.UploadToScore(path=f"/nonexistent/{i}.png",
+                                                                                  category="x"), max_attempts=1)
         session.commit()
 
 

@@ -89,7 +89,7 @@ header = bar[3].empty()  # filled after the actions: they clear the selection
 def selection_header() -> None:
     count = sum(1 for k, v in st.session_state.items() if isinstance(k, str) and k.startswith(prefix) and v)
     header.caption(f"{count} selected · model {version.name} · Label Studio "
-                   + ("running" if status.healthy else "not running (`dmad labelstudio start`)"))
+                   + ui.LABEL_STUDIO_BRIEF[status.state])
 
 if send:
     from app.services.labelstudio_tasks import send_images

@@ -13,6 +13,7 @@ import streamlit as st
 from app.services import ui_queries as queries
 from app.services.annotations import load_mask
 from app.ui import context as ui
+from app.ui.formats import number_axis
 from app.services import imaging
 from app.services.inference import Judge, Verdict
 from app.ui.uploads import save_upload
@@ -134,9 +135,11 @@ def image_view() -> None:
     if history.empty:
         st.markdown("No version has scored this image yet.")
     else:
+        layout = number_axis(history["score"])  # decimals from the range (a flat history showed six)
         chart = alt.Chart(history).mark_line(point=True).encode(
             x=alt.X("version:N", sort=list(history["version"]), title="model version"),
-            y=alt.Y("score:Q", title="anomaly score", scale=alt.Scale(zero=False)),
+            y=alt.Y("score:Q", title="anomaly score", scale=alt.Scale(domain=list(layout.domain), zero=False),
+                    axis=alt.Axis(format=layout.format, tickCount=5)),
             tooltip=["version", "status", "created", alt.Tooltip("score:Q", format=".4f")],
         )
         st.altair_chart(chart, width="stretch")
@@ -166,7 +169,7 @@ def upload_form() -> None:
 
 
 def upload_result(job_id: int, was_active: bool) -> None:
-    """The scoring job's progress, then its result (the worker stores it in the job's payload)."""
+    """The scoring job's progress, then its result (the worker stores it with the job's success)."""
     with sessions() as session:
         job = queries.job(session, job_id)
     if job is None:
@@ -182,10 +185,10 @@ def upload_result(job_id: int, was_active: bool) -> None:
         st.progress(min(1.0, max(0.0, job.progress)), text=job.message or "running")
     elif job.status in ("failed", "cancelled"):
         st.error(f"{job.message}: {job.error or 'no error recorded'}")
-    elif not isinstance(job.payload.get("result"), dict) or "score" not in job.payload["result"]:
-        st.info("The job finished but stored no result in its payload.")
+    elif job.result is None or "score" not in job.result:
+        st.info("The job finished but stored no result.")
     else:
-        show_upload_score(path, job.payload["result"])
+        show_upload_score(path, job.result)
 
 
 def show_verdict(verdict: Verdict, where=st) -> None:

@@ -168,7 +168,23 @@ with sessions() as session:
 st.caption(f"An image is NG when its score is above its class's threshold. Calibrated: the lowest score at which at "
            f"most {100 * home.load_settings().false_alarm_rate:.0f} % of the class's validation normals are NG. "
            "The rates on annotated images are optimistic: those images trained the version.")
-st.dataframe(limits, width="stretch", hide_index=True)
+# short headers (the long ones pushed the table past the page's right edge); each says the rest as help.
+# A rate without images to measure it on is "–", not "None".
+st.dataframe(limits, width="stretch", hide_index=True, placeholder="–", column_config={
+    "threshold": st.column_config.NumberColumn("threshold", format="%.4f"),
+    "calibrated": st.column_config.NumberColumn("calibrated", format="%.4f",
+                                                help="–: the class has no validation normals to calibrate on"),
+    "false alarms, validation normals (%)": st.column_config.NumberColumn(
+        "false alarms (val.)", format="%.1f %%", help="share of the class's validation normals called NG"),
+    "validation normals": st.column_config.NumberColumn("val. normals", format="%d"),
+    "false alarms, confirmed normals (%)": st.column_config.NumberColumn(
+        "false alarms (confirmed)", format="%.1f %%",
+        help="share of the images inspectors confirmed normal called NG; –: none confirmed yet"),
+    "misses, annotated defects (%)": st.column_config.NumberColumn(
+        "misses (annotated)", format="%.1f %%",
+        help="share of the annotated defects called OK; –: none annotated yet"),
+    "annotated defects": st.column_config.NumberColumn("defects", format="%d"),
+    "note": st.column_config.TextColumn("note", width="medium")})
 with sessions() as session:
     for warning in decisions.threshold_warnings(session, active.id, home.load_settings().false_alarm_rate):
         st.warning(warning)

@@ -11,6 +11,7 @@ import streamlit as st
 from app.services import ui_queries as queries
 from app.services.version_change import change_rows, evaluation_set_changes
 from app.ui import context as ui
+from app.ui.formats import share_axis
 
 DEFAULT_METRICS = ("image_auroc", "pixel_auroc", "pro")
 
@@ -50,10 +51,12 @@ shown = metrics[metrics["metric"].isin(chosen_metrics) & metrics["category"].isi
 charts = []
 for name in chosen_metrics:
     data = shown[shown["metric"] == name]
+    # metrics are shares, in percent with the decimals their range needs (a fixed ".1%" once gave nine ticks
+    # all reading "98.6%"); the range is padded so that neighbouring ticks differ
+    layout = share_axis(data["value"])
     charts.append(alt.Chart(data, title=name, height=180).mark_line(point=True).encode(
-        # metrics are shares: percent with one decimal (one version gave an axis of "1.000000" / "0.000000")
-        x=x, y=alt.Y("value:Q", title=f"{name} (%)", scale=alt.Scale(zero=False),
-                     axis=alt.Axis(format=".1~%", tickCount=5)), color=colour,
+        x=x, y=alt.Y("value:Q", title=f"{name} (%)", scale=alt.Scale(domain=list(layout.domain), zero=False),
+                     axis=alt.Axis(format=layout.format, tickCount=5)), color=colour,
         tooltip=["version", "category", alt.Tooltip("value:Q", format=".4f"), "created"]))
 labels = trained[trained["category"].isin(chosen_categories)]
 charts.append(alt.Chart(labels, title="annotations the version was trained on", height=150)
@@ -79,8 +82,8 @@ if bought:
 
 version, latest = queries.latest_metrics(metrics)
 st.subheader(f"Latest values ({version})")
-st.dataframe(latest, width="stretch",
-             column_config={c: st.column_config.NumberColumn(c, format="%.3f") for c in latest.columns})
+st.dataframe(100 * latest, width="stretch",  # in percent, as the charts above
+             column_config={c: st.column_config.NumberColumn(f"{c} (%)", format="%.1f") for c in latest.columns})
 
 # A toggle rather than an expander: an expander's table is built in the browser even while collapsed, and
 # a second data grid was a measurable part of this page's load time.
