@@ -5,15 +5,16 @@
         [--normal-seconds 3] [--no-normals-arm] [--cache DIR] [--json OUT.json] [--plot OUT.png]
         [--write docs/results.md]
 
-Setup, per seed: a home with its database; each class's test images split once and for all into a fixed
-evaluation split (by content hash, stratified by class and label: the same images for every seed and
-strategy, never offered) and the rest. The pool has a line's mix, not a test set's: its defect rate is
-``--defect-rate`` (0.1), its normals are the remaining test goods plus training normals held back from the
-normal bank (``--holdback``), its defects a seeded sample of the remaining test defects. Pool images are
-ingested without their ground truth (the inspector's answer key stays in this script); the evaluation split
-is ingested with role ``evaluation``, which every version's training evaluates (``evaluation_max_per_label``
-is raised to hold all of it). The first version is trained as `dmad train` does; each strategy then starts
-from a copy of that home.
+Setup: a home with its database; each class's test images split once and for all into a fixed evaluation
+split (by content hash, stratified by class and label: the same images for every seed and strategy, never
+offered) and the rest. The pool has a line's mix, not a test set's: its defect rate is ``--defect-rate``
+(0.1), its normals are the remaining test goods plus training normals held back from the normal bank
+(``--holdback``, also chosen by content hash), its defects a seeded sample of the remaining test defects
+(the others stay in the home but are never offered). Pool images are ingested without their ground truth
+(the inspector's answer key stays in this script); the evaluation split is ingested with role
+``evaluation``, which every version's training evaluates (``evaluation_max_per_label`` is raised to hold
+all of it). The first version is trained once, as `dmad train` does (its normal bank does not depend on the
+seed); each strategy and seed then starts from a copy of that home.
 
 Rounds: the inspector takes the next ``--batch`` images that the strategy offers: the Review page's own
 function, ``app/services/review_queue.py: offer``. A defective image gets its ground-truth mask as a drawn
@@ -94,46 +95,57 @@ class Truth:
 
 @dataclass
 class Split:
-    """Per seed: which files are training normals, pool, evaluation."""
+    """Which files are training normals, pool and evaluation, and which pool images a seed offers."""
 
     train: list[tuple[str, Path]] = field(default_factory=list)  # (class, path)
     pool: dict[str, tuple[Path, Truth]] = field(default_factory=dict)  # content hash -> (path, truth)
     evaluation: list[tuple[str, object]] = field(default_factory=list)  # (class, ImageRecord)
+    hidden: dict[int, set[str]] = field(default_factory=dict)  # seed -> pool defects (hashes) it never offers
 
 
 def file_hash(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
+def by_hash_share(paths: Sequence[Path], share: float) -> set[Path]:
+    """The first ``share`` of ``paths`` by content hash: a fixed choice, the same for every seed."""
+    return set(sorted(paths, key=file_hash)[:round(share * len(paths))])
+
+
 def evaluation_split(records: Sequence, share: float) -> set[Path]:
     """The fixed evaluation split of one class's test records: per label, the first ``share`` by content
     hash. Independent of any seed, so every strategy and seed is measured on the same images."""
-    chosen: set[Path] = set()
-    for label in (0, 1):
-        group = sorted((r for r in records if r.label == label), key=lambda r: file_hash(r.path))
-        chosen |= {r.path for r in group[:round(share * len(group))]}
-    return chosen
+    return set().union(*(by_hash_share([r.path for r in records if r.label == label], share) for label in (0, 1)))
 
 
-def make_split(datasets: Sequence, settings: LoopSettings, seed: int) -> Split:
-    """The seed's pool (a line's mix) around the fixed evaluation split."""
-    rng = random.Random(seed)
+def make_split(datasets: Sequence, settings: LoopSettings) -> Split:
+    """The pool (a line's mix) around the fixed evaluation split. The training normals held back and the
+    evaluation split are fixed by content hash, so one first version serves every seed; a seed draws which
+    of the remaining test defects its pool holds (the others stay hidden: never offered)."""
     split = Split()
+    defects: dict[str, list[str]] = {}
+    normals_of: dict[str, int] = {}
     for ds in datasets:
         held_eval = evaluation_split(ds.test, settings.eval_share)
         split.evaluation += [(ds.name, r) for r in ds.test if r.path in held_eval]
         rest = [r for r in ds.test if r.path not in held_eval]
-        train = sorted((r.path for r in ds.train if r.label == 0), key=str)
-        rng.shuffle(train)
-        n_hold = round(settings.holdback * len(train))
-        split.train += [(ds.name, p) for p in train[n_hold:]]
-        normals = [(p, None) for p in train[:n_hold]] + [(r.path, None) for r in rest if r.label == 0]
-        defects = [r for r in rest if r.label == 1]
-        n_defects = min(len(defects), round(settings.defect_rate / (1 - settings.defect_rate) * len(normals)))
-        for r in rng.sample(defects, n_defects):
-            split.pool[file_hash(r.path)] = (r.path, Truth(ds.name, 1, r.mask_path))
-        for p, _ in normals:
+        train = [r.path for r in ds.train if r.label == 0]
+        held_back = by_hash_share(train, settings.holdback)
+        split.train += [(ds.name, p) for p in sorted(train) if p not in held_back]
+        normals = sorted(held_back) + [r.path for r in rest if r.label == 0]
+        normals_of[ds.name] = len(normals)
+        for p in normals:
             split.pool[file_hash(p)] = (p, Truth(ds.name, 0, None))
+        for r in rest:
+            if r.label == 1:
+                split.pool[file_hash(r.path)] = (r.path, Truth(ds.name, 1, r.mask_path))
+                defects.setdefault(ds.name, []).append(file_hash(r.path))
+    for seed in settings.seeds:
+        rng, hidden = random.Random(seed), set()
+        for name, hashes in defects.items():
+            n = min(len(hashes), round(settings.defect_rate / (1 - settings.defect_rate) * normals_of[name]))
+            hidden |= set(hashes) - set(rng.sample(sorted(hashes), n))
+        split.hidden[seed] = hidden
     return split
 
 
@@ -197,6 +209,7 @@ def run_strategy(home, split: Split, settings: LoopSettings, strategy: str, seed
                  n_classes: int) -> list[dict]:
     """The rounds of one strategy from a trained home; one record per round (round 0: before any label)."""
     from PIL import Image as PILImage
+    from sqlalchemy import select
 
     from app.services import review_queue
     from app.services.annotations import record_annotation
@@ -212,6 +225,11 @@ def run_strategy(home, split: Split, settings: LoopSettings, strategy: str, seed
     order = "default" if strategy == NO_NORMALS else strategy
     budget = settings.minutes * 60.0 * n_classes
     spent, found, false_alarms, skipped = 0.0, 0, 0, []
+    with sessions() as session:  # the pool defects this seed leaves out of the line's mix: never offered
+        from db.models import Image
+
+        hidden = list(session.scalars(select(Image.id).where(Image.content_hash.in_(split.hidden[seed]),
+                                                              Image.role == "pool")))
     rounds: list[dict] = []
     with sessions() as session:
         active = active_version_info(session)
@@ -221,7 +239,7 @@ def run_strategy(home, split: Split, settings: LoopSettings, strategy: str, seed
     while spent < budget:
         with sessions() as session:
             active = active_version_info(session)
-            flt = ReviewFilter(active.id, exclude=tuple(skipped))
+            flt = ReviewFilter(active.id, exclude=(*hidden, *skipped))
             offered = review_queue.offer(session, home, flt, limit=settings.batch, strategy=order, seed=seed)
             thresholds = {c: t.threshold for c, t in
                           class_thresholds(session, session.get(ModelVersion, active.id)).items()}
@@ -282,8 +300,9 @@ def mean_metric(record: dict, metric: str) -> float:
 
 
 # -- the whole run ----------------------------------------------------------------------------------------
-def run(settings: LoopSettings, work: Path) -> dict:
-    """Every strategy and seed; the ``--json`` document."""
+def run(settings: LoopSettings, work: Path, json_out: Path | None = None) -> dict:
+    """Every strategy and seed; the ``--json`` document (written to ``json_out`` after each strategy's run,
+    so that a run cut short keeps what it measured)."""
     from dmad_core.data.readers import read_category
 
     datasets = [read_category(d) for d in settings.data]
@@ -292,24 +311,28 @@ def run(settings: LoopSettings, work: Path) -> dict:
         k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(settings).items()
         if k not in ("data", "cache")}, "classes": [ds.name for ds in datasets], "seconds": {}}
     t_all = time.perf_counter()
+    split = make_split(datasets, settings)
+    t0 = time.perf_counter()
+    base = base_home(work / "base", datasets, split, settings)
+    out["seconds"]["first_training"] = round(time.perf_counter() - t0, 1)
     for seed in settings.seeds:
-        split = make_split(datasets, settings, seed)
-        out["pool"][str(seed)] = {ds.name: {"pool": sum(t.category == ds.name for _, t in split.pool.values()),
+        offered = {h: v for h, v in split.pool.items() if h not in split.hidden[seed]}
+        out["pool"][str(seed)] = {ds.name: {"pool": sum(t.category == ds.name for _, t in offered.values()),
                                             "pool_defects": sum(t.category == ds.name and t.label == 1
-                                                                for _, t in split.pool.values()),
+                                                                for _, t in offered.values()),
                                             "train": sum(c == ds.name for c, _ in split.train),
                                             "evaluation": sum(c == ds.name for c, _ in split.evaluation)}
                                   for ds in datasets}
         say(f"seed {seed}: pool {out['pool'][str(seed)]}")
-        t0 = time.perf_counter()
-        base = base_home(work / f"seed{seed}" / "base", datasets, split, settings)
-        out["seconds"][f"first_training_seed{seed}"] = round(time.perf_counter() - t0, 1)
         for strategy in strategies:
             t0 = time.perf_counter()
-            home = copy_home(base, work / f"seed{seed}" / strategy)
+            home = copy_home(base, work / f"seed{seed}-{strategy}")
             out["strategies"][strategy][str(seed)] = run_strategy(home, split, settings, strategy, seed, len(datasets))
             out["seconds"][f"{strategy}_seed{seed}"] = round(time.perf_counter() - t0, 1)
             shutil.rmtree(home.root, ignore_errors=True)
+            if json_out is not None:
+                out["seconds"]["total"] = round(time.perf_counter() - t_all, 1)
+                json_out.write_text(json.dumps(out, indent=1))
     out["seconds"]["total"] = round(time.perf_counter() - t_all, 1)
     return out
 
@@ -439,6 +462,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     ap.add_argument("--json", type=Path, metavar="OUT.json")
     ap.add_argument("--plot", type=Path, metavar="OUT.png")
     ap.add_argument("--write", type=Path, metavar="FILE.md", help="put the tables into this file (between markers)")
+    ap.add_argument("--from-json", type=Path, metavar="IN.json",
+                    help="no run: the tables and the picture of a run's --json (one cut short keeps its seeds)")
     args = ap.parse_args(argv)
     missing = [d for d in args.data if not d.is_dir()]
     if missing:
@@ -451,8 +476,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
     settings = LoopSettings(tuple(args.data), tuple(args.strategies), tuple(args.seeds), args.minutes, args.batch,
                             args.defect_rate, args.holdback, args.eval_share, args.mask_seconds, args.normal_seconds,
                             args.preset, args.train_epochs, args.retrain_epochs, args.cache, args.no_normals_arm)
-    with tempfile.TemporaryDirectory(prefix="dmad-active-loop-") as tmp:
-        result = run(settings, Path(tmp))
+    if args.from_json:
+        result = json.loads(args.from_json.read_text())
+        complete = [s for s in result["strategies"].values() if s]
+        keep = set.intersection(*(set(s) for s in complete)) if complete else set()
+        result["strategies"] = {n: {k: v for k, v in s.items() if k in keep} for n, s in result["strategies"].items() if s}
+    else:
+        with tempfile.TemporaryDirectory(prefix="dmad-active-loop-") as tmp:
+            result = run(settings, Path(tmp), args.json)
     text = report(result)
     print(text)
     if args.json:
@@ -460,13 +491,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if args.plot:
         plot(result, args.plot)
     if args.write:
-        old = args.write.read_text() if args.write.exists() else ""
-        block = f"{BEGIN}\n{text}\n{END}"
-        if BEGIN in old and END in old:
-            new = old[:old.index(BEGIN)] + block + old[old.index(END) + len(END):]
-        else:
-            new = old + "\n\n## Active learning against a simulated inspector (`benchmarks/active_loop.py`)\n\n" + block + "\n"
-        args.write.write_text(new)
+        try:
+            from benchmarks.quality import write_between
+        except ImportError:  # run as a script: benchmarks/ is the first folder on the path
+            from quality import write_between
+        write_between(args.write, text, BEGIN, END,
+                      "## Active learning against a simulated inspector (`benchmarks/active_loop.py`)")
     return result
 
 

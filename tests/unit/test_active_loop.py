@@ -58,9 +58,11 @@ def test_the_evaluation_split_is_fixed_and_never_offered(tmp_path: Path) -> None
     from dmad_core.data.readers import read_category
 
     ds = read_category(data)
-    settings = active_loop.LoopSettings((data,))
-    a, b = (active_loop.make_split([ds], settings, seed) for seed in (0, 1))
-    assert [r.path for _, r in a.evaluation] == [r.path for _, r in b.evaluation]  # by content hash, not seed
-    assert sorted(r.label for _, r in a.evaluation) == [0, 0, 0, 1, 1, 1]  # stratified
-    held = {r.path for _, r in a.evaluation}
-    assert not held & {p for p, _ in a.pool.values()} and not held & {p for _, p in a.train}
+    split = active_loop.make_split([ds], active_loop.LoopSettings((data,), seeds=(0, 1, 2), defect_rate=0.25))
+    assert sorted(r.label for _, r in split.evaluation) == [0, 0, 0, 1, 1, 1]  # stratified, by content hash
+    held = {r.path for _, r in split.evaluation}
+    assert not held & {p for p, _ in split.pool.values()} and not held & {p for _, p in split.train}
+    # the seeds draw the pool's defects (3 normals held back + 3 test goods: 2 of the 3 other defects)
+    defects = {h for h, (_, truth) in split.pool.items() if truth.label == 1}
+    assert all(len(defects - split.hidden[seed]) == 2 for seed in (0, 1, 2))
+    assert len({frozenset(split.hidden[seed]) for seed in (0, 1, 2)}) > 1
