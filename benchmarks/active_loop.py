@@ -277,14 +277,32 @@ def run_strategy(home, split: Split, settings: LoopSettings, strategy: str, seed
         with sessions() as session:
             active = active_version_info(session)
             rounds.append({"minutes": spent / 60.0 / n_classes, "found": found, "false_alarms": false_alarms,
-                           "offered": shown, "round_false_alarms": round_fa, "version": active.name,
-                           "retrain_s": round(retrain_s, 2), "rerank_s": round(rerank_s, 2),
+                           "offered": shown, "round_false_alarms": round_fa,
+                           "next_false_alarms": next_false_alarms(session, home, split, active.id,
+                                                                  (*hidden, *skipped), settings.batch, order, seed),
+                           "version": active.name, "retrain_s": round(retrain_s, 2), "rerank_s": round(rerank_s, 2),
                            "per_class": version_metrics(session, active.id)})
         last = rounds[-1]
         say(f"    {strategy} seed {seed}: {last['minutes']:.1f} min, {found} found, {false_alarms} false alarms, "
             f"{last['version']}, image AUROC {100 * mean_metric(last, 'image_auroc'):.1f}, "
             f"retrain {retrain_s:.1f} s, re-rank {rerank_s:.1f} s")
     return rounds
+
+
+def next_false_alarms(session, home, split: Split, version_id: int, exclude: tuple[int, ...], batch: int,  # noqa: ANN001
+                      order: str, seed: int) -> int:
+    """Good images among the next ``batch`` the strategy would offer under the new version that the version
+    calls NG: what a confirmed normal should pull down (issue 21, "confirmed normals must pay too")."""
+    from app.services import review_queue
+    from app.services.decisions import class_thresholds
+    from app.services.ui_queries import ReviewFilter
+    from db.models import ModelVersion
+
+    thresholds = {c: t.threshold for c, t in class_thresholds(session, session.get(ModelVersion, version_id)).items()}
+    offered = review_queue.offer(session, home, ReviewFilter(version_id, exclude=exclude), limit=batch,
+                                 strategy=order, seed=seed)
+    return sum(split.pool[_hash_of(session, o.image.image_id)][1].label == 0
+               and o.image.score >= thresholds.get(o.image.category, float("inf")) for o in offered)
 
 
 def _hash_of(session, image_id: int) -> str:  # noqa: ANN001
@@ -300,9 +318,10 @@ def mean_metric(record: dict, metric: str) -> float:
 
 
 # -- the whole run ----------------------------------------------------------------------------------------
-def run(settings: LoopSettings, work: Path, json_out: Path | None = None) -> dict:
+def run(settings: LoopSettings, work: Path, json_out: Path | None = None, base: Path | None = None) -> dict:
     """Every strategy and seed; the ``--json`` document (written to ``json_out`` after each strategy's run,
-    so that a run cut short keeps what it measured)."""
+    so that a run cut short keeps what it measured). ``base``: a home this function trained before for the
+    same data and settings (its first version is reused, not trained again)."""
     from dmad_core.data.readers import read_category
 
     datasets = [read_category(d) for d in settings.data]
@@ -313,8 +332,13 @@ def run(settings: LoopSettings, work: Path, json_out: Path | None = None) -> dic
     t_all = time.perf_counter()
     split = make_split(datasets, settings)
     t0 = time.perf_counter()
-    base = base_home(work / "base", datasets, split, settings)
-    out["seconds"]["first_training"] = round(time.perf_counter() - t0, 1)
+    if base is None:
+        base_dir = base_home(work / "base", datasets, split, settings)
+        out["seconds"]["first_training"] = round(time.perf_counter() - t0, 1)
+    else:
+        from app.home_folder import Home
+
+        base_dir = Home.at(base)
     for seed in settings.seeds:
         offered = {h: v for h, v in split.pool.items() if h not in split.hidden[seed]}
         out["pool"][str(seed)] = {ds.name: {"pool": sum(t.category == ds.name for _, t in offered.values()),
@@ -326,7 +350,7 @@ def run(settings: LoopSettings, work: Path, json_out: Path | None = None) -> dic
         say(f"seed {seed}: pool {out['pool'][str(seed)]}")
         for strategy in strategies:
             t0 = time.perf_counter()
-            home = copy_home(base, work / f"seed{seed}-{strategy}")
+            home = copy_home(base_dir, work / f"seed{seed}-{strategy}")
             out["strategies"][strategy][str(seed)] = run_strategy(home, split, settings, strategy, seed, len(datasets))
             out["seconds"][f"{strategy}_seed{seed}"] = round(time.perf_counter() - t0, 1)
             shutil.rmtree(home.root, ignore_errors=True)
@@ -351,15 +375,13 @@ def summary(result: dict, minutes: float) -> dict[str, dict[str, float]]:
     out, n_classes = {}, len(result["classes"])
     for strategy, seeds in result["strategies"].items():
         rows = [at_minutes(rounds, minutes) for rounds in seeds.values()]
-        later = [r for rounds in seeds.values() for r in rounds[2:] if r["minutes"] <= minutes + 1e-9]
         out[strategy] = {
             **{m: float(np.mean([mean_metric(r, m) for r in rows])) for m in METRICS},
             "found": float(np.mean([r["found"] for r in rows])),
             "found_per_minute": float(np.mean([r["found"] / (r["minutes"] * n_classes) if r["minutes"] else 0.0
                                                for r in rows])),
             "false_alarms": float(np.mean([r["false_alarms"] for r in rows])),
-            "later_offered": float(sum(r["offered"] for r in later)),
-            "later_false_alarms": float(sum(r["round_false_alarms"] for r in later)),
+            "next_false_alarms": float(np.mean([r.get("next_false_alarms", float("nan")) for r in rows])),
             "minutes": float(np.mean([r["minutes"] for r in rows])),
         }
     return out
@@ -369,11 +391,11 @@ def table(result: dict, minutes: float) -> list[str]:
     s = summary(result, minutes)
     base = s.get("random")
     lines = ["| strategy | minutes / class | image AUROC | pixel AUROC | PRO | defects found | found / inspector "
-             "minute | x random | false alarms shown | false alarms / offered, rounds 2+ |",
+             "minute | x random | false alarms shown | false alarms in the next batch offered |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for name, v in s.items():
         ratio = f"x{v['found_per_minute'] / base['found_per_minute']:.2f}" if base and base["found_per_minute"] else "-"
-        share = (f"{v['later_false_alarms']:.0f} / {v['later_offered']:.0f}" if v["later_offered"] else "-")
+        share = "-" if np.isnan(v["next_false_alarms"]) else f"{v['next_false_alarms']:.1f}"
         lines.append(f"| {name} | {v['minutes']:.1f} | {100 * v['image_auroc']:.1f} | {100 * v['pixel_auroc']:.1f} | "
                      f"{100 * v['pro']:.1f} | {v['found']:.1f} | {v['found_per_minute']:.2f} | {ratio} | "
                      f"{v['false_alarms']:.1f} | {share} |")
@@ -394,6 +416,12 @@ def per_class_table(result: dict, minutes: float) -> list[str]:
     return lines
 
 
+def first_version(result: dict) -> str:
+    """The mean metrics of round 0 (every strategy starts from the same first version)."""
+    first = [rounds[0] for seeds in result["strategies"].values() for rounds in seeds.values()]
+    return ", ".join(f"{m.replace('_', ' ')} {100 * np.mean([mean_metric(r, m) for r in first]):.1f}" for m in METRICS)
+
+
 def plot(result: dict, path: Path) -> None:
     import matplotlib
 
@@ -404,6 +432,12 @@ def plot(result: dict, path: Path) -> None:
     grid = np.linspace(0, minutes, 41)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for strategy, seeds in result["strategies"].items():
+        if len(seeds) == 1:  # one seed: each round's state at the minutes it ended
+            rounds = next(iter(seeds.values()))
+            x = [r["minutes"] for r in rounds]
+            axes[0].plot(x, [100 * mean_metric(r, "image_auroc") for r in rounds], marker="o", label=strategy)
+            axes[1].plot(x, [r["found"] for r in rounds], marker="o", label=strategy)
+            continue
         auroc = np.mean([[mean_metric(at_minutes(r, m), "image_auroc") for m in grid] for r in seeds.values()], axis=0)
         found = np.mean([[at_minutes(r, m)["found"] for m in grid] for r in seeds.values()], axis=0)
         axes[0].step(grid, 100 * auroc, where="post", label=strategy)
@@ -426,11 +460,11 @@ def report(result: dict) -> str:
     pools = result["pool"][next(iter(result["pool"]))]
     lines = [f"Measured {time.strftime('%Y-%m-%d')} with `benchmarks/active_loop.py --seeds {seeds} --minutes {minutes:g}"
              f" --batch {result['settings']['batch']}` ({', '.join(result['classes'])}); means over the seeds, at "
-             f"{minutes:g} inspector minutes per class, then at half of it. Pool per class (seed {next(iter(result['pool']))}): "
+             f"{minutes:g} inspector minutes per class (the last round that ended within the budget). Pool per class (seed {next(iter(result['pool']))}): "
              + ", ".join(f"{c} {v['pool']} images ({v['pool_defects']} defects), {v['train']} training normals, "
                          f"{v['evaluation']} evaluation" for c, v in pools.items()) + ".",
-             "", *table(result, minutes), "", f"At {minutes / 2:g} minutes per class:", "", *table(result, minutes / 2),
-             "", "Per class at the full budget (image AUROC / PRO, %):", "", *per_class_table(result, minutes)]
+             "", *table(result, minutes), "", f"Before any label (the first version): {first_version(result)}.", "",
+             "Per class at the full budget (image AUROC / PRO, %):", "", *per_class_table(result, minutes)]
     rounds = [r for seeds in result["strategies"].values() for rs in seeds.values() for r in rs[1:]]
     if rounds:
         lines += ["", f"Per round: retrain {np.mean([r['retrain_s'] for r in rounds]):.1f} s and re-ranking "
@@ -462,6 +496,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     ap.add_argument("--json", type=Path, metavar="OUT.json")
     ap.add_argument("--plot", type=Path, metavar="OUT.png")
     ap.add_argument("--write", type=Path, metavar="FILE.md", help="put the tables into this file (between markers)")
+    ap.add_argument("--base", type=Path, metavar="HOME",
+                    help="start every strategy from this home, trained by an earlier run with the same data and settings")
     ap.add_argument("--from-json", type=Path, metavar="IN.json",
                     help="no run: the tables and the picture of a run's --json (one cut short keeps its seeds)")
     args = ap.parse_args(argv)
@@ -483,7 +519,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         result["strategies"] = {n: {k: v for k, v in s.items() if k in keep} for n, s in result["strategies"].items() if s}
     else:
         with tempfile.TemporaryDirectory(prefix="dmad-active-loop-") as tmp:
-            result = run(settings, Path(tmp), args.json)
+            result = run(settings, Path(tmp), args.json, args.base)
     text = report(result)
     print(text)
     if args.json:
