@@ -188,14 +188,20 @@ def main() -> None:
         args.json.write_text(json.dumps({f"{g}|{s}": {"|".join(k): v for k, v in r.items()}
                                          for (g, s), r in runs.items()}, indent=1))
     if args.write:
-        old = args.write.read_text() if args.write.exists() else ""
-        block = f"{BEGIN}\n{text}\n{END}"
-        if BEGIN in old and END in old:
-            new = old[:old.index(BEGIN)] + block + old[old.index(END) + len(END):]
-        else:
-            new = old + ("\n\n" if old else "") + "## Quality (`benchmarks/quality.py`)\n\n" + block + "\n"
-        args.write.write_text(new)
+        write_between(args.write, text, BEGIN, END, "## Quality (`benchmarks/quality.py`)")
         say(f"wrote the tables into {args.write}")
+
+
+def write_between(path: Path, text: str, begin: str, end: str, heading: str) -> None:
+    """Put ``text`` into the Markdown file between its ``begin`` and ``end`` markers (replacing what was
+    there), or append it under ``heading`` when the markers are not there yet."""
+    old = path.read_text() if path.exists() else ""
+    block = f"{begin}\n{text}\n{end}"
+    if begin in old and end in old:
+        new = old[:old.index(begin)] + block + old[old.index(end) + len(end):]
+    else:
+        new = old + ("\n\n" if old else "") + f"{heading}\n\n" + block + "\n"
+    path.write_text(new)
 
 
 if __name__ == "__main__":

@@ -64,6 +64,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "(train/good/rgb, test/<defect>/rgb), or a flat folder of normal images with --category")
     p.add_argument("--category", default=None, metavar="NAME",
                    help="the class of a flat folder of images (dataset layouts are named after their folder)")
+    p.add_argument("--pool", action="store_true",
+                   help="unlabelled line images: score each flat folder with the active version and add it to the "
+                        "pool that Review offers (needs --category), instead of the normal training data")
+    p.add_argument("--all-normal", action="store_true",
+                   help="a flat folder that is much larger than the class's training set, or whose images often "
+                        "score NG, becomes normal training data only with this flag (otherwise: use --pool)")
     _hint_flag(p)
     p.set_defaults(handler=cmd_ingest)
 
@@ -154,6 +160,16 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     from app.services.ingest import ingest_folders
 
     home, sessions = _open(args)
+    if args.pool:
+        return _ingest_pool(args, home, sessions)
+    if args.category and not args.all_normal:
+        from app.services.unlabelled import guard
+
+        for folder in args.folders:
+            if Path(folder).is_dir():  # anything else is read_folder's to refuse
+                verdict = guard(home, sessions, folder, args.category)
+                if verdict.refused:
+                    raise Invalid(verdict.message(folder, args.category))
     with sessions() as session:
         report = ingest_folders(session, args.folders, category=args.category)
     lines = [f"{c.name} ({c.layout}): {c.train_normal} normal training images, {c.pool} pool images "
@@ -163,6 +179,19 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     if args.hint:
         lines.append(f"next: dmad train --home {args.home}")
     _emit(args, asdict(report), "\n".join(lines))
+    return 0
+
+
+def _ingest_pool(args: argparse.Namespace, home: Home, sessions: Any) -> int:
+    from app.services.unlabelled import ingest_to_pool
+
+    if not args.category:
+        raise Invalid("--pool needs --category NAME: the class the folder's images are of")
+    reports = [ingest_to_pool(home, sessions, folder, args.category) for folder in args.folders]
+    lines = [f"{r.category}: {r.scored} images scored by {r.version} ({r.ng} NG), {r.added} new in the pool, "
+             f"{r.known} already there, {len(r.skipped)} skipped" for r in reports]
+    lines += [f"skipped {path}: {reason}" for r in reports for path, reason in r.skipped]
+    _emit(args, [asdict(r) for r in reports], "\n".join(lines))
     return 0
 
 

@@ -8,6 +8,7 @@ The few writes (enqueueing jobs) commit their own short transaction, like the se
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -126,6 +127,7 @@ class ReviewFilter:
     categories: tuple[str, ...] = ()  # empty: all
     min_score: float | None = None
     hide_annotated: bool = True  # images with a live annotation are already reviewed
+    exclude: tuple[int, ...] = ()  # image ids left out (the active-learning benchmark's skipped images)
 
 
 @dataclass(frozen=True)
@@ -150,8 +152,15 @@ class ScoredImage:
     @property
     def label(self) -> str:
         """What tells this image apart in a caption: its class, its source folder and its file
-        (``tiles · crack · 002.png``): file names repeat across a dataset's defect folders."""
+        (``tiles · crack · 002.png``): file names repeat across a dataset's defect folders. A line image
+        (stored under its content hash by the feed) is ``fabric · line · 469a0253``."""
+        stored = _STORED_NAME.fullmatch(self.name)
+        if stored:
+            return f"{self.category} · line · {stored.group(1)[:8]}"
         return " · ".join([self.category, *([source_folder(self.path)] if source_folder(self.path) else []), self.name])
+
+
+_STORED_NAME = re.compile(r"([0-9a-f]{64})\.\w+")  # the image store's file names (app/services/feed.py)
 
 
 GENERIC_FOLDERS = {"rgb", "xyz", "gt", "images", "img", "test", "train", "pool", "uploads"}
@@ -182,7 +191,8 @@ def _scored(row: Any) -> ScoredImage:
                        grid, int(version_id), None if waiting is None else int(waiting))
 
 
-def _filtered(query: Select[Any], f: ReviewFilter) -> Select[Any]:
+def filtered(query: Select[Any], f: ReviewFilter) -> Select[Any]:
+    """``query`` (from ``PoolScore``) joined to its image and class, restricted to the filter."""
     query = (query.join(Image, Image.id == PoolScore.image_id).join(Category, Category.id == Image.category_id)
              .where(PoolScore.version_id == f.version_id))
     if f.categories:
@@ -191,18 +201,30 @@ def _filtered(query: Select[Any], f: ReviewFilter) -> Select[Any]:
         query = query.where(PoolScore.score >= f.min_score)
     if f.hide_annotated:
         query = query.where(~_LIVE_ANNOTATION)
+    if f.exclude:
+        query = query.where(PoolScore.image_id.not_in(list(f.exclude)))
     return query
 
 
 def review_page(session: Session, f: ReviewFilter, limit: int, offset: int = 0) -> list[ScoredImage]:
     """One page of the version's pool, highest score first."""
-    query = _filtered(select(*_SCORED_COLUMNS).select_from(PoolScore), f)
+    query = filtered(select(*_SCORED_COLUMNS).select_from(PoolScore), f)
     query = query.order_by(PoolScore.score.desc(), PoolScore.image_id).limit(limit).offset(offset)
     return [_scored(row) for row in session.execute(query)]
 
 
+def scored_images(session: Session, version_id: int, image_ids: list[int]) -> list[ScoredImage]:
+    """The pool images ``image_ids`` as ``version_id`` scored them, in no particular order."""
+    if not image_ids:
+        return []
+    query = (select(*_SCORED_COLUMNS).select_from(PoolScore).join(Image, Image.id == PoolScore.image_id)
+             .join(Category, Category.id == Image.category_id)
+             .where(PoolScore.version_id == version_id, PoolScore.image_id.in_(image_ids)))
+    return [_scored(row) for row in session.execute(query)]
+
+
 def review_count(session: Session, f: ReviewFilter) -> int:
-    return int(session.scalar(_filtered(select(func.count()).select_from(PoolScore), f)) or 0)
+    return int(session.scalar(filtered(select(func.count()).select_from(PoolScore), f)) or 0)
 
 
 def rerank_note(version: str, p: RerankProgress) -> str:

@@ -28,6 +28,7 @@ import requests
 from sklearn.metrics import roc_auc_score
 
 from annotation.rle import brush_result
+from app.services import review_queue
 from app.services import ui_queries as queries
 from app.services.labelstudio import label_studio_server
 from db.models import Annotation, Image, Job
@@ -167,9 +168,15 @@ def test_review_send_annotate_retrain_metrics(app: App) -> None:
             shown = [int(text.rsplit(" ", 1)[1]) for text in labels.all_inner_texts()]
             with sessions() as session:
                 active = queries.active_version_info(session)
-                ranked = queries.review_page(session, queries.ReviewFilter(active.id), limit=len(shown))
-            # the grid is the version's ranking of the unreviewed pool, highest score first
+                offered = review_queue.offer(session, prepared.home, queries.ReviewFilter(active.id), limit=len(shown))
+            ranked = [item.image for item in offered]
+            # the grid is the Review queue's order of the unreviewed pool, each image with its reason and its
+            # score against its class's OK/NG threshold
             assert shown == [row.image_id for row in ranked]
+            for reason in {item.reason for item in offered}:
+                expect(page.get_by_text(reason).first).to_be_visible()
+            assert {"hottest of tiles", "hottest of fabric"} <= {item.reason for item in offered}
+            expect(page.get_by_text(re.compile(r"\d+\.\dx the threshold")).first).to_be_visible()
             # and that ranking puts defects above normal images more often than not; the fixture's model
             # (two epochs, six images a class) is too small to promise more, on every CPU, than that
             defect = [image_id in prepared.defect_ids for image_id in shown]

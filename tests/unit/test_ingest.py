@@ -157,3 +157,21 @@ def test_train_progress_leaves_a_step_with_a_terminal_bar_to_the_bar(capsys) -> 
             show(0.1 * i, f"features: normal: {i}/3")
         show(0.5, "building the normal bank (coreset)")
         assert len(capsys.readouterr().out.splitlines()) == expected
+
+
+# -- unlabelled folders: the guard before normal training data, and `--pool` ---------------------------
+def test_a_flat_folder_much_larger_than_the_training_set_is_refused_naming_pool(home, tmp_path, capsys) -> None:
+    small = tmp_path / "washers"
+    for i in range(3):
+        _png(small / f"{i:03d}.png", seed=i)
+    assert run_cli("ingest", "--home", home, small, "--category", "washer") == 0
+    line = tmp_path / "line-2026-12-01"  # no version yet: the size alone refuses it
+    for i in range(200):
+        _png(line / f"{i:04d}.png", seed=100 + i)
+    capsys.readouterr()
+    assert run_cli("ingest", "--home", home, line, "--category", "washer") == 2
+    err = capsys.readouterr().err
+    assert "--pool" in err and "--all-normal" in err and "200 images" in err
+    assert _stored(home) == (["washer"], 3)  # nothing of the refused folder is stored
+    assert run_cli("ingest", "--home", home, line, "--category", "washer", "--all-normal") == 0
+    assert _stored(home) == (["washer"], 203)

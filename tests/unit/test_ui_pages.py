@@ -132,6 +132,12 @@ def test_home_overview(ui_home: PreparedHome) -> None:  # noqa: F811
 
 
 # -- review -----------------------------------------------------------------------------------------
+REVIEW_CAPTION = (r"\*\*(\d+\.\dx the threshold|[+-]\d+\.\d\d from the threshold)\*\* · "
+                  r"(hottest of tiles|on the OK/NG line of tiles|unlike anything labelled|like an image already "
+                  r"offered of tiles)(; looks like \d+ parts? already marked normal)?  \n"
+                  r"tiles · (good|\w+) · \w+\.png · score -?\d+\.\d{3}")
+
+
 def test_review_shows_a_grid_of_crops_best_first(ui_home: PreparedHome) -> None:  # noqa: F811
     at = run(REVIEW)
     unreviewed = len(ui_home.pool_ids) - len(ui_home.annotated_ids)
@@ -148,10 +154,13 @@ def test_review_filters_and_diversity(ui_home: PreparedHome) -> None:  # noqa: F
     at = run(REVIEW)
     at.multiselect(key="review-categories").select("tiles").run()
     captions = [c.value for c in at.caption if c.value.startswith("**")]
-    assert captions and all("· tiles ·" in c for c in captions)
-    # a caption tells images apart (class, source folder, file) and says how the score compares with normals
+    assert captions and all("tiles · " in c for c in captions)
+    # a caption says why the image is offered, its score against the class's OK/NG threshold, and tells
+    # images apart (class, source folder, file)
     for caption in captions:
-        assert re.fullmatch(r"\*\*-?\d+\.\d{3}\*\* \(above \d+ % of normals\) · tiles · (good|\w+) · \w+\.png", caption), caption
+        assert re.fullmatch(REVIEW_CAPTION, caption), caption
+    reasons = {re.fullmatch(REVIEW_CAPTION, c).group(2) for c in captions}
+    assert {"hottest of tiles", "on the OK/NG line of tiles"} <= reasons, reasons
     assert any(" · good · " not in c for c in captions)  # some come from a defect folder
     at.number_input(key="review-per-image").set_value(3).run()
     assert not at.exception

@@ -1,14 +1,18 @@
-"""Review: the active model's most anomalous pool patches, a page at a time, to send to Label Studio
-or confirm as normal.
+"""Review: the pool images that most deserve an inspector's minute, a page at a time, to send to Label
+Studio or confirm as normal.
 
-Only the shown page is queried (LIMIT/OFFSET along the (version, score) index), images are read only
-for the crops on screen, and crops are cached by image path and box.
+The order is `app/services/review_queue.py: offer` (class-balanced rounds of the hottest, the images on
+the OK/NG line and the ones unlike anything labelled; or plain hottest first), the same function the
+active-learning benchmark measures. Each caption says why the image is offered and its score against the
+class's OK/NG threshold. Images are read only for the crops on screen, and crops are cached by image path
+and box.
 """
 
 from __future__ import annotations
 
 import streamlit as st
 
+from app.services import review_queue
 from app.services import ui_queries as queries
 from app.ui import context as ui
 from app.ui.diversity import crops_for
@@ -17,6 +21,7 @@ from dmad_core.errors import UserError
 PAGE_SIZE = 30  # crops per page: with 50, drawing the page took Chromium over a second (docs/ui.md)
 COLUMNS = 5
 PAGE_KEY = "review-page"
+ORDERS = {"balanced (why each image is here)": "default", "hottest first": "top"}
 
 ui.page("Review", "🔥")
 st.title("Review the most anomalous patches")
@@ -58,6 +63,11 @@ with st.sidebar:
                               help="The model's image score. Default scorer: 0 is a typical normal patch of "
                                    "the class, 1 the 99th percentile of normal patches; each caption also "
                                    "says what share of the class's validation normals score below the image.")
+    order = st.selectbox("Order", list(ORDERS), key="review-order", on_change=first_page,
+                         help="Balanced: each class in turn, cycling through its hottest image, the image on "
+                              "its OK/NG line (where a label changes a decision) and the one unlike anything "
+                              "labelled; near-copies of labelled images wait. Hottest first: the model's score "
+                              "alone.")
     per_image = int(st.number_input("Crops per image", 1, 5, 1, key="review-per-image", on_change=first_page,
                                     help="Overlapping patches of one image are never both shown: a second crop is a second hot spot."))
     hide_annotated = st.checkbox("Hide images already annotated", True, key="review-hide-annotated",
@@ -140,21 +150,23 @@ if total == 0:
     st.stop()
 page_number = int(st.number_input(f"Page (of {pages}; {total} images)", 1, pages, key=PAGE_KEY))
 with sessions() as session:
-    rows = queries.review_page(session, flt, limit=images_per_page, offset=(page_number - 1) * images_per_page)
+    offered = review_queue.offer(session, home, flt, limit=images_per_page,
+                                 offset=(page_number - 1) * images_per_page, strategy=ORDERS[order])
 
-cells = [(row, crop) for row in rows
-         for crop in crops_for(row.image_id, row.top_patches, row.width, row.height, per_image)]
+cells = [(item, crop) for item in offered
+         for crop in crops_for(item.image.image_id, item.image.top_patches, item.image.width, item.image.height,
+                               per_image)]
 for start in range(0, len(cells), COLUMNS):
-    for column, (row, crop) in zip(st.columns(COLUMNS), cells[start:start + COLUMNS]):
+    for column, (item, crop) in zip(st.columns(COLUMNS), cells[start:start + COLUMNS]):
+        row = item.image
         with column:
             jpeg = ui.crop_jpeg(row.path, crop.box, row.patch_map.tobytes(), tuple(row.patch_map.shape), lo, hi)
             if jpeg is None:
                 st.warning(f"cannot read {row.path}")
             else:
                 st.image(jpeg, width="stretch")
-            share = queries.normal_percentile_of(version.config, row.category, row.score)
-            st.caption(f"**{row.score:.3f}**" + ("" if share is None else f" (above {100 * share:.0f} % of normals)")
-                       + f" · {row.label}" + (f" · patch {crop.patch_score:.3f}" if per_image > 1 else "")
+            st.caption(f"**{item.versus_threshold}** · {item.reason}  \n{row.label} · score {row.score:.3f}"
+                       + (f" · patch {crop.patch_score:.3f}" if per_image > 1 else "")
                        + ("" if row.waiting_task is None else " · waiting in Label Studio"
                           + (f" (task {row.waiting_task})" if row.waiting_task else "")))
             if crop.rank == 0:
