@@ -35,7 +35,9 @@ from pydantic import BaseModel, Field
 from sqlalchemy.orm import Session, sessionmaker
 
 from annotation.webhook import http_status
+from app.api.metrics import instrument
 from app.home_folder import Home
+from app.services.metrics import ServeMetrics
 from app.services.prediction import MAX_PIXELS, LineImage, LineModel, LineResult, heat_scale
 from app.services.serving import ActiveLineModel, LineBatcher, QueueFull
 from dmad_core.errors import Invalid, TooLarge, UserError
@@ -229,6 +231,10 @@ def create_app(home: Home, sessions: sessionmaker[Session], config: ServeConfig 
     app = FastAPI(title="DMAD line scoring", version=API_VERSION, lifespan=lifespan,
                   description="Scores product images with the active DMAD model version: score, OK/NG by "
                               "the class's threshold, top patches and heat map.")
+    metrics = app.state.metrics = ServeMetrics()
+    metrics.watch(lambda: state["batcher"].depth if "batcher" in state else 0,
+                  lambda: (state["holder"].current.version, state["holder"].current.version_id))
+    instrument(app, metrics)
     bearer = HTTPBearer(auto_error=False, description="the home's serve_token secret")
 
     def authorised(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
@@ -276,6 +282,7 @@ def create_app(home: Home, sessions: sessionmaker[Session], config: ServeConfig 
         image = await run_in_threadpool(LineImage.from_bytes, data, category, "upload", config.max_pixels, config.feed)
         future = state["batcher"].submit(line, image)
         result: LineResult = await asyncio.wrap_future(future)
+        metrics.decisions.labels(result.category, result.decision).inc()
         response = ScoreResponse(
             category=result.category, score=result.score, decision=result.decision, threshold=result.threshold,
             threshold_source=result.threshold_source, model_version=result.version, sha256=result.content_hash,
