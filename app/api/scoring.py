@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import hmac
 import io
 import threading
 from collections.abc import AsyncIterator, Callable
@@ -40,9 +39,9 @@ from app.home_folder import Home
 from app.services.metrics import ServeMetrics
 from app.services.prediction import MAX_PIXELS, LineImage, LineModel, LineResult, heat_scale
 from app.services.serving import ActiveLineModel, LineBatcher, QueueFull
+from app.services.tokens import TOKEN_SECRET, ServeTokens
 from dmad_core.errors import Invalid, TooLarge, UserError
 
-TOKEN_SECRET = "serve_token"
 API_VERSION = "1"
 
 
@@ -200,8 +199,8 @@ def create_app(home: Home, sessions: sessionmaker[Session], config: ServeConfig 
     """The scoring service of ``home``. ``token`` (default: the home's ``serve_token`` secret) is what
     clients must send; the model is loaded when the app starts (its lifespan), not here, by ``loader``
     (``LineModel.load``; benchmarks/serve.py passes its kNN-baseline variant)."""
-    expected = token or home.read_secret(TOKEN_SECRET)
-    if not expected:
+    tokens = ServeTokens(home, token)  # the home's token is re-read when `dmad token rotate` replaces it
+    if not tokens.configured:
         raise Invalid(f"no API token: run `dmad serve` once to create {home.secrets_dir / TOKEN_SECRET}")
     state: dict[str, Any] = {}
 
@@ -238,7 +237,7 @@ def create_app(home: Home, sessions: sessionmaker[Session], config: ServeConfig 
     bearer = HTTPBearer(auto_error=False, description="the home's serve_token secret")
 
     def authorised(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
-        if credentials is None or not hmac.compare_digest(credentials.credentials.encode(), expected.encode()):
+        if credentials is None or not tokens.accepts(credentials.credentials):
             raise _Unauthorised()
 
     @app.exception_handler(_Unauthorised)
