@@ -39,6 +39,7 @@ from app.home_folder import Home
 from app.services.metrics import ServeMetrics
 from app.services.prediction import MAX_PIXELS, LineImage, LineModel, LineResult, heat_scale
 from app.services.serving import ActiveLineModel, LineBatcher, QueueFull
+from app.services.spool import SpooledFeed
 from app.services.tokens import TOKEN_SECRET, ServeTokens
 from dmad_core.errors import Invalid, TooLarge, UserError
 
@@ -207,18 +208,14 @@ def create_app(home: Home, sessions: sessionmaker[Session], config: ServeConfig 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         holder = await run_in_threadpool(ActiveLineModel, home, sessions, loader)
-        on_batch = None
-        if config.feed:
-            from app.services.feed import feed
-
-            def on_batch(model: LineModel, images: Any, results: Any) -> None:
-                with sessions() as session:
-                    feed(session, home, model.version_id, images, results)
-
-        batcher = LineBatcher(config.max_batch, config.max_wait_ms / 1000, config.max_queue, on_batch).start()
+        batcher = LineBatcher(config.max_batch, config.max_wait_ms / 1000, config.max_queue,
+                              keep=spooled.keep if spooled else None).start()
         stop = threading.Event()
         poller = threading.Thread(target=holder.poll, args=(stop, config.poll_s), name="version-poller", daemon=True)
         poller.start()
+        if spooled:  # what a killed serve or a database outage left is fed once the database answers
+            threading.Thread(target=spooled.run_replayer, args=(stop, config.poll_s), name="spool-replayer",
+                             daemon=True).start()
         state.update(holder=holder, batcher=batcher)
         try:
             yield
@@ -231,8 +228,11 @@ def create_app(home: Home, sessions: sessionmaker[Session], config: ServeConfig 
                   description="Scores product images with the active DMAD model version: score, OK/NG by "
                               "the class's threshold, top patches and heat map.")
     metrics = app.state.metrics = ServeMetrics()
+    # the feed goes through a spool on the home's disk: an image answered 200 survives the database away
+    spooled = SpooledFeed(home, sessions, metrics.feed_failures.inc, metrics.spool_replayed.inc) if config.feed else None
     metrics.watch(lambda: state["batcher"].depth if "batcher" in state else 0,
-                  lambda: (state["holder"].current.version, state["holder"].current.version_id))
+                  lambda: (state["holder"].current.version, state["holder"].current.version_id),
+                  spooled.spool.count_images if spooled else None)
     instrument(app, metrics)
     bearer = HTTPBearer(auto_error=False, description="the home's serve_token secret")
 
@@ -255,7 +255,8 @@ def create_app(home: Home, sessions: sessionmaker[Session], config: ServeConfig 
     @app.exception_handler(UserError)
     async def user_error(request: Request, exc: UserError) -> JSONResponse:
         status = 415 if isinstance(exc, UnsupportedBody) else http_status(exc)
-        headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, QueueFull) else None
+        retry_after = getattr(exc, "retry_after", None)  # QueueFull, SpoolFull
+        headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
         return JSONResponse({"detail": str(exc)}, status_code=status, headers=headers)
 
     @app.get("/v1/health", response_model=HealthResponse)

@@ -102,11 +102,15 @@ class LineBatcher:
     """Scores submitted images in batches on one thread (see the module docstring)."""
 
     def __init__(self, max_batch: int = 16, max_wait_s: float = 0.01, max_queue: int = 64,
-                 on_batch: Callable[[LineModel, Sequence[LineImage], Sequence[LineResult]], None] | None = None):
+                 on_batch: Callable[[LineModel, Sequence[LineImage], Sequence[LineResult]], None] | None = None,
+                 keep: Callable[[int, Sequence[LineImage], Sequence[LineResult]], Callable[[], None]] | None = None):
+        """``keep`` (the feed spool, app/services/spool.py) makes a scored batch durable *before* its
+        answers leave, and returns the step run after them; when it raises (a full disk) the batch's
+        requests get its error, not an answer whose image would be lost."""
         if max_batch < 1 or max_queue < 1:
             raise ValueError("max_batch and max_queue must be at least 1")
         self.max_batch, self.max_wait_s, self.max_queue = max_batch, max_wait_s, max_queue
-        self.on_batch = on_batch
+        self.on_batch, self.keep = on_batch, keep
         self._queue: queue.Queue[_Request | None] = queue.Queue(maxsize=max_queue)
         self._thread = threading.Thread(target=self._run, name="line-batcher", daemon=True)
         self._held: _Request | None = None  # taken from the queue for a later batch (another model)
@@ -162,6 +166,7 @@ class LineBatcher:
             images = [r.image for r in batch]
             try:
                 results = model.score(images)
+                after = self.keep(model.version_id, images, results) if self.keep is not None else None
             except BaseException as exc:  # every waiting request gets the error, the thread goes on
                 for r in batch:
                     r.future.set_exception(exc)
@@ -170,6 +175,11 @@ class LineBatcher:
                 r.future.set_result(result)
             self.batches += 1
             self.scored += len(batch)
+            if after is not None:
+                try:
+                    after()
+                except Exception:
+                    log.exception("could not add a scored batch to the pool (it stays in the spool)")
             if self.on_batch is not None:
                 try:
                     self.on_batch(model, images, results)
