@@ -49,11 +49,15 @@ def _store(home: Home, image: LineImage) -> Path:
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-        with open(tmp, "wb") as f:
-            f.write(image.data or b"")
-            f.flush()
-            os.fsync(f.fileno())
-        tmp.replace(path)
+        try:
+            with open(tmp, "wb") as f:
+                f.write(image.data or b"")
+                f.flush()
+                os.fsync(f.fileno())
+            tmp.replace(path)
+        except BaseException:  # a full disk: no half-written image left, under any name
+            tmp.unlink(missing_ok=True)
+            raise
     return path
 
 
