@@ -29,6 +29,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.home_folder import Home
 from app.services.prediction import LineImage, LineModel, LineResult
+from db.engine import DATABASE_AWAY
 from db.models import ModelVersion, ThresholdOverride
 from dmad_core.errors import Unavailable
 
@@ -86,6 +87,9 @@ class ActiveLineModel:
         while not stop.wait(every_s):
             try:
                 self.refresh()
+            except DATABASE_AWAY as exc:  # the database away: one line, tried again at the next tick
+                log.warning("the database does not answer (%s); still serving %s", type(exc.orig or exc).__name__,
+                            self._model.version)
             except Exception:  # a failed load keeps the version in force, and is tried again
                 log.exception("could not load the newly active version; still serving %s", self._model.version)
 
