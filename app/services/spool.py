@@ -28,6 +28,7 @@ import numpy as np
 
 from app.home_folder import Home
 from app.services.prediction import LineImage, LineResult
+from app.services.versions import _fsync_dir  # the one way the home makes a rename durable
 from dmad_core.errors import Unavailable
 
 log = logging.getLogger(__name__)
@@ -49,14 +50,6 @@ class SpooledBatch:
     version_id: int
     images: list[LineImage]
     results: list[LineResult]
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class FeedSpool:

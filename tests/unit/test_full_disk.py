@@ -51,20 +51,10 @@ def small_disk() -> Iterator[Path]:
 
 
 def fill(folder: Path) -> Path:
-    """A file that takes every free byte of ``folder``'s file system (unbuffered writes until ENOSPC)."""
-    filler = folder / "filler"
-    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
-    try:
-        for size in (1 << 20, 1 << 12, 1):
-            block = b"\0" * size
-            while True:
-                try:
-                    if os.write(fd, block) < size:
-                        break
-                except OSError:
-                    break
-    finally:
-        os.close(fd)
+    """A file that takes every free byte of ``folder``'s file system (the soak's fault, benchmarks/soak.py)."""
+    from benchmarks.soak import fill_disk
+
+    filler = fill_disk(folder)
     assert os.statvfs(folder).f_bavail == 0
     return filler
 
