@@ -130,13 +130,16 @@ class FeedSpool:
             return len(batch.images)
 
     def replay(self, feed_batch: Callable[[int, list[LineImage], list[LineResult]], object], limit: int = 64) -> int:
-        """Feed up to ``limit`` spooled batches, oldest first, stopping at the first failure; returns the
-        number of images fed."""
-        fed = 0
+        """Feed up to ``limit`` spooled batches, oldest first (stopping after 3 failures: the database is
+        away); returns the number of images fed."""
+        fed, failures = 0, 0
         for path in self.pending()[:limit]:
             n = self.feed_file(path, feed_batch)
-            if n is None:
-                break
+            if n is None:  # kept for the next round; one batch that fails never holds back the others,
+                failures += 1  # but the database away fails them all: stop after a few
+                if failures >= 3:
+                    break
+                continue
             fed += n
         return fed
 
