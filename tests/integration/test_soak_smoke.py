@@ -3,7 +3,7 @@ real images posted to `dmad serve` and annotations to the webhook for 1.25 minut
 the schedule strikes once (a worker SIGKILLed mid-job, serve SIGKILLed, the webhook restarted, PostgreSQL
 stopped 10 s, the home's tmpfs filled 8 s). Nothing lost, nothing half-published, no 5xx, no process left.
 
-Costs about 3 minutes on 2 shared cores (a 30 s training, 1.25 min of load, the processes' starts). Skips
+Took 2.5 minutes on 2 shared cores (a 30 s training, 1.25 min of load, the processes' starts). Skips
 with the reason when PostgreSQL's binaries are absent; uses procedural images when ../shared/data is."""
 
 from __future__ import annotations
