@@ -65,6 +65,7 @@ DELETE_ACTIONS = ("ANNOTATIONS_DELETED",)
 _HASH = re.compile(r"[0-9a-f]{8,128}")
 BACKLOG = 2048
 READ_TIMEOUT_S = 15  # seconds a client may take to send its body
+RETRY_AFTER_S = 10  # what a 503 (the sink unavailable) asks the client to wait
 
 ImageLookup = Callable[[str], "Path | None"]
 
@@ -247,7 +248,10 @@ def handle_payload(payload: Any, sink: AnnotationSink) -> _Reply:
 
 
 def _json(reply: _Reply) -> Response:
-    return JSONResponse(reply.body, status_code=reply.status, headers={"Connection": "close"} if reply.close else None)
+    headers = {"Connection": "close"} if reply.close else {}
+    if reply.status == 503:  # the sink is unavailable for now (its database away, its disk full)
+        headers["Retry-After"] = str(RETRY_AFTER_S)
+    return JSONResponse(reply.body, status_code=reply.status, headers=headers or None)
 
 
 def webhook_app(server: WebhookServer) -> Starlette:
@@ -263,6 +267,8 @@ def webhook_app(server: WebhookServer) -> Starlette:
         lookup = server.image_path
         try:
             path = await run_in_threadpool(lookup, content_hash) if lookup is not None else None
+        except UserError as exc:  # e.g. Unavailable: the database away
+            return _json(_error(http_status(exc), str(exc)))
         except Exception:
             log.exception("image lookup failed for %s", content_hash)
             return _json(_error(500, "image lookup failed"))

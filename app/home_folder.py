@@ -9,6 +9,7 @@ Layout::
     <home>/masks/             annotation masks as PNG, named by annotation id
     <home>/uploads/           images uploaded through the UI to be scored
     <home>/images/            the line's images (`dmad serve`, `dmad predict --ingest`), by content hash
+    <home>/spool/             `dmad serve`'s scored batches not yet in the pool (app/services/spool.py)
     <home>/labelstudio/       Label Studio's own data folder
     <home>/secrets/           API token and webhook secret, mode 0600
     <home>/logs/              logs of processes started by `dmad up` / `dmad labelstudio start`
@@ -152,6 +153,10 @@ class Home:
     @property
     def images_dir(self) -> Path:
         return self.root / "images"
+
+    @property
+    def spool_dir(self) -> Path:
+        return self.root / "spool"
 
     @property
     def labelstudio_dir(self) -> Path:

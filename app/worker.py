@@ -27,15 +27,18 @@ import traceback
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.home_folder import Home
 from app.services.inference import LoadedModel
+from app.services.metrics import WorkerMetrics
 from db import queue
-from db.engine import write_transaction
-from db.models import Job
+from db.engine import DATABASE_AWAY, write_transaction
+from db.models import Job, utcnow
 from db.queue import JobPayload, JobType, RerankChunk, Trigger, UploadToScore
 from dmad_core.errors import Conflict
 
@@ -57,6 +60,9 @@ class WorkerOptions:
     sync_every_seconds: float | None = 60.0  # Label Studio sync (when its project exists); None: never
     worker_id: str = ""
     job_types: tuple[str, ...] = JOB_TYPES  # what this worker claims
+    metrics_port: int | None = None  # serve Prometheus metrics on 127.0.0.1:PORT/metrics
+    metrics_file: str | None = None  # or write them to this file (node-exporter textfile collector)
+    retry_seconds: float = 5.0  # how long to wait before trying the database again when it does not answer
 
 
 class JobRun:
@@ -175,28 +181,43 @@ def default_worker_id() -> str:
 
 
 def run_job(home: Home, sessions: sessionmaker[Session], job: Job, options: WorkerOptions, worker_id: str,
-            on_progress: Callable[[float, str], None] | None = None, loaded: LoadedModel | None = None) -> bool:
+            on_progress: Callable[[float, str], None] | None = None, loaded: LoadedModel | None = None,
+            metrics: WorkerMetrics | None = None) -> bool:
     """Run one claimed job to its end; True when it succeeded."""
     handler = HANDLERS.get(job.type)
     if handler is None:
         queue.fail(sessions, job.id, worker_id, f"unknown job type {job.type!r}; this worker runs {', '.join(JOB_TYPES)}")
         return False
     log.info("job %s (%s), attempt %s/%s", job.id, job.type, job.attempts, job.max_attempts)
+    started = time.perf_counter()
     try:
         with JobRun(sessions, job, worker_id, options, on_progress, loaded) as run:
             message = handler(home, sessions, run)
     except JobLost as exc:
         log.warning("%s", exc)
+        _observe(metrics, job, "lost", started)
         return False
     except Exception as exc:  # noqa: BLE001 - the error is kept on the job; the worker goes on
         log.error("job %s failed: %s", job.id, exc)
+        _observe(metrics, job, "failed", started, type(exc).__name__)
         queue.fail(sessions, job.id, worker_id, f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=8)}")
         return False
     queue.complete(sessions, job.id, worker_id, message, result=run.result)
     log.info("job %s done: %s", job.id, message)
+    _observe(metrics, job, "succeeded", started)
     if job.type in FILLS_FEATURE_CACHE:
         _hold_cache_budget(home, sessions)
     return True
+
+
+def _observe(metrics: WorkerMetrics | None, job: Job, outcome: str, started: float, error: str | None = None) -> None:
+    """The job's duration and outcome; for a (re)train that succeeded, the seconds since it was queued
+    (its version is active when the job ends)."""
+    if metrics is None:
+        return
+    metrics.observe_job(job.type, outcome, time.perf_counter() - started, error)
+    if outcome == "succeeded" and job.type in ("train", "retrain") and job.created_at is not None:
+        metrics.retrain_to_active.observe(max(0.0, (utcnow() - job.created_at).total_seconds()))
 
 
 def _hold_cache_budget(home: Home, sessions: sessionmaker[Session]) -> None:
@@ -249,7 +270,11 @@ def _sync_due(home: Home, sessions: sessionmaker[Session], options: WorkerOption
 def run_worker(home: Home, sessions: sessionmaker[Session], options: WorkerOptions = WorkerOptions(),
                stop: threading.Event | None = None) -> int:
     """Claim and run jobs until `stop` is set (or, with `once`, until nothing is claimable).
-    Returns the number of jobs that succeeded."""
+    Returns the number of jobs that succeeded.
+
+    A database that stops answering does not stop the worker: it logs it, waits ``retry_seconds`` and
+    tries again (the pool reconnects); a job it was running when the database went away keeps its lease
+    and is claimed again once the lease expires."""
     stop = stop or threading.Event()
     worker_id = options.worker_id or default_worker_id()
     succeeded, last_sync = 0, time.monotonic() - (options.sync_every_seconds or 0)
@@ -259,17 +284,59 @@ def run_worker(home: Home, sessions: sessionmaker[Session], options: WorkerOptio
     if not options.once:
         _load_engine()
         log.info("worker %s ready", worker_id)
-    while not stop.is_set():
-        if not options.once and _sync_due(home, sessions, options, last_sync):
-            last_sync = time.monotonic()
-        job = queue.claim(sessions, worker_id, options.job_types, options.lease_seconds)
-        if job is None:
-            if options.once:
-                break
-            stop.wait(options.poll_seconds)
-            continue
-        succeeded += run_job(home, sessions, job, options, worker_id, loaded=loaded)
+    metrics, close_metrics = _start_metrics(sessions, options)
+    try:
+        while not stop.is_set():
+            try:
+                if not options.once and _sync_due(home, sessions, options, last_sync):
+                    last_sync = time.monotonic()
+                job = queue.claim(sessions, worker_id, options.job_types, options.lease_seconds)
+                if job is None:
+                    if options.once:
+                        break
+                    stop.wait(options.poll_seconds)
+                    continue
+                succeeded += run_job(home, sessions, job, options, worker_id, loaded=loaded, metrics=metrics)
+            except DATABASE_AWAY as exc:
+                if options.once:
+                    raise
+                log.warning("the database does not answer (%s); trying again in %.0f s",
+                            str(exc.orig).splitlines()[0] if exc.orig else exc, options.retry_seconds)
+                stop.wait(options.retry_seconds)
+            if metrics is not None and options.metrics_file:
+                metrics.write_textfile(Path(options.metrics_file))
+    finally:
+        close_metrics()
     return succeeded
+
+
+def _start_metrics(sessions: sessionmaker[Session], options: WorkerOptions) -> tuple[WorkerMetrics | None, Callable[[], None]]:
+    """The worker's metrics when a port or a file is asked for: (metrics, the function that stops them)."""
+    if options.metrics_port is None and not options.metrics_file:
+        return None, lambda: None
+    from app.services.reranking import rerank_progress
+    from app.services.versions import active_version
+
+    def rerank() -> tuple[int, int, int]:
+        with sessions() as session:
+            version = active_version(session)
+            if version is None:
+                return 0, 0, 0
+            p = rerank_progress(session, version.id)
+            return p.scored, p.pool, p.chunks_open
+
+    def queued() -> dict[str, int]:
+        with sessions() as session:
+            rows = session.execute(select(Job.type, func.count(Job.id)).where(Job.status.in_(("queued", "running")))
+                                   .group_by(Job.type)).all()
+        return {**{t: 0 for t in JOB_TYPES}, **{t: int(n) for t, n in rows}}
+
+    metrics = WorkerMetrics()
+    metrics.watch(rerank, queued)
+    close: Callable[[], None] = lambda: None  # noqa: E731
+    if options.metrics_port is not None:
+        close = metrics.serve_http(options.metrics_port)
+    return metrics, close
 
 
 def rerank_now(home: Home, sessions: sessionmaker[Session]) -> int:

@@ -17,11 +17,15 @@ from typing import Any
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import NullPool
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+# What a call raises when the database server is away (stopped, restarting, unreachable): the callers that
+# must outlive an outage (the worker's loop, serve's feed, the webhook) catch these and try again later.
+DATABASE_AWAY = (OperationalError, InterfaceError)
 _BEGIN_OPTION = "dmad_sqlite_begin"  # connection execution option read by the SQLite "begin" hook
 
 

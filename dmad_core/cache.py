@@ -80,8 +80,12 @@ class FeatureCache:
         path = self.path_for(image_hash)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex}.tmp.npy")
-        np.save(tmp, np.asarray(features, dtype=np.float16))
-        os.replace(tmp, path)
+        try:
+            np.save(tmp, np.asarray(features, dtype=np.float16))
+            os.replace(tmp, path)
+        except BaseException:  # a full disk: no half-written file left behind, under any name
+            tmp.unlink(missing_ok=True)
+            raise
 
     def __contains__(self, image_hash: str) -> bool:
         return self.path_for(image_hash).exists()

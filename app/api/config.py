@@ -6,8 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from app.services.inference import MAX_PIXELS, MAX_UPLOAD_BYTES
+from app.services.tokens import TOKEN_SECRET  # noqa: F401 (one definition, the tokens service's; imported from here)
 
-TOKEN_SECRET = "serve_token"
 API_VERSION = "1"
 
 

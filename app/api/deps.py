@@ -9,7 +9,6 @@ what a route needs is declared in its signature, never captured from the factory
 
 from __future__ import annotations
 
-import hmac
 from dataclasses import dataclass
 from typing import Annotated
 
@@ -21,6 +20,7 @@ from app.api.config import ServeConfig
 from app.home_folder import Home
 from app.services.prediction import LineModel
 from app.services.serving import ActiveLineModel, LineBatcher
+from app.services.tokens import ServeTokens
 
 
 @dataclass
@@ -30,7 +30,7 @@ class ServeState:
     home: Home
     sessions: sessionmaker[Session]
     config: ServeConfig
-    token: str  # what clients must send as the bearer token
+    tokens: ServeTokens  # what clients must send as the bearer token (re-read after `dmad token rotate`)
     holder: ActiveLineModel | None = None  # set by the lifespan
     batcher: LineBatcher | None = None  # set by the lifespan
 
@@ -64,5 +64,5 @@ bearer = HTTPBearer(auto_error=False, description="the home's serve_token secret
 
 def authorised(state: StateDep, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
     """Pass with the home's token; ``Unauthorised`` otherwise (compared in constant time)."""
-    if credentials is None or not hmac.compare_digest(credentials.credentials.encode(), state.token.encode()):
+    if credentials is None or not state.tokens.accepts(credentials.credentials):
         raise Unauthorised()

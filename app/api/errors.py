@@ -9,7 +9,6 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from app.api.deps import Unauthorised
-from app.services.serving import QueueFull
 from dmad_core.errors import Invalid, UserError, http_status
 
 
@@ -31,7 +30,8 @@ async def invalid_request(request: Request, exc: RequestValidationError) -> JSON
 
 async def user_error(request: Request, exc: UserError) -> JSONResponse:
     status = 415 if isinstance(exc, UnsupportedBody) else http_status(exc)
-    headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, QueueFull) else None
+    retry_after = getattr(exc, "retry_after", None)  # QueueFull, the spool's SpoolFull
+    headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
     return JSONResponse({"detail": str(exc)}, status_code=status, headers=headers)
 
 

@@ -22,35 +22,26 @@ from __future__ import annotations
 import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Any
+
 
 from fastapi import FastAPI
 from fastapi.concurrency import run_in_threadpool
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.api import errors
-from app.api.config import API_VERSION, TOKEN_SECRET, ServeConfig
+from app.api.config import API_VERSION, ServeConfig
 from app.api.deps import ServeState
+from app.api.metrics import instrument
 from app.api.routes import api_router
 from app.home_folder import Home
+from app.services.metrics import ServeMetrics
 from app.services.prediction import LineModel
 from app.services.serving import ActiveLineModel, LineBatcher
+from app.services.spool import SpooledFeed
+from app.services.tokens import TOKEN_SECRET, ServeTokens
 from dmad_core.errors import Invalid
 
 __all__ = ["API_VERSION", "TOKEN_SECRET", "ServeConfig", "create_app"]
-
-
-def _feed_batches(state: ServeState) -> Callable[[Any, Any, Any], None] | None:
-    """After answering, a batch joins the pool (``config.feed``)."""
-    if not state.config.feed:
-        return None
-    from app.services.feed import feed
-
-    def on_batch(model: LineModel, images: Any, results: Any) -> None:
-        with state.sessions() as session:
-            feed(session, state.home, model.version_id, images, results)
-
-    return on_batch
 
 
 def create_app(home: Home, sessions: sessionmaker[Session], config: ServeConfig = ServeConfig(),
@@ -58,20 +49,23 @@ def create_app(home: Home, sessions: sessionmaker[Session], config: ServeConfig 
     """The scoring service of ``home``. ``token`` (default: the home's ``serve_token`` secret) is what
     clients must send; the model is loaded when the app starts (its lifespan), not here, by ``loader``
     (``LineModel.load``; benchmarks/serve.py passes its kNN-baseline variant)."""
-    expected = token or home.read_secret(TOKEN_SECRET)
-    if not expected:
+    tokens = ServeTokens(home, token)  # the home's token is re-read when `dmad token rotate` replaces it
+    if not tokens.configured:
         raise Invalid(f"no API token: run `dmad serve` once to create {home.secrets_dir / TOKEN_SECRET}")
-    state = ServeState(home, sessions, config, expected)
+    state = ServeState(home, sessions, config, tokens)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state.holder = await run_in_threadpool(ActiveLineModel, home, sessions, loader)
         state.batcher = LineBatcher(config.max_batch, config.max_wait_ms / 1000, config.max_queue,
-                                    _feed_batches(state)).start()
+                                    keep=spooled.keep if spooled else None).start()
         stop = threading.Event()
         poller = threading.Thread(target=state.holder.poll, args=(stop, config.poll_s), name="version-poller",
                                   daemon=True)
         poller.start()
+        if spooled:  # what a killed serve or a database outage left is fed once the database answers
+            threading.Thread(target=spooled.run_replayer, args=(stop, config.poll_s), name="spool-replayer",
+                             daemon=True).start()
         try:
             yield
         finally:
@@ -83,6 +77,13 @@ def create_app(home: Home, sessions: sessionmaker[Session], config: ServeConfig 
                   description="Scores product images with the active DMAD model version: score, OK/NG by "
                               "the class's threshold, top patches and heat map.")
     app.state.serve = state
+    metrics = app.state.metrics = ServeMetrics()
+    # the feed goes through a spool on the home's disk: an image answered 200 survives the database away
+    spooled = SpooledFeed(home, sessions, metrics.feed_failures.inc, metrics.spool_replayed.inc) if config.feed else None
+    metrics.watch(lambda: state.batcher.depth if state.batcher is not None else 0,
+                  lambda: (state.running()[0].current.version, state.running()[0].current.version_id),
+                  spooled.spool.count_images if spooled else None)
+    instrument(app, metrics)
     errors.install(app)
     app.include_router(api_router)
     return app

@@ -59,7 +59,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-batch", type=int, default=4, help="images per backbone call (default 4)")
     p.add_argument("--max-queue", type=int, default=64, help="waiting requests before 503 (default 64)")
     p.add_argument("--no-feed", dest="feed", action="store_false", help="do not add scored images to the pool")
+    p.add_argument("--ssl-certfile", help="serve HTTPS with this PEM certificate (chain) file (uvicorn's option)")
+    p.add_argument("--ssl-keyfile", help="... and this PEM private key file")
     p.set_defaults(handler=cmd_serve)
+
+    p = sub.add_parser("token", help="manage `dmad serve`'s API token")
+    _home(p)
+    action = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    r = action.add_parser("rotate", help="a new token, taken up by a running `dmad serve` without a restart")
+    r.add_argument("--keep-old", type=float, default=0.0, metavar="SECONDS",
+                   help="accept the old token this much longer, while the line's clients switch (default 0)")
+    r.add_argument("--print", dest="show", action="store_true", help="print the new token on stdout")
+    p.set_defaults(handler=cmd_token)
 
     p = sub.add_parser("thresholds", help="each class's OK/NG threshold of a version; override or reset one")
     _home(p)
@@ -157,6 +168,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     sessions = open_database(home)
     if not home.read_secret(TOKEN_SECRET):
         home.write_secret(TOKEN_SECRET, secrets.token_urlsafe(32))
+    if bool(args.ssl_certfile) != bool(args.ssl_keyfile):
+        raise Invalid("HTTPS needs both --ssl-certfile and --ssl-keyfile")
     config = ServeConfig(host=args.host, port=args.port, max_batch=args.max_batch, max_queue=args.max_queue,
                          feed=args.feed)
     app = create_app(home, sessions, config)
@@ -167,11 +180,31 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not loopback:
         print(f"dmad serve: listening on {args.host}: other machines can reach it (the token still guards it)",
               file=sys.stderr)
-    print(f"dmad serve: http://{args.host}:{args.port}/v1/score (API docs at /docs); token in "
+    scheme = "https" if args.ssl_certfile else "http"
+    print(f"dmad serve: {scheme}://{args.host}:{args.port}/v1/score (API docs at /docs); token in "
           f"{home.secrets_dir / TOKEN_SECRET}; scored images {'join' if args.feed else 'do not join'} the pool",
           file=sys.stderr, flush=True)
     # a listen backlog of 2048, not a toy server's 5: a burst of clients queues in the kernel, not in resets
-    uvicorn.run(app, host=args.host, port=args.port, backlog=2048, log_level="warning")
+    uvicorn.run(app, host=args.host, port=args.port, backlog=2048, log_level="warning",
+                ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile)
+    return 0
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    import datetime as dt
+
+    from app.services.tokens import rotate
+
+    home = Home.at(args.home)
+    if not home.root.exists():
+        raise Invalid(f"no home at {home.root}")
+    rotation = rotate(home, args.keep_old)
+    until = ("refused from now on" if rotation.previous_valid_until is None else "accepted until "
+             + dt.datetime.fromtimestamp(rotation.previous_valid_until, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"))
+    print(f"dmad token: new serve token in {rotation.path}; a running `dmad serve` takes it at its next request; "
+          f"the old token is {until}", file=sys.stderr)
+    if args.show:
+        print(home.read_secret("serve_token"))
     return 0
 
 

@@ -93,6 +93,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lease-seconds", type=float, default=60.0, help="job lease; a dead worker's job is retried after it")
     p.add_argument("--poll-seconds", type=float, default=1.0)
     p.add_argument("--sync-every", type=float, default=60.0, help="seconds between Label Studio syncs (0: never)")
+    p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on 127.0.0.1:PORT/metrics")
+    p.add_argument("--metrics-file", default=None, help="write Prometheus metrics to this file after each job "
+                   "(node-exporter textfile collector)")
     p.set_defaults(handler=cmd_worker)
 
     p = sub.add_parser("status", help="active version, job queue and per-class metric history")
@@ -260,7 +263,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
     stop = threading.Event()
     install_stop_signals(stop, second_interrupts=True)
     options = WorkerOptions(once=args.once, lease_seconds=args.lease_seconds, poll_seconds=args.poll_seconds,
-                            sync_every_seconds=args.sync_every or None)
+                            sync_every_seconds=args.sync_every or None, metrics_port=args.metrics_port,
+                            metrics_file=args.metrics_file)
     print(f"worker on {home.root}" + (" (once)" if args.once else " (Ctrl-C to stop)"), flush=True)
     n = run_worker(home, sessions, options, stop)
     print(f"worker stopped: {n} job(s) succeeded", flush=True)

@@ -4,8 +4,12 @@ other (validation, mask file, retrain job, all in one transaction)."""
 
 from __future__ import annotations
 
+import errno
+import functools
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
+from typing import Any, TypeVar
 
 import numpy as np
 from sqlalchemy import select
@@ -14,7 +18,30 @@ from sqlalchemy.orm import Session, sessionmaker
 from annotation.sink import SOURCE, UnknownImageError
 from app.home_folder import Home
 from app.services.annotations import delete_annotation, record_annotation
+from db.engine import DATABASE_AWAY
 from db.models import Annotation, Image
+from dmad_core.errors import Unavailable
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _answerable(method: _F) -> _F:
+    """The database away or a full disk become ``Unavailable`` (the webhook's 503 with Retry-After, so
+    Label Studio's next sync brings the annotation), never a 500 and never half a record: the annotation,
+    its mask and its retrain job are one transaction (app/services/annotations.py)."""
+    @functools.wraps(method)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(*args, **kwargs)
+        except DATABASE_AWAY as exc:
+            raise Unavailable("the database does not answer; the annotation comes with the next sync") from exc
+        except OSError as exc:
+            if exc.errno in _DISK_FULL:
+                raise Unavailable(f"the home's disk is full ({exc.strerror}); free space, the annotation "
+                                  "comes with the next sync") from exc
+            raise
+    return wrapper  # type: ignore[return-value]
 
 
 class DatabaseSink:
@@ -25,6 +52,7 @@ class DatabaseSink:
         self.home = home
         self._sessions = sessions
 
+    @_answerable
     def record(self, *, image_id: int, kind: str, mask: np.ndarray | None, external_id: str,
                updated_at: datetime) -> str:
         if self.image_size(image_id) is None:
@@ -35,21 +63,25 @@ class DatabaseSink:
                                        source_updated_at=updated_at)
         return result.outcome
 
+    @_answerable
     def delete(self, *, external_id: str) -> bool:
         with self._sessions() as session:
             return delete_annotation(session, self.home, source=SOURCE, external_id=external_id)
 
+    @_answerable
     def image_size(self, image_id: int) -> tuple[int, int] | None:
         with self._sessions() as session:
             image = session.get(Image, image_id)
             return None if image is None else (int(image.height), int(image.width))
 
+    @_answerable
     def known_external_ids(self) -> set[str]:
         with self._sessions() as session:
             rows = session.scalars(select(Annotation.external_id).where(
                 Annotation.source == SOURCE, Annotation.external_id.is_not(None), Annotation.deleted_at.is_(None)))
             return {str(r) for r in rows}
 
+    @_answerable
     def image_path(self, content_hash: str) -> Path | None:
         """The file of a known image by content hash, for ``GET /images/<content_hash>``."""
         with self._sessions() as session:

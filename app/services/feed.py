@@ -49,11 +49,15 @@ def _store(home: Home, image: LineImage) -> Path:
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-        with open(tmp, "wb") as f:
-            f.write(image.data or b"")
-            f.flush()
-            os.fsync(f.fileno())
-        tmp.replace(path)
+        try:
+            with open(tmp, "wb") as f:
+                f.write(image.data or b"")
+                f.flush()
+                os.fsync(f.fileno())
+            tmp.replace(path)
+        except BaseException:  # a full disk: no half-written image left, under any name
+            tmp.unlink(missing_ok=True)
+            raise
     return path
 
 
@@ -62,7 +66,8 @@ def feed(session: Session, home: Home, version_id: int, images: Sequence[LineIma
     """Store scored images in the pool with their scores under ``version_id`` (one transaction), then
     apply retention."""
     paths = [_store(home, img) for img in images]
-    rows, added, known = [], 0, 0
+    rows: dict[int, PoolScoreRow] = {}  # by image: the same bytes twice in one batch are one row, one score
+    added, known = 0, 0
     with write_transaction(session):
         held = set(session.execute(
             select(Category.name, Image.content_hash).join(Category, Category.id == Image.category_id)
@@ -74,8 +79,8 @@ def feed(session: Session, home: Home, version_id: int, images: Sequence[LineIma
             row = add_image(session, img.category, path, "pool")
             if row.role != "pool":
                 continue  # the same bytes are a training image of the class: not the pool's
-            rows.append(PoolScoreRow(row.id, result.score, result.patch_map, result.top_patches))
-        store_pool_scores(session, version_id, rows)
+            rows[row.id] = PoolScoreRow(row.id, result.score, result.patch_map, result.top_patches)
+        store_pool_scores(session, version_id, list(rows.values()))
     return FeedReport(added, known, apply_retention(session, home))
 
 

@@ -30,6 +30,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from app.home_folder import Home
 from app.services.inference import Inferencer
 from app.services.prediction import LineImage, LineModel, LineResult
+from db.engine import DATABASE_AWAY
 from db.models import ModelVersion, ThresholdOverride
 from dmad_core.errors import Unavailable
 
@@ -85,6 +86,9 @@ class ActiveLineModel:
         while not stop.wait(every_s):
             try:
                 self.refresh()
+            except DATABASE_AWAY as exc:  # the database away: one line, tried again at the next tick
+                log.warning("the database does not answer (%s); still serving %s", type(exc.orig or exc).__name__,
+                            self._model.version)
             except Exception:  # a failed load keeps the version in force, and is tried again
                 log.exception("could not load the newly active version; still serving %s", self._model.version)
 
@@ -101,11 +105,15 @@ class LineBatcher:
     """Scores submitted images in batches on one thread (see the module docstring)."""
 
     def __init__(self, max_batch: int = 16, max_wait_s: float = 0.01, max_queue: int = 64,
-                 on_batch: Callable[[Inferencer, Sequence[LineImage], Sequence[LineResult]], None] | None = None):
+                 on_batch: Callable[[Inferencer, Sequence[LineImage], Sequence[LineResult]], None] | None = None,
+                 keep: Callable[[int, Sequence[LineImage], Sequence[LineResult]], Callable[[], None]] | None = None):
+        """``keep`` (the feed spool, app/services/spool.py) makes a scored batch durable *before* its
+        answers leave, and returns the step run after them; when it raises (a full disk) the batch's
+        requests get its error, not an answer whose image would be lost."""
         if max_batch < 1 or max_queue < 1:
             raise ValueError("max_batch and max_queue must be at least 1")
         self.max_batch, self.max_wait_s, self.max_queue = max_batch, max_wait_s, max_queue
-        self.on_batch = on_batch
+        self.on_batch, self.keep = on_batch, keep
         self._queue: queue.Queue[_Request | None] = queue.Queue(maxsize=max_queue)
         self._thread = threading.Thread(target=self._run, name="line-batcher", daemon=True)
         self._held: _Request | None = None  # taken from the queue for a later batch (another model)
@@ -159,12 +167,18 @@ class LineBatcher:
             images = [r.image for r in batch]
             try:
                 results = model.score(images)
+                after = self.keep(model.version_id, images, results) if self.keep is not None else None
             except BaseException as exc:  # every waiting request gets the error, the thread goes on
                 for r in batch:
                     r.future.set_exception(exc)
                 continue
             for r, result in zip(batch, results, strict=True):
                 r.future.set_result(result)
+            if after is not None:
+                try:
+                    after()
+                except Exception:
+                    log.exception("could not add a scored batch to the pool (it stays in the spool)")
             if self.on_batch is not None:
                 try:
                     self.on_batch(model, images, results)

@@ -115,6 +115,7 @@ async def score(request: Request, state: StateDep, line: LineDep,
     line.check_category(category)
     image = await run_in_threadpool(LineImage.from_bytes, data, category, "upload", config.max_pixels, config.feed)
     result: LineResult = await asyncio.wrap_future(state.running()[1].submit(line, image))
+    request.app.state.metrics.decisions.labels(result.category, result.decision).inc()
     response = ScoreResponse(
         category=result.category, score=result.score, decision=result.decision, threshold=result.threshold,
         threshold_source=result.threshold_source, model_version=result.version, sha256=result.content_hash,
