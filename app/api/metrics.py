@@ -36,10 +36,24 @@ class _Timed:
         try:
             await self.app(scope, receive, send_status)
         finally:
-            route = getattr(scope.get("route"), "path", None) or "unmatched"
-            labels = (route, scope.get("method", ""), str(status[0]))
+            labels = (route_template(scope), scope.get("method", ""), str(status[0]))
             self.metrics.requests.labels(*labels).inc()
             self.metrics.latency.labels(*labels).observe(time.perf_counter() - started)
+
+
+def route_template(scope: dict[str, Any]) -> str:
+    """The matched route's template with the prefixes of the routers it was included through
+    (``/v1/score``), or ``unmatched``. FastAPI keeps an included router nested, so the leaf route knows only
+    its own path (``/score``): the prefix is the part of the raw path before the part the route matched."""
+    route = scope.get("route")
+    template, regex = getattr(route, "path", None), getattr(route, "path_regex", None)
+    if template is None:
+        return "unmatched"
+    raw = scope.get("path", "")
+    for start in (i for i, c in enumerate(raw) if c == "/"):
+        if regex is None or regex.match(raw[start:]):
+            return raw[:start] + template
+    return template
 
 
 def instrument(app: FastAPI, metrics: ServeMetrics) -> None:

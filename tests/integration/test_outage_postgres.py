@@ -236,7 +236,8 @@ def test_worker_and_webhook_reconnect_by_themselves(own_pg: OwnPostgres, pg_home
         upload = tmp_path / "upload.png"
         upload.write_bytes(png(7))
         with sessions() as session, write_transaction(session):
-            job_id = queue.enqueue(session, "score_upload", {"path": str(upload), "category": "tiles"}).id
+            job_id = queue.enqueue(session, queue.JobType.SCORE_UPLOAD,
+                                   queue.UploadToScore(path=str(upload), category="tiles")).id
 
         def finished() -> str | None:
             with sessions() as session:

@@ -95,8 +95,9 @@ def test_worker_metrics_in_a_textfile_and_on_a_port(ui_home: PreparedHome, tmp_p
     image = tmp_path / "upload.png"
     image.write_bytes(png(1))
     with ui_home.sessions()() as session, write_transaction(session):
-        queue.enqueue(session, "score_upload", {"path": str(image), "category": "tiles"})
-        queue.enqueue(session, "score_upload", {"path": str(tmp_path / "missing.png"), "category": "tiles"})
+        queue.enqueue(session, queue.JobType.SCORE_UPLOAD, queue.UploadToScore(path=str(image), category="tiles"))
+        queue.enqueue(session, queue.JobType.SCORE_UPLOAD,
+                      queue.UploadToScore(path=str(tmp_path / "missing.png"), category="tiles"))
     metrics_file = tmp_path / "collector" / "dmad_worker.prom"
     assert run_worker(ui_home.home, ui_home.sessions(), WorkerOptions(once=True, sync_every_seconds=None,
                                                                        metrics_file=str(metrics_file))) == 1
