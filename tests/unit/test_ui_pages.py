@@ -543,8 +543,11 @@ def test_metrics_history_and_latest_values(ui_home: PreparedHome) -> None:  # no
     assert len(formats) == 3 and '".1~%"' not in spec
     assert at.multiselect(key="metrics-names").value == ["image_auroc", "pixel_auroc", "pro"]
     assert "Latest values (v0002)" in texts(at)
-    latest = at.dataframe[0].value
-    assert list(latest.index) == ["fabric", "tiles"] and "image_auroc" in latest.columns
+    bought = at.dataframe[0].value  # first, each version against its parent on the same images
+    assert set(bought["version"]) == {"v0002"} and set(bought["against"]) == {"v0001"}
+    assert set(bought["class"]) == {"fabric", "tiles"} and set(bought["scores moved"]) <= {"yes", "no"}
+    latest = next(d.value for d in at.dataframe if "image_auroc" in d.value.columns)
+    assert list(latest.index) == ["fabric", "tiles"]
     assert latest.max().max() > 1.0 and latest.max().max() <= 100.0  # in percent, as the charts
     at.radio(key="metrics-axis").set_value("creation time").run()
     at.multiselect(key="metrics-names").select("image_f1max").run()

@@ -17,6 +17,7 @@ import pytest
 
 from app import supervisor as up
 from app.home_folder import Home, HomeSettings
+from dmad_core.data.synthetic import DEMO_CATEGORIES
 from dmad_core.errors import UserError
 from tests.processes import alive, free_port
 
@@ -205,7 +206,7 @@ def test_demo_data_is_written_under_the_home_once(home: Home, monkeypatch: pytes
     cwd.mkdir()
     monkeypatch.chdir(cwd)
     folders = up.demo_folders(home)
-    assert [f.parent for f in folders] == [home.root / up.DEMO_DATA] * 3
+    assert [f.parent for f in folders] == [home.root / up.DEMO_DATA] * len(DEMO_CATEGORIES)
     assert all(any((f / "test").glob("*/*.png")) for f in folders)
     stamp = [(f / "train").stat().st_mtime_ns for f in folders]
     assert up.demo_folders(home) == folders
