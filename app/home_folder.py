@@ -22,13 +22,13 @@ import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated
 
 import pydantic
 from pydantic import ConfigDict, Field
 
 from annotation.secret_files import read_secret, write_secret
-from dmad_core.config import PRESETS
+from dmad_core.config import PRESETS, Scorer
 from dmad_core.errors import Invalid
 
 DEFAULT_HOME = Path("dmad-home")
@@ -52,7 +52,7 @@ class HomeSettings:
     # "classifier" (kNN distance + per-class defect classifiers, the default) or "mapper": the paper's loop,
     # the abnormal bank rebuilt from seen features and anomaly-centre perturbations and the score mapper
     # retrained on every annotation (square images: the mapper batches whole images of one grid).
-    scorer: Literal["classifier", "mapper"] = "classifier"
+    scorer: Scorer = "classifier"
     weights_path: str | None = None
     label_studio_port: Port = 8080
     webhook_port: Port = 8765

@@ -18,12 +18,13 @@ import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 WeightsSource = Literal["auto", "hub", "file", "package", "npm", "random"]
 KnowledgeMode = Literal["attention", "distance"]
 PRESETS = ("offline", "paper", "resnet50")
-SCORERS = ("classifier", "mapper")  # ScoreConfig.scorer
+Scorer = Literal["classifier", "mapper"]  # ScoreConfig.scorer
+SCORERS: tuple[str, ...] = get_args(Scorer)
 
 
 @dataclass(frozen=True)
@@ -209,7 +210,7 @@ class ScoreConfig:
     # "classifier": the kNN distance, corrected by a per-class classifier of annotated defects (the default:
     # the only rule measured above the kNN baseline on every class, docs/supervision-study.md); "mapper":
     # the paper's score mapper trained on pseudo-anomalies (MapperConfig).
-    scorer: Literal["classifier", "mapper"] = "classifier"
+    scorer: Scorer = "classifier"
     top_k: int = 5
     gaussian_sigma: float = 4.0
     # Pixel threshold for heat-map masks: this quantile of validation normal pixel scores.
