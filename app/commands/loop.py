@@ -142,8 +142,8 @@ def cmd_init(args: argparse.Namespace) -> int:
         if v is not None}
     if args.validation_fraction is not None and not 0.0 < args.validation_fraction < 1.0:
         raise Invalid(f"--validation-fraction must be in (0, 1), got {args.validation_fraction}")
-    if args.false_alarm_rate is not None and not 0.0 <= args.false_alarm_rate < 1.0:
-        raise Invalid(f"--false-alarm-rate must be in [0, 1), got {args.false_alarm_rate}")
+    if args.false_alarm_rate is not None and not 0.0 < args.false_alarm_rate < 1.0:
+        raise Invalid(f"--false-alarm-rate must be in (0, 1), got {args.false_alarm_rate}")
     if args.outliers and not Path(args.outliers).is_dir():
         raise Invalid(f"--outliers {args.outliers} is not a folder")
     if args.weights and not Path(args.weights).is_file():
