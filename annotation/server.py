@@ -322,6 +322,10 @@ class LabelStudioServer:
             "LATEST_VERSION_CHECK": "false",
             "COLLECT_ANALYTICS": "false",
             "CONVERTER_DOWNLOAD_RESOURCES": "false",
+            # No error reports to sentry.io (no network at run time). An empty DSN also skips
+            # sentry_sdk.init, which Label Studio 1.23 calls with an option sentry-sdk 3 removed.
+            "SENTRY_DSN": "",
+            "FRONTEND_SENTRY_DSN": "",
             "PYTHONUNBUFFERED": "1",
         })
         for name in ("PORT", "HOST", "USERNAME", "PASSWORD", "USER_TOKEN", "DATABASE_NAME"):

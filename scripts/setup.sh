@@ -105,8 +105,10 @@ else
     step "creating .venv-labelstudio with $PYTHON"
     "$PYTHON" -m venv --clear "$LS_VENV"
     "$LS_VENV/bin/python" -m pip install --quiet --upgrade pip
-    step "installing Label Studio: pip install label-studio (its own venv: its pins clash with ours)"
-    "$LS_VENV/bin/python" -m pip install --progress-bar off label-studio
+    # sentry-sdk < 3: Label Studio 1.23 asks for >= 2.16 but calls sentry_sdk.init with an option that 3.0
+    # removed ("Unknown option 'send_default_pii'"), and the server would not start.
+    step "installing Label Studio: pip install label-studio 'sentry-sdk<3' (its own venv: its pins clash with ours)"
+    "$LS_VENV/bin/python" -m pip install --progress-bar off label-studio 'sentry-sdk<3'
     step "checking Label Studio"
     "$LS_VENV/bin/python" -c 'import label_studio'
     [ -x "$LS_VENV/bin/label-studio" ]
