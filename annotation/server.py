@@ -11,7 +11,7 @@ Label Studio lives in its own virtual environment (its pins clash with ours), so
 * Webhooks to 127.0.0.1 are refused unless ``SSRF_PROTECTION_ENABLED=false``; our receiver runs there.
 
 The server knows only the folders it writes to (:class:`ServerPaths`), not the app's home folder
-(``app.services.labelstudio.label_studio_server`` builds one for a home).
+(``app.services.labelstudio.home.label_studio_server`` builds one for a home).
 
 Example::
 

@@ -2,7 +2,7 @@
 
 The protocol keeps the receiver free of the database and lets it be tested against
 :class:`MemorySink`, which has the same semantics as the database sink the app plugs in
-(``app.services.annotation_sink.DatabaseSink``):
+(``app.services.labelstudio.sink.DatabaseSink``):
 
 * ``record`` is idempotent on (external id, updated time): the same delivery twice stores one row, and
   an older version arriving after a newer one does not overwrite it (both ``"unchanged"``); otherwise

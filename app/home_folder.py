@@ -9,7 +9,7 @@ Layout::
     <home>/masks/             annotation masks as PNG, named by annotation id
     <home>/uploads/           images uploaded through the UI to be scored
     <home>/images/            the line's images (`dmad serve`, `dmad predict --ingest`), by content hash
-    <home>/spool/             `dmad serve`'s scored batches not yet in the pool (app/services/spool.py)
+    <home>/spool/             `dmad serve`'s scored batches not yet in the pool (app/services/line/spool.py)
     <home>/labelstudio/       Label Studio's own data folder
     <home>/secrets/           API token and webhook secret, mode 0600
     <home>/logs/              logs of processes started by `dmad up` / `dmad labelstudio start`

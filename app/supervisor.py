@@ -60,7 +60,7 @@ def plan_services(home: Home, *, streamlit_port: int, labelstudio: bool = True, 
                   labelstudio_running: bool = False) -> list[Service]:
     """What `dmad up` starts for this home, in start order; fast services first so the UI is up while
     Label Studio (about a minute the first time) is still starting."""
-    from app.services.inference import MAX_UPLOAD_BYTES
+    from app.services.line.inference import MAX_UPLOAD_BYTES
 
     settings = home.load_settings()
     root = str(home.root)
@@ -248,7 +248,7 @@ def ensure_initialised(home: Home, extra: Sequence[str] = ()) -> None:
 
 
 def has_active_version(home: Home) -> bool:
-    from app.services.versions import active_version
+    from app.services.loop.versions import active_version
     from db.engine import cached_engine, session_factory
 
     with session_factory(cached_engine(home.db_url()))() as session:
@@ -259,7 +259,7 @@ def serve(home: Home, *, port: int | None = None, labelstudio: bool = True, work
           stop: threading.Event | None = None) -> int:
     """Runs the services until Ctrl-C/SIGTERM (or `stop`), then stops them all; 1 if a child died."""
     from annotation.server import port_in_use
-    from app.services.labelstudio import label_studio_server
+    from app.services.labelstudio.home import label_studio_server
 
     settings = home.load_settings()
     streamlit_port = port or settings.streamlit_port
@@ -342,7 +342,7 @@ def service_pid(home: Home, name: str) -> int | None:
 def down(home: Home) -> DownResult:
     """Stops the children recorded in `<home>/run` (after a `dmad up` was killed without cleaning up);
     a `dmad up` still alive is only asked to stop."""
-    from app.services.labelstudio import label_studio_server
+    from app.services.labelstudio.home import label_studio_server
 
     supervisor_pid = home.run_dir / SUPERVISOR_PID
     if supervisor_pid.exists() and (text := supervisor_pid.read_text().strip()).isdigit() and _pid_alive(int(text)):

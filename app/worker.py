@@ -7,7 +7,7 @@ kept. A worker that finds it has lost its lease stops at the next checkpoint and
 
 Job types (`db.queue.JobType`, each with its typed payload): 'train' (from scratch), 'retrain' (warm start
 from the active version; annotations coalesce into one), 'rerank' (one chunk of the pool scored under the
-active version, queued by each promotion below every other job's priority; see app/services/reranking.py),
+active version, queued by each promotion below every other job's priority; see app/services/loop/reranking.py),
 'score_upload' (one uploaded image; its score is the job's result) and 'labelstudio_sync' (pull annotations
 the webhook missed; also run every `sync_every_seconds`).
 
@@ -34,8 +34,8 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.home_folder import Home
-from app.services.inference import LoadedModel
-from app.services.metrics import WorkerMetrics
+from app.services.line.inference import LoadedModel
+from app.services.read.metrics import WorkerMetrics
 from db import queue
 from db.engine import DATABASE_AWAY, write_transaction
 from db.models import Job, utcnow
@@ -120,7 +120,7 @@ class JobRun:
 
 # -- handlers ---------------------------------------------------------------------------------------
 def _train(home: Home, sessions: sessionmaker[Session], run: JobRun, warm_start: bool) -> str:
-    from app.services.training import train_version
+    from app.services.loop.training import train_version
 
     outcome = train_version(home, sessions, warm_start=warm_start, job_id=run.job_id, progress=run.progress,
                             checkpoint=run.checkpoint)
@@ -128,7 +128,7 @@ def _train(home: Home, sessions: sessionmaker[Session], run: JobRun, warm_start:
 
 
 def _rerank(home: Home, sessions: sessionmaker[Session], run: JobRun) -> str:
-    from app.services.reranking import rerank_chunk
+    from app.services.loop.reranking import rerank_chunk
 
     assert isinstance(run.payload, RerankChunk)  # payload_of read it as the rerank job's record
     return rerank_chunk(home, sessions, run.job_id, run.payload, run.loaded, progress=run.progress,
@@ -136,8 +136,8 @@ def _rerank(home: Home, sessions: sessionmaker[Session], run: JobRun) -> str:
 
 
 def _score_upload(home: Home, sessions: sessionmaker[Session], run: JobRun) -> str:
-    from app.services import versions
-    from app.services.scoring import score_upload
+    from app.services.loop import versions
+    from app.services.home_model import score_upload
 
     run.progress(0.1, "scoring the uploaded image")
     with sessions() as session:
@@ -152,8 +152,8 @@ def _score_upload(home: Home, sessions: sessionmaker[Session], run: JobRun) -> s
 
 
 def _labelstudio_sync(home: Home, sessions: sessionmaker[Session], run: JobRun) -> str:
-    from app.services.labelstudio import sync_project
-    from app.services.labelstudio_tasks import refresh_tasks
+    from app.services.labelstudio.home import sync_project
+    from app.services.labelstudio.tasks import refresh_tasks
 
     report, _project_id = sync_project(home, sessions)
     refreshed = refresh_tasks(home, sessions)  # tasks a re-ranking could not reach (Label Studio was down)
@@ -255,7 +255,7 @@ def train_in_foreground(home: Home, sessions: sessionmaker[Session],
 
 def _sync_due(home: Home, sessions: sessionmaker[Session], options: WorkerOptions, last: float) -> bool:
     """Queue a Label Studio sync when one is due and the home has a Label Studio project."""
-    from app.services.labelstudio import has_project
+    from app.services.labelstudio.home import has_project
 
     if options.sync_every_seconds is None or time.monotonic() - last < options.sync_every_seconds:
         return False
@@ -314,8 +314,8 @@ def _start_metrics(sessions: sessionmaker[Session], options: WorkerOptions) -> t
     """The worker's metrics when a port or a file is asked for: (metrics, the function that stops them)."""
     if options.metrics_port is None and not options.metrics_file:
         return None, lambda: None
-    from app.services.reranking import rerank_progress
-    from app.services.versions import active_version
+    from app.services.loop.reranking import rerank_progress
+    from app.services.loop.versions import active_version
 
     def rerank() -> tuple[int, int, int]:
         with sessions() as session:
@@ -349,7 +349,7 @@ def rerank_now(home: Home, sessions: sessionmaker[Session]) -> int:
 def _remove_abandoned_version_folders(home: Home, sessions: sessionmaker[Session]) -> None:
     """A worker killed while writing a version leaves its temporary folder (never listed, never active);
     those older than an hour are removed when a worker starts, so they do not pile up."""
-    from app.services.versions import cleanup_orphans
+    from app.services.loop.versions import cleanup_orphans
 
     with sessions() as session:
         report = cleanup_orphans(session, home)
@@ -360,5 +360,5 @@ def _remove_abandoned_version_folders(home: Home, sessions: sessionmaker[Session
 def _load_engine() -> None:
     """Imports the engine (PyTorch, faiss, timm: seconds) before the first job rather than inside it, so
     an idle worker answers the next annotation at once."""
-    import app.services.training  # noqa: F401
+    import app.services.loop.training  # noqa: F401
     import dmad_core.banks  # noqa: F401

@@ -17,7 +17,7 @@ all of it). The first version is trained once, as `dmad train` does (its normal 
 seed); each strategy and seed then starts from a copy of that home.
 
 Rounds: the inspector takes the next ``--batch`` images that the strategy offers: the Review page's own
-function, ``app/services/review_queue.py: offer``. A defective image gets its ground-truth mask as a drawn
+function, ``app/services/loop/review_queue.py: offer``. A defective image gets its ground-truth mask as a drawn
 mask, a good one is marked normal, both through ``record_annotation`` (which queues the retrain, as the
 webhook does); each costs inspector seconds (30 a mask, 3 a normal). The real worker then runs the queued
 jobs (``run_worker(once=True)``: the warm-started retrain, then the pool's re-ranking chunks). The inspector
@@ -211,12 +211,12 @@ def run_strategy(home, split: Split, settings: LoopSettings, strategy: str, seed
     from PIL import Image as PILImage
     from sqlalchemy import select
 
-    from app.services import review_queue
-    from app.services.annotations import record_annotation
+    from app.services.loop import review_queue
+    from app.services.loop.annotations import record_annotation
     from app.services.database import open_database
-    from app.services.decisions import class_thresholds
-    from app.services.read_models import active_version_info
-    from app.services.ui_queries import ReviewFilter
+    from app.services.line.decisions import class_thresholds
+    from app.services.read.read_models import active_version_info
+    from app.services.read.ui_queries import ReviewFilter
     from app.worker import WorkerOptions, run_worker
     from db.models import ModelVersion
 
@@ -293,9 +293,9 @@ def next_false_alarms(session, home, split: Split, version_id: int, exclude: tup
                       order: str, seed: int) -> int:
     """Good images among the next ``batch`` the strategy would offer under the new version that the version
     calls NG: what a confirmed normal should pull down (issue 21, "confirmed normals must pay too")."""
-    from app.services import review_queue
-    from app.services.decisions import class_thresholds
-    from app.services.ui_queries import ReviewFilter
+    from app.services.loop import review_queue
+    from app.services.line.decisions import class_thresholds
+    from app.services.read.ui_queries import ReviewFilter
     from db.models import ModelVersion
 
     thresholds = {c: t.threshold for c, t in class_thresholds(session, session.get(ModelVersion, version_id)).items()}
@@ -504,7 +504,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     missing = [d for d in args.data if not d.is_dir()]
     if missing:
         sys.exit(f"active_loop.py: no such folder: {', '.join(map(str, missing))} (the shared data lives in ../shared/data)")
-    from app.services.review_queue import STRATEGIES
+    from app.services.loop.review_queue import STRATEGIES
 
     unknown = [s for s in args.strategies if s not in STRATEGIES]
     if unknown:

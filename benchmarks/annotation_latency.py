@@ -60,7 +60,7 @@ def _sessions(home: Path):
 def active_name(home: Path) -> str | None:
     """Read straight from the database (a `dmad status` process per poll would steal CPU from the
     worker on a 2-core machine and inflate the latency it measures)."""
-    from app.services.versions import active_version
+    from app.services.loop.versions import active_version
 
     with _sessions(home)() as session:
         version = active_version(session)

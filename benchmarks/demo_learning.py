@@ -29,8 +29,8 @@ sys.path.insert(0, str(ROOT))
 from app.cli import main as dmad  # noqa: E402
 from app.home_folder import Home  # noqa: E402
 from app.services.database import open_database  # noqa: E402
-from app.services.version_change import CHANGE_KEY, change_lines  # noqa: E402
-from app.services.versions import active_version  # noqa: E402
+from app.services.loop.version_change import CHANGE_KEY, change_lines  # noqa: E402
+from app.services.loop.versions import active_version  # noqa: E402
 from db.models import Annotation, Image, PoolScore  # noqa: E402
 from dmad_core.data import DEMO_HARD_CATEGORY, make_demo_dataset  # noqa: E402
 

@@ -103,7 +103,7 @@ class Worker:
 
 
 def active_name(sessions) -> str:  # noqa: ANN001
-    from app.services.versions import active_version
+    from app.services.loop.versions import active_version
 
     with sessions() as session:
         return active_version(session).name
@@ -226,7 +226,7 @@ def measure(base, size: int, root: Path, args: argparse.Namespace) -> dict:  # n
         from ui_pages import browser_figures
 
         with sessions() as session:
-            from app.services import ui_queries
+            from app.services.read import ui_queries
 
             top = ui_queries.top_image_id(session, prepared.version_ids[-1])
         print(f"\n-- pages in Chromium, pool of {out['pool']:,} images, {len(prepared.version_ids) + 100} versions --")
@@ -239,8 +239,8 @@ def cache_effect(base, root: Path, n: int = 512) -> None:  # noqa: ANN001
     backbone (and stored) against read back from the feature cache: what keeping pool features buys."""
     from sqlalchemy import select
 
-    from app.services.scoring import image_item, load_model
-    from app.services.versions import active_version
+    from app.services.home_model import image_item, load_model
+    from app.services.loop.versions import active_version
     from db.models import Image
     from tests.ui_fixtures import add_bulk_pool, copy_prepared
 

@@ -73,7 +73,7 @@ def backbone_ms(line, arrays: list[np.ndarray], batch: int) -> float:
 
 def in_process(line, payloads: list[bytes], category: str, batch: int) -> float:
     """Milliseconds per image of LineModel.score (decode included) at ``batch`` images a call."""
-    from app.services.prediction import LineImage
+    from app.services.line.prediction import LineImage
 
     t0 = time.perf_counter()
     for start in range(0, len(payloads), batch):
@@ -88,7 +88,7 @@ def _serve_child(home_root: str, port: int, max_batch: int, knn: bool) -> None:
     from app.api.scoring import ServeConfig, create_app
     from app.home_folder import Home
     from app.services.database import open_database
-    from app.services.prediction import LineModel
+    from app.services.line.prediction import LineModel
 
     home = Home.at(home_root)
     loader = functools.partial(LineModel.load, knn_baseline=knn)
@@ -156,8 +156,8 @@ def over_http(home_root: Path, payloads: list[bytes], clients: int, category: st
 
 def exported_ms(home, sessions, out: Path, fmt: str, arrays: list[np.ndarray], category: str) -> float:
     """Milliseconds per image of an exported file run by onnxruntime or torch.jit (after one warm-up)."""
-    from app.services.export import export_version
-    from app.services.exported import ExportedModel
+    from app.services.line.export import export_version
+    from app.services.line.exported import ExportedModel
 
     export_version(home, sessions, out, fmt)
     model = ExportedModel.load(out)
@@ -188,7 +188,7 @@ def main() -> None:
 
     from app.home_folder import Home
     from app.services.database import open_database
-    from app.services.prediction import LineModel
+    from app.services.line.prediction import LineModel
 
     with tempfile.TemporaryDirectory(prefix="dmad-serve-bench-") as tmp:
         home_root = args.home or build_home(Path(tmp), args.size)

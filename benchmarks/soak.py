@@ -481,7 +481,7 @@ def main(argv: list[str] | None = None) -> int:
         from app.cli import main as dmad
         from app.home_folder import Home
         from app.services.database import open_database
-        from app.services.labelstudio import webhook_secret
+        from app.services.labelstudio.home import webhook_secret
 
         home = Home.at(mount / "home")
         folder, category, posts = prepare_data(work, args.synthetic, args.train_images, args.test_images)

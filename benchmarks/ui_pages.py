@@ -134,7 +134,7 @@ def main() -> None:
 
     import streamlit as st
 
-    from app.services import ui_queries as queries
+    from app.services.read import ui_queries as queries
     from tests.ui_fixtures import add_bulk_pool, build_home
 
     tmp = Path(tempfile.mkdtemp(prefix="dmad-ui-bench-"))

@@ -57,7 +57,7 @@ class Trigger(JobPayload):
 
 
 class RerankChunk(JobPayload):
-    """One chunk of a version's re-ranking of the pool (app/services/reranking.py plans them)."""
+    """One chunk of a version's re-ranking of the pool (app/services/loop/reranking.py plans them)."""
 
     version_id: int
     version: str  # its name, for messages

@@ -19,7 +19,7 @@ import pytest
 
 from annotation.server import LabelStudioServer, find_label_studio_bin
 from app.home_folder import Home
-from app.services.labelstudio import label_studio_server
+from app.services.labelstudio.home import label_studio_server
 from dmad_core.errors import UserError
 from tests.processes import free_port
 

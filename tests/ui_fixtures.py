@@ -29,8 +29,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.cli import main as dmad
 from app.home_folder import Home
-from app.services.annotations import record_annotation
-from app.services.training import train_version
+from app.services.loop.annotations import record_annotation
+from app.services.loop.training import train_version
 from app.worker import rerank_now
 from db.engine import cached_engine, session_factory, upgrade_to_head
 from db.models import Image, ModelVersion, PoolScore

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from app.services.inference import MAX_PIXELS, MAX_UPLOAD_BYTES
-from app.services.tokens import TOKEN_SECRET  # noqa: F401 (one definition, the tokens service's; imported from here)
+from app.services.line.inference import MAX_PIXELS, MAX_UPLOAD_BYTES
+from app.services.line.tokens import TOKEN_SECRET  # noqa: F401 (one definition, the tokens service's; imported from here)
 
 API_VERSION = "1"
 

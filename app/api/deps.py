@@ -18,9 +18,9 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.api.config import ServeConfig
 from app.home_folder import Home
-from app.services.prediction import LineModel
-from app.services.serving import ActiveLineModel, LineBatcher
-from app.services.tokens import ServeTokens
+from app.services.line.prediction import LineModel
+from app.services.line.serving import ActiveLineModel, LineBatcher
+from app.services.line.tokens import ServeTokens
 
 
 @dataclass

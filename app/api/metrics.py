@@ -13,7 +13,7 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.responses import Response
 
-from app.services.metrics import CONTENT_TYPE, ServeMetrics
+from app.services.read.metrics import CONTENT_TYPE, ServeMetrics
 
 
 class _Timed:

@@ -34,11 +34,11 @@ from app.api.deps import ServeState
 from app.api.metrics import instrument
 from app.api.routes import api_router
 from app.home_folder import Home
-from app.services.metrics import ServeMetrics
-from app.services.prediction import LineModel
-from app.services.serving import ActiveLineModel, LineBatcher
-from app.services.spool import SpooledFeed
-from app.services.tokens import TOKEN_SECRET, ServeTokens
+from app.services.read.metrics import ServeMetrics
+from app.services.line.prediction import LineModel
+from app.services.line.serving import ActiveLineModel, LineBatcher
+from app.services.line.spool import SpooledFeed
+from app.services.line.tokens import TOKEN_SECRET, ServeTokens
 from dmad_core.errors import Invalid
 
 __all__ = ["API_VERSION", "TOKEN_SECRET", "ServeConfig", "create_app"]

@@ -3,7 +3,7 @@
 `start` also makes sure the home's project and its webhook exist, so inspectors can begin at once;
 `push` sends the active model's highest-scoring pool images with their heat map as a pre-annotation;
 `webhook` runs the receiver (annotations in, images out) in the foreground; `sync` pulls whatever the
-receiver missed. The work is done by `app.services.labelstudio` and `app.services.labelstudio_tasks`.
+receiver missed. The work is done by `app.services.labelstudio.home` and `app.services.labelstudio.tasks`.
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ def _print(args: argparse.Namespace, result: dict[str, Any], text: str) -> None:
 
 # -- start / stop / status ------------------------------------------------------------------------
 def cmd_start(args: argparse.Namespace) -> int:
-    from app.services import labelstudio
+    from app.services.labelstudio import home as labelstudio
 
     home = Home.at(args.home)
     if not args.json:
@@ -84,7 +84,7 @@ def cmd_start(args: argparse.Namespace) -> int:
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
-    from app.services.labelstudio import label_studio_server
+    from app.services.labelstudio.home import label_studio_server
 
     stopped = label_studio_server(Home.at(args.home)).stop()
     _print(args, {"stopped": stopped}, "Label Studio stopped." if stopped else "Label Studio was not running.")
@@ -92,7 +92,7 @@ def cmd_stop(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from app.services.labelstudio import health
+    from app.services.labelstudio.home import health
 
     found = health(Home.at(args.home))
     status = found.server
@@ -108,8 +108,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 # -- push / sync / webhook ------------------------------------------------------------------------
 def cmd_push(args: argparse.Namespace) -> int:
     from app.services.database import open_database
-    from app.services.labelstudio import PIXEL_THRESHOLD_KEY
-    from app.services.labelstudio_tasks import push_top
+    from app.services.labelstudio.home import PIXEL_THRESHOLD_KEY
+    from app.services.labelstudio.tasks import push_top
 
     home = Home.at(args.home)
     result = push_top(home, open_database(home), limit=args.limit, category=args.category,
@@ -123,7 +123,7 @@ def cmd_push(args: argparse.Namespace) -> int:
 
 def cmd_sync(args: argparse.Namespace) -> int:
     from app.services.database import open_database
-    from app.services.labelstudio import sync_project
+    from app.services.labelstudio.home import sync_project
 
     home = Home.at(args.home)
     report, project_id = sync_project(home, open_database(home))
@@ -137,7 +137,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
 
 def cmd_webhook(args: argparse.Namespace) -> int:
     from app.services.database import open_database
-    from app.services.labelstudio import webhook_receiver
+    from app.services.labelstudio.home import webhook_receiver
 
     home = Home.at(args.home)
     server = webhook_receiver(home, open_database(home), args.host, args.port)

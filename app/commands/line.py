@@ -110,7 +110,7 @@ class _Writer:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from app.services.database import open_database
-    from app.services.prediction import find_images, load_inferencer, predict_files
+    from app.services.line.prediction import find_images, load_inferencer, predict_files
     from dmad_core.progress_bar import make_bar
 
     if args.batch_size < 1:
@@ -193,7 +193,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_token(args: argparse.Namespace) -> int:
     import datetime as dt
 
-    from app.services.tokens import rotate
+    from app.services.line.tokens import rotate
 
     home = Home.at(args.home)
     if not home.root.exists():
@@ -211,7 +211,7 @@ def cmd_token(args: argparse.Namespace) -> int:
 # -- export ---------------------------------------------------------------------------------------
 def cmd_export(args: argparse.Namespace) -> int:
     from app.services.database import open_database
-    from app.services.export import export_version
+    from app.services.line.export import export_version
 
     home = Home.at(args.home)
     fmt = args.format or ("onnx" if args.output.suffix.lower() == ".onnx" else "torchscript")
@@ -225,7 +225,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 # -- thresholds -----------------------------------------------------------------------------------
 def cmd_thresholds(args: argparse.Namespace) -> int:
-    from app.services import decisions, versions
+    from app.services.line import decisions
+    from app.services.loop import versions
     from app.services.database import open_database
 
     home = Home.at(args.home)

@@ -160,13 +160,13 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
-    from app.services.ingest import ingest_folders
+    from app.services.loop.ingest import ingest_folders
 
     home, sessions = _open(args)
     if args.pool:
         return _ingest_pool(args, home, sessions)
     if args.category and not args.all_normal:
-        from app.services.unlabelled import guard
+        from app.services.loop.unlabelled import guard
 
         for folder in args.folders:
             if Path(folder).is_dir():  # anything else is read_folder's to refuse
@@ -186,7 +186,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
 
 def _ingest_pool(args: argparse.Namespace, home: Home, sessions: Any) -> int:
-    from app.services.unlabelled import ingest_to_pool
+    from app.services.loop.unlabelled import ingest_to_pool
 
     if not args.category:
         raise Invalid("--pool needs --category NAME: the class the folder's images are of")
@@ -232,7 +232,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if not ok:
         raise UserError(f"training failed: {(job.error or job.message).splitlines()[0]}")
     _rerank_in_foreground(home, sessions, quiet=args.json)
-    from app.services.status import home_status
+    from app.services.read.status import home_status
 
     status = home_status(home, sessions)
     _emit(args, status, f"{job.message}\n" + _metrics_text(status))
@@ -242,8 +242,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 def _rerank_in_foreground(home: Any, sessions: Any, quiet: bool) -> None:
     """Rank the pool under the new version here and now (running workers share the chunks), so that
     `dmad train` leaves a home whose Review page is complete."""
-    from app.services import versions
-    from app.services.reranking import rerank_progress
+    from app.services.loop import versions
+    from app.services.loop.reranking import rerank_progress
     from app.worker import rerank_now
 
     with sessions() as session:
@@ -286,7 +286,7 @@ def _read_mask(path: str) -> Any:
 
 
 def cmd_annotate(args: argparse.Namespace) -> int:
-    from app.services.annotations import record_annotation
+    from app.services.loop.annotations import record_annotation
 
     home, sessions = _open(args)
     mask = _read_mask(args.mask) if args.mask else None
@@ -322,7 +322,7 @@ def _metrics_text(status: dict[str, Any]) -> str:
 
 def _change_text(change: dict[str, Any] | None) -> list[str]:
     """What the active version bought against its parent, a line a class."""
-    from app.services.version_change import pool_decisions_text
+    from app.services.loop.version_change import pool_decisions_text
 
     if not change:
         return []
@@ -342,7 +342,7 @@ def _ranking_text(ranking: dict[str, Any] | None) -> list[str]:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from app.services.status import home_status
+    from app.services.read.status import home_status
 
     home, sessions = _open(args)
     status = home_status(home, sessions)
@@ -361,9 +361,9 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_versions(args: argparse.Namespace) -> int:
-    from app.services.read_models import version_info
-    from app.services.status import version_dict
-    from app.services.versions import list_versions
+    from app.services.read.read_models import version_info
+    from app.services.read.status import version_dict
+    from app.services.loop.versions import list_versions
 
     _home, sessions = _open(args)
     with sessions() as session:
@@ -376,7 +376,7 @@ def cmd_versions(args: argparse.Namespace) -> int:
 
 def _rerank_note(session: Any, version: Any) -> str:
     """What is left of the pool's re-ranking under a newly active version, and who runs it."""
-    from app.services.reranking import rerank_progress
+    from app.services.loop.reranking import rerank_progress
 
     p = rerank_progress(session, version.id)
     if p.complete:
@@ -386,9 +386,9 @@ def _rerank_note(session: Any, version: Any) -> str:
 
 
 def cmd_promote(args: argparse.Namespace) -> int:
-    from app.services import versions
-    from app.services.read_models import version_info
-    from app.services.status import version_dict
+    from app.services.loop import versions
+    from app.services.read.read_models import version_info
+    from app.services.read.status import version_dict
 
     home, sessions = _open(args)
     with sessions() as session:
@@ -398,9 +398,9 @@ def cmd_promote(args: argparse.Namespace) -> int:
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
-    from app.services import versions
-    from app.services.read_models import version_info
-    from app.services.status import version_dict
+    from app.services.loop import versions
+    from app.services.read.read_models import version_info
+    from app.services.read.status import version_dict
 
     home, sessions = _open(args)
     with sessions() as session:

@@ -10,7 +10,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.home_folder import Home
-from app.services.scoring import engine_config
+from app.services.home_model import engine_config
 from db.models import Annotation, Image
 from dmad_core.cache import EvictionReport, FeatureCache
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from app.services import ui_queries as queries
+from app.services.read import ui_queries as queries
 from app.ui import context as ui
 
 ui.page("Home", "🏭")

@@ -79,7 +79,7 @@ def open_home() -> tuple[Home, sessionmaker[Session]]:
 @st.cache_data(ttl=5, show_spinner=False)
 def labelstudio_status(home_root: str) -> ServerStatus:
     """Is the home's Label Studio running and answering? Cached a few seconds: it is an HTTP call."""
-    from app.services.labelstudio import label_studio_server
+    from app.services.labelstudio.home import label_studio_server
 
     return label_studio_server(Home.at(home_root)).status()
 

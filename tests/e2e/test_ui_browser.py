@@ -28,9 +28,9 @@ import requests
 from sklearn.metrics import roc_auc_score
 
 from annotation.rle import brush_result
-from app.services import review_queue
-from app.services import ui_queries as queries
-from app.services.labelstudio import label_studio_server
+from app.services.loop import review_queue
+from app.services.read import ui_queries as queries
+from app.services.labelstudio.home import label_studio_server
 from db.models import Annotation, Image, Job
 from tests.labelstudio_fixtures import label_studio_bin_or_skip
 from tests.ui_fixtures import PreparedHome, copy_prepared, ui_template  # noqa: F401

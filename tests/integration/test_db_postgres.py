@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from sqlalchemy import func, select
 
-from app.services.annotations import record_annotation
+from app.services.loop.annotations import record_annotation
 from db import queue
 from db.engine import make_engine, session_factory
 from db.models import Annotation, Base, Job

@@ -38,7 +38,7 @@ from annotation.sync import sync_annotations
 from annotation.webhook import WebhookServer, make_webhook_server, serve_in_thread
 from app.home_folder import Home
 from app.services.database import open_database
-from app.services.labelstudio import label_studio_server
+from app.services.labelstudio.home import label_studio_server
 from dmad_core.errors import UserError
 from tests.labelstudio_fixtures import (
     SampleImage,
@@ -318,9 +318,9 @@ def test_cli_push_webhook_and_sync_on_the_database(labelstudio: LabelStudioServe
     as tasks, annotated through the API, received by `dmad webhook` (a subprocess), then synced."""
     from app.cli import main
     from app.home_folder import HomeSettings
-    from app.services.labelstudio import webhook_secret
+    from app.services.labelstudio.home import webhook_secret
     from dmad_core.preannotation import heatmap_mask
-    from app.services.versions import commit_version, new_version_dir
+    from app.services.loop.versions import commit_version, new_version_dir
     from db.engine import make_engine, session_factory, upgrade_to_head
     from db.models import Annotation
     from db.repositories import PoolScoreRow, add_image, store_pool_scores
@@ -515,9 +515,9 @@ def test_a_promotion_gives_waiting_tasks_the_new_versions_proposal(labelstudio: 
     task an inspector opens now carries the newer version's mask and score only (the older prediction is gone); a task already
     annotated keeps what the inspector saw. Its own database and project, so it depends on no other test."""
     from app.home_folder import HomeSettings
-    from app.services.annotations import record_annotation
-    from app.services.labelstudio_tasks import push_top, refresh_tasks
-    from app.services.versions import commit_version, new_version_dir
+    from app.services.loop.annotations import record_annotation
+    from app.services.labelstudio.tasks import push_top, refresh_tasks
+    from app.services.loop.versions import commit_version, new_version_dir
     from db.engine import make_engine, session_factory, upgrade_to_head
     from db.repositories import PoolScoreRow, add_image, store_pool_scores
     from dmad_core.preannotation import heatmap_mask

@@ -31,8 +31,8 @@ from sqlalchemy import func, select
 from annotation.rle import brush_result
 from app.home_folder import Home
 from app.services.database import open_database
-from app.services.labelstudio import webhook_secret
-from app.services.training import train_version
+from app.services.labelstudio.home import webhook_secret
+from app.services.loop.training import train_version
 from benchmarks.own_postgres import OwnPostgres, binaries
 from db import queue
 from db.engine import write_transaction

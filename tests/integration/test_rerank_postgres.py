@@ -23,9 +23,9 @@ from sqlalchemy import func, select
 
 from app.home_folder import Home
 from app.services.database import open_database
-from app.services.reranking import rerank_progress
-from app.services.training import train_version
-from app.services.versions import active_version
+from app.services.loop.reranking import rerank_progress
+from app.services.loop.training import train_version
+from app.services.loop.versions import active_version
 from db.models import Image, Job, PoolScore
 from db.queue import JobType
 from tests.db_fixtures import pg_server_url, pg_url  # noqa: F401

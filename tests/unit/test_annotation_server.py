@@ -28,7 +28,7 @@ from annotation.server import (
     redact,
 )
 from app.home_folder import Home
-from app.services.labelstudio import label_studio_server
+from app.services.labelstudio.home import label_studio_server
 from dmad_core.errors import UserError
 from tests.processes import alive, free_port
 

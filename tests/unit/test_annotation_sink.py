@@ -16,8 +16,8 @@ from annotation.rle import brush_result
 from annotation.sink import MemorySink, UnknownImageError
 from annotation.webhook import make_webhook_server, serve_in_thread
 from app.home_folder import Home
-from app.services.annotation_sink import DatabaseSink
-from app.services.annotations import load_mask
+from app.services.labelstudio.sink import DatabaseSink
+from app.services.loop.annotations import load_mask
 from db.models import Annotation
 from tests.db_fixtures import add_test_image, home, sqlite_engine, sqlite_sf, sqlite_url  # noqa: F401
 

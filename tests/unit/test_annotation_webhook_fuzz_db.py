@@ -38,8 +38,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from annotation.sink import MemorySink
 from annotation.webhook import DELETE_ACTIONS, RECORD_ACTIONS, handle_payload, make_webhook_server, serve_in_thread
 from app.home_folder import Home
-from app.services.annotation_sink import DatabaseSink
-from app.services.annotations import load_mask, mask_file
+from app.services.labelstudio.sink import DatabaseSink
+from app.services.loop.annotations import load_mask, mask_file
 from db.models import Annotation, Image, Job
 from tests.db_fixtures import add_test_image, home, sqlite_engine, sqlite_sf, sqlite_url  # noqa: F401
 from tests.unit.test_annotation_webhook import SECRET, SIZES, T0, make_mask

@@ -9,8 +9,8 @@ from pathlib import Path
 from sqlalchemy import select
 
 from app.services.cache_budget import enforce, protected_hashes
-from app.services.prediction import LineImage, LineModel
-from app.services.scoring import engine_config
+from app.services.line.prediction import LineImage, LineModel
+from app.services.home_model import engine_config
 from db.models import Image
 from dmad_core.cache import FeatureCache
 from tests.ui_fixtures import PreparedHome, copy_prepared, ui_template  # noqa: F401

@@ -13,8 +13,8 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.home_folder import Home
-from app.services import annotations as svc
-from app.services.annotations import AnnotationError, find_image, load_mask, record_annotation
+from app.services.loop import annotations as svc
+from app.services.loop.annotations import AnnotationError, find_image, load_mask, record_annotation
 from db import queue
 from db.models import Annotation, Image, Job
 from dmad_core.errors import UserError

@@ -13,7 +13,7 @@ from sqlalchemy import insert
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.home_folder import Home
-from app.services.annotations import delete_annotation, record_annotation
+from app.services.loop.annotations import delete_annotation, record_annotation
 from db import repositories as repo
 from db.models import Image, ModelVersion
 from dmad_core.errors import UserError

@@ -13,8 +13,8 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.home_folder import Home
-from app.services import versions
-from app.services.versions import VersionError
+from app.services.loop import versions
+from app.services.loop.versions import VersionError
 from db.models import ModelVersion
 from tests.db_fixtures import home, sqlite_engine, sqlite_sf, sqlite_url  # noqa: F401
 

@@ -14,8 +14,8 @@ from annotation.sink import MemorySink
 from annotation.webhook import make_webhook_server, serve_in_thread
 from app.cli import exit_code
 from app.cli import main as dmad
-from app.services.annotations import AnnotationError, InvalidAnnotation, UnknownAnnotationTarget
-from app.services.versions import VersionConflict, VersionError, VersionNotFound
+from app.services.loop.annotations import AnnotationError, InvalidAnnotation, UnknownAnnotationTarget
+from app.services.loop.versions import VersionConflict, VersionError, VersionNotFound
 from app.ui.context import error_level
 from dmad_core.errors import Conflict, Invalid, NotFound, Unavailable, UserError, http_status
 

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from sqlalchemy import select
 
-from app.services.exported import ExportedModel
-from app.services.prediction import LineImage, LineModel
+from app.services.line.exported import ExportedModel
+from app.services.line.prediction import LineImage, LineModel
 from db.models import Image
 from tests.loop_fixtures import run_cli
 from tests.ui_fixtures import PreparedHome, ui_home, ui_template  # noqa: F401

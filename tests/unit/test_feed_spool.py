@@ -1,4 +1,4 @@
-"""The feed spool of `dmad serve` (app/services/spool.py) and the feed under it: a batch that holds the
+"""The feed spool of `dmad serve` (app/services/line/spool.py) and the feed under it: a batch that holds the
 same image twice (two clients posting the same bytes at once) feeds one row and one score; a spooled
 batch survives a round trip to disk; a batch that fails to feed is kept and does not hold back the others."""
 
@@ -10,9 +10,9 @@ import numpy as np
 import PIL.Image
 from sqlalchemy import func, select
 
-from app.services.feed import feed
-from app.services.prediction import LineImage, LineModel
-from app.services.spool import FeedSpool
+from app.services.line.feed import feed
+from app.services.line.prediction import LineImage, LineModel
+from app.services.line.spool import FeedSpool
 from db.models import Image, PoolScore
 from tests.ui_fixtures import PreparedHome, ui_home, ui_template  # noqa: F401
 

@@ -24,7 +24,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 
 from app.api.scoring import ServeConfig, create_app
-from app.services.training import train_version
+from app.services.loop.training import train_version
 from db.models import Image, ModelVersion
 from dmad_core.cache import FeatureCache
 from tests.ui_fixtures import PreparedHome, copy_prepared, ui_template  # noqa: F401

@@ -109,13 +109,13 @@ def test_lower_packages_name_nothing_of_app(package: str) -> None:
 
 @pytest.mark.parametrize(("module", "source"), [
     ("annotation.sink", "from app.home_folder import Home"),  # a lower package naming the app
-    ("db.repositories", "def f():\n    import app.services.annotations\n"),  # inside a function
+    ("db.repositories", "def f():\n    import app.services.loop.annotations\n"),  # inside a function
     ("annotation.server", "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from db.models import Image\n"),
-    ("app.services.labelstudio_tasks", "from app.commands.labelstudio import connect_project"),  # service -> CLI
+    ("app.services.labelstudio.tasks", "from app.commands.labelstudio import connect_project"),  # service -> CLI
     ("app.worker", "from app.commands import labelstudio"),  # the module named in `from package import module`
     ("app.ui.context", "from app.commands.loop import cmd_train"),  # one edge reaching into another
     ("dmad_core.model", "from db.models import Image"),
-    ("app.services.scoring", "from .. import worker"),  # relative, resolved to app.worker
+    ("app.services.home_model", "from .. import worker"),  # relative, resolved to app.worker
 ])
 def test_the_check_catches_an_upward_import(module: str, source: str) -> None:
     found = violations(source, module)
@@ -123,7 +123,7 @@ def test_the_check_catches_an_upward_import(module: str, source: str) -> None:
 
 
 def test_the_check_allows_downward_imports() -> None:
-    assert violations("from . import annotations", "app.services.scoring") == []
+    assert violations("from . import annotations", "app.services.home_model") == []
     assert violations("from dmad_core.errors import NotFound\nfrom app.home_folder import Home\n"
                       "from db.models import Image\nfrom annotation.sink import MemorySink\n",
-                      "app.services.annotation_sink") == []
+                      "app.services.labelstudio.sink") == []

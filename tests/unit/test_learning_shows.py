@@ -15,7 +15,7 @@ from streamlit.testing.v1 import AppTest
 
 from app.home_folder import Home
 from app.services.database import open_database
-from app.services.versions import active_version
+from app.services.loop.versions import active_version
 from db.models import Image
 from dmad_core.data import DEMO_HARD_CATEGORY, make_demo_dataset
 from tests.loop_fixtures import LoopHome, run_cli

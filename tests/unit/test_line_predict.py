@@ -14,9 +14,10 @@ import pytest
 from sqlalchemy import func, select
 
 from app.home_folder import Home
-from app.services import decisions, versions
-from app.services.prediction import LineModel, find_images
-from app.services.scoring import load_model
+from app.services.line import decisions
+from app.services.loop import versions
+from app.services.line.prediction import LineModel, find_images
+from app.services.home_model import load_model
 from db.models import Image, PoolScore
 from dmad_core.decision import calibrate_threshold
 from tests.loop_fixtures import run_cli
@@ -180,7 +181,7 @@ def test_find_images_reports_what_names_nothing(tmp_path: Path) -> None:
 
 
 def test_line_model_refuses_an_unknown_class(ui_home: PreparedHome) -> None:  # noqa: F811
-    from app.services.prediction import LineImage
+    from app.services.line.prediction import LineImage
     from dmad_core.errors import Invalid, NotFound
 
     line = LineModel.load(ui_home.home, ui_home.sessions())

@@ -15,10 +15,10 @@ import pytest
 from sqlalchemy import func, select
 
 from app.services.database import open_database
-from app.services.annotations import record_annotation
-from app.services.scoring import load_model
-from app.services.reranking import rerank_progress
-from app.services.versions import active_version, list_versions
+from app.services.loop.annotations import record_annotation
+from app.services.home_model import load_model
+from app.services.loop.reranking import rerank_progress
+from app.services.loop.versions import active_version, list_versions
 from app.worker import WorkerOptions, run_worker
 from db.models import Annotation, Image, Job, ModelVersion, PoolScore
 from tests.loop_fixtures import LoopHome, run_cli, trained_home, trained_home_template  # noqa: F401

@@ -11,8 +11,8 @@ import time
 from sqlalchemy import select
 
 from app.services.database import open_database
-from app.services.scoring import load_model
-from app.services.versions import active_version, list_versions
+from app.services.home_model import load_model
+from app.services.loop.versions import active_version, list_versions
 from db.models import Image, Job
 from tests.loop_fixtures import LoopHome, cli_process, run_cli, trained_home, trained_home_template  # noqa: F401
 

@@ -12,8 +12,8 @@ from sqlalchemy import select
 
 from app.home_folder import Home
 from app.services.database import open_database
-from app.services.scoring import load_model
-from app.services.versions import active_version
+from app.services.home_model import load_model
+from app.services.loop.versions import active_version
 from db.models import Image
 from tests.loop_fixtures import LoopHome, run_cli, tiny_dataset
 

@@ -14,7 +14,7 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from app.api.scoring import ServeConfig, create_app
-from app.services.metrics import WorkerMetrics
+from app.services.read.metrics import WorkerMetrics
 from app.worker import WorkerOptions, run_worker
 from db import queue
 from db.engine import write_transaction

@@ -1,4 +1,4 @@
-"""One scoring contract (app/services/inference.py): one image gets the same OK/NG and the same threshold
+"""One scoring contract (app/services/line/inference.py): one image gets the same OK/NG and the same threshold
 from every path that judges a part: the Inspect upload (the worker's job), the pool image's verdict on
 Inspect, `dmad predict`, `dmad serve`'s /v1/score and the exported ONNX file; and the same again after an
 engineer's override (`dmad thresholds set`). A real trained home (tests/ui_fixtures.py), nothing stubbed.
@@ -18,9 +18,9 @@ from fastapi.testclient import TestClient
 from streamlit.testing.v1 import AppTest
 
 from app.api.scoring import ServeConfig, create_app
-from app.services import ui_queries as queries
-from app.services import versions
-from app.services.inference import Judge
+from app.services.read import ui_queries as queries
+from app.services.loop import versions
+from app.services.line.inference import Judge
 from app.ui.uploads import save_upload
 from app.worker import WorkerOptions, run_worker
 from db.models import PoolScore

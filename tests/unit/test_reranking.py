@@ -12,12 +12,12 @@ from pathlib import Path
 from sqlalchemy import func, select
 
 from app.home_folder import Home
-from app.services import ui_queries
+from app.services.read import ui_queries
 from app.services.database import open_database
-from app.services.inference import LoadedModel
-from app.services.reranking import prune_pool_scores, rerank_chunk, rerank_progress
-from app.services.training import evaluation_set, train_version
-from app.services.versions import active_version
+from app.services.line.inference import LoadedModel
+from app.services.loop.reranking import prune_pool_scores, rerank_chunk, rerank_progress
+from app.services.loop.training import evaluation_set, train_version
+from app.services.loop.versions import active_version
 from app.worker import rerank_now
 from db import queue
 from db.models import Image, Job, ModelVersion, PoolScore

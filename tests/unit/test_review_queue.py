@@ -1,4 +1,4 @@
-"""The Review queue's order (app/services/review_queue.py) on a prepared home: hottest first as before,
+"""The Review queue's order (app/services/loop/review_queue.py) on a prepared home: hottest first as before,
 class-balanced rounds by default, each image with a reason and its score against its class's threshold.
 Cost: the shared prepared home, then well under a second a test."""
 
@@ -8,9 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
-from app.services import review_queue
-from app.services import ui_queries as queries
-from app.services.decisions import class_thresholds
+from app.services.loop import review_queue
+from app.services.read import ui_queries as queries
+from app.services.line.decisions import class_thresholds
 from db.models import ModelVersion
 from tests.ui_fixtures import PreparedHome, ui_home, ui_template  # noqa: F401
 

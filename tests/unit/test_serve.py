@@ -21,7 +21,7 @@ from sqlalchemy import select
 
 from annotation.rle import rle_to_mask
 from app.api.scoring import ServeConfig, create_app
-from app.services import versions
+from app.services.loop import versions
 from db.models import Image, PoolScore
 from tests.ui_fixtures import PreparedHome, ui_home, ui_template  # noqa: F401
 
@@ -111,7 +111,7 @@ def test_bad_requests_get_a_clear_4xx(ui_home: PreparedHome, content: bytes, hea
 def test_heat_map_of_a_version_saved_before_validation_scores(ui_home: PreparedHome) -> None:  # noqa: F811
     """A model folder written before `validation_scores` existed loads with None there (persistence.load_into):
     its PNG heat map starts at 0, a typical normal patch, instead of answering 500."""
-    from app.services.prediction import LineModel
+    from app.services.line.prediction import LineModel
 
     def saved_before(home, sessions):
         line = LineModel.load(home, sessions)

@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from app.services.tokens import ServeTokens, rotate
+from app.services.line.tokens import ServeTokens, rotate
 from tests.processes import dmad, free_port, wait_until
 from tests.ui_fixtures import PreparedHome, ui_home, ui_template  # noqa: F401
 

@@ -132,7 +132,7 @@ def test_outlier_textures() -> None:
 
 
 def test_demo_dataset_is_multi_class_and_supports_its_false_alarm_rate(tmp_path: Path) -> None:
-    from app.services.decisions import normals_needed
+    from app.services.line.decisions import normals_needed
     from dmad_core.config import DMADConfig
     from dmad_core.data.synthetic import DEMO_FALSE_ALARM_RATE, DEMO_TRAIN_NORMALS, DEMO_VALIDATION_FRACTION
     from dmad_core.training import split_validation

@@ -13,8 +13,8 @@ from fastapi.testclient import TestClient
 from streamlit.testing.v1 import AppTest
 
 from app.api.scoring import ServeConfig, create_app
-from app.services import versions
-from app.services.decisions import DECISION_KEY, normals_needed, rate_warning, smallest_checkable_rate
+from app.services.loop import versions
+from app.services.line.decisions import DECISION_KEY, normals_needed, rate_warning, smallest_checkable_rate
 from tests.loop_fixtures import run_cli
 from tests.ui_fixtures import PreparedHome, ui_home, ui_template  # noqa: F401
 

@@ -14,9 +14,9 @@ from sqlalchemy import func, select
 from streamlit.testing.v1 import AppTest
 
 from app.home_folder import Home
-from app.services import labelstudio_tasks
-from app.services import ui_queries as queries
-from app.services.annotations import RETRAIN_KEY
+from app.services.labelstudio import tasks as labelstudio_tasks
+from app.services.read import ui_queries as queries
+from app.services.loop.annotations import RETRAIN_KEY
 from app.ui.diversity import iou, pick_patches
 from app.services.imaging import clip_box
 from db.models import Annotation, Category, Image, Job, ModelVersion

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from sqlalchemy import select
 
-from app.services import ui_queries as queries
-from app.services.annotations import RETRAIN_KEY
+from app.services.read import ui_queries as queries
+from app.services.loop.annotations import RETRAIN_KEY
 from db.models import Job
 from tests.ui_fixtures import N_DEFECT, N_GOOD, N_TRAIN, PreparedHome, add_bulk_pool, ui_home, ui_template  # noqa: F401
 

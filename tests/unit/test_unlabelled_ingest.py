@@ -11,7 +11,7 @@ import PIL.Image
 from sqlalchemy import func, select
 
 from app.services.database import open_database
-from app.services.unlabelled import guard
+from app.services.loop.unlabelled import guard
 from db.models import Category, Image, PoolScore
 from tests.loop_fixtures import LoopHome, run_cli, trained_home, trained_home_template  # noqa: F401
 

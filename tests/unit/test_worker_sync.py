@@ -30,9 +30,9 @@ from annotation.project import BRUSH_NAME, DEFAULT_LABELS, IMAGE_NAME, STATE_FIL
 from annotation.rle import brush_result
 from annotation.server import PASSWORD_SECRET, TOKEN_SECRET, LabelStudioServer
 from app.home_folder import Home
-from app.services.annotations import load_mask
+from app.services.loop.annotations import load_mask
 from app.services.database import open_database
-from app.services.labelstudio import connect, has_project, webhook_base_url
+from app.services.labelstudio.home import connect, has_project, webhook_base_url
 from app.worker import WorkerOptions, run_worker
 from db import queue
 from db.engine import begin_write

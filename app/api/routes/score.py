@@ -1,6 +1,6 @@
 """POST /v1/score?category=C[&heatmap=png|rle]: one image, as the raw body (Content-Type image/* or
 application/octet-stream) or as multipart field ``file`` (``category`` may then be a form field too), scored
-by the version in force through the scoring contract (``app/services/inference.py``).
+by the version in force through the scoring contract (``app/services/line/inference.py``).
 
 Uploads are bounded before they are read whole (bytes) and before they are decoded (pixels): 413. A request
 never names a path: the image store's file names come from content hashes."""
@@ -20,8 +20,8 @@ from fastapi.concurrency import run_in_threadpool
 from app.api.deps import LineDep, StateDep, authorised
 from app.api.errors import UnsupportedBody
 from app.api.models import ERRORS, HeatmapRLE, Patch, ScoreResponse
-from app.services.inference import Inferencer, LineImage, LineResult
-from app.services.prediction import LineModel
+from app.services.line.inference import Inferencer, LineImage, LineResult
+from app.services.line.prediction import LineModel
 from dmad_core.errors import Invalid, TooLarge
 
 router = APIRouter(tags=["score"], dependencies=[Depends(authorised)])

@@ -1,7 +1,7 @@
 """Review: the pool images that most deserve an inspector's minute, a page at a time, to send to Label
 Studio or confirm as normal.
 
-The order is `app/services/review_queue.py: offer` (class-balanced rounds of the hottest, the images on
+The order is `app/services/loop/review_queue.py: offer` (class-balanced rounds of the hottest, the images on
 the OK/NG line and the ones unlike anything labelled; or plain hottest first), the same function the
 active-learning benchmark measures. Each caption says why the image is offered and its score against the
 class's OK/NG threshold. Images are read only for the crops on screen, and crops are cached by image path
@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import streamlit as st
 
-from app.services import review_queue
-from app.services import ui_queries as queries
+from app.services.loop import review_queue
+from app.services.read import ui_queries as queries
 from app.ui import context as ui
 from app.ui.diversity import crops_for
 from dmad_core.errors import UserError
@@ -102,7 +102,7 @@ def selection_header() -> None:
                    + ui.LABEL_STUDIO_BRIEF[status.state])
 
 if send:
-    from app.services.labelstudio_tasks import send_images
+    from app.services.labelstudio.tasks import send_images
 
     try:
         with sessions() as session:
@@ -118,7 +118,7 @@ if send:
         clear_selection()
 
 if mark:
-    from app.services.annotations import record_annotation
+    from app.services.loop.annotations import record_annotation
 
     marked, job_id, errors = 0, None, []
     with sessions() as session:

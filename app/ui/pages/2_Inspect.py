@@ -10,12 +10,12 @@ import altair as alt
 import numpy as np
 import streamlit as st
 
-from app.services import ui_queries as queries
-from app.services.annotations import load_mask
+from app.services.read import ui_queries as queries
+from app.services.loop.annotations import load_mask
 from app.ui import context as ui
 from app.ui.formats import number_axis
 from app.services import imaging
-from app.services.inference import Judge, Verdict
+from app.services.line.inference import Judge, Verdict
 from app.ui.uploads import save_upload
 from dmad_core.errors import UserError
 

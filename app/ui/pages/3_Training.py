@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import streamlit as st
 
-from app.services import decisions
-from app.services import ui_queries as queries
-from app.services import versions as version_service
-from app.services.version_change import change_report, pool_decisions_text
+from app.services.line import decisions
+from app.services.read import ui_queries as queries
+from app.services.loop import versions as version_service
+from app.services.loop.version_change import change_report, pool_decisions_text
 from app.ui import context as ui
 from dmad_core.errors import UserError
 

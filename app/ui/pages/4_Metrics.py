@@ -8,8 +8,8 @@ import altair as alt
 import pandas as pd
 import streamlit as st
 
-from app.services import ui_queries as queries
-from app.services.version_change import change_rows, evaluation_set_changes
+from app.services.read import ui_queries as queries
+from app.services.loop.version_change import change_rows, evaluation_set_changes
 from app.ui import context as ui
 from app.ui.formats import share_axis
 

@@ -1,5 +1,5 @@
 """What `dmad status` and `dmad versions` report: plain dictionaries, ready for JSON, built from the
-read models of `app.services.read_models` (the same the UI shows)."""
+read models of `app.services.read.read_models` (the same the UI shows)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.home_folder import Home
-from app.services.read_models import JobInfo, VersionInfo, active_version_info, job_info
-from app.services.reranking import rerank_progress
-from app.services.version_change import change_report
+from app.services.read.read_models import JobInfo, VersionInfo, active_version_info, job_info
+from app.services.loop.reranking import rerank_progress
+from app.services.loop.version_change import change_report
 from db.models import JOB_STATUSES, Job
 from db.queue import JobType, list_jobs
 from db.repositories import metric_history, training_counts

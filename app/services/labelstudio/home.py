@@ -20,7 +20,7 @@ from annotation.server import LabelStudioServer, ServerPaths, ServerStatus
 from annotation.sync import SyncReport, sync_annotations
 from annotation.webhook import WebhookServer, make_webhook_server
 from app.home_folder import Home
-from app.services.annotation_sink import DatabaseSink
+from app.services.labelstudio.sink import DatabaseSink
 from dmad_core.errors import Unavailable
 
 WEBHOOK_SECRET = "webhook_secret"

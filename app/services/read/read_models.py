@@ -1,7 +1,7 @@
 """The one read model of each entity the product reports: what a version and a job look like to the
 UI's pages and to `dmad status --json` alike (frozen dataclasses, readable after the session closes).
 
-`app.services.ui_queries` returns these; `app.services.status` turns them into JSON.
+`app.services.read.ui_queries` returns these; `app.services.read.status` turns them into JSON.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from app.services.versions import active_version
+from app.services.loop.versions import active_version
 from db.models import Job, ModelVersion
 from dmad_core.items import normal_percentile
 

@@ -4,7 +4,7 @@ warm-started retrain that every annotation triggers.
 One version is one pass of: read what the database holds now (normal images, annotations), fit or
 update the engine, write the model into a temporary folder, score a bounded evaluation set, publish the
 folder as a candidate with its metrics, and only then promote it. The promotion queues the pool's
-re-ranking under the new version as chunks that workers share (app/services/reranking.py), so the time
+re-ranking under the new version as chunks that workers share (app/services/loop/reranking.py), so the time
 from an annotation to an active version does not grow with the pool. A crash anywhere before the
 promotion leaves the active version untouched; a temporary folder is never listed.
 
@@ -30,12 +30,12 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, selectinload, sessionmaker
 
 from app.home_folder import Home, HomeSettings
-from app.services import versions
-from app.services.annotations import active_annotations, load_mask
-from app.services.decisions import DECISION_KEY, calibrated_decision
-from app.services.read_models import VALIDATION_SCORES_KEY
-from app.services.scoring import engine_config, feature_store, image_item, load_model, pool_rows
-from app.services.version_change import CHANGE_KEY, EVALUATION_SET_KEY, evaluation_fingerprint, measure_change
+from app.services.loop import versions
+from app.services.loop.annotations import active_annotations, load_mask
+from app.services.line.decisions import DECISION_KEY, calibrated_decision
+from app.services.read.read_models import VALIDATION_SCORES_KEY
+from app.services.home_model import engine_config, feature_store, image_item, load_model, pool_rows
+from app.services.loop.version_change import CHANGE_KEY, EVALUATION_SET_KEY, evaluation_fingerprint, measure_change
 from db.engine import write_transaction
 from db.models import Image, ModelVersion
 from db.repositories import build_trained_on, record_metrics, store_pool_scores, untouched_ground_truth
@@ -57,7 +57,7 @@ def _no_checkpoint(message: str) -> None:
 @dataclass
 class TrainingData:
     """What the database holds now, in the engine's terms. Nothing here grows with the pool: the pool is
-    re-ranked after the promotion (app/services/reranking.py)."""
+    re-ranked after the promotion (app/services/loop/reranking.py)."""
 
     normal: list[ImageItem]
     confirmed_normals: list[ImageItem]
@@ -176,7 +176,7 @@ def train_version(home: Home, sessions: sessionmaker[Session], *, warm_start: bo
     progress(0.95, "publishing the new version")
     record = version_record(settings, model, mode, job_id)
     record[EVALUATION_SET_KEY] = evaluation_fingerprint(data.evaluation)  # which images the metrics are on
-    record[CHANGE_KEY] = change  # what it bought against its parent (app/services/version_change.py)
+    record[CHANGE_KEY] = change  # what it bought against its parent (app/services/loop/version_change.py)
     name, version_id = publish_and_promote(home, sessions, settings, model, record, parent, data, metrics,
                                            predictions, message=f"{mode.replace('_', ' ')}; job {job_id}" if job_id else mode,
                                            seconds=seconds, started=t_start, checkpoint=checkpoint)

@@ -25,7 +25,7 @@ from typing import Any, Literal, TypeVar
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app.services.read_models import VALIDATION_SCORES_KEY
+from app.services.read.read_models import VALIDATION_SCORES_KEY
 from db.engine import write_transaction
 from db.models import Annotation, Category, Image, ModelVersion, PoolScore, ThresholdOverride
 from dmad_core.decision import ErrorRates, calibrate_thresholds, error_rates

@@ -23,7 +23,7 @@ from sqlalchemy import delete, exists, func, select
 from sqlalchemy.orm import Session
 
 from app.home_folder import Home
-from app.services.prediction import LineImage, LineResult
+from app.services.line.prediction import LineImage, LineResult
 from db.engine import write_transaction
 from db.models import Annotation, Category, Image, LabelTask
 from db.repositories import PoolScoreRow, add_image, store_pool_scores

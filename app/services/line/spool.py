@@ -3,7 +3,7 @@ database that is away (or a serve that is killed) never loses it.
 
 Each scored batch is written to ``<home>/spool/<time>-<id>.npz`` (the images' bytes, scores, patch maps
 and top patches; a temporary name, fsynced, renamed) *before* its requests are answered. Then the batch
-is fed to the pool (``app/services/feed.py``) and its spool file removed. When the database does not
+is fed to the pool (``app/services/line/feed.py``) and its spool file removed. When the database does not
 answer, the file stays; ``replay`` feeds what is left, oldest first, once the database is back: on the
 next batch, from serve's poller every few seconds, and when serve starts again. Feeding is idempotent
 (one image per class and content hash; a version's score of an image replaced), so a file fed twice (a
@@ -27,8 +27,8 @@ from pathlib import Path
 import numpy as np
 
 from app.home_folder import Home
-from app.services.prediction import LineImage, LineResult
-from app.services.versions import _fsync_dir  # the one way the home makes a rename durable
+from app.services.line.prediction import LineImage, LineResult
+from app.services.loop.versions import _fsync_dir  # the one way the home makes a rename durable
 from dmad_core.errors import Unavailable
 
 log = logging.getLogger(__name__)
@@ -165,7 +165,7 @@ class SpooledFeed:
         self.on_failure, self.on_replayed = on_failure, on_replayed
 
     def _feed(self, version_id: int, images: list[LineImage], results: list[LineResult]) -> None:
-        from app.services.feed import feed
+        from app.services.line.feed import feed
 
         with self.sessions() as session:  # type: ignore[attr-defined]
             feed(session, self.home, version_id, images, results)

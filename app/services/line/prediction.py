@@ -1,5 +1,5 @@
 """Scoring new images on the line: the two implementations of the scoring contract
-(``app/services/inference.py``), and `dmad predict` (``predict_files``).
+(``app/services/line/inference.py``), and `dmad predict` (``predict_files``).
 
 A ``LineModel`` (a home's version, the Python scorer) is loaded once and then scores batches of decoded
 images: image score, the class's threshold and decision, top patches and the patch grid for a heat map. It
@@ -25,11 +25,11 @@ import numpy as np
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.home_folder import Home
-from app.services import versions
-from app.services.decisions import ClassThreshold
-from app.services.inference import (  # noqa: F401 (LineImage, LineResult, MAX_PIXELS: imported from here too)
+from app.services.loop import versions
+from app.services.line.decisions import ClassThreshold
+from app.services.line.inference import (  # noqa: F401 (LineImage, LineResult, MAX_PIXELS: imported from here too)
     MAX_PIXELS, Inferencer, Judge, LineImage, LineResult, heat_scale)
-from app.services.scoring import load_model
+from app.services.home_model import load_model
 from db.models import ModelVersion
 from dmad_core.errors import Invalid, UserError
 from dmad_core.items import ImageItem
@@ -119,7 +119,7 @@ class ExportedLineModel(Inferencer):
     their sources; a file written before sources were says "exported")."""
 
     def __init__(self, path: str | Path):
-        from app.services.exported import ExportedModel
+        from app.services.line.exported import ExportedModel
 
         try:
             self.exported = ExportedModel.load(path)
@@ -215,7 +215,7 @@ def predict_files(line: Inferencer, files: Sequence[Path], on_results: Callable[
             if heatmaps is not None:
                 write_heatmap(heatmaps, line, result)
         if ingest_into is not None and images:
-            from app.services.feed import feed
+            from app.services.line.feed import feed
 
             home, sessions = ingest_into
             with sessions() as session:

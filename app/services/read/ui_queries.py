@@ -19,9 +19,9 @@ from sqlalchemy import Select, case, exists, func, select
 from sqlalchemy.orm import Session
 
 from app.home_folder import HomeSettings
-from app.services.annotations import RETRAIN_KEY
-from app.services.reranking import RerankProgress, rerank_progress  # noqa: F401 (the pages' query)
-from app.services.read_models import (
+from app.services.loop.annotations import RETRAIN_KEY
+from app.services.loop.reranking import RerankProgress, rerank_progress  # noqa: F401 (the pages' query)
+from app.services.read.read_models import (
     ACTIVE_JOB_STATUSES,
     JobInfo,
     VersionInfo,
@@ -160,7 +160,7 @@ class ScoredImage:
         return " · ".join([self.category, *([source_folder(self.path)] if source_folder(self.path) else []), self.name])
 
 
-_STORED_NAME = re.compile(r"([0-9a-f]{64})\.\w+")  # the image store's file names (app/services/feed.py)
+_STORED_NAME = re.compile(r"([0-9a-f]{64})\.\w+")  # the image store's file names (app/services/line/feed.py)
 
 
 GENERIC_FOLDERS = {"rgb", "xyz", "gt", "images", "img", "test", "train", "pool", "uploads"}
@@ -407,7 +407,7 @@ def latest_metrics(frame: pd.DataFrame) -> tuple[str | None, pd.DataFrame]:
 def thresholds_frame(session: Session, version_id: int, false_alarm_rate: float) -> pd.DataFrame:
     """Each class's OK/NG threshold of a version, where it comes from, and the error rates it implies
     (percent; None where there are no such images)."""
-    from app.services.decisions import thresholds_with_rates
+    from app.services.line.decisions import thresholds_with_rates
 
     def pct(x: float | None) -> float | None:
         return None if x is None else round(100 * x, 1)
@@ -429,6 +429,6 @@ def thresholds_frame(session: Session, version_id: int, false_alarm_rate: float)
 
 
 def set_threshold(session: Session, version_id: int, category: str, threshold: float | None, note: str) -> None:
-    from app.services.decisions import set_threshold as record
+    from app.services.line.decisions import set_threshold as record
 
     record(session, session.get(ModelVersion, version_id), category, threshold, note)

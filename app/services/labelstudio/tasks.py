@@ -18,15 +18,15 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, contains_eager, sessionmaker
 
 from app.home_folder import Home
-from app.services.labelstudio import (
+from app.services.labelstudio.home import (
     MASK_PEAK_SHARES_KEY,
     PIXEL_THRESHOLD_KEY,
     Connection,
     connect,
     webhook_base_url,
 )
-from app.services.read_models import normal_percentile_of
-from app.services.versions import version_or_active
+from app.services.read.read_models import normal_percentile_of
+from app.services.loop.versions import version_or_active
 from db.engine import write_transaction
 from db.models import Annotation, Image, LabelTask, ModelVersion, PoolScore
 from db.repositories import record_label_tasks, top_pool_scores
@@ -174,7 +174,7 @@ def refresh_tasks(home: Home, sessions: sessionmaker[Session], image_ids: Sequen
     refreshed; ``Unavailable`` when Label Studio is not answering."""
     from annotation.project import replace_prediction
 
-    from app.services.versions import active_version
+    from app.services.loop.versions import active_version
 
     with sessions() as session:
         version = active_version(session)

@@ -24,7 +24,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.home_folder import Home, HomeSettings
-from app.services.reranking import plan_rerank
+from app.services.loop.reranking import plan_rerank
 from db.engine import write_transaction
 from db.models import ModelVersion, VersionStatus, utcnow
 from dmad_core.errors import Conflict, NotFound, UserError
@@ -181,7 +181,7 @@ def _activate(session: Session, version: ModelVersion, chunk_images: int) -> Non
 
 def promote(session: Session, version_id: int, chunk_images: int = HomeSettings.rerank_chunk_images) -> ModelVersion:
     """Make a version the active one, retiring the current one, in one transaction that also queues the
-    pool's re-ranking under it in chunks of `chunk_images` (app/services/reranking.py)."""
+    pool's re-ranking under it in chunks of `chunk_images` (app/services/loop/reranking.py)."""
     with write_transaction(session):
         version = session.get(ModelVersion, version_id, populate_existing=True)
         if version is None:

@@ -29,7 +29,7 @@ import numpy as np
 from sqlalchemy import select
 from sqlalchemy.orm import Session, aliased
 
-from app.services.decisions import class_thresholds
+from app.services.line.decisions import class_thresholds
 from db.models import Category, Image, ModelVersion, PoolScore
 from dmad_core.decision import decide
 from dmad_core.metrics import paired_auroc_difference

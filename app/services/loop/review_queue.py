@@ -18,7 +18,7 @@ no backbone. An image without cached features is simply not compared.
 
 Each offered image carries a reason in an inspector's words ("hottest of tire", "on the OK/NG line of
 bottle", "unlike anything labelled", "looks like 3 parts already marked normal") and its score against the
-class's OK/NG threshold in force (``app.services.decisions``): "2.3x the threshold".
+class's OK/NG threshold in force (``app.services.line.decisions``): "2.3x the threshold".
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from app.home_folder import Home
-from app.services.decisions import class_thresholds
-from app.services.ui_queries import ReviewFilter, ScoredImage, filtered, review_page, scored_images
+from app.services.line.decisions import class_thresholds
+from app.services.read.ui_queries import ReviewFilter, ScoredImage, filtered, review_page, scored_images
 from db.models import Annotation, Category, Image, ModelVersion, PoolScore
 from dmad_core.cache import FeatureCache
 from dmad_core.config import DMADConfig

@@ -1,5 +1,5 @@
 """Scoring with a stored model version: the pool (stored as rows a UI ranks without running the model)
-and single uploaded images (judged through the scoring contract, ``app/services/inference.py``). Features
+and single uploaded images (judged through the scoring contract, ``app/services/line/inference.py``). Features
 come from the home's cache, so a known image never goes through the backbone again."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import numpy as np
 from sqlalchemy.orm import Session
 
 from app.home_folder import Home
-from app.services.inference import TOP_PATCHES, top_patches  # noqa: F401 (TOP_PATCHES: imported from here too)
+from app.services.line.inference import TOP_PATCHES, top_patches  # noqa: F401 (TOP_PATCHES: imported from here too)
 from db.models import Image, ModelVersion
 from db.repositories import PoolScoreRow
 from dmad_core.config import DMADConfig
@@ -21,7 +21,7 @@ from dmad_core.model import DMAD, FeatureStore, ImageItem, Prediction
 from dmad_core.persistence import saved_config
 
 if TYPE_CHECKING:
-    from app.services.inference import LoadedModel
+    from app.services.line.inference import LoadedModel
 
 
 def engine_config(home: Home) -> DMADConfig:
@@ -73,7 +73,7 @@ def score_upload(home: Home, session: Session, version: ModelVersion, path: str 
     Returns:
         ``LineResult.record()`` with ``patch_map`` (the grid as lists) and ``version``.
     """
-    from app.services.inference import LineImage, LoadedModel
+    from app.services.line.inference import LineImage, LoadedModel
 
     line = (loaded or LoadedModel()).line(home, session, version)
     line.check_category(category)

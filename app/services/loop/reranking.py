@@ -28,7 +28,7 @@ from db.queue import OPEN_STATUSES, JobType, RerankChunk, cancel_open, enqueue_m
 from db.repositories import store_pool_scores
 
 if TYPE_CHECKING:  # the engine (PyTorch) is imported by the worker only: promotion and the UI stay light
-    from app.services.inference import LoadedModel
+    from app.services.line.inference import LoadedModel
     from dmad_core.model import DMAD, Progress
 
 log = logging.getLogger(__name__)
@@ -90,7 +90,7 @@ def rerank_chunk(home: Home, sessions: sessionmaker[Session], job_id: int, paylo
                  progress: Progress | None = None, checkpoint: Callable[[str], None] = lambda m: None) -> str:
     """Score one chunk of pool images under its version and store the scores; returns what it did. The
     worker that stores the last open chunk removes the pool scores of versions no longer kept."""
-    from app.services.scoring import image_item, pool_rows
+    from app.services.home_model import image_item, pool_rows
 
     progress = progress or (lambda fraction, message: None)
     version_id, ids = payload.version_id, payload.image_ids
@@ -124,8 +124,8 @@ def rerank_chunk(home: Home, sessions: sessionmaker[Session], job_id: int, paylo
 def _refresh_label_tasks(home: Home, sessions: sessionmaker[Session], image_ids: Sequence[int]) -> None:
     """The chunk's images waiting in Label Studio get the new version's proposal now; a failure (Label Studio
     down) is logged, never the chunk's: the worker's periodic sync refreshes what is still stale."""
-    from app.services.labelstudio import has_project
-    from app.services.labelstudio_tasks import refresh_tasks
+    from app.services.labelstudio.home import has_project
+    from app.services.labelstudio.tasks import refresh_tasks
 
     if not has_project(home):
         return

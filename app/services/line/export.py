@@ -2,7 +2,7 @@
 with its description (version, classes, their OK/NG thresholds in force and their sources, input size) inside, written to a
 temporary name and renamed, so a half-written export never sits under the asked name.
 
-The file runs with torch.jit or onnxruntime alone (``app/services/exported.py``); its scores equal the
+The file runs with torch.jit or onnxruntime alone (``app/services/line/exported.py``); its scores equal the
 Python scorer's (tests/unit/test_export.py).
 """
 
@@ -18,10 +18,10 @@ from typing import Literal
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.home_folder import Home
-from app.services import versions
-from app.services.inference import Judge
-from app.services.exported import FORMAT, META_KEY, META_NAME
-from app.services.scoring import load_model
+from app.services.loop import versions
+from app.services.line.inference import Judge
+from app.services.line.exported import FORMAT, META_KEY, META_NAME
+from app.services.home_model import load_model
 from dmad_core.errors import Invalid
 
 ExportFormat = Literal["onnx", "torchscript"]

@@ -5,12 +5,12 @@ A folder of line images is not a folder of normal images: defects are among them
 that holds them learns that those defects are normal (and a bank of thousands of images costs its
 coreset gigabytes and minutes). So a flat folder given with ``--category`` is checked first (``guard``):
 refused when it is much larger than the class's training set, or when many of its images score NG under
-the active version (the class's OK/NG threshold in force, ``app.services.decisions``). The user then
+the active version (the class's OK/NG threshold in force, ``app.services.line.decisions``). The user then
 sends it to the pool (``--pool``), where an inspector reviews it, or confirms it is all normal with
 ``--all-normal``.
 
 ``--pool`` takes the line's own way into the pool: each image is scored by the active version and stored
-with its score by ``app.services.feed`` (what `dmad predict --ingest` and `dmad serve` do).
+with its score by ``app.services.line.feed`` (what `dmad predict --ingest` and `dmad serve` do).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.home_folder import Home
-from app.services import versions
+from app.services.loop import versions
 from db.models import Category, Image
 from dmad_core.data.readers import list_images
 from dmad_core.errors import Conflict, Invalid, UserError
@@ -102,7 +102,7 @@ def guard(home: Home, sessions: sessionmaker[Session], folder: str | Path, categ
                        f"{training:,} normal training images {category} has today")
     scored = ng = 0
     if active is not None and files:
-        from app.services.prediction import LineImage, LineModel
+        from app.services.line.prediction import LineImage, LineModel
 
         line = LineModel.load(home, sessions, active.id)
         if category in line.thresholds:
@@ -146,8 +146,8 @@ def ingest_to_pool(home: Home, sessions: sessionmaker[Session], folder: str | Pa
         What was added. Conflict when no version is active (the pool is ranked by the active version),
         NotFound when it does not know ``category``, Invalid when the folder holds no readable image.
     """
-    from app.services.feed import feed
-    from app.services.prediction import LineImage, LineModel
+    from app.services.line.feed import feed
+    from app.services.line.prediction import LineImage, LineModel
 
     root = Path(folder).expanduser()
     if not root.is_dir():

@@ -1,5 +1,5 @@
 """The webhook's and the sync's database adapter: an :class:`annotation.sink.AnnotationSink` over
-``app.services.annotations``, so Label Studio's annotations enter through the same one path as every
+``app.services.loop.annotations``, so Label Studio's annotations enter through the same one path as every
 other (validation, mask file, retrain job, all in one transaction)."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from annotation.sink import SOURCE, UnknownImageError
 from app.home_folder import Home
-from app.services.annotations import delete_annotation, record_annotation
+from app.services.loop.annotations import delete_annotation, record_annotation
 from db.engine import DATABASE_AWAY
 from db.models import Annotation, Image
 from dmad_core.errors import Unavailable
@@ -29,7 +29,7 @@ _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 def _answerable(method: _F) -> _F:
     """The database away or a full disk become ``Unavailable`` (the webhook's 503 with Retry-After, so
     Label Studio's next sync brings the annotation), never a 500 and never half a record: the annotation,
-    its mask and its retrain job are one transaction (app/services/annotations.py)."""
+    its mask and its retrain job are one transaction (app/services/loop/annotations.py)."""
     @functools.wraps(method)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
@@ -45,7 +45,7 @@ def _answerable(method: _F) -> _F:
 
 
 class DatabaseSink:
-    """The real sink: ``app.services.annotations`` in a session of its own per call (the receiver
+    """The real sink: ``app.services.loop.annotations`` in a session of its own per call (the receiver
     serves each request on its own thread). Source ``"labelstudio"``, external id = annotation id."""
 
     def __init__(self, home: Home, sessions: sessionmaker[Session]) -> None:

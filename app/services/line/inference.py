@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from sqlalchemy.orm import Session
 
-from app.services.decisions import DEFAULT_FALSE_ALARM_RATE, ClassThreshold, class_thresholds, threshold_for
+from app.services.line.decisions import DEFAULT_FALSE_ALARM_RATE, ClassThreshold, class_thresholds, threshold_for
 from db.models import ModelVersion
 from dmad_core.data.readers import CorruptImageError, ImageTooLarge, decode_image
 from dmad_core.decision import Decision, decide
@@ -250,7 +250,7 @@ class LoadedModel:
 
     def get(self, home: Home, version: ModelVersion) -> DMAD:
         """The engine model of ``version``, loaded when it is not the one held."""
-        from app.services.scoring import load_model
+        from app.services.home_model import load_model
 
         if self.model_ is None or self.folder_ != version.folder:
             self.model_, self.folder_ = load_model(home, version), version.folder
@@ -259,7 +259,7 @@ class LoadedModel:
     def line(self, home: Home, session: Session, version: ModelVersion) -> Inferencer:
         """``version`` as an ``Inferencer`` with the thresholds in force now (read at every call, so an
         override counts at once; the model is the one held)."""
-        from app.services.prediction import LineModel
+        from app.services.line.prediction import LineModel
 
         return LineModel(version, self.get(home, version),
                          Judge.of(session, version, home.load_settings().false_alarm_rate).thresholds)

@@ -28,8 +28,8 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.home_folder import Home
-from app.services.inference import Inferencer
-from app.services.prediction import LineImage, LineModel, LineResult
+from app.services.line.inference import Inferencer
+from app.services.line.prediction import LineImage, LineModel, LineResult
 from db.engine import DATABASE_AWAY
 from db.models import ModelVersion, ThresholdOverride
 from dmad_core.errors import Unavailable
@@ -107,7 +107,7 @@ class LineBatcher:
     def __init__(self, max_batch: int = 16, max_wait_s: float = 0.01, max_queue: int = 64,
                  on_batch: Callable[[Inferencer, Sequence[LineImage], Sequence[LineResult]], None] | None = None,
                  keep: Callable[[int, Sequence[LineImage], Sequence[LineResult]], Callable[[], None]] | None = None):
-        """``keep`` (the feed spool, app/services/spool.py) makes a scored batch durable *before* its
+        """``keep`` (the feed spool, app/services/line/spool.py) makes a scored batch durable *before* its
         answers leave, and returns the step run after them; when it raises (a full disk) the batch's
         requests get its error, not an answer whose image would be lost."""
         if max_batch < 1 or max_queue < 1:
