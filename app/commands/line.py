@@ -61,6 +61,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-feed", dest="feed", action="store_false", help="do not add scored images to the pool")
     p.add_argument("--ssl-certfile", help="serve HTTPS with this PEM certificate (chain) file (uvicorn's option)")
     p.add_argument("--ssl-keyfile", help="... and this PEM private key file")
+    p.add_argument("--one-process", action="store_true",
+                   help="no supervisor: a crash ends serve (default on Linux: a supervisor holds the socket and "
+                        "starts a new serving process within seconds when one dies)")
     p.set_defaults(handler=cmd_serve)
 
     p = sub.add_parser("token", help="manage `dmad serve`'s API token")
@@ -158,11 +161,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     import ipaddress
     import secrets
+    import socket
 
     import uvicorn
 
     from app.api.scoring import TOKEN_SECRET, ServeConfig, create_app
+    from app.api.supervised import STARTUP_FAILED, can_fork, run_supervised
     from app.services.database import open_database
+    from app.services.loop import versions
 
     home = Home.at(args.home)
     sessions = open_database(home)
@@ -172,7 +178,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise Invalid("HTTPS needs both --ssl-certfile and --ssl-keyfile")
     config = ServeConfig(host=args.host, port=args.port, max_batch=args.max_batch, max_queue=args.max_queue,
                          feed=args.feed)
-    app = create_app(home, sessions, config)
+    with sessions() as session:  # a clear one-line error now, not a traceback from the serving process
+        versions.version_or_active(session, None)
     try:
         loopback = ipaddress.ip_address(args.host).is_loopback
     except ValueError:
@@ -184,10 +191,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
     print(f"dmad serve: {scheme}://{args.host}:{args.port}/v1/score (API docs at /docs); token in "
           f"{home.secrets_dir / TOKEN_SECRET}; scored images {'join' if args.feed else 'do not join'} the pool",
           file=sys.stderr, flush=True)
-    # a listen backlog of 2048, not a toy server's 5: a burst of clients queues in the kernel, not in resets
-    uvicorn.run(app, host=args.host, port=args.port, backlog=2048, log_level="warning",
-                ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile)
-    return 0
+
+    def uvicorn_config() -> uvicorn.Config:
+        # a listen backlog of 2048, not a toy server's 5: a burst of clients queues in the kernel, not in resets
+        return uvicorn.Config(create_app(home, sessions, config), host=args.host, port=args.port, backlog=2048,
+                              log_level="warning", ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile)
+
+    if args.one_process or not can_fork():
+        server = uvicorn.Server(uvicorn_config())
+        server.run()
+        return 0 if server.started else STARTUP_FAILED
+
+    def serve_once(sock: socket.socket) -> bool:
+        """The forked serving process: a pool of its own (never the supervisor's connections), the app, the
+        server on the supervisor's socket until SIGTERM."""
+        sessions.kw["bind"].dispose(close=False)
+        server = uvicorn.Server(uvicorn_config())
+        server.run(sockets=[sock])
+        return bool(server.started)
+
+    return run_supervised(serve_once, args.host, args.port, backlog=2048)
 
 
 def cmd_token(args: argparse.Namespace) -> int:
