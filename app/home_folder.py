@@ -75,6 +75,9 @@ class HomeSettings:
     evaluation_max_per_label: Positive = 250
     rerank_chunk_images: Positive = 256
     pool_score_versions_kept: Positive = 3  # versions whose pool scores are kept: the active one and the newest others
+    # disk space `dmad serve` holds in reserve (a file in its spool folder) and lets go when the disk fills, so the
+    # line is still answered while someone frees space (app/services/line/spool.py); 0: none
+    spool_reserve_bytes: Annotated[int, Field(ge=0)] = 64 * 1024**2
 
     @pydantic.field_validator("preset")
     @classmethod

@@ -14,12 +14,13 @@ receiver on a PostgreSQL server of its own, for ``--minutes M``, with every end-
   Studio-shaped payload with a pool image's ground-truth mask (brush RLE) goes to the webhook, which
   records it and queues a retrain; the workers retrain, promote and re-rank the pool as in production.
 - **Faults**, on a schedule printed at the start: SIGKILL a worker in the middle of a job and start it
-  again; SIGKILL serve and start it again; restart the webhook receiver; stop PostgreSQL for
+  again; SIGKILL serve's serving process (a crash: serve's supervisor starts another, app/api/supervised.py);
+  SIGKILL the whole serve, supervisor and all, and start it again (a cold start); restart the webhook receiver; stop PostgreSQL for
   ``--outage-seconds`` then start it; fill the home's file system for ``--full-seconds``.
 - **At the end** (after the load stops, the queue and the spool drain, bounded by ``--drain-seconds``),
   each check is a number in ``--json OUT``: lost_images, lost_annotations, half_published_versions,
   server_errors_5xx (503 with Retry-After during the database outage and the full disk left out, counted
-  apart), max_serving_gap_s outside the database outage (and the gap of the serve restart apart), p50 and
+  apart), max_serving_gap_s outside the database outage (and the longest gap around each fault), p50 and
   p99 latency, peak RSS per process, the home's disk use against its retention bounds, leaked processes,
   faults_injected.
 
@@ -136,16 +137,37 @@ class Managed:
             except subprocess.TimeoutExpired:
                 self.kill()
 
+    def children(self) -> list[int]:
+        """The process's children (serve's serving process under its supervisor)."""
+        if self.proc is None:
+            return []
+        try:
+            text = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text()
+        except OSError:
+            return []
+        return [int(p) for p in text.split()]
+
+    def kill_child(self) -> int | None:
+        """SIGKILL the process's child (serve's serving process: a crash), leaving the supervisor; its pid."""
+        kids = self.children()
+        if not kids:
+            return None
+        self.sample()
+        os.kill(kids[0], signal.SIGKILL)
+        return kids[0]
+
     def sample(self) -> None:
-        """The process's peak RSS so far (VmHWM), kept as the maximum over its restarts."""
+        """The peak RSS so far (VmHWM) of the process or of its child (serve's serving process, which holds
+        the model), kept as the maximum over restarts."""
         if self.proc is None:
             return
-        try:
-            for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    self.peak_rss_mb = max(self.peak_rss_mb, int(line.split()[1]) / 1024)
-        except (FileNotFoundError, ProcessLookupError, ValueError):
-            pass
+        for pid in (self.proc.pid, *self.children()):
+            try:
+                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                    if line.startswith("VmHWM:"):
+                        self.peak_rss_mb = max(self.peak_rss_mb, int(line.split()[1]) / 1024)
+            except (FileNotFoundError, ProcessLookupError, ValueError):
+                pass
 
 
 def wait_for(condition: Any, timeout: float, every: float = 0.5) -> bool:
@@ -311,6 +333,12 @@ def percentile(values: list[float], q: float) -> float | None:
     return values[min(len(values) - 1, int(q * len(values)))]
 
 
+def _gaps_apart(succ: list[float], *excluded: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """(start, length) of the gaps between successive answers that overlap none of the excluded windows."""
+    return [(p, n - p) for p, n in zip(succ, succ[1:])
+            if not any(p <= b and n >= a for windows in excluded for a, b in windows)]
+
+
 def inside(t: float, windows: list[tuple[float, float]]) -> bool:
     return any(a <= t <= b for a, b in windows)
 
@@ -347,20 +375,18 @@ def checks(home: Any, sessions: Any, log: Log, category: str) -> dict[str, Any]:
 
     outage = log.windows.get("postgres_stop", [])
     disk = log.windows.get("disk_full", [])
-    serve_down = log.windows.get("serve_kill", [])
+    fault_windows = {f: w for f, w in log.windows.items() if f != "postgres_stop"}
     excused = [a for a in log.answers if a.status == 503 and a.retry_after and
                (inside(a.started, outage) or inside(a.ended, outage) or inside(a.started, disk) or inside(a.ended, disk))]
     errors = [a for a in log.answers if a.status >= 500 and a not in excused]
     succ = sorted(a.ended for a in ok)
-    gaps_outside, restart_gap = [], 0.0
-    for prev, nxt in zip(succ, succ[1:]):
-        gap = nxt - prev
-        if any(prev <= b and nxt >= a for a, b in outage):
-            continue
-        if any(prev <= b and nxt >= a for a, b in serve_down):
-            restart_gap = max(restart_gap, gap)
-            continue
-        gaps_outside.append(gap)
+    gaps_outside = _gaps_apart(succ, outage)
+    gap_by_fault: dict[str, float] = {}  # the longest gap that overlaps each fault's window
+    for start, gap in gaps_outside:
+        for fault, windows in fault_windows.items():
+            if any(start <= b and start + gap >= a for a, b in windows):
+                gap_by_fault[fault] = max(gap_by_fault.get(fault, 0.0), gap)
+    apart_from_cold = _gaps_apart(succ, outage, fault_windows.get("serve_kill", []))
     latencies = [a.ended - a.started for a in ok]
     return {
         "lost_images": lost_images,
@@ -377,8 +403,9 @@ def checks(home: Any, sessions: Any, log: Log, category: str) -> dict[str, Any]:
         "refused_503_retry_after_in_outage_or_full_disk": len(excused),
         "no_answer_connection_errors": sum(1 for a in log.answers if a.status == 0),
         "client_errors_4xx": sum(1 for a in log.answers if 400 <= a.status < 500),
-        "max_serving_gap_s": round(max(gaps_outside, default=0.0), 2),
-        "serve_restart_gap_s": round(restart_gap, 2),
+        "max_serving_gap_s": round(max((g for _, g in gaps_outside), default=0.0), 2),
+        "serving_gap_by_fault_s": {f: round(g, 2) for f, g in sorted(gap_by_fault.items())},
+        "max_serving_gap_s_apart_from_serve_kill": round(max((g for _, g in apart_from_cold), default=0.0), 2),
         "latency_p50_s": round(percentile(latencies, 0.5) or 0, 3),
         "latency_p99_s": round(percentile(latencies, 0.99) or 0, 3),
     }
@@ -425,8 +452,8 @@ def leaked(procs: list[Managed], pg: OwnPostgres) -> list[str]:
 # -- the run ----------------------------------------------------------------------------------------
 def schedule(minutes: float) -> list[tuple[float, str]]:
     total = minutes * 60
-    return [(0.15 * total, "worker_kill"), (0.30 * total, "serve_kill"), (0.45 * total, "webhook_restart"),
-            (0.60 * total, "postgres_stop"), (0.80 * total, "disk_full")]
+    return [(0.15 * total, "worker_kill"), (0.22 * total, "serve_crash"), (0.30 * total, "serve_kill"),
+            (0.45 * total, "webhook_restart"), (0.60 * total, "postgres_stop"), (0.80 * total, "disk_full")]
 
 
 def mount_tmpfs(path: Path, size_mb: int) -> bool:
@@ -563,7 +590,12 @@ def main(argv: list[str] | None = None) -> int:
                 victim.kill()
                 victim.start()
                 result["worker_killed_mid_job"] = mid_job
-            elif fault == "serve_kill":
+            elif fault == "serve_crash":  # the serving process dies; serve's supervisor starts another
+                victim_pid = serve.kill_child()
+                result["serve_crash_killed_pid"] = victim_pid
+                wait_for(lambda: bool(set(serve.children()) - {victim_pid}) and http_ok(f"{serve_url}/v1/health"),
+                         300, 0.1)
+            elif fault == "serve_kill":  # the whole serve (supervisor and serving process), started again
                 serve.kill()
                 serve.start()
                 wait_for(lambda: http_ok(f"{serve_url}/v1/health"), 300, 0.2)

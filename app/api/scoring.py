@@ -64,6 +64,7 @@ def create_app(home: Home, sessions: sessionmaker[Session], config: ServeConfig 
                                   daemon=True)
         poller.start()
         if spooled:  # what a killed serve or a database outage left is fed once the database answers
+            await run_in_threadpool(spooled.spool.ensure_reserve)
             threading.Thread(target=spooled.run_replayer, args=(stop, config.poll_s), name="spool-replayer",
                              daemon=True).start()
         try:
@@ -82,7 +83,7 @@ def create_app(home: Home, sessions: sessionmaker[Session], config: ServeConfig 
     spooled = SpooledFeed(home, sessions, metrics.feed_failures.inc, metrics.spool_replayed.inc) if config.feed else None
     metrics.watch(lambda: state.batcher.depth if state.batcher is not None else 0,
                   lambda: (state.running()[0].current.version, state.running()[0].current.version_id),
-                  spooled.spool.count_images if spooled else None)
+                  spooled.spool.count_images if spooled else None, spooled.spool.reserve_held if spooled else None)
     instrument(app, metrics)
     errors.install(app)
     app.include_router(api_router)

@@ -1,9 +1,11 @@
 """A full disk (issue 23): a trained home on a small tmpfs of its own, filled to the last byte.
 
-New writes stop with a clear error (serve: 503 with Retry-After, saying the disk is full; a retrain fails
-with the OS's "No space left on device" kept on the job) and nothing half-written is left: no version
-folder or row, no image, no feature file, no spool file, under any name. When space returns, the same
-service and the same home go on: the image is scored and stored, the retrain publishes its version.
+Serve first answers from its spool's reserve (the line goes on, each image kept), then, the reserve spent,
+refuses with 503 and Retry-After, saying the disk is full. Every other new write stops with a clear error
+(a retrain fails with the OS's "No space left on device") and nothing half-written is left: no version
+folder or row, no image, no feature file, no temporary file, under any name. When space returns, the
+same service and the same home go on: what was spooled reaches the pool, the reserve is written again,
+the next image is scored and stored, the retrain publishes its version.
 
 Needs `mount -t tmpfs` (root in a sandbox that allows it); skips with the reason otherwise.
 """
@@ -14,7 +16,9 @@ import io
 import os
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -74,18 +78,30 @@ def test_a_full_disk_stops_new_writes_cleanly_and_the_home_recovers(small_disk: 
                                                                      ui_template: PreparedHome) -> None:  # noqa: F811
     prepared = copy_prepared(ui_template, small_disk / "home", full=True)
     home, sessions = prepared.home, prepared.sessions()
+    reserve = 256 * 1024
+    home.save_settings(replace(home.load_settings(), spool_reserve_bytes=reserve))
     with sessions() as session:
         versions_before = session.scalar(select(func.count(ModelVersion.id)))
         images_before = session.scalar(select(func.count(Image.id)))
     models_before = sorted(p.name for p in home.models_dir.iterdir())
     app = create_app(home, sessions, ServeConfig(poll_s=0.2), token=TOKEN)
     with TestClient(app) as client:
+        assert (home.spool_dir / ".reserve").stat().st_size == reserve  # written when serve started
         filler = fill(small_disk)
 
-        # serve: the image cannot be kept, so it is not answered 200
-        r = client.post("/v1/score?category=tiles", content=png(1), headers=AUTH)
+        # serve: answered from the reserve while it lasts (each image spooled), then 503: never a 200
+        # for an image it cannot keep
+        statuses = []
+        for seed in range(100, 200):
+            r = client.post("/v1/score?category=tiles", content=png(seed), headers=AUTH)
+            statuses.append(r.status_code)
+            if r.status_code != 200:
+                break
+        assert statuses[0] == 200 and not (home.spool_dir / ".reserve").exists(), statuses
         assert r.status_code == 503 and int(r.headers["retry-after"]) > 0, r.text
         assert "disk" in r.json()["detail"] and "No space left" in r.json()["detail"]
+        answered = statuses.count(200)
+        assert len(list(home.spool_dir.glob("*.npz"))) <= answered  # spooled (or fed), never lost
 
         # a feature file: refused whole
         cache = FeatureCache(home.features_dir, "full-disk-test")
@@ -98,12 +114,22 @@ def test_a_full_disk_stops_new_writes_cleanly_and_the_home_recovers(small_disk: 
             train_version(home, sessions, warm_start=True)
         with sessions() as session:
             assert session.scalar(select(func.count(ModelVersion.id))) == versions_before
-            assert session.scalar(select(func.count(Image.id))) == images_before
+            # only images answered 200 (fed while the freed reserve had room; the rest wait in the spool)
+            fed = session.scalar(select(func.count(Image.id))) - images_before
+            assert 0 <= fed <= answered and fed + len(list(home.spool_dir.glob("*.npz"))) >= answered
         assert sorted(p.name for p in home.models_dir.iterdir()) == models_before
-        assert stray_files(home.root) == [] and not list(home.spool_dir.glob("*"))
+        assert stray_files(home.root) == []
 
-        # space returns: the same service scores and keeps the image, a retrain publishes
+        # space returns: the spool reaches the pool and the reserve comes back; the same service scores
+        # and keeps the next image, a retrain publishes
         filler.unlink()
+        deadline = time.monotonic() + 60
+        while (list(home.spool_dir.glob("*.npz")) or not (home.spool_dir / ".reserve").exists()) \
+                and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not list(home.spool_dir.glob("*.npz")) and (home.spool_dir / ".reserve").stat().st_size == reserve
+        with sessions() as session:
+            assert session.scalar(select(func.count(Image.id))) == images_before + answered
         r = client.post("/v1/score?category=tiles", content=png(1), headers=AUTH)
         assert r.status_code == 200, r.text
     outcome = train_version(home, sessions, warm_start=True)

@@ -9,12 +9,20 @@ next batch, from serve's poller every few seconds, and when serve starts again. 
 (one image per class and content hash; a version's score of an image replaced), so a file fed twice (a
 kill between the feed and the unlink) stores nothing twice. If the spool cannot be written (a full
 disk) the batch's requests get 503 with Retry-After: an image the service cannot keep is never answered.
+
+A full disk need not stop the line at once: the spool holds a reserve, a file of
+``HomeSettings.spool_reserve_bytes`` (64 MiB: a minute of a busy line's images) that it deletes when a write
+finds the disk full, and writes again once there is room. Until the reserve is spent the line is answered
+(and its images kept); after, 503. The same idea as a database's reserved blocks or a "ballast file": the
+space the line needs is taken while there is space to take.
 """
 
 from __future__ import annotations
 
+import errno
 import io
 import json
+import shutil
 import logging
 import os
 import threading
@@ -34,6 +42,7 @@ from dmad_core.errors import Unavailable
 log = logging.getLogger(__name__)
 
 SPOOL_RETRY_AFTER_S = 5
+RESERVE_NAME = ".reserve"
 
 
 class SpoolFull(Unavailable):
@@ -56,9 +65,52 @@ class FeedSpool:
     """The spool folder of one home (see the module docstring). ``lock`` serialises feeding, so a batch
     and a replay never feed the same file at once."""
 
-    def __init__(self, home: Home):
+    def __init__(self, home: Home, reserve_bytes: int = 0):
         self.folder = home.spool_dir
         self.lock = threading.Lock()
+        self.reserve_bytes = reserve_bytes
+        self.reserve = self.folder / RESERVE_NAME
+        self._last_failure: str | None = None  # why the last feed failed (logged once, not at every retry)
+
+    def reserve_held(self) -> int:
+        """Bytes of the reserve on disk now (0 after a full disk took it, until there is room again)."""
+        try:
+            return self.reserve.stat().st_size
+        except OSError:
+            return 0
+
+    def ensure_reserve(self) -> bool:
+        """Write the reserve when it is missing and the disk has room for it twice over (never the last
+        bytes a disk has); True when it is in place. Called at start and by the replayer's every tick."""
+        if self.reserve_bytes <= 0:
+            return False
+        if self.reserve_held() >= self.reserve_bytes:
+            return True
+        tmp = self.folder / f"{RESERVE_NAME}.tmp"
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            if shutil.disk_usage(self.folder).free < 2 * self.reserve_bytes:
+                return False
+            with open(tmp, "wb") as f:
+                os.posix_fallocate(f.fileno(), 0, self.reserve_bytes)  # blocks really taken, not a sparse file
+                os.fsync(f.fileno())
+            tmp.replace(self.reserve)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            log.debug("the spool's reserve not written yet: %s", exc)
+            return False
+        log.info("the spool holds %d MB in reserve for a full disk", self.reserve_bytes // 2**20)
+        return True
+
+    def _release_reserve(self) -> bool:
+        """Give the reserve's space back to the spool (the disk is full); False when there is none left."""
+        held = self.reserve_held()
+        if not held:
+            return False
+        self.reserve.unlink(missing_ok=True)
+        log.warning("the home's disk is full: the line is answered from the spool's reserve (%d MB); free space "
+                    "under %s before it is spent, or serve answers 503", held // 2**20, self.folder.parent)
+        return True
 
     def pending(self) -> list[Path]:
         """Spooled batches not yet fed, oldest first."""
@@ -77,12 +129,24 @@ class FeedSpool:
         for i, (img, r) in enumerate(zip(images, results, strict=True)):
             arrays[f"data_{i}"] = np.frombuffer(img.data or b"", np.uint8)
             arrays[f"map_{i}"] = np.asarray(r.patch_map, np.float32)
+        buffer = io.BytesIO()
+        np.savez(buffer, **arrays)
+        try:
+            return self._write_file(buffer)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT) and self._release_reserve():
+                try:
+                    return self._write_file(buffer)
+                except OSError as again:
+                    exc = again
+            raise SpoolFull(f"cannot keep the scored image on the home's disk ({exc.strerror or exc}); "
+                            f"free space under {self.folder.parent} and retry") from exc
+
+    def _write_file(self, buffer: io.BytesIO) -> Path:
         name = f"{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.npz"
         tmp = self.folder / f".{name}.tmp"
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
-            buffer = io.BytesIO()
-            np.savez(buffer, **arrays)
             with open(tmp, "wb") as f:
                 f.write(buffer.getbuffer())
                 f.flush()
@@ -91,10 +155,9 @@ class FeedSpool:
             tmp.replace(final)
             _fsync_dir(self.folder)
             return final
-        except OSError as exc:
+        except OSError:
             tmp.unlink(missing_ok=True)
-            raise SpoolFull(f"cannot keep the scored image on the home's disk ({exc.strerror or exc}); "
-                            f"free space under {self.folder.parent} and retry") from exc
+            raise
 
     @staticmethod
     def read(path: Path) -> SpooledBatch:
@@ -124,8 +187,13 @@ class FeedSpool:
             try:
                 feed_batch(batch.version_id, batch.images, batch.results)
             except Exception as exc:  # noqa: BLE001 - the database away, a full disk: kept for the next try
-                log.warning("spooled batch %s not fed yet: %s", path.name, str(exc).splitlines()[0] if str(exc) else exc)
+                why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                # one warning per cause, not one per file and retry (the replayer retries every few seconds)
+                (log.warning if why != self._last_failure else log.debug)("spooled batch %s not fed yet: %s",
+                                                                           path.name, why)
+                self._last_failure = why
                 return None
+            self._last_failure = None
             path.unlink(missing_ok=True)
             return len(batch.images)
 
@@ -161,7 +229,7 @@ class SpooledFeed:
     def __init__(self, home: Home, sessions: Callable[[], object], on_failure: Callable[[], None] = lambda: None,
                  on_replayed: Callable[[float], None] = lambda n: None):
         self.home, self.sessions = home, sessions
-        self.spool = FeedSpool(home)
+        self.spool = FeedSpool(home, home.load_settings().spool_reserve_bytes)
         self.on_failure, self.on_replayed = on_failure, on_replayed
 
     def _feed(self, version_id: int, images: list[LineImage], results: list[LineResult]) -> None:
@@ -194,6 +262,7 @@ class SpooledFeed:
             try:
                 if self.spool.pending():
                     self.replay()
+                self.spool.ensure_reserve()
             except Exception:  # noqa: BLE001 - tried again at the next tick
                 log.exception("replaying the feed spool failed")
             if stop.wait(every_s):

@@ -70,9 +70,9 @@ class ServeMetrics:
                                       "after the database came back", registry=r)
 
     def watch(self, queue_depth: Callable[[], int], version: Callable[[], tuple[str, int]],
-              spooled: Callable[[], int] | None = None) -> None:
+              spooled: Callable[[], int] | None = None, reserve: Callable[[], int] | None = None) -> None:
         """Gauges read at scrape time: the scoring queue's depth, the version served (name label, id value),
-        images spooled on disk waiting for the database."""
+        images spooled on disk waiting for the database, the spool's reserve for a full disk."""
         Gauge("dmad_serve_queue_depth", "Requests waiting for the scorer", registry=self.registry).set_function(
             lambda: float(queue_depth()))
         def served() -> dict[tuple[str, ...], float]:
@@ -84,6 +84,10 @@ class ServeMetrics:
         if spooled is not None:
             Gauge("dmad_serve_spooled_images", "Scored images on the home's disk waiting for the database",
                   registry=self.registry).set_function(lambda: float(spooled()))
+        if reserve is not None:
+            Gauge("dmad_serve_spool_reserve_bytes", "Disk space the spool holds for a full disk (0: a full disk "
+                  "has taken it, and serve answers 503 once what it freed is spent)",
+                  registry=self.registry).set_function(lambda: float(reserve()))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
