@@ -129,6 +129,9 @@ def _open(args: argparse.Namespace) -> tuple[Home, Any]:
 
 # -- init / ingest --------------------------------------------------------------------------------
 def cmd_init(args: argparse.Namespace) -> int:
+    import pydantic
+
+    from app.home_folder import describe_errors
     from app.services.database import open_database, redact_url
 
     home = Home.at(args.home)
@@ -140,15 +143,16 @@ def cmd_init(args: argparse.Namespace) -> int:
         "false_alarm_rate": args.false_alarm_rate, "validation_fraction": args.validation_fraction,
         "scorer": args.scorer}.items()
         if v is not None}
-    if args.validation_fraction is not None and not 0.0 < args.validation_fraction < 1.0:
-        raise Invalid(f"--validation-fraction must be in (0, 1), got {args.validation_fraction}")
-    if args.false_alarm_rate is not None and not 0.0 < args.false_alarm_rate < 1.0:
-        raise Invalid(f"--false-alarm-rate must be in (0, 1), got {args.false_alarm_rate}")
     if args.outliers and not Path(args.outliers).is_dir():
         raise Invalid(f"--outliers {args.outliers} is not a folder")
     if args.weights and not Path(args.weights).is_file():
         raise Invalid(f"--weights {args.weights} is not a file")
-    settings = replace(settings, **changes)
+    try:  # the ranges are HomeSettings' own (validated wherever settings are built), named here as flags
+        settings = replace(settings, **changes)
+    except pydantic.ValidationError as exc:
+        flags = {"db_url": "db", "weights_path": "weights", "outliers_dir": "outliers"}
+        raise Invalid("; ".join(f"--{flags.get(key, key).replace('_', '-')}:{rest}" for key, _, rest in
+                                (part.partition(":") for part in describe_errors(exc).split("; ")))) from exc
     home.create()
     home.save_settings(settings)
     open_database(home, create=True)

@@ -66,3 +66,11 @@ def test_commands_refuse_a_bad_home_with_the_reason(tmp_path: Path, capsys: pyte
     assert run_cli("status", "--home", home.root) != 0
     err = capsys.readouterr().err
     assert "pool_score_versions_kept" in err and str(home.settings_path) in err
+
+
+def test_init_names_bad_flags_by_the_settings_own_ranges(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    home = tmp_path / "home"
+    assert run_cli("init", "--home", home, "--false-alarm-rate", "0", "--validation-fraction", "1.5") != 0
+    err = capsys.readouterr().err
+    assert "--false-alarm-rate: " in err and "(got 0.0)" in err and "--validation-fraction: " in err
+    assert not home.exists()  # nothing written for a refused init
