@@ -361,6 +361,10 @@ def checks(home: Any, sessions: Any, log: Log, category: str) -> dict[str, Any]:
             Annotation.source == "labelstudio", Annotation.external_id.in_(list(log.annotations)))).all()
         versions = session.execute(select(ModelVersion.name, ModelVersion.status, ModelVersion.folder,
                                           ModelVersion.trained_on)).all()
+    why_lost = {"no_image_row": sum(1 for h in hashes if h not in rows),
+                "more_than_one_row": sum(1 for h in hashes if rows.get(h, 0) > 1),
+                "no_file": sum(1 for h in hashes if h in rows and h not in files_ok),
+                "no_pool_score": sum(1 for h in hashes if h in rows and h not in pooled)}
     lost_images = sum(1 for h in hashes if rows.get(h) != 1 or h not in pooled or h not in files_ok)
     per_external: dict[str, list[int]] = {}
     for ann_id, external in anns:
@@ -390,6 +394,7 @@ def checks(home: Any, sessions: Any, log: Log, category: str) -> dict[str, Any]:
     latencies = [a.ended - a.started for a in ok]
     return {
         "lost_images": lost_images,
+        "lost_images_why": why_lost,  # an image can be counted under more than one reason
         "images_answered_200": len(ok),
         "distinct_images_answered_200": len(hashes),
         "lost_annotations": lost_annotations,
