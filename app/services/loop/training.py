@@ -156,7 +156,7 @@ def train_version(home: Home, sessions: sessionmaker[Session], *, warm_start: bo
     t0 = time.perf_counter()
     model, before = fit_model(home, settings, data, parent if mode == "warm_start" else None, progress)
     seconds["train"] = round(time.perf_counter() - t0, 2)
-    seconds.update({f"train_{k}": round(v, 2) for k, v in (model.timings_ or {}).items()})
+    seconds.update({f"train_{k}": round(v, 2) for k, v in model.fitted().timings.items()})
     checkpoint("trained")
 
     t0 = time.perf_counter()
@@ -229,15 +229,16 @@ def score_evaluation_set(model: DMAD, images: list[Image], progress: Progress = 
 def version_record(settings: HomeSettings, model: DMAD, mode: str, job_id: int | None) -> dict[str, Any]:
     """Step 3: what the version's row records besides its files: thresholds, the calibrated OK/NG decision,
     bank sizes and the engine's configuration."""
-    memory = model.memory_
-    if memory is None or memory.normal_bank_ is None or memory.abnormal_bank_ is None:
+    state = model.fitted()
+    memory = state.memory
+    if memory.normal_bank_ is None or memory.abnormal_bank_ is None:
         raise RuntimeError("a version is recorded after its model is fitted")
     return {
         "preset": settings.preset, "mode": mode, "job_id": job_id,
-        "pixel_threshold": model.pixel_threshold_, "image_threshold": model.image_threshold_,
-        "mask_peak_shares": model.mask_peak_shares_,  # Label Studio's pre-annotation level per class
-        VALIDATION_SCORES_KEY: model.validation_scores_,  # per class: Label Studio's 0-1 score is a percentile
-        DECISION_KEY: calibrated_decision(model.validation_scores_, settings.false_alarm_rate),
+        "pixel_threshold": state.pixel_threshold, "image_threshold": state.image_threshold,
+        "mask_peak_shares": state.mask_peak_shares,  # Label Studio's pre-annotation level per class
+        VALIDATION_SCORES_KEY: state.validation_scores,  # per class: Label Studio's 0-1 score is a percentile
+        DECISION_KEY: calibrated_decision(state.validation_scores, settings.false_alarm_rate),
         "bank_sizes": {"normal": memory.normal_bank_.part_sizes(), "abnormal": memory.abnormal_bank_.part_sizes()},
         "engine": model.config.to_dict(),
     }
