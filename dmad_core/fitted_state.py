@@ -70,6 +70,17 @@ class FittedState:
     history: list[dict] = field(default_factory=list)  # the mapper's epochs in its last training (none: classifiers)
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage of the last fit/update; not saved
 
+    def summary(self) -> dict[str, Any]:
+        """The small part of the state that is read without loading the folder's banks (a model version's
+        database row copies it, written once from this state, as ``model.json`` is): thresholds, the
+        pre-annotation levels, the validation scores and the bank sizes, under ``model.json``'s keys."""
+        normal_bank, abnormal_bank = self._banks()
+        return {
+            "pixel_threshold": self.pixel_threshold, "image_threshold": self.image_threshold,
+            "mask_peak_shares": self.mask_peak_shares, "validation_scores": self.validation_scores,
+            "bank_sizes": {"normal": normal_bank.part_sizes(), "abnormal": abnormal_bank.part_sizes()},
+        }
+
     def _banks(self) -> tuple[MemoryBank, MemoryBank]:
         if self.memory.normal_bank_ is None or self.memory.abnormal_bank_ is None:
             raise RuntimeError("the fitted state has no banks: its memory was never built")
