@@ -14,7 +14,7 @@ measurement). The masks of each image, at the image's own size:
 - class threshold + clean-up: the class's own threshold (the lowest at which its validation normals keep at
   most one patch's area marked), components smaller than one patch removed (measured, not kept);
 - relative level: the product's mask for a class with drawn masks: cut at the share of the image's peak
-  that the model chose on the K annotated masks (``DMAD.mask_peak_shares_``), the peak's component only;
+  that the model chose on the K annotated masks (``FittedState.mask_peak_shares``), the peak's component only;
 - ceiling: the single threshold that gives the best mean IoU on these very images (chosen on the test
   masks: reported only as the ceiling, never used).
 
@@ -73,16 +73,17 @@ def heat_maps(model: DMAD, records: list, category: str) -> tuple[list, list, li
 def measure(model: DMAD, records: list, category: str) -> dict[str, float | None]:
     """Mean IoU of each mask over the class's defective images with masks."""
     heats, truths, areas = heat_maps(model, records, category)
-    t = model.pixel_threshold_
+    fitted = model.fitted()
+    t = fitted.pixel_threshold
 
     def mean_iou(masks: Iterable[np.ndarray]) -> float:
         return float(np.mean([iou(m, truth) for m, truth in zip(masks, truths, strict=True)]))
 
-    val = [it for it in model.validation_items_ if it.category == category]
+    val = [it for it in fitted.validation_items if it.category == category]
     stride = model.config.backbone.stride
     class_threshold = false_mark_threshold([model.anomaly_map(p.patch_scores)
                                             for p in model.predict(val, progress_bar=False)], stride * stride)
-    share = model.mask_peak_shares_.get(category)
+    share = fitted.mask_peak_shares.get(category)
     values = np.concatenate([hm.ravel()[::7] for hm in heats])  # defects can be 0.01 % of the pixels:
     candidates = np.quantile(values, 1 - np.logspace(-0.3, -5.5, 80))  # thresholds up to the very top
     return {

@@ -91,9 +91,11 @@ def analyse(k: int, seed: int, cache: Path, picture: Path | None = None) -> None
     grid = feats[0].shape[:2]
     masks = np.stack([load_mask(r.mask_path, grid) if r.mask_path else np.zeros(grid, bool) for r in records])
     masks = masks.reshape(len(records), -1)
-    d_normal = nearest_distance(model.normal_bank_, feats, category="tire")
-    d_seen = nearest_distance(model.abnormal_bank_, feats, banks.SEEN)
-    sizes = model.abnormal_bank_.part_sizes()
+    fitted = model.fitted()
+    normal_bank, abnormal_bank = fitted.memory.normal_bank_, fitted.memory.abnormal_bank_
+    d_normal = nearest_distance(normal_bank, feats, category="tire")
+    d_seen = nearest_distance(abnormal_bank, feats, banks.SEEN)
+    sizes = abnormal_bank.part_sizes()
     print(f"\n== K = {k} annotated tire defects (seed {seed}): {sizes.get(banks.SEEN, 0)} seen patches; "
           f"{len(records)} test images ({int((labels == 0).sum())} normal) ==")
 
@@ -120,11 +122,11 @@ def analyse(k: int, seed: int, cache: Path, picture: Path | None = None) -> None
               f"patch AUROC {roc_auc_score(masks.ravel(), s.ravel()):.3f}")
 
     # Supervised upper bound: the labels of the annotated patches, a linear classifier on the features.
-    train_items = [it for it in model.normal_items_ if it.category == "tire"]
+    train_items = [it for it in fitted.normal_items if it.category == "tire"]
     train_feats = model.patch_features(train_items)
-    d_train = nearest_distance(model.normal_bank_, train_feats, sources=[it.source for it in train_items], category="tire")
+    d_train = nearest_distance(normal_bank, train_feats, sources=[it.source for it in train_items], category="tire")
     hard = np.concatenate([f.reshape(-1, f.shape[-1])[np.argsort(d)[-20:]] for f, d in zip(train_feats, d_train)])
-    seen = model.abnormal_bank_.parts[banks.SEEN].vectors
+    seen = abnormal_bank.parts[banks.SEEN].vectors
     x = np.concatenate([seen, hard])
     y = np.r_[np.ones(len(seen)), np.zeros(len(hard))]
     flat = np.stack([f.reshape(-1, f.shape[-1]) for f in feats])
@@ -145,7 +147,7 @@ def analyse(k: int, seed: int, cache: Path, picture: Path | None = None) -> None
         cover = binary_dilation(load_mask(r.mask_path, grid), iterations=2)
         away.append(f.reshape(-1, f.shape[-1])[~cover.ravel()])
     away = np.concatenate(away)
-    normal_part = model.normal_bank_.parts[banks.NORMAL]
+    normal_part = normal_bank.parts[banks.NORMAL]
     rows = normal_part.categories == "tire"
     extended = banks.MemoryBank(dim=away.shape[1])
     extended.set_part(banks.NORMAL, banks.BankPart(np.concatenate([normal_part.vectors[rows], away]),

@@ -43,7 +43,7 @@ def print_breakdown(model: DMAD, test: list[ImageItem], batch: int, e2e_s: float
     scoring = ["abnormal-bank search", "knowledge + mapper"] if model.uses_mapper else ["defect classifiers"]
     stages: dict[str, float] = dict.fromkeys(
         ["decode", "resize + normalise", "backbone", "patch features", "normal-bank search", *scoring], 0.0)
-    dim = model.config.backbone.feature_dim
+    dim, fitted = model.config.backbone.feature_dim, model.fitted()
     whole_bank = 0.0  # the normal-bank search across all classes, for reference (not in the sum)
     for start in range(0, len(test), batch):
         chunk = test[start:start + batch]
@@ -54,24 +54,24 @@ def print_breakdown(model: DMAD, test: list[ImageItem], batch: int, e2e_s: float
         with torch.inference_mode():
             feats = fe.head(maps).float().cpu().numpy()
         stages["patch features"] += time.perf_counter() - t
-        q = model.scaling_.apply([feats.reshape(-1, dim)])[0]
+        q = fitted.scaling.apply([feats.reshape(-1, dim)])[0]
         cats = np.repeat([it.category for it in chunk], len(q) // len(chunk))
-        t = time.perf_counter(); _, i_n = model.memory_.search_normal(q, None, cats); stages["normal-bank search"] += time.perf_counter() - t
-        t = time.perf_counter(); model.normal_bank_.search(q); whole_bank += time.perf_counter() - t
+        t = time.perf_counter(); _, i_n = fitted.memory.search_normal(q, None, cats); stages["normal-bank search"] += time.perf_counter() - t
+        t = time.perf_counter(); fitted.memory.normal_bank_.search(q); whole_bank += time.perf_counter() - t
         if not model.uses_mapper:  # the logits of each image's class classifier (kNN distance: searched above)
             t = time.perf_counter()
             for it, rows in zip(chunk, q.reshape(len(chunk), -1, dim), strict=True):
-                state = model.scorer_.classes_.get(it.category)
+                state = fitted.scorer.classes_.get(it.category)
                 if state is not None and state.classifier is not None:
                     state.classifier.logit(rows)
             stages["defect classifiers"] += time.perf_counter() - t
             continue
-        t = time.perf_counter(); _, i_a = model.abnormal_bank_.search(q); stages["abnormal-bank search"] += time.perf_counter() - t
+        t = time.perf_counter(); _, i_a = fitted.memory.abnormal_bank_.search(q); stages["abnormal-bank search"] += time.perf_counter() - t
         t = time.perf_counter()
         with torch.no_grad():
             qt = torch.from_numpy(q).reshape(len(chunk), -1, dim)
-            model.net_.eval()(qt, torch.from_numpy(model.normal_bank_.vectors[i_n]).reshape(qt.shape),
-                              torch.from_numpy(model.abnormal_bank_.vectors[i_a]).reshape(qt.shape), qt)
+            fitted.net.eval()(qt, torch.from_numpy(fitted.memory.normal_bank_.vectors[i_n]).reshape(qt.shape),
+                              torch.from_numpy(fitted.memory.abnormal_bank_.vectors[i_a]).reshape(qt.shape), qt)
         stages["knowledge + mapper"] += time.perf_counter() - t
     total = sum(stages.values())
     print(f"where end-to-end time goes (ms/img, stages timed one by one; sum {1000 * total / len(test):.1f} "
@@ -113,7 +113,7 @@ def main() -> None:
     t0 = time.perf_counter()
     model.fit(normal, outlier_items(outliers_dir, 120, 0, cfg.bank.outlier_images_max))
     fit_s = time.perf_counter() - t0
-    print(f"fit: {fit_s:.1f} s = " + ", ".join(f"{k} {v:.1f} s" for k, v in model.timings_.items()))
+    print(f"fit: {fit_s:.1f} s = " + ", ".join(f"{k} {v:.1f} s" for k, v in model.fitted().timings.items()))
 
     # Baseline: the backbone forward alone on preprocessed batches (no decoding, no head, no scoring).
     images = [load_image(it.path) for it in test]
@@ -142,8 +142,9 @@ def main() -> None:
     print(f"scoring cached features:{1 / cached_s:7.1f} img/s ({1000 * cached_s:.1f} ms/img)  = {cached_s / backbone_s:.2f}x backbone")
     print_breakdown(model, test, args.batch, e2e_s)
     print(f"peak memory (RSS): {peak_rss_mb():.0f} MB")
-    print(f"training from cached features vs fit: banks {model.timings_['banks']:.1f} s, "
-          f"scorer (mapper or classifiers) {model.timings_['train']:.1f} s, features {model.timings_['features']:.1f} s")
+    timings = model.fitted().timings
+    print(f"training from cached features vs fit: banks {timings['banks']:.1f} s, "
+          f"scorer (mapper or classifiers) {timings['train']:.1f} s, features {timings['features']:.1f} s")
 
 
 if __name__ == "__main__":

@@ -128,7 +128,7 @@ def run_evaluation(request: EvalRequest, config: DMADConfig, cache_dir: Path,
                              config.bank.outlier_images_max)
     model = DMAD(config, store)
     model.fit(normal, outliers, annotations)
-    seconds = {k: round(v, 2) for k, v in (model.timings_ or {}).items()}
+    seconds = {k: round(v, 2) for k, v in model.fitted().timings.items()}
 
     t0 = time.perf_counter()
     results: dict[str, MethodResult] = {}
@@ -144,8 +144,8 @@ def run_evaluation(request: EvalRequest, config: DMADConfig, cache_dir: Path,
         results[method] = MethodResult(method, per_class, predictions)
     seconds["predict"] = round(time.perf_counter() - t0, 2)
     scorer = None
-    if model.scorer_ is not None:
-        meta = model.scorer_.to_state()[0]
+    if (fitted_scorer := model.fitted().scorer) is not None:
+        meta = fitted_scorer.to_state()[0]
         scorer = {"weights": {c: {"image": d["image_weight"], "map": d["map_weight"]}
                               for c, d in meta["classes"].items() if d["intercept"] is not None},
                   "selection": meta["selection"]}

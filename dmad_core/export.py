@@ -55,20 +55,22 @@ class ExportedScorer(nn.Module):
 
     def __init__(self, model) -> None:
         super().__init__()
-        if model.uses_mapper or model.scorer_ is None:
+        state = model.fitted()
+        scorer = state.scorer
+        if model.uses_mapper or scorer is None:
             raise ValueError("only the classifier scorer (the default) can be exported; this model scores with "
                              "the paper's mapper (`--scorer mapper`)")
         extractor = model.features.extractor
         self.body, self.head = extractor.body.cpu().eval(), extractor.head.cpu().eval()
-        self.categories = list(model.categories_)
+        self.categories = list(state.categories)
         cfg = model.config
         self.stride = cfg.backbone.stride
         self.input_size = (cfg.backbone.image_size, cfg.backbone.image_size)
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
-        self.register_buffer("shift", torch.from_numpy(np.asarray(model.scaling_.shift, np.float32)))
-        self.feature_scale = float(model.scaling_.scale)
-        bank = model.normal_bank_.union_
+        self.register_buffer("shift", torch.from_numpy(np.asarray(state.scaling.shift, np.float32)))
+        self.feature_scale = float(state.scaling.scale)
+        bank = state.memory.normal_bank_.union_
         vectors = torch.from_numpy(np.asarray(bank.vectors, np.float32))
         self.register_buffer("bank", vectors)
         self.register_buffer("bank_norms", (vectors * vectors).sum(1))
@@ -77,7 +79,7 @@ class ExportedScorer(nn.Module):
         self.register_buffer("row_mask", torch.from_numpy(np.stack(
             [np.where(rows == c, 0.0, np.inf) for c in self.categories]).astype(np.float32)))
         dim = vectors.shape[1]
-        states = [model.scorer_.classes_.get(c) or model.scorer_._unknown_class() for c in self.categories]
+        states = [scorer.classes_.get(c) or scorer._unknown_class() for c in self.categories]
         self.register_buffer("coef", torch.from_numpy(np.stack(
             [s.classifier.coef if s.classifier is not None else np.zeros(dim, np.float32) for s in states]).astype(np.float32)))
 
@@ -92,7 +94,7 @@ class ExportedScorer(nn.Module):
                                                 else 1.0 for s in states]))
         self.register_buffer("map_weight", col([s.map_weight if s.classifier else 0.0 for s in states]))
         self.register_buffer("image_weight", col([s.image_weight if s.classifier else 0.0 for s in states]))
-        self.register_buffer("top_k", col([float(s.image_top_k or model.scorer_.top_k) for s in states]))
+        self.register_buffer("top_k", col([float(s.image_top_k or scorer.top_k) for s in states]))
         self.sigma = cfg.score.gaussian_sigma
 
     @staticmethod

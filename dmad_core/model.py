@@ -11,8 +11,8 @@ Example (offline backbone, synthetic data)::
     model.update([DefectAnnotation(item, mask)])  # seen + centre parts rebuilt, mapper warm-started
 
 The parts: ``DualMemory`` (memory.py: both banks and their searches), ``MapperTrainer`` (training.py:
-batches, pseudo-anomalies, validation, early stopping), ``persistence.py`` (the saved folder),
-``FeatureStore`` / ``FeatureScaling`` (features.py) and the values in items.py.
+batches, pseudo-anomalies, validation, early stopping), ``FittedState`` (fitted_state.py: what fitting
+produces, and the saved folder), ``FeatureStore`` / ``FeatureScaling`` (features.py) and the values in items.py.
 """
 
 from __future__ import annotations
@@ -24,12 +24,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dmad_core import persistence
-from dmad_core.banks import MemoryBank
+from dmad_core import fitted_state
 from dmad_core.config import DMADConfig, MapperConfig
 from dmad_core.defect_classifier import DefectClassifierScorer
 from dmad_core.devices import pick_device
 from dmad_core.features import FeatureScaling, FeatureStore
+from dmad_core.fitted_state import FittedState
 from dmad_core.items import DefectAnnotation, ImageItem, Prediction, Progress, no_progress, top_k_mean
 from dmad_core.memory import DualMemory
 from dmad_core.modules import DMADNet, anomaly_maps
@@ -37,10 +37,10 @@ from dmad_core.preannotation import choose_peak_share, patch_area
 from dmad_core.progress_bar import make_bar
 from dmad_core.training import MapperTrainer, TrainSet, split_validation, validation_patches
 
-__all__ = ["DMAD", "anomaly_map", "FORMAT_VERSION", "DefectAnnotation", "FeatureStore", "ImageItem", "Prediction", "Progress",
-           "no_progress", "top_k_mean"]
+__all__ = ["DMAD", "anomaly_map", "FORMAT_VERSION", "DefectAnnotation", "FeatureStore", "FittedState", "ImageItem",
+           "Prediction", "Progress", "no_progress", "top_k_mean"]
 
-FORMAT_VERSION = persistence.FORMAT_VERSION
+FORMAT_VERSION = fitted_state.FORMAT_VERSION
 
 
 def anomaly_map(patch_scores: np.ndarray, size: tuple[int, int] | None, config: DMADConfig) -> np.ndarray:
@@ -63,30 +63,13 @@ class DMAD:
         self.config = config
         self.features = features
         self.device = pick_device(config.device)
-        # Fitted state: None until fit() or load().
-        self.memory_: DualMemory | None = None
-        self.net_: DMADNet | None = None  # the mapper (``ScoreConfig.scorer == "mapper"``)
-        self.scorer_: DefectClassifierScorer | None = None  # the classifier scorer (the default)
-        self.scaling_: FeatureScaling | None = None
-        self.mapper_config_: MapperConfig | None = None  # the regime trained last (semi-supervised or not)
-        self.categories_: list[str] | None = None
-        self.normal_items_: list[ImageItem] | None = None  # training split (banks + mapper)
-        self.validation_items_: list[ImageItem] | None = None
-        self.annotations_: list[DefectAnnotation] | None = None
-        self.pixel_threshold_: float | None = None  # None when there were no validation images
-        self.image_threshold_: float | None = None
-        self.validation_scores_: dict[str, list[float]] | None = None  # class -> sorted validation image scores
-        self.mask_peak_shares_: dict[str, float] = {}  # class -> pre-annotation level, from its drawn masks
-        self.history_: list[dict] | None = None
-        self.timings_: dict[str, float] | None = None
+        self.state_: FittedState | None = None  # what fit() / update() produce; None until fit() or load()
 
-    @property
-    def normal_bank_(self) -> MemoryBank | None:
-        return None if self.memory_ is None else self.memory_.normal_bank_
-
-    @property
-    def abnormal_bank_(self) -> MemoryBank | None:
-        return None if self.memory_ is None else self.memory_.abnormal_bank_
+    def fitted(self) -> FittedState:
+        """The fitted state, for code that needs a fitted model: a clear error where there is none yet."""
+        if self.state_ is None:
+            raise RuntimeError("the model is not fitted: call fit() or DMAD.load()")
+        return self.state_
 
     def fit(self, normal: Sequence[ImageItem], outliers: Sequence[ImageItem],
             annotations: Sequence[DefectAnnotation] = (), progress: Progress = no_progress) -> DMAD:
@@ -123,12 +106,12 @@ class DMAD:
             progress(0.4, "fitting the defect classifiers")
             scorer = self._fit_scorer(memory, scaling, train_items, val_items, annotations, ann_feats)
         timings["train"] = time.perf_counter() - t0
-        self.memory_, self.net_, self.scorer_, self.scaling_, self.mapper_config_ = memory, net, scorer, scaling, mc
-        self.categories_ = sorted({it.category for it in normal})
-        self.normal_items_, self.validation_items_, self.annotations_ = train_items, val_items, list(annotations)
-        self.history_, self.timings_ = history, timings
-        self.pixel_threshold_, self.image_threshold_ = self._thresholds(val_items)
-        self.mask_peak_shares_ = self._mask_peak_shares(annotations)
+        state = self.state_ = FittedState(
+            memory=memory, scaling=scaling, mapper_config=mc, categories=sorted({it.category for it in normal}),
+            normal_items=train_items, validation_items=val_items, annotations=list(annotations), net=net,
+            scorer=scorer, history=history, timings=timings)
+        state.pixel_threshold, state.image_threshold, state.validation_scores = self._thresholds(val_items)
+        state.mask_peak_shares = self._mask_peak_shares(annotations)
         progress(1.0, "trained")
         return self
 
@@ -140,24 +123,20 @@ class DMAD:
 
         ``annotations`` is the complete current set (not a delta), so deletions are honoured.
         """
-        if self.memory_ is None:
-            raise RuntimeError("update() needs a fitted model: call fit() first")
-        # fitted together with memory_ (narrowing for the type checker)
-        assert (self.scaling_ is not None and self.categories_ is not None and self.normal_items_ is not None
-                and self.validation_items_ is not None)
-        memory, scaling, t0, timings = self.memory_, self.scaling_, time.perf_counter(), {}
+        state = self.fitted()
+        memory, scaling, t0, timings = state.memory, state.scaling, time.perf_counter(), {}
         ann_feats = scaling.apply(self.features.get([a.item for a in annotations], desc="features: annotated"))
-        known = {it.hash for it in self.normal_items_}
+        known = {it.hash for it in state.normal_items}
         new_normals = [it for it in confirmed_normals if it.hash not in known]
         if new_normals:
             progress(0.05, f"adding {len(new_normals)} confirmed normal images to the normal bank")
             memory.extend_normal(new_normals, self.patch_features(new_normals, "features: confirmed normal"),
                                  lambda f, m: progress(0.05 + 0.05 * f, m))
-            self.normal_items_ = self.normal_items_ + new_normals
-            self.categories_ = sorted(set(self.categories_) | {it.category for it in new_normals})
+            state.normal_items = state.normal_items + new_normals
+            state.categories = sorted(set(state.categories) | {it.category for it in new_normals})
         timings["features"], t0 = time.perf_counter() - t0, time.perf_counter()
         memory.set_annotations(annotations, ann_feats, self._net_scores)  # weak: the current model's top patches
-        self.annotations_ = list(annotations)
+        state.annotations = list(annotations)
         timings["banks"], t0 = time.perf_counter() - t0, time.perf_counter()
         mc = self._mapper_config(annotations)
         history: list[dict] = []
@@ -166,19 +145,19 @@ class DMAD:
             # weights, or back) starts a fresh mapper. Measured on tire + bottle with 10 masks: warm-starting
             # the unsupervised mapper gives tire pixel AUROC 0.70-0.74 (it never leaves the unsupervised
             # optimum's basin), a fresh mapper 0.96 after 6 epochs, as good as 48 from scratch.
-            warm = self.net_ if mc == self.mapper_config_ else None
-            self.net_, history = self._train(memory, scaling, warm, mc, self.normal_items_, self.validation_items_,
+            warm = state.net if mc == state.mapper_config else None
+            state.net, history = self._train(memory, scaling, warm, mc, state.normal_items, state.validation_items,
                                              annotations, ann_feats, epochs or self.config.mapper.retrain_epochs(),
                                              lambda f, m: progress(0.1 + 0.85 * f, m),
                                              self.config.mapper.retrain_patience)
         else:
             progress(0.2, "fitting the defect classifiers")
-            self.scorer_ = self._fit_scorer(memory, scaling, self.normal_items_, self.validation_items_, annotations,
+            state.scorer = self._fit_scorer(memory, scaling, state.normal_items, state.validation_items, annotations,
                                             ann_feats)
         timings["train"] = time.perf_counter() - t0
-        self.mapper_config_, self.history_, self.timings_ = mc, history, timings
-        self.pixel_threshold_, self.image_threshold_ = self._thresholds(self.validation_items_)
-        self.mask_peak_shares_ = self._mask_peak_shares(annotations)
+        state.mapper_config, state.history, state.timings = mc, history, timings
+        state.pixel_threshold, state.image_threshold, state.validation_scores = self._thresholds(state.validation_items)
+        state.mask_peak_shares = self._mask_peak_shares(annotations)
         progress(1.0, "retrained")
         return self
 
@@ -201,13 +180,12 @@ class DMAD:
     def knn_predict(self, items: Sequence[ImageItem], batch_size: int = 16, cache_features: bool = True) -> list[Prediction]:
         """The PatchCore baseline on the same features and normal bank: patch score = distance to the
         nearest normal patch, image score = the largest patch score."""
-        if self.memory_ is None:
-            raise RuntimeError("model is not fitted: call fit() or load() first")
+        memory = self.fitted().memory
         preds = []
         for start in range(0, len(items), batch_size):
             chunk = items[start:start + batch_size]
             for it, f in zip(chunk, self.patch_features(chunk, store=cache_features, bar=False), strict=True):
-                grid = self.memory_.normal_distances(f, it.category).reshape(f.shape[:2])
+                grid = memory.normal_distances(f, it.category).reshape(f.shape[:2])
                 preds.append(Prediction(it, grid, float(grid.max())))
         return preds
 
@@ -220,18 +198,18 @@ class DMAD:
     def patch_features(self, items: Sequence[ImageItem], desc: str = "features", store: bool = True,
                        bar: bool = True) -> list[np.ndarray]:
         """Standardised float32 patch features (gh, gw, C) of images, from the feature cache."""
-        if self.scaling_ is None:
-            raise RuntimeError("model is not fitted: call fit() or load() first")
-        return self.scaling_.apply(self.features.get(items, desc=desc, store=store, bar=bar))
+        return self.fitted().scaling.apply(self.features.get(items, desc=desc, store=store, bar=bar))
 
     def save(self, folder: str | Path) -> None:
-        persistence.save_model(self, folder)
+        """The fitted state and the config into ``folder`` (fitted_state.py describes its layout)."""
+        self.fitted().save(folder, self.config)
 
     @staticmethod
     def load(folder: str | Path, features: FeatureStore) -> DMAD:
-        meta = persistence.read_model_json(folder)
-        model = DMAD(DMADConfig.from_dict(meta["config"]), features)
-        persistence.load_into(model, folder, meta)
+        """The model saved in ``folder``, with the config it was trained with (``features`` must be built for
+        it: ``fitted_state.saved_config``)."""
+        model = DMAD(fitted_state.saved_config(folder), features)
+        model.state_ = FittedState.load(folder, model.config, model.device)
         return model
 
     # ------------------------------------------------------------------------------------- the steps
@@ -258,26 +236,27 @@ class DMAD:
                           progress=at_start, desc="nearest neighbours: annotated")
         return MapperTrainer(mc, memory, self.device).train(net, normal, val, ann, epochs, progress, patience)
 
-    def _thresholds(self, validation: Sequence[ImageItem]) -> tuple[float | None, float | None]:
+    def _thresholds(self, validation: Sequence[ImageItem]
+                    ) -> tuple[float | None, float | None, dict[str, list[float]]]:
         """From validation normal images only: the pixel threshold for heat-map masks (a quantile of their
-        pixel scores) and the image threshold (their highest image score); their image scores per class are
-        kept in ``validation_scores_`` (``normal_percentile`` reads a score against them)."""
-        self.validation_scores_ = {}
+        pixel scores), the image threshold (their highest image score) and their sorted image scores per
+        class (``normal_percentile`` reads a score against them)."""
         if not validation:
-            return None, None
+            return None, None, {}
         preds = self.predict(validation, progress_bar=False)
+        scores: dict[str, list[float]] = {}
         for p in preds:
-            self.validation_scores_.setdefault(p.item.category, []).append(float(p.image_score))
-        self.validation_scores_ = {c: sorted(v) for c, v in self.validation_scores_.items()}
+            scores.setdefault(p.item.category, []).append(float(p.image_score))
         maps = np.concatenate([self.anomaly_map(p.patch_scores).ravel() for p in preds])  # grids may differ
         return (float(np.quantile(maps, self.config.score.pixel_threshold_quantile)),
-                float(max(p.image_score for p in preds)))
+                float(max(p.image_score for p in preds)), {c: sorted(v) for c, v in scores.items()})
 
     def _mask_peak_shares(self, annotations: Sequence[DefectAnnotation]) -> dict[str, float]:
         """Per class with drawn masks, the pre-annotation level that fits them best
         (``preannotation.choose_peak_share``): inspectors' masks, never test images."""
         masked = [(a, a.mask) for a in annotations if a.mask is not None]
-        if not masked or self.pixel_threshold_ is None:
+        pixel_threshold = self.fitted().pixel_threshold
+        if not masked or pixel_threshold is None:
             return {}
         preds = self.predict([a.item for a, _ in masked], progress_bar=False)
         shares = {}
@@ -285,7 +264,7 @@ class DMAD:
             rows = [(mask, p) for (a, mask), p in zip(masked, preds, strict=True) if a.item.category == category]
             heats = [self.anomaly_map(p.patch_scores, mask.shape) for mask, p in rows]
             areas = [patch_area(p.patch_scores.shape, mask.shape) for mask, p in rows]
-            shares[category] = choose_peak_share(heats, [mask for mask, _ in rows], self.pixel_threshold_, areas)
+            shares[category] = choose_peak_share(heats, [mask for mask, _ in rows], pixel_threshold, areas)
         return shares
 
     def _net_scores(self, feat: np.ndarray, category: str) -> np.ndarray:
@@ -294,7 +273,7 @@ class DMAD:
     @property
     def is_fitted(self) -> bool:
         """Whether the model can predict: its memory and its scorer (mapper or classifiers) exist."""
-        return self.memory_ is not None and (self.net_ is not None or self.scorer_ is not None)
+        return self.state_ is not None and (self.state_.net is not None or self.state_.scorer is not None)
 
     @property
     def uses_mapper(self) -> bool:
@@ -312,17 +291,16 @@ class DMAD:
     def _score_features(self, feats: Sequence[np.ndarray], categories: Sequence[str]) -> list[tuple[np.ndarray, float]]:
         """(patch score grid, image score) of images whose standardised features are known (no backbone);
         the normal bank is searched within each image's class (``BankConfig.class_aware``)."""
-        if self.memory_ is None:
-            raise RuntimeError("model is not fitted: call fit() or load() first")
-        if self.scorer_ is not None:
-            return [self.scorer_.score(self.memory_, f, c) for f, c in zip(feats, categories, strict=True)]
-        assert self.net_ is not None  # is_fitted: a mapper where there is no classifier scorer
+        state = self.fitted()
+        if state.scorer is not None:
+            return [state.scorer.score(state.memory, f, c) for f, c in zip(feats, categories, strict=True)]
+        assert state.net is not None  # is_fitted: a mapper where there is no classifier scorer
         dim = self.config.backbone.feature_dim
         flat = [np.asarray(f, np.float32).reshape(-1, dim) for f in feats]
         q_all = np.concatenate(flat)
-        v_n, v_a = self.memory_.nearest_vectors(q_all, None, np.repeat(np.asarray(categories), [len(f) for f in flat]))
+        v_n, v_a = state.memory.nearest_vectors(q_all, None, np.repeat(np.asarray(categories), [len(f) for f in flat]))
         q = torch.from_numpy(q_all).to(self.device).reshape(len(flat), flat[0].shape[0], dim)
-        scores = -self.net_.eval()(q, torch.from_numpy(v_n).to(self.device).reshape(q.shape),
+        scores = -state.net.eval()(q, torch.from_numpy(v_n).to(self.device).reshape(q.shape),
                                    torch.from_numpy(v_a).to(self.device).reshape(q.shape), q)
         grids = [s.reshape(f.shape[:2]) if f.ndim == 3 else s for f, s in zip(feats, scores.float().cpu().numpy(),
                                                                                 strict=True)]

@@ -20,7 +20,8 @@ Example::
 
     heat = model.anomaly_map(pred.patch_scores, (h, w))
     area = patch_area(pred.patch_scores.shape, (h, w))
-    mask = defect_mask(heat, model.pixel_threshold_, area, model.mask_peak_shares_.get(pred.item.category))
+    state = model.fitted()
+    mask = defect_mask(heat, state.pixel_threshold, area, state.mask_peak_shares.get(pred.item.category))
 """
 
 from __future__ import annotations

@@ -17,8 +17,8 @@ from app.services.line.inference import TOP_PATCHES, top_patches  # noqa: F401 (
 from db.models import Image, ModelVersion
 from db.repositories import PoolScoreRow
 from dmad_core.config import DMADConfig
+from dmad_core.fitted_state import saved_config
 from dmad_core.model import DMAD, FeatureStore, ImageItem, Prediction
-from dmad_core.persistence import saved_config
 
 if TYPE_CHECKING:
     from app.services.line.inference import LoadedModel

@@ -47,10 +47,11 @@ def test_unsupervised_score_is_the_knn_distance_in_the_class_unit(fitted):
     """Without annotations the model starts from the kNN map: each patch score is the normal-bank distance
     (PatchCore's) shifted and scaled per class, so heat maps rank pixels exactly as kNN does."""
     model, dss, _ = fitted
-    assert model.net_ is None and model.abnormal_bank_.part_sizes()[banks.OUTLIER] == 0  # no mapper, no outliers
+    state = model.fitted()
+    assert state.net is None and state.memory.abnormal_bank_.part_sizes()[banks.OUTLIER] == 0  # no mapper, no outliers
     for ds in dss:
         items = items_of(ds)
-        scale = model.scorer_.classes_[ds.name].distance_scale
+        scale = state.scorer.classes_[ds.name].distance_scale
         assert scale.q99 > scale.median > 0
         for p, k in zip(model.predict(items, progress_bar=False), model.knn_predict(items), strict=True):
             np.testing.assert_allclose(p.patch_scores, scale.apply(k.patch_scores), rtol=1e-5, atol=1e-5)
@@ -64,19 +65,21 @@ def test_annotations_train_a_classifier_for_their_class_only(fitted, tmp_path):
     grid, dots = dss
     before = work.predict(items_of(dots), progress_bar=False)
     work.update(masked(grid, 4))
-    state = work.scorer_.classes_
+    scorer = work.fitted().scorer
+    state = scorer.classes_
     assert state["grid"].classifier is not None and state["dots"].classifier is None
-    assert set(work.scorer_.selection_) == {"grid"}
-    assert set(work.scorer_.selection_["grid"]) == set(work.config.classifier.weights)
+    assert set(scorer.selection_) == {"grid"}
+    assert set(scorer.selection_["grid"]) == set(work.config.classifier.weights)
     assert state["grid"].image_weight in work.config.classifier.weights
     after = work.predict(items_of(dots), progress_bar=False)  # a class without annotations keeps its scores
     assert all(np.array_equal(a.patch_scores, b.patch_scores) for a, b in zip(before, after, strict=True))
     # the classifier separates the held-in defect patches from normal training patches
     ann = masked(grid, 4)[0]
     feat = work.patch_features([ann.item])[0]
-    idx = work.memory_.annotated_patches_[ann.item.hash]
+    idx = work.fitted().memory.annotated_patches_[ann.item.hash]
     logits = state["grid"].classifier.logit(feat.reshape(-1, feat.shape[-1]))
-    normal_logits = state["grid"].classifier.logit(work.patch_features(work.normal_items_[:2])[0].reshape(-1, feat.shape[-1]))
+    normal = work.patch_features(work.fitted().normal_items[:2])[0]
+    normal_logits = state["grid"].classifier.logit(normal.reshape(-1, feat.shape[-1]))
     assert np.median(logits[idx]) > np.quantile(normal_logits, 0.99)
 
 
@@ -88,7 +91,7 @@ def test_one_annotation_cannot_be_validated_so_the_score_stays_knn(fitted, tmp_p
     items = items_of(dss[0])
     before = work.predict(items, progress_bar=False)
     work.update(masked(dss[0], 1))
-    st = work.scorer_.classes_[dss[0].name]
+    st = work.fitted().scorer.classes_[dss[0].name]
     assert st.classifier is not None and (st.image_weight, st.map_weight) == (0.0, 0.0)
     for a, b in zip(before, work.predict(items, progress_bar=False), strict=True):
         assert np.array_equal(a.patch_scores, b.patch_scores) and a.image_score == b.image_score
@@ -105,13 +108,14 @@ def test_a_saved_classifier_model_predicts_the_same(fitted, tmp_path):
     items = items_of(dss[0]) + items_of(dss[1])
     for a, b in zip(work.predict(items, progress_bar=False), loaded.predict(items, progress_bar=False), strict=True):
         assert np.array_equal(a.patch_scores, b.patch_scores) and a.image_score == b.image_score
-    assert loaded.scorer_.selection_ == work.scorer_.selection_
+    saved, back = work.fitted(), loaded.fitted()
+    assert back.scorer.selection_ == saved.scorer.selection_
     # validation image scores per class, sorted: what Label Studio's 0-1 score is a percentile of
-    assert loaded.validation_scores_ == work.validation_scores_ and set(work.validation_scores_) == {"grid", "dots"}
-    scores = work.validation_scores_["grid"]
+    assert back.validation_scores == saved.validation_scores and set(saved.validation_scores) == {"grid", "dots"}
+    scores = saved.validation_scores["grid"]
     assert scores == sorted(scores) and normal_percentile(scores[-1] + 1, scores) == 1.0
     assert normal_percentile(scores[0], scores) == 0.0 and normal_percentile(1.0, []) is None
-    assert loaded.abnormal_bank_.part_sizes()[banks.WEAK] == work.config.bank.weak_patches_per_image
+    assert back.memory.abnormal_bank_.part_sizes()[banks.WEAK] == work.config.bank.weak_patches_per_image
 
 
 def test_ties_go_to_the_smallest_weight_and_scales_are_robust():

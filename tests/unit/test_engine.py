@@ -255,15 +255,17 @@ def fitted(tmp_path_factory):
 
 def test_fit_builds_banks_and_never_reruns_backbone(fitted):
     model, dss, store, _ = fitted
-    assert model.normal_bank_.part_sizes()[banks.NORMAL] > 0
-    assert model.abnormal_bank_.part_sizes()[banks.OUTLIER] > 0 and model.abnormal_bank_.part_sizes()[banks.SEEN] == 0
-    assert len(model.validation_items_) >= 2 and not ({i.hash for i in model.validation_items_}
-                                                      & {i.hash for i in model.normal_items_})
+    state = model.fitted()
+    assert state.memory.normal_bank_.part_sizes()[banks.NORMAL] > 0
+    abnormal = state.memory.abnormal_bank_.part_sizes()
+    assert abnormal[banks.OUTLIER] > 0 and abnormal[banks.SEEN] == 0
+    assert len(state.validation_items) >= 2 and not ({i.hash for i in state.validation_items}
+                                                     & {i.hash for i in state.normal_items})
     misses = store.cache.stats.misses
     model.predict([ImageItem.from_path(r.path, dss[0].name) for r in dss[0].train[:3]])
     assert store.cache.stats.misses == misses  # training images come from the cache
-    assert model.pixel_threshold_ is not None
-    assert not model.net_.training
+    assert state.pixel_threshold is not None
+    assert not state.net.training
 
 
 def test_filtered_seen_part_only_keeps_masked_patches(fitted):
@@ -272,15 +274,15 @@ def test_filtered_seen_part_only_keeps_masked_patches(fitted):
     rec = next(r for r in ds.test if r.label == 1)
     mask = load_mask(rec.mask_path)
     item = ImageItem.from_path(rec.path, ds.name)
-    idx, weak = model.memory_.annotated_patches(DefectAnnotation(item, mask), model.patch_features([item])[0],
-                                                model._net_scores)
+    memory = model.fitted().memory
+    idx, weak = memory.annotated_patches(DefectAnnotation(item, mask), model.patch_features([item])[0], model._net_scores)
     gh, gw = model.features.extractor.grid_size
     cover = torch.nn.functional.adaptive_avg_pool2d(torch.from_numpy(mask.astype(np.float32))[None, None],
                                                     (gh, gw)).reshape(-1).numpy()
     assert not weak and 0 < len(idx) < gh * gw // 10  # a defect is a small part of its image
     assert cover[idx].min() >= min(0.5, cover.max() / 2) and np.all(np.delete(cover, idx) < min(0.5, cover.max() / 2))
-    idx_weak, weak = model.memory_.annotated_patches(DefectAnnotation(item, None), model.patch_features([item])[0],
-                                                     model._net_scores)
+    idx_weak, weak = memory.annotated_patches(DefectAnnotation(item, None), model.patch_features([item])[0],
+                                              model._net_scores)
     assert weak and len(idx_weak) == model.config.bank.weak_patches_per_image
 
 
@@ -290,67 +292,70 @@ def test_update_rebuilds_abnormal_parts_and_switches_to_semi(fitted, tmp_path):
     defects = [r for r in ds.test if r.label == 1][:2]
     anns = [DefectAnnotation(ImageItem.from_path(r.path, ds.name), load_mask(r.mask_path)) for r in defects]
     weak = [DefectAnnotation(ImageItem.from_path(r.path, ds.name), None) for r in [r for r in ds.test if r.label][2:3]]
-    before = model.abnormal_bank_.part_sizes()[banks.OUTLIER]
+    state = model.fitted()  # update() retrains it in place
+    before = state.memory.abnormal_bank_.part_sizes()[banks.OUTLIER]
     model.update(anns + weak, epochs=1)
-    sizes = model.abnormal_bank_.part_sizes()
+    sizes = state.memory.abnormal_bank_.part_sizes()
     assert sizes[banks.OUTLIER] == before and sizes[banks.SEEN] > 0 and sizes[banks.WEAK] == 8
     assert sizes[banks.CENTRE] == model.config.bank.perturbations_per_centre  # one category has evidence
-    assert model.mapper_config_.lambda_annotated == 15.0 and model.mapper_config_.knowledge == "distance"
+    assert state.mapper_config.lambda_annotated == 15.0 and state.mapper_config.knowledge == "distance"
     model.update([], epochs=1)  # deletions are honoured: the full set is passed each time
-    assert model.abnormal_bank_.part_sizes()[banks.SEEN] == 0
+    assert state.memory.abnormal_bank_.part_sizes()[banks.SEEN] == 0
     model.save(tmp_path / "m")
     loaded = DMAD.load(tmp_path / "m", store)
     items = [ImageItem.from_path(r.path, ds.name) for r in ds.test]
     a = np.array([p.image_score for p in model.predict(items)])
     b = np.array([p.image_score for p in loaded.predict(items)])
-    assert np.allclose(a, b, atol=1e-5) and not loaded.net_.training
+    assert np.allclose(a, b, atol=1e-5) and not loaded.fitted().net.training
 
 
 def test_normal_neighbours_are_cached_with_the_model_until_the_normal_bank_changes(fitted, tmp_path):
     model, dss, store, _ = fitted
     model.save(tmp_path / "m")
     loaded = DMAD.load(tmp_path / "m", store)
-    dim = loaded.config.backbone.feature_dim
+    state, dim = loaded.fitted(), loaded.config.backbone.feature_dim
 
     def fresh(item, exclude):
         q = loaded.patch_features([item])[0].reshape(-1, dim)
         src = np.full(len(q), item.source, np.int64) if exclude else None
-        return loaded.normal_bank_.search(q, src)[1]
+        return state.memory.normal_bank_.search(q, src)[1]
 
-    item = loaded.normal_items_[0]
-    cached = loaded.memory_.normal_nn_cache_[f"{item.hash}:x"]  # saved with the model, read back with it
+    item = state.normal_items[0]
+    cached = state.memory.normal_nn_cache_[f"{item.hash}:x"]  # saved with the model, read back with it
     assert len(cached) == 32 * 32 and np.array_equal(cached, fresh(item, True))
-    assert f"{loaded.validation_items_[0].hash}:a" in loaded.memory_.normal_nn_cache_
+    assert f"{state.validation_items[0].hash}:a" in state.memory.normal_nn_cache_
     # a confirmed normal extends the normal bank: every cached neighbour is searched again
     extra = ImageItem.from_path(next(r for r in dss[0].test if r.label == 0).path, dss[0].name)
-    before = loaded.normal_bank_.part_sizes()[banks.NORMAL]
-    loaded.update(list(loaded.annotations_), [extra], epochs=1)
-    assert loaded.normal_bank_.part_sizes()[banks.NORMAL] > before
-    assert f"{extra.hash}:x" in loaded.memory_.normal_nn_cache_
-    assert np.array_equal(loaded.memory_.normal_nn_cache_[f"{item.hash}:x"], fresh(item, True))
+    before = state.memory.normal_bank_.part_sizes()[banks.NORMAL]
+    loaded.update(list(state.annotations), [extra], epochs=1)
+    assert state.memory.normal_bank_.part_sizes()[banks.NORMAL] > before
+    assert f"{extra.hash}:x" in state.memory.normal_nn_cache_
+    assert np.array_equal(state.memory.normal_nn_cache_[f"{item.hash}:x"], fresh(item, True))
 
 
 def test_normal_bank_search_is_class_aware_in_the_model(fitted):
     """Every normal-bank neighbour of a training or test patch comes from its own class's entries, and the
     model with the switch off searches across classes (BankConfig.class_aware)."""
     model, dss, _, _ = fitted
-    cats = model.normal_bank_.parts[banks.NORMAL].categories
-    for it in model.normal_items_[:6]:
+    state = model.fitted()
+    memory = state.memory
+    cats = memory.normal_bank_.parts[banks.NORMAL].categories
+    for it in state.normal_items[:6]:
         key = f"{it.hash}:x"
-        assert key in model.memory_.normal_nn_cache_ and np.all(cats[model.memory_.normal_nn_cache_[key]] == it.category)
+        assert key in memory.normal_nn_cache_ and np.all(cats[memory.normal_nn_cache_[key]] == it.category)
     items = [ImageItem.from_path(r.path, d.name) for d in dss for r in d.test[:2]]
     feats = model.patch_features(items)
     per_query = np.repeat([it.category for it in items], 32 * 32)
     q = np.concatenate([f.reshape(-1, f.shape[-1]) for f in feats])
-    _, i = model.memory_.search_normal(q, None, per_query)
+    _, i = memory.search_normal(q, None, per_query)
     assert np.all(cats[i] == per_query)
-    off = dataclasses.replace(model.memory_.config, class_aware=False)
-    model.memory_.config, saved = off, model.memory_.config
+    off = dataclasses.replace(memory.config, class_aware=False)
+    memory.config, saved = off, memory.config
     try:
-        _, i_all = model.memory_.search_normal(q, None, per_query)
+        _, i_all = memory.search_normal(q, None, per_query)
     finally:
-        model.memory_.config = saved
-    assert np.array_equal(i_all, model.normal_bank_.search(q)[1])
+        memory.config = saved
+    assert np.array_equal(i_all, memory.normal_bank_.search(q)[1])
 
 
 def test_knn_baseline_separates_synthetic_defects(fitted):
@@ -378,12 +383,13 @@ def test_a_retrain_stops_once_validation_stops_improving_and_keeps_the_best_stat
 
     monkeypatch.setattr(MapperTrainer, "validation_loss", scripted_loss)
     messages = []
-    loaded.update(list(loaded.annotations_), epochs=6, progress=lambda f, m: messages.append(m))
-    assert [h["epoch"] for h in loaded.history_] == [-1, 0, 1, 2]
+    loaded.update(list(loaded.fitted().annotations), epochs=6, progress=lambda f, m: messages.append(m))
+    state = loaded.fitted()
+    assert [h["epoch"] for h in state.history] == [-1, 0, 1, 2]
     assert any("stopped after epoch 3/6" in m for m in messages)
     best = states[1]  # after epoch 1 (index 0 is the starting point)
-    assert all(torch.equal(v, best[k]) for k, v in loaded.net_.state_dict().items())
-    assert not all(torch.equal(v, states[-1][k]) for k, v in loaded.net_.state_dict().items())
+    assert all(torch.equal(v, best[k]) for k, v in state.net.state_dict().items())
+    assert not all(torch.equal(v, states[-1][k]) for k, v in state.net.state_dict().items())
 
 
 def test_abnormal_neighbours_from_the_cached_outlier_part_equal_a_search_of_the_whole_bank(fitted, tmp_path):
@@ -395,16 +401,17 @@ def test_abnormal_neighbours_from_the_cached_outlier_part_equal_a_search_of_the_
     defect = next(r for r in ds.test if r.label == 1)
     model.save(tmp_path / "m")
     loaded = DMAD.load(tmp_path / "m", store)
-    item = loaded.normal_items_[0]
-    assert f"{item.hash}:x" in loaded.memory_.outlier_nn_cache_  # saved with the model, read back with it
+    state = loaded.fitted()
+    item = state.normal_items[0]
+    assert f"{item.hash}:x" in state.memory.outlier_nn_cache_  # saved with the model, read back with it
     annotated = ImageItem.from_path(defect.path, ds.name)
     loaded.update([DefectAnnotation(annotated, load_mask(defect.mask_path))], epochs=1)
-    bank, dim = loaded.abnormal_bank_, loaded.config.backbone.feature_dim
+    bank, dim = state.memory.abnormal_bank_, loaded.config.backbone.feature_dim
     assert bank.part_sizes()[banks.SEEN] > 0
     for it in (item, annotated):  # a normal training image, and the annotated image whose patches are "seen"
         q = loaded.patch_features([it])[0].reshape(-1, dim)
         src = np.full(len(q), it.source, np.int64)
-        got = loaded.memory_.abnormal_neighbours(f"{it.hash}:x", q, src)
+        got = state.memory.abnormal_neighbours(f"{it.hash}:x", q, src)
         d_ref, i_ref = bank._exact_nearest(q, src)  # the whole union at once, own image masked out
         assert np.array_equal(got, i_ref)
         assert not np.any(bank.union_.sources[got] == it.source)  # never its own patches
@@ -427,12 +434,13 @@ def test_a_saved_and_loaded_model_predicts_the_same_and_keeps_its_annotations(fi
     for a, b in zip(work.predict(items), loaded.predict(items), strict=True):
         assert np.array_equal(a.patch_scores, b.patch_scores) and a.image_score == b.image_score
     assert np.array_equal(work.anomaly_map(a.patch_scores, (40, 60)), loaded.anomaly_map(b.patch_scores, (40, 60)))
-    assert [a.item for a in loaded.annotations_] == [a.item for a in anns]
-    assert np.array_equal(loaded.annotations_[0].mask, anns[0].mask) and loaded.annotations_[1].mask is None
-    assert (loaded.pixel_threshold_, loaded.image_threshold_) == (work.pixel_threshold_, work.image_threshold_)
-    assert loaded.mapper_config_ == work.mapper_config_ and loaded.history_ == work.history_
+    saved, back = work.fitted(), loaded.fitted()
+    assert [a.item for a in back.annotations] == [a.item for a in anns]
+    assert np.array_equal(back.annotations[0].mask, anns[0].mask) and back.annotations[1].mask is None
+    assert (back.pixel_threshold, back.image_threshold) == (saved.pixel_threshold, saved.image_threshold)
+    assert back.mapper_config == saved.mapper_config and back.history == saved.history
     # the pre-annotation level chosen on the drawn mask (its class only) comes back too
-    assert set(work.mask_peak_shares_) == {ds.name} and loaded.mask_peak_shares_ == work.mask_peak_shares_
+    assert set(saved.mask_peak_shares) == {ds.name} and back.mask_peak_shares == saved.mask_peak_shares
 
 
 def test_predictions_do_not_depend_on_what_was_called_before(fitted):

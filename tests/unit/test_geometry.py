@@ -67,7 +67,7 @@ def test_each_image_gets_the_grid_of_its_proportions_and_its_own_heat_map(wide):
     assert preds[1].patch_scores.shape == (32, 32)
     assert model.anomaly_map(preds[0].patch_scores, (128, 320)).shape == (128, 320)
     assert model.anomaly_map(preds[0].patch_scores).shape == (gh * 8, gw * 8)  # the input resolution
-    assert model.pixel_threshold_ is not None and np.isfinite(model.pixel_threshold_)
+    assert model.fitted().pixel_threshold is not None and np.isfinite(model.fitted().pixel_threshold)
 
 
 def test_metrics_of_a_class_with_wide_images(wide):

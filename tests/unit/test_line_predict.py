@@ -41,10 +41,10 @@ def test_thresholds_are_calibrated_on_validation_normals_only(ui_home: PreparedH
         pool_hashes = set(session.scalars(select(Image.content_hash).where(Image.role != "train_normal")))
         thresholds = decisions.class_thresholds(session, version)
     # the images calibration read are normal training images the model held out, never a pool/test image
-    validation = {item.hash for item in model.validation_items_}
+    validation = {item.hash for item in model.fitted().validation_items}
     assert validation and validation <= train_hashes and not validation & pool_hashes
     rate = version.config[decisions.DECISION_KEY]["false_alarm_rate"]
-    for category, scores in model.validation_scores_.items():
+    for category, scores in model.fitted().validation_scores.items():
         assert thresholds[category].source == "calibrated"
         assert thresholds[category].threshold == pytest.approx(calibrate_threshold(scores, rate))
         assert thresholds[category].validation_normals == len(scores)

@@ -15,10 +15,12 @@ import pytest
 from sqlalchemy import func, select
 
 from app.services.database import open_database
+from app.services.labelstudio.home import MASK_PEAK_SHARES_KEY, PIXEL_THRESHOLD_KEY
 from app.services.loop.annotations import record_annotation
 from app.services.home_model import load_model
 from app.services.loop.reranking import rerank_progress
 from app.services.loop.versions import active_version, list_versions
+from app.services.read.read_models import VALIDATION_SCORES_KEY
 from app.worker import WorkerOptions, run_worker
 from db.models import Annotation, Image, Job, ModelVersion, PoolScore
 from tests.loop_fixtures import LoopHome, run_cli, trained_home, trained_home_template  # noqa: F401
@@ -92,6 +94,11 @@ def test_annotations_reach_a_new_active_version(trained_home: LoopHome, capsys) 
         version = active_version(session)
         sizes = version.config["bank_sizes"]["abnormal"]
         assert sizes["seen"] > 0 and sizes["weak"] > 0 and sizes["centre"] > 0
+        # the row's copy of the fitted state (FittedState.summary) is what the folder holds, under the keys
+        # its readers look up
+        summary = load_model(trained_home.home, version).fitted().summary()
+        assert {PIXEL_THRESHOLD_KEY, MASK_PEAK_SHARES_KEY, VALIDATION_SCORES_KEY} <= set(summary)
+        assert summary["mask_peak_shares"] and {k: version.config[k] for k in summary} == summary
         # one retrain, then the pool's re-ranking under it (the images its evaluation did not score)
         kinds = [job.type for job in session.scalars(select(Job).order_by(Job.id))]
         assert kinds.count("retrain") == 1 and kinds.count("train") == 1 and kinds.count("rerank") >= 1

@@ -44,8 +44,8 @@ def test_a_mapper_home_trains_and_retrains_with_the_mapper(mapper_home: LoopHome
         sizes = version.config["bank_sizes"]["abnormal"]
         assert sizes["seen"] > 0 and sizes["centre"] > 0  # rebuilt from the mask, with its perturbations
         model = load_model(mapper_home.home, version)
-    assert model.uses_mapper and model.net_ is not None and model.scorer_ is None
-    assert model.mapper_config_.lambda_annotated > 0  # the semi-supervised regime: the mask trains it
+    assert model.uses_mapper and model.fitted().net is not None and model.fitted().scorer is None
+    assert model.fitted().mapper_config.lambda_annotated > 0  # the semi-supervised regime: the mask trains it
     capsys.readouterr()
     assert run_cli("status", *mapper_home.args, "--json") == 0
     status = json.loads(capsys.readouterr().out)

@@ -109,13 +109,13 @@ def test_bad_requests_get_a_clear_4xx(ui_home: PreparedHome, content: bytes, hea
 
 
 def test_heat_map_of_a_version_saved_before_validation_scores(ui_home: PreparedHome) -> None:  # noqa: F811
-    """A model folder written before `validation_scores` existed loads with None there (persistence.load_into):
+    """A model folder written before `validation_scores` existed loads with None there (FittedState.load):
     its PNG heat map starts at 0, a typical normal patch, instead of answering 500."""
     from app.services.line.prediction import LineModel
 
     def saved_before(home, sessions):
         line = LineModel.load(home, sessions)
-        line.model.validation_scores_ = None  # what load_into reads from such a folder
+        line.model.fitted().validation_scores = None  # what FittedState.load reads from such a folder
         return line
 
     app = create_app(ui_home.home, ui_home.sessions(), ServeConfig(feed=False), token=TOKEN, loader=saved_before)

@@ -56,10 +56,11 @@ def heatmap_rle(line: LineModel, result: LineResult) -> HeatmapRLE:
     from annotation.rle import mask_to_rle
     from dmad_core.preannotation import heatmap_mask
 
-    threshold = line.model.pixel_threshold_
+    state = line.model.fitted()
+    threshold = state.pixel_threshold
     mask = np.zeros((result.height, result.width), dtype=bool) if threshold is None else heatmap_mask(
         result.patch_map, result.height, result.width, threshold, line.model.config,
-        line.model.mask_peak_shares_.get(result.category))
+        state.mask_peak_shares.get(result.category))
     return HeatmapRLE(width=result.width, height=result.height, rle=mask_to_rle(mask))
 
 

@@ -60,7 +60,7 @@ def export_version(home: Home, sessions: sessionmaker[Session], out: str | Path,
                        "thresholds": {c: t.threshold for c, t in judge.thresholds.items()},
                        "threshold_sources": {c: t.source for c, t in judge.thresholds.items()},
                        "input_size": list(module.input_size)})
-    item = model.normal_items_[0]  # any training image traces the graph (it is resized inside)
+    item = model.fitted().normal_items[0]  # any training image traces the graph (it is resized inside)
     example = (torch.from_numpy(load_image(item.path) if item.path else item.load()), torch.tensor(0))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp{out.suffix}")

@@ -8,7 +8,7 @@ computes patch grids and image scores (``forward``); the verdict is the base's, 
 ``dmad_core.decision.decide``. Everything that judges a part goes through it: the Inspect upload (the
 worker's ``score_upload``), a pool image's verdict on Inspect (``Judge.for_version`` over its stored
 score), `dmad predict`, `dmad serve`'s ``/v1/score`` and the exported file (whose thresholds and their
-sources were written into it by `dmad export`). No decision reads the model's global ``image_threshold_``.
+sources were written into it by `dmad export`). No decision reads the model's global ``image_threshold``.
 
 This module imports no engine (PyTorch): the UI judges stored scores with it.
 

@@ -110,7 +110,7 @@ class LineModel(Inferencer):
 
     def validation_scores(self, category: str) -> Sequence[float] | None:
         # None for a version saved before validation scores were recorded
-        return (self.model.validation_scores_ or {}).get(category)
+        return (self.model.fitted().validation_scores or {}).get(category)
 
 
 class ExportedLineModel(Inferencer):

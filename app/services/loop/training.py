@@ -33,7 +33,6 @@ from app.home_folder import Home, HomeSettings
 from app.services.loop import versions
 from app.services.loop.annotations import active_annotations, load_mask
 from app.services.line.decisions import DECISION_KEY, calibrated_decision
-from app.services.read.read_models import VALIDATION_SCORES_KEY
 from app.services.home_model import engine_config, feature_store, image_item, load_model, pool_rows
 from app.services.loop.version_change import CHANGE_KEY, EVALUATION_SET_KEY, evaluation_fingerprint, measure_change
 from db.engine import write_transaction
@@ -156,7 +155,7 @@ def train_version(home: Home, sessions: sessionmaker[Session], *, warm_start: bo
     t0 = time.perf_counter()
     model, before = fit_model(home, settings, data, parent if mode == "warm_start" else None, progress)
     seconds["train"] = round(time.perf_counter() - t0, 2)
-    seconds.update({f"train_{k}": round(v, 2) for k, v in (model.timings_ or {}).items()})
+    seconds.update({f"train_{k}": round(v, 2) for k, v in model.fitted().timings.items()})
     checkpoint("trained")
 
     t0 = time.perf_counter()
@@ -227,18 +226,21 @@ def score_evaluation_set(model: DMAD, images: list[Image], progress: Progress = 
 
 
 def version_record(settings: HomeSettings, model: DMAD, mode: str, job_id: int | None) -> dict[str, Any]:
-    """Step 3: what the version's row records besides its files: thresholds, the calibrated OK/NG decision,
-    bank sizes and the engine's configuration."""
-    memory = model.memory_
-    if memory is None or memory.normal_bank_ is None or memory.abnormal_bank_ is None:
-        raise RuntimeError("a version is recorded after its model is fitted")
+    """Step 3: what the version's row records besides its files.
+
+    Part of it is ``FittedState.summary()`` (thresholds, pre-annotation levels, validation scores, bank
+    sizes), a copy of what ``model.json`` holds, taken here from the same state ``model.save`` writes:
+    the row is written once and never changed, so the two cannot disagree. It is kept on the row because
+    its readers must not load a version's banks to read a few numbers: Label Studio's tasks
+    (``PIXEL_THRESHOLD_KEY``, ``MASK_PEAK_SHARES_KEY``), the thresholds and the 0-1 percentile
+    (``VALIDATION_SCORES_KEY``). The rest is the home's, not the model's: the calibrated OK/NG decision
+    (from the home's false-alarm rate), the preset, the mode, the job and the engine's configuration.
+    """
+    state = model.fitted()
     return {
         "preset": settings.preset, "mode": mode, "job_id": job_id,
-        "pixel_threshold": model.pixel_threshold_, "image_threshold": model.image_threshold_,
-        "mask_peak_shares": model.mask_peak_shares_,  # Label Studio's pre-annotation level per class
-        VALIDATION_SCORES_KEY: model.validation_scores_,  # per class: Label Studio's 0-1 score is a percentile
-        DECISION_KEY: calibrated_decision(model.validation_scores_, settings.false_alarm_rate),
-        "bank_sizes": {"normal": memory.normal_bank_.part_sizes(), "abnormal": memory.abnormal_bank_.part_sizes()},
+        **state.summary(),
+        DECISION_KEY: calibrated_decision(state.validation_scores, settings.false_alarm_rate),
         "engine": model.config.to_dict(),
     }
 

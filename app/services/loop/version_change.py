@@ -101,7 +101,8 @@ def measure_change(parent: str, images: Sequence[Image], before: Sequence[Predic
 
 def _scorer_weights(model: DMAD) -> dict[str, dict[str, float]]:
     """class -> the classifier scorer's image and heat-map weights (none with the mapper scorer)."""
-    classes = getattr(model.scorer_, "classes_", None) or {}
+    scorer = model.fitted().scorer
+    classes = (scorer.classes_ if scorer is not None else None) or {}
     return {c: {"image_weight": float(s.image_weight), "map_weight": float(s.map_weight)}
             for c, s in classes.items()}
 
