@@ -35,9 +35,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import roc_auc_score
-from sklearn.preprocessing import StandardScaler
 
 from dmad_core.config import ClassifierConfig
 from dmad_core.items import DefectAnnotation, ImageItem, class_rng, top_k_mean
@@ -69,6 +66,9 @@ class LinearPatchClassifier:
 
     @staticmethod
     def fit(positives: np.ndarray, negatives: np.ndarray, regularisation: float) -> LinearPatchClassifier:
+        from sklearn.linear_model import LogisticRegression  # at fit only: serve's cold start skips scikit-learn
+        from sklearn.preprocessing import StandardScaler
+
         x = np.concatenate([positives, negatives]).astype(np.float32)
         y = np.r_[np.ones(len(positives)), np.zeros(len(negatives))]
         scaler = StandardScaler().fit(x)
@@ -207,6 +207,8 @@ class DefectClassifierScorer:
         normals' image scores with the top-k mean, the AUROC of its defect patches against its other patches
         and the reference normals' patches, the rank with the maximum as image score), the image scored by a
         classifier fitted without it."""
+        from sklearn.metrics import roc_auc_score  # at fit only, as above
+
         cfg, (pos, source) = self.config, positives
         out: dict[float, list[tuple[float, float, float]]] = {w: [] for w in cfg.weights}
         zv = [scale.apply(d) for d in reference.distances]  # one row an image (grids may differ in size)
