@@ -54,3 +54,10 @@ def test_same_image_twice_in_a_batch_and_a_spool_round_trip(ui_home: PreparedHom
             assert len(image_ids) == 1
             assert session.scalar(select(func.count(PoolScore.id)).where(PoolScore.image_id == image_ids[0],
                                                                           PoolScore.version_id == line.version_id)) == 1
+    # the batcher's feed never waits behind a replay: with the spool busy it leaves its file to the replayer
+    third = spool.write(line.version_id, images[2:], results[2:])
+    fed: list[int] = []
+    with spool.lock:  # a replay feeding a backlog
+        assert spool.feed_file(third, lambda *a: fed.append(1), wait=False) == 0
+    assert fed == [] and spool.pending() == [third]  # kept for the replayer's next pass
+    assert spool.replay(feed_batch) == 1 and spool.pending() == []
