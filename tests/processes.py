@@ -41,3 +41,14 @@ def wait_until(condition: Callable[[], Any], timeout: float, every: float) -> bo
             return True
         time.sleep(every)
     return bool(condition())
+
+
+def answers(url: str, **kwargs: Any) -> bool:
+    """``GET url`` answers 200 (a service's health route); False while it refuses or fails. ``kwargs`` go to
+    httpx (``verify=`` for HTTPS)."""
+    import httpx
+
+    try:
+        return httpx.get(url, timeout=5, **kwargs).status_code == 200
+    except httpx.HTTPError:
+        return False

@@ -38,7 +38,7 @@ from db import queue
 from db.engine import write_transaction
 from db.models import Annotation, Image, Job, PoolScore
 from tests.loop_fixtures import LoopHome, run_cli, trained_home_template  # noqa: F401
-from tests.processes import dmad, free_port, wait_until
+from tests.processes import answers, dmad, free_port, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 TOKEN = "outage-token"
@@ -117,13 +117,7 @@ class Proc:
 
 def start_serve(home: Home, port: int, log: Path) -> Proc:
     proc = Proc(log, "serve", "--home", str(home.root), "--port", str(port))
-
-    def up() -> bool:
-        try:
-            return httpx.get(f"http://127.0.0.1:{port}/v1/health", timeout=5).status_code == 200
-        except httpx.HTTPError:
-            return False
-    assert wait_until(up, timeout=180, every=0.5), proc.tail()
+    assert wait_until(lambda: answers(f"http://127.0.0.1:{port}/v1/health"), timeout=180, every=0.5), proc.tail()
     return proc
 
 
@@ -216,14 +210,8 @@ def test_worker_and_webhook_reconnect_by_themselves(own_pg: OwnPostgres, pg_home
         return httpx.post(f"{url}/webhook", json=_payload(ann_id, image[0], (image[1], image[2])),
                           headers={"X-DMAD-Secret": secret}, timeout=60)
 
-    def hook_up() -> bool:
-        try:
-            return httpx.get(f"{url}/health", timeout=5).status_code == 200
-        except httpx.HTTPError:
-            return False
-
     try:
-        assert wait_until(hook_up, timeout=120, every=0.5), hook.tail()
+        assert wait_until(lambda: answers(f"{url}/health"), timeout=120, every=0.5), hook.tail()
         assert wait_until(lambda: "ready" in worker.path.read_text(), timeout=180, every=0.5) or True
         assert post(501, images[0]).status_code == 200
         own_pg.stop()

@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.processes import dmad, free_port, wait_until
+from tests.processes import answers, dmad, free_port, wait_until
 from tests.ui_fixtures import PreparedHome, ui_home, ui_template  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -40,14 +40,8 @@ def test_a_crashed_serving_process_is_replaced_and_the_socket_never_closes(ui_ho
     url = f"http://127.0.0.1:{port}"
     auth = {"Authorization": "Bearer crash-token"}
 
-    def up() -> bool:
-        try:
-            return httpx.get(f"{url}/v1/health", timeout=5).status_code == 200
-        except httpx.HTTPError:
-            return False
-
     try:
-        assert wait_until(up, timeout=180, every=0.5), log_path.read_text()[-2000:]
+        assert wait_until(lambda: answers(f"{url}/v1/health"), timeout=180, every=0.5), log_path.read_text()[-2000:]
         first = children(server.pid)
         assert len(first) == 1, first  # one serving process under the supervisor
         before = httpx.get(f"{url}/v1/version", headers=auth, timeout=30).json()

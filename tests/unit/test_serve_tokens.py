@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from app.services.line.tokens import ServeTokens, rotate
-from tests.processes import dmad, free_port, wait_until
+from tests.processes import answers, dmad, free_port, wait_until
 from tests.ui_fixtures import PreparedHome, ui_home, ui_template  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -59,14 +59,8 @@ def test_token_rotate_takes_effect_on_a_running_https_serve(ui_home: PreparedHom
     def status(token: str) -> int:
         return httpx.get(f"{url}/v1/version", headers={"Authorization": f"Bearer {token}"}, verify=tls, timeout=30).status_code
 
-    def up() -> bool:
-        try:
-            return httpx.get(f"{url}/v1/health", verify=tls, timeout=5).status_code == 200
-        except httpx.HTTPError:
-            return False
-
     try:
-        assert wait_until(up, timeout=120, every=0.5), (tmp_path / "serve.log").read_text()[-2000:]
+        assert wait_until(lambda: answers(f"{url}/v1/health", verify=tls), timeout=120, every=0.5), (tmp_path / "serve.log").read_text()[-2000:]
         assert status("first-token") == 200 and status("wrong") == 401
         out = subprocess.run(dmad("token", "--home", str(home.root), "rotate", "--keep-old", "3600", "--print"),
                              env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
