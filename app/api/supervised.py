@@ -100,7 +100,7 @@ def run_supervised(serve_once: Callable[[socket.socket], bool], host: str, port:
         stopping = True
         if child:
             try:
-                os.kill(child, signal.SIGTERM if signum != signal.SIGINT else signal.SIGINT)
+                os.kill(child, signum)  # SIGTERM or SIGINT, passed on as it came
             except ProcessLookupError:
                 pass
 
@@ -135,22 +135,23 @@ def run_supervised(serve_once: Callable[[socket.socket], bool], host: str, port:
             child = 0
             if stopping:
                 return 0
-            if os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0:
+            exit_code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
+            if exit_code == 0:
                 return 0  # it stopped on its own (asked to): so does serve
-            if os.WIFEXITED(status) and os.WEXITSTATUS(status) == STARTUP_FAILED and not served:
+            if exit_code == STARTUP_FAILED and not served:
                 return STARTUP_FAILED  # its error is printed: nothing a restart would mend
-            served = served or not (os.WIFEXITED(status) and os.WEXITSTATUS(status) == STARTUP_FAILED)
-            how = (f"killed by signal {os.WTERMSIG(status)}" if os.WIFSIGNALED(status)
-                   else f"exited with code {os.WEXITSTATUS(status)}")
+            served = served or exit_code != STARTUP_FAILED
+            how = f"exited with code {exit_code}" if exit_code is not None else f"killed by signal {os.WTERMSIG(status)}"
             lived = time.monotonic() - started
-            backoff = min(MAX_BACKOFF_S, backoff * 2) if lived < CRASH_LOOP_S else 0.0
+            if lived >= CRASH_LOOP_S:  # at once after a long life
+                pause, backoff = 0.0, 0.5
+            else:  # after a quick death, a pause that doubles with each one, up to MAX_BACKOFF_S
+                pause = backoff = min(MAX_BACKOFF_S, backoff * 2)
             print(f"dmad serve: the serving process {how} after {lived:.1f} s; starting a new one"
-                  + (f" in {backoff:.1f} s" if backoff else ""), file=sys.stderr, flush=True)
-            if backoff:
-                time.sleep(backoff)
+                  + (f" in {pause:.1f} s" if pause else ""), file=sys.stderr, flush=True)
+            time.sleep(pause)
             if stopping:
                 return 0
-            backoff = max(backoff, 0.5)
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)

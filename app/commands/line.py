@@ -192,25 +192,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
           f"{home.secrets_dir / TOKEN_SECRET}; scored images {'join' if args.feed else 'do not join'} the pool",
           file=sys.stderr, flush=True)
 
-    def uvicorn_config() -> uvicorn.Config:
-        # a listen backlog of 2048, not a toy server's 5: a burst of clients queues in the kernel, not in resets
-        return uvicorn.Config(create_app(home, sessions, config), host=args.host, port=args.port, backlog=2048,
-                              log_level="warning", ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile)
+    backlog = 2048  # not a toy server's 5: a burst of clients queues in the kernel, not in resets
 
-    if args.one_process or not can_fork():
-        server = uvicorn.Server(uvicorn_config())
-        server.run()
-        return 0 if server.started else STARTUP_FAILED
-
-    def serve_once(sock: socket.socket) -> bool:
-        """The forked serving process: a pool of its own (never the supervisor's connections), the app, the
-        server on the supervisor's socket until SIGTERM."""
-        sessions.kw["bind"].dispose(close=False)
-        server = uvicorn.Server(uvicorn_config())
-        server.run(sockets=[sock])
+    def serve_once(sock: socket.socket | None) -> bool:
+        """Run the app until SIGTERM; whether it started. Under the supervisor (``sock`` given: the forked
+        serving process) on the supervisor's socket, with a pool of its own, never the supervisor's
+        connections; alone, binding the port itself."""
+        if sock is not None:
+            sessions.kw["bind"].dispose(close=False)
+        server = uvicorn.Server(uvicorn.Config(
+            create_app(home, sessions, config), host=args.host, port=args.port, backlog=backlog, log_level="warning",
+            ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile))
+        server.run(sockets=None if sock is None else [sock])
         return bool(server.started)
 
-    return run_supervised(serve_once, args.host, args.port, backlog=2048)
+    if args.one_process or not can_fork():
+        return 0 if serve_once(None) else STARTUP_FAILED
+    return run_supervised(serve_once, args.host, args.port, backlog=backlog)
 
 
 def cmd_token(args: argparse.Namespace) -> int:

@@ -22,9 +22,9 @@ from __future__ import annotations
 import errno
 import io
 import json
-import shutil
 import logging
 import os
+import shutil
 import threading
 import time
 import uuid
