@@ -15,8 +15,9 @@ receiver on a PostgreSQL server of its own, for ``--minutes M``, with every end-
   records it and queues a retrain; the workers retrain, promote and re-rank the pool as in production.
 - **Faults**, on a schedule printed at the start: SIGKILL a worker in the middle of a job and start it
   again; SIGKILL serve's serving process (a crash: serve's supervisor starts another, app/api/supervised.py);
-  SIGKILL the whole serve, supervisor and all, and start it again (a cold start); restart the webhook receiver; stop PostgreSQL for
-  ``--outage-seconds`` then start it; fill the home's file system for ``--full-seconds``.
+  SIGKILL the whole serve, supervisor and all, and start it again (a cold start); restart the webhook
+  receiver; stop PostgreSQL for ``--outage-seconds`` then start it; fill the home's file system for
+  ``--full-seconds``.
 - **At the end** (after the load stops, the queue and the spool drain, bounded by ``--drain-seconds``),
   each check is a number in ``--json OUT``: lost_images, lost_annotations, half_published_versions,
   server_errors_5xx (503 with Retry-After during the database outage and the full disk left out, counted
@@ -333,10 +334,13 @@ def percentile(values: list[float], q: float) -> float | None:
     return values[min(len(values) - 1, int(q * len(values)))]
 
 
+def overlaps(start: float, end: float, windows: list[tuple[float, float]]) -> bool:
+    return any(start <= b and end >= a for a, b in windows)
+
+
 def _gaps_apart(succ: list[float], *excluded: list[tuple[float, float]]) -> list[tuple[float, float]]:
     """(start, length) of the gaps between successive answers that overlap none of the excluded windows."""
-    return [(p, n - p) for p, n in zip(succ, succ[1:])
-            if not any(p <= b and n >= a for windows in excluded for a, b in windows)]
+    return [(p, n - p) for p, n in zip(succ, succ[1:]) if not any(overlaps(p, n, windows) for windows in excluded)]
 
 
 def inside(t: float, windows: list[tuple[float, float]]) -> bool:
@@ -388,7 +392,7 @@ def checks(home: Any, sessions: Any, log: Log, category: str) -> dict[str, Any]:
     gap_by_fault: dict[str, float] = {}  # the longest gap that overlaps each fault's window
     for start, gap in gaps_outside:
         for fault, windows in fault_windows.items():
-            if any(start <= b and start + gap >= a for a, b in windows):
+            if overlaps(start, start + gap, windows):
                 gap_by_fault[fault] = max(gap_by_fault.get(fault, 0.0), gap)
     apart_from_cold = _gaps_apart(succ, outage, fault_windows.get("serve_kill", []))
     latencies = [a.ended - a.started for a in ok]
