@@ -111,12 +111,8 @@ class FittedState:
             "annotations": [{**_item_dict(a.item), "has_mask": a.mask is not None} for a in self.annotations],
             "feature_shift": self.scaling.shift.tolist(),
             "feature_scale": self.scaling.scale,
-            "pixel_threshold": self.pixel_threshold,
-            "image_threshold": self.image_threshold,
-            "validation_scores": self.validation_scores,
-            "mask_peak_shares": self.mask_peak_shares,
+            **self.summary(),  # thresholds, pre-annotation levels, validation scores, bank sizes
             "history": self.history,
-            "bank_sizes": {"normal": normal_bank.part_sizes(), "abnormal": abnormal_bank.part_sizes()},
             "scorer": scorer_meta,
         }
         (folder / MODEL_FILE).write_text(json.dumps(meta, indent=1))

@@ -110,8 +110,7 @@ class DMAD:
             memory=memory, scaling=scaling, mapper_config=mc, categories=sorted({it.category for it in normal}),
             normal_items=train_items, validation_items=val_items, annotations=list(annotations), net=net,
             scorer=scorer, history=history, timings=timings)
-        state.pixel_threshold, state.image_threshold, state.validation_scores = self._thresholds(val_items)
-        state.mask_peak_shares = self._mask_peak_shares(annotations)
+        self._calibrate(state, annotations)
         progress(1.0, "trained")
         return self
 
@@ -156,8 +155,7 @@ class DMAD:
                                             ann_feats)
         timings["train"] = time.perf_counter() - t0
         state.mapper_config, state.history, state.timings = mc, history, timings
-        state.pixel_threshold, state.image_threshold, state.validation_scores = self._thresholds(state.validation_items)
-        state.mask_peak_shares = self._mask_peak_shares(annotations)
+        self._calibrate(state, annotations)
         progress(1.0, "retrained")
         return self
 
@@ -235,6 +233,12 @@ class DMAD:
                           patches=[memory.annotated_patches_[a.item.hash] for a in annotations],
                           progress=at_start, desc="nearest neighbours: annotated")
         return MapperTrainer(mc, memory, self.device).train(net, normal, val, ann, epochs, progress, patience)
+
+    def _calibrate(self, state: FittedState, annotations: Sequence[DefectAnnotation]) -> None:
+        """What a fit or an update ends with, once its scorer is in ``state``: the thresholds from the validation
+        normals and the pre-annotation levels from the drawn masks."""
+        state.pixel_threshold, state.image_threshold, state.validation_scores = self._thresholds(state.validation_items)
+        state.mask_peak_shares = self._mask_peak_shares(annotations)
 
     def _thresholds(self, validation: Sequence[ImageItem]
                     ) -> tuple[float | None, float | None, dict[str, list[float]]]:
