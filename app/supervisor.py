@@ -27,7 +27,6 @@ from typing import IO
 
 from app.home_folder import Home
 from app.signals import install_stop_signals
-from dmad_core.data.synthetic import DEMO_HARD_CATEGORY
 from dmad_core.errors import Conflict, UserError
 
 HOST = "127.0.0.1"
@@ -377,7 +376,9 @@ def prepare_demo(home: Home, epochs: int | None = None) -> None:
     home.create()
     folders = demo_folders(home)
     print(f"dmad: demo data in {home.root / DEMO_DATA} ({', '.join(f.name for f in folders)})", flush=True)
-    from dmad_core.data.synthetic import DEMO_FALSE_ALARM_RATE, DEMO_VALIDATION_FRACTION
+    # imported here: every `dmad` command loads this module, and the generator pulls in scipy (0.4 s of a
+    # cold `dmad serve`)
+    from dmad_core.data.synthetic import DEMO_FALSE_ALARM_RATE, DEMO_HARD_CATEGORY, DEMO_VALIDATION_FRACTION
 
     # --no-hint: the demo runs the next step itself, so no "next: dmad ..." line; its false-alarm rate is one
     # its validation normals can check (dmad_core/data/synthetic.py)

@@ -81,7 +81,7 @@ def backbone_config(name: str, weights: Path | None) -> BackboneConfig:
         if weights is None or not weights.is_file():
             raise SystemExit("--backbone resnet50 needs --weights PATH (a timm resnet50 state dict)")
         return BackboneConfig(name="resnet50", layers=(2, 3), image_size=256, feature_dim=1536, weights="file",
-                              weights_path=str(weights))
+                              weights_path=str(weights), resnet_v1_strides=True)
     raise SystemExit(f"unknown backbone {name}")
 
 
@@ -107,17 +107,6 @@ def eval_size(native_hw: tuple[int, int], short_max: int = EVAL_SHORT) -> tuple[
     return int(round(h * s)), int(round(w * s))
 
 
-def use_v1_strides(model: torch.nn.Module) -> torch.nn.Module:
-    """ResNet v1 (the npm Keras/Caffe weights) strides layer2-4's first block on its 1x1 conv, timm on the
-    3x3 one: the weights only fit with v1's placement (/work/notes/resnet50_README.txt, helper C)."""
-    mods = dict(model.named_modules())
-    for layer in ("layer2", "layer3", "layer4"):
-        block = mods.get(f"{layer}.0")
-        if block is not None:
-            block.conv1.stride, block.conv2.stride = (2, 2), (1, 1)
-    return model
-
-
 class Features:
     """Patch features (gh, gw, C) per image path for one backbone + geometry, cached on disk (float16)."""
 
@@ -137,9 +126,7 @@ class Features:
         missing = [i for i, f in enumerate(out) if f is None or f.shape[:2] != grid]
         if missing:
             if self._extractor is None:
-                self._extractor = FeatureExtractor(self.cfg, device="cpu")
-                if self.cfg.name == "resnet50":
-                    use_v1_strides(self._extractor.body)
+                self._extractor = FeatureExtractor(self.cfg, device="cpu")  # resnet50: v1 strides by its config
             say(f"  backbone on {len(missing)} images ({self.geometry})")
         for start in range(0, len(missing), 8):
             chunk = missing[start:start + 8]

@@ -1,5 +1,8 @@
 """Frozen CNN backbones (through timm) and PatchCore-style patch features.
 
+timm is imported only to build a body: on the CPU the built body is traced once and kept
+(:mod:`dmad_core.traced_backbone`), and a process that finds the trace never imports timm.
+
 Weights are always resolved explicitly, never silently random:
 
 - ``file``: a local weights file (``--weights PATH``), a timm state dict for the chosen architecture;
@@ -22,12 +25,11 @@ import logging
 from pathlib import Path
 
 import numpy as np
-import timm
 import torch
 from torch.nn import functional
 from torch import nn
 
-from dmad_core import resnet50_weights
+from dmad_core import resnet50_weights, traced_backbone
 from dmad_core.config import BackboneConfig
 from dmad_core.devices import pick_device
 
@@ -55,6 +57,8 @@ def _how_to_get_weights(name: str) -> str:
 
 def create_model(config: BackboneConfig, **kwargs) -> nn.Module:
     """``timm.create_model`` without weights, with v1 strides when the configuration asks for them."""
+    import timm
+
     model = timm.create_model(config.name, pretrained=False, **kwargs)
     if config.resnet_v1_strides:
         resnet50_weights.use_v1_strides(model)
@@ -94,18 +98,25 @@ def _package_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return mapped
 
 
+def weights_source(config: BackboneConfig) -> str:
+    """Where the weights come from, ``auto`` resolved: a file if given, else the package (efficientnet_lite0),
+    the npm conversion (resnet50 with v1 strides) or the hub."""
+    if config.weights != "auto":
+        return config.weights
+    if config.weights_path:
+        return "file"
+    if config.name == "efficientnet_lite0":
+        return "package"
+    if config.name == "resnet50" and config.resnet_v1_strides:
+        return "npm"
+    return "hub"
+
+
 def load_backbone(config: BackboneConfig, allow_random_weights: bool = False) -> nn.Module:
     """Builds the full timm classifier with resolved weights (features are taken from it by the extractor)."""
-    source = config.weights
-    if source == "auto":
-        if config.weights_path:
-            source = "file"
-        elif config.name == "efficientnet_lite0":
-            source = "package"
-        elif config.name == "resnet50" and config.resnet_v1_strides:
-            source = "npm"
-        else:
-            source = "hub"
+    import timm
+
+    source = weights_source(config)
     if source == "random":
         if not allow_random_weights:
             raise WeightsUnavailableError(
@@ -180,24 +191,52 @@ class FeatureExtractor(nn.Module):
     def __init__(self, config: BackboneConfig, allow_random_weights: bool = False, device: str = "auto"):
         super().__init__()
         self.config = config
-        full = load_backbone(config, allow_random_weights=allow_random_weights)
-        self.body = create_model(config, features_only=True, out_indices=config.layers)
-        missing, _ = self.body.load_state_dict(full.state_dict(), strict=False)
-        if missing:
-            raise RuntimeError(f"feature body lacks {len(missing)} tensors after loading, e.g. {missing[:3]}")
-        self.head = PatchFeatureHead(config.feature_dim, config.patch_neighbourhood)
         self.device = pick_device(device)
+        source = weights_source(config)
+        # the trace is checked against timm's module on the CPU only; random weights are never kept
+        trace_at = traced_backbone.traced_path(config, source) if self.device.type == "cpu" else None
+        kept = traced_backbone.load_traced(trace_at)
+        self.body: nn.Module
+        if kept is not None:
+            self.body, self.stride = kept
+        else:
+            body, self.stride = self._build_body(config, allow_random_weights)
+            traced = traced_backbone.trace_and_keep(body, self.stride, config, trace_at) if trace_at else None
+            self.body = body if traced is None else traced
+        self.head = PatchFeatureHead(config.feature_dim, config.patch_neighbourhood)
         self.to(self.device).eval()
         for p in self.parameters():
             p.requires_grad_(False)
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1).to(self.device), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1).to(self.device), persistent=False)
 
+    @staticmethod
+    def _build_body(config: BackboneConfig, allow_random_weights: bool) -> tuple[nn.Module, int]:
+        """timm's features-only body with the resolved weights, frozen in eval mode, and its first stride."""
+        full = load_backbone(config, allow_random_weights=allow_random_weights)
+        body = create_model(config, features_only=True, out_indices=config.layers)
+        missing, _ = body.load_state_dict(full.state_dict(), strict=False)
+        if missing:
+            raise RuntimeError(f"feature body lacks {len(missing)} tensors after loading, e.g. {missing[:3]}")
+        body.eval()
+        for p in body.parameters():
+            p.requires_grad_(False)
+        stride: int = body.feature_info.reduction()[0]  # type: ignore[union-attr,operator]  # timm's features_only model has feature_info
+        return body, stride
+
+    def eager_body(self) -> nn.Module:
+        """The body as timm's plain module: ``body`` itself, or built again when ``body`` is the kept trace.
+        For ``torch.export`` (the ONNX export), which cannot take a TorchScript module; both give the same
+        features bit for bit (checked when the trace was kept). Random weights are never traced."""
+        if not isinstance(self.body, torch.jit.ScriptModule):
+            return self.body
+        body, _ = self._build_body(self.config, allow_random_weights=False)
+        return body.to(self.device)
+
     @property
     def grid_size(self) -> tuple[int, int]:
         """The patch grid of a square image."""
-        stride: int = self.body.feature_info.reduction()[0]  # type: ignore[union-attr,operator]  # timm's features_only model has feature_info
-        return (self.config.image_size // stride, self.config.image_size // stride)
+        return (self.config.image_size // self.stride, self.config.image_size // self.stride)
 
     def preprocess(self, images: list[np.ndarray]) -> torch.Tensor:
         """RGB uint8 images -> a normalised batch at their input size (``BackboneConfig.input_size``; the

@@ -61,7 +61,7 @@ class ExportedScorer(nn.Module):
             raise ValueError("only the classifier scorer (the default) can be exported; this model scores with "
                              "the paper's mapper (`--scorer mapper`)")
         extractor = model.features.extractor
-        self.body, self.head = extractor.body.cpu().eval(), extractor.head.cpu().eval()
+        self.body, self.head = extractor.eager_body().cpu().eval(), extractor.head.cpu().eval()
         self.categories = list(state.categories)
         cfg = model.config
         self.stride = cfg.backbone.stride
