@@ -402,6 +402,19 @@ def table(result: dict, minutes: float) -> list[str]:
     return lines
 
 
+def curve_area_table(result: dict, minutes: float, points: int = 101) -> list[str]:
+    """Per strategy, the mean over seeds of each learning curve's mean height on [0, ``minutes``]."""
+    grid = np.linspace(0, minutes, points)
+    lines = ["| strategy | mean image AUROC over the budget | mean PRO over the budget | mean defects found over the budget |",
+             "|---|---|---|---|"]
+    for name, seeds in result["strategies"].items():
+        def area(value) -> float:  # noqa: ANN001
+            return float(np.mean([[value(at_minutes(rounds, m)) for m in grid] for rounds in seeds.values()]))
+        lines.append(f"| {name} | {100 * area(lambda r: mean_metric(r, 'image_auroc')):.1f} | "
+                     f"{100 * area(lambda r: mean_metric(r, 'pro')):.1f} | {area(lambda r: r['found']):.1f} |")
+    return lines
+
+
 def per_class_table(result: dict, minutes: float) -> list[str]:
     classes = result["classes"]
     lines = ["| strategy | " + " | ".join(f"{c} I / PRO" for c in classes) + " |", "|---|" + "---|" * len(classes)]
@@ -463,12 +476,15 @@ def report(result: dict) -> str:
              f"{minutes:g} inspector minutes per class (the last round that ended within the budget). Pool per class (seed {next(iter(result['pool']))}): "
              + ", ".join(f"{c} {v['pool']} images ({v['pool_defects']} defects), {v['train']} training normals, "
                          f"{v['evaluation']} evaluation" for c, v in pools.items()) + ".",
-             "", *table(result, minutes), "", f"Before any label (the first version): {first_version(result)}.", "",
+             "", *table(result, minutes), "",
+             "Over the whole budget (the area under each learning curve: the mean of the state reached at every "
+             "minute from 0 to the budget, so a strategy's early rounds count as much as its last; rounds are "
+             f"{result['settings']['batch']} images, so a single cut-off compares rounds of different sizes):",             "", *curve_area_table(result, minutes), "", f"Before any label (the first version): {first_version(result)}.", "",
              "Per class at the full budget (image AUROC / PRO, %):", "", *per_class_table(result, minutes)]
     rounds = [r for seeds in result["strategies"].values() for rs in seeds.values() for r in rs[1:]]
     if rounds:
         lines += ["", f"Per round: retrain {np.mean([r['retrain_s'] for r in rounds]):.1f} s and re-ranking "
-                      f"{np.mean([r['rerank_s'] for r in rounds]):.1f} s on average (wall, shared machine); whole "
+                      f"{np.mean([r['rerank_s'] for r in rounds]):.1f} s on average (wall); whole "
                       f"benchmark {result['seconds']['total'] / 60:.1f} min."]
     return "\n".join(lines)
 
