@@ -3,7 +3,8 @@ process it forks, which holds the model and answers. When the serving process di
 kernel's OOM killer, a SIGKILL), the supervisor forks a new one at once.
 
 Why: a serve that dies and is started again by systemd is down for the whole cold start (process start,
-importing torch, timm and scikit-learn, loading the model): 10-30 s on a 2-core machine. Here the
+importing torch and the app, loading the model, the first batch): about 3 s on an idle 2-core machine, 5 s
+beside busy workers, far more under heavy load. Here the
 supervisor has imported everything before its first fork, so a new serving process only builds the app
 and loads the model (about a second), and the socket never closes: clients that connect meanwhile wait
 in the kernel's listen backlog instead of being refused. This is gunicorn's ``--preload`` with one worker,
