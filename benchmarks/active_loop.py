@@ -479,7 +479,8 @@ def report(result: dict) -> str:
              "", *table(result, minutes), "",
              "Over the whole budget (the area under each learning curve: the mean of the state reached at every "
              "minute from 0 to the budget, so a strategy's early rounds count as much as its last; rounds are "
-             f"{result['settings']['batch']} images, so a single cut-off compares rounds of different sizes):",             "", *curve_area_table(result, minutes), "", f"Before any label (the first version): {first_version(result)}.", "",
+             f"{result['settings']['batch']} images, so a single cut-off compares rounds of different sizes):",
+             "", *curve_area_table(result, minutes), "", f"Before any label (the first version): {first_version(result)}.", "",
              "Per class at the full budget (image AUROC / PRO, %):", "", *per_class_table(result, minutes)]
     rounds = [r for seeds in result["strategies"].values() for rs in seeds.values() for r in rs[1:]]
     if rounds:

@@ -26,6 +26,7 @@ import argparse
 import dataclasses
 import json
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -35,6 +36,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from dmad_core.backbone import FeatureExtractor  # noqa: E402
 from dmad_core.config import DMADConfig  # noqa: E402
 from dmad_core.data.readers import CategoryDataset, load_image, load_mask, read_category  # noqa: E402
 from dmad_core.evaluation import EVAL_MAP_SIZE, class_metrics  # noqa: E402
@@ -58,25 +60,22 @@ def import_anomalib():  # noqa: ANN201
     return PatchcoreModel
 
 
-def peer_patchcore(ds: CategoryDataset, config: DMADConfig, coreset: float, neighbours: int,
+def peer_patchcore(ds: CategoryDataset, pipeline: FeatureExtractor, weights: dict, coreset: float, neighbours: int,
                    batch: int = 8) -> tuple[dict[str, float], dict[str, float]]:
-    """anomalib's PatchCore on one class: its metrics and seconds per phase."""
+    """anomalib's PatchCore on one class: its metrics and seconds per phase. ``pipeline``: our extractor at square
+    geometry, for its input pipeline only; ``weights``: our timm body's state dict."""
     import torch
 
-    from dmad_core.backbone import FeatureExtractor
-
     PatchcoreModel = import_anomalib()
-    square = dataclasses.replace(config.backbone, geometry="square")
-    ours = FeatureExtractor(square, device="cpu")  # the input pipeline and the weights, nothing else
-    peer = PatchcoreModel(layers=list(config.backbone.layers), backbone=config.backbone.name, pre_trained=False,
+    peer = PatchcoreModel(layers=list(pipeline.config.layers), backbone=pipeline.config.name, pre_trained=False,
                           num_neighbors=neighbours)
-    missing, _ = peer.feature_extractor.feature_extractor.load_state_dict(ours.eager_body().state_dict(), strict=False)
+    missing, _ = peer.feature_extractor.feature_extractor.load_state_dict(weights, strict=False)
     if missing:
         raise SystemExit(f"peer_patchcore.py: anomalib's body lacks {len(missing)} of our tensors, e.g. {missing[:3]}")
 
     def batches(records):  # noqa: ANN001, ANN202
         for start in range(0, len(records), batch):
-            yield ours.preprocess([load_image(r.path) for r in records[start:start + batch]])
+            yield pipeline.preprocess([load_image(r.path) for r in records[start:start + batch]])
 
     seconds = {}
     t0 = time.perf_counter()
@@ -87,6 +86,7 @@ def peer_patchcore(ds: CategoryDataset, config: DMADConfig, coreset: float, neig
     seconds["features"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     torch.manual_seed(0)  # the greedy coreset's random first centre
+    np.random.seed(0)  # its random projection draws from numpy's global generator (random_state=None)
     peer.subsample_embedding(coreset)
     seconds["coreset"] = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -149,14 +149,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
     config = DMADConfig.preset("offline")
     result: dict = {"settings": {"coreset": args.coreset, "neighbours": args.neighbours,
                                  "data": [str(d) for d in args.data]}, "classes": {}, "seconds": {}}
-    import tempfile
-
     with tempfile.TemporaryDirectory(prefix="dmad-peer-") as tmp:
         say("ours: one model for every class")
         mine, result["seconds"]["ours_fit"] = ours(datasets, config, args.cache or Path(tmp))
+    square = FeatureExtractor(dataclasses.replace(config.backbone, geometry="square"), device="cpu")
+    weights = square.eager_body().state_dict()  # built once, given to every class's peer
     for ds in datasets:
         say(f"anomalib PatchCore: {ds.name} ({len(ds.train)} training images, coreset {args.coreset:g})")
-        peer, seconds = peer_patchcore(ds, config, args.coreset, args.neighbours)
+        peer, seconds = peer_patchcore(ds, square, weights, args.coreset, args.neighbours)
         result["classes"][ds.name] = {"anomalib": peer, **mine[ds.name]}
         result["seconds"][ds.name] = seconds
         say(f"  {ds.name}: anomalib {100 * peer['image_auroc']:.1f} / {100 * peer['pixel_auroc']:.1f}, ours kNN "

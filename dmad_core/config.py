@@ -57,12 +57,17 @@ class BackboneConfig:
         i has stride 2^(i+1) on both backbones used here)."""
         return 2 ** (self.layers[0] + 1)
 
+    @property
+    def deepest_stride(self) -> int:
+        """Input pixels per cell of the deepest feature map: input sizes are multiples of it."""
+        return 2 ** (self.layers[-1] + 1)
+
     def input_size(self, height: int, width: int) -> tuple[int, int]:
         """The (height, width) an image of this size is resized to before the backbone."""
         s = self.image_size
         if self.geometry == "square" or height == width:
             return s, s
-        multiple = 2 ** (self.layers[-1] + 1)
+        multiple = self.deepest_stride
         longer = min(self.max_aspect, max(height, width) / min(height, width)) * s
         longer = max(s, int(round(longer / multiple)) * multiple)
         return (s, longer) if width > height else (longer, s)

@@ -24,8 +24,9 @@ and timm. Random weights (tests) are never traced. Only on the CPU: on a GPU the
 nothing here can check a trace there.
 
 Example:
-    >>> body, stride = load_traced(config)  # doctest: +SKIP
-    >>> body = body or trace_and_keep(config, timm_body, stride)  # doctest: +SKIP
+    >>> path = traced_path(config, "package")  # doctest: +SKIP
+    >>> kept = load_traced(path)  # (body, stride), or None: build with timm, then
+    >>> body = trace_and_keep(timm_body, stride, config, path) or timm_body  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -112,8 +113,7 @@ def load_traced(path: Path | None) -> tuple[torch.jit.ScriptModule, int] | None:
 
 def _examples(config: BackboneConfig) -> list[torch.Tensor]:
     """A square image and a batch of two non-square ones of another size (a multiple of the deepest stride)."""
-    s = config.image_size
-    multiple = 2 ** (config.layers[-1] + 1)
+    s, multiple = config.image_size, config.deepest_stride
     wide = max(multiple, (s * 3 // 2) // multiple * multiple)
     generator = torch.Generator().manual_seed(0)
     return [torch.randn(1, 3, s, s, generator=generator), torch.randn(2, 3, s, wide, generator=generator)]
