@@ -48,6 +48,7 @@ def test_the_simulated_inspector_runs_the_real_loop_and_its_books_add_up(tmp_pat
     text = json.dumps(result)
     assert json.loads(text)["strategies"]["default"]["0"][1]["per_class"]["tiles"]["pro"] is not None
     assert "| default |" in active_loop.report(result)
+    assert active_loop.CEILING in active_loop.report(result)
     active_loop.plot(result, tmp_path / "loop.png")
     assert (tmp_path / "loop.png").stat().st_size > 10_000
 
@@ -66,3 +67,12 @@ def test_the_evaluation_split_is_fixed_and_never_offered(tmp_path: Path) -> None
     defects = {h for h, (_, truth) in split.pool.items() if truth.label == 1}
     assert all(len(defects - split.hidden[seed]) == 2 for seed in (0, 1, 2))
     assert len({frozenset(split.hidden[seed]) for seed in (0, 1, 2)}) > 1
+
+
+def test_the_ceiling_offers_every_defect_first_at_the_benchmarks_own_costs() -> None:
+    settings = {"minutes": 2, "batch": 5, "mask_seconds": 30, "normal_seconds": 3}
+    rounds = active_loop.ceiling_rounds({"a": {"pool": 10, "pool_defects": 2}}, settings)
+    assert rounds == [{"minutes": 0.0, "found": 0}, {"minutes": 1.15, "found": 2}, {"minutes": 1.4, "found": 2}]
+    # the classes share the budget, and it stops the inspector mid-round
+    two = {"a": {"pool": 10, "pool_defects": 5}, "b": {"pool": 10, "pool_defects": 1}}
+    assert active_loop.ceiling_rounds(two, {**settings, "minutes": 1})[-1] == {"minutes": 1.0, "found": 4}
