@@ -369,13 +369,29 @@ def at_minutes(rounds: list[dict], minutes: float) -> dict:
     return reached[-1] if reached else rounds[0]
 
 
+def at_budget(rounds: list[dict], minutes: float, settings: dict, n_classes: int) -> dict:
+    """The state when the inspector's budget of ``minutes`` ran out: the last round that ended by then, or
+    past it by at most the one image during which it ran out (the loop stops after that image, so its
+    round is the budget's last: ``at_minutes`` alone would drop it and compare a strategy whose last image
+    was a mask at its round before)."""
+    return at_minutes(rounds, minutes + max(settings["mask_seconds"], settings["normal_seconds"]) / 60.0 / n_classes)
+
+
+def on_curve(rounds: list[dict], m: float, result: dict) -> dict:
+    """A learning curve's state at minute ``m``: ``at_minutes``, and at the budget itself ``at_budget``."""
+    minutes = result["settings"]["minutes"]
+    if m >= minutes - 1e-9:
+        return at_budget(rounds, minutes, result["settings"], len(result["classes"]))
+    return at_minutes(rounds, m)
+
+
 def summary(result: dict, minutes: float) -> dict[str, dict[str, float]]:
     """Per strategy, means over seeds at ``minutes``: image AUROC, pixel AUROC, PRO (0-1), defects found,
     found per inspector minute, false alarms shown, and the false alarms among offered images after the
     first round."""
     out, n_classes = {}, len(result["classes"])
     for strategy, seeds in result["strategies"].items():
-        rows = [at_minutes(rounds, minutes) for rounds in seeds.values()]
+        rows = [at_budget(rounds, minutes, result["settings"], n_classes) for rounds in seeds.values()]
         out[strategy] = {
             **{m: float(np.mean([mean_metric(r, m) for r in rows])) for m in METRICS},
             "found": float(np.mean([r["found"] for r in rows])),
@@ -427,7 +443,8 @@ def ceiling(result: dict, minutes: float) -> dict[str, float]:
     seeds' pools (``ceiling_rounds``). Not compared over the budget: its first round holds every defect,
     so at the rounds' granularity its curve rises late, though no order finds more by any minute."""
     n_classes = len(result["classes"])
-    at = [at_minutes(ceiling_rounds(pool, result["settings"]), minutes) for pool in result["pool"].values()]
+    at = [at_budget(ceiling_rounds(pool, result["settings"]), minutes, result["settings"], n_classes)
+          for pool in result["pool"].values()]
     return {"found": float(np.mean([r["found"] for r in at])),
             "found_per_minute": float(np.mean([r["found"] / (r["minutes"] * n_classes) if r["minutes"] else 0.0
                                                for r in at]))}
@@ -459,7 +476,7 @@ def curve_area_table(result: dict, minutes: float, points: int = 101) -> list[st
              "|---|---|---|---|"]
     for name, seeds in result["strategies"].items():
         def area(value) -> float:  # noqa: ANN001
-            return float(np.mean([[value(at_minutes(rounds, m)) for m in grid] for rounds in seeds.values()]))
+            return float(np.mean([[value(on_curve(rounds, m, result)) for m in grid] for rounds in seeds.values()]))
         lines.append(f"| {name} | {100 * area(lambda r: mean_metric(r, 'image_auroc')):.1f} | "
                      f"{100 * area(lambda r: mean_metric(r, 'pro')):.1f} | {area(lambda r: r['found']):.1f} |")
     return lines
@@ -469,7 +486,7 @@ def per_class_table(result: dict, minutes: float) -> list[str]:
     classes = result["classes"]
     lines = ["| strategy | " + " | ".join(f"{c} I / PRO" for c in classes) + " |", "|---|" + "---|" * len(classes)]
     for strategy, seeds in result["strategies"].items():
-        rows = [at_minutes(rounds, minutes) for rounds in seeds.values()]
+        rows = [at_budget(rounds, minutes, result["settings"], len(classes)) for rounds in seeds.values()]
         cells = []
         for c in classes:
             vals = [[r["per_class"].get(c, {}).get(m) for r in rows] for m in ("image_auroc", "pro")]
@@ -501,8 +518,9 @@ def plot(result: dict, path: Path) -> None:
             axes[0].plot(x, [100 * mean_metric(r, "image_auroc") for r in rounds], marker="o", label=strategy)
             axes[1].plot(x, [r["found"] for r in rounds], marker="o", label=strategy)
             continue
-        auroc = np.mean([[mean_metric(at_minutes(r, m), "image_auroc") for m in grid] for r in seeds.values()], axis=0)
-        found = np.mean([[at_minutes(r, m)["found"] for m in grid] for r in seeds.values()], axis=0)
+        auroc = np.mean([[mean_metric(on_curve(r, m, result), "image_auroc") for m in grid] for r in seeds.values()],
+                        axis=0)
+        found = np.mean([[on_curve(r, m, result)["found"] for m in grid] for r in seeds.values()], axis=0)
         axes[0].step(grid, 100 * auroc, where="post", label=strategy)
         axes[1].step(grid, found, where="post", label=strategy)
     axes[0].set(xlabel="inspector minutes per class", ylabel="mean image AUROC (%), evaluation split",
@@ -523,7 +541,7 @@ def report(result: dict) -> str:
     pools = result["pool"][next(iter(result["pool"]))]
     lines = [f"Measured {time.strftime('%Y-%m-%d')} with `benchmarks/active_loop.py --seeds {seeds} --minutes {minutes:g}"
              f" --batch {result['settings']['batch']}` ({', '.join(result['classes'])}); means over the seeds, at "
-             f"{minutes:g} inspector minutes per class (the last round that ended within the budget). Pool per class (seed {next(iter(result['pool']))}): "
+             f"{minutes:g} inspector minutes per class (the round during which the budget ran out). Pool per class (seed {next(iter(result['pool']))}): "
              + ", ".join(f"{c} {v['pool']} images ({v['pool_defects']} defects), {v['train']} training normals, "
                          f"{v['evaluation']} evaluation" for c, v in pools.items()) + ".",
              "", *table(result, minutes), "",

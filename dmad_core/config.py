@@ -207,6 +207,11 @@ class ClassifierConfig:
     # other training images, searched without their own bank entries (they score as unseen normals). A
     # validation split alone is a handful of images a class (tire: 4), too coarse a ranking.
     reference_images: int = 30
+    # Negatives from the annotated images themselves: per drawn mask, this many of the image's patches
+    # outside the mask (and a ring of one patch around it), the hottest by kNN distance first: the texture
+    # beside a defect, which the heat map's halo calls anomalous and the inspector's mask says is not.
+    # 0: negatives come from normal training images only.
+    annotated_negatives: int = 0
     seed: int = 0
 
 

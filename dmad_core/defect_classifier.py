@@ -133,6 +133,7 @@ class DefectClassifierScorer:
         """
         cfg = self.config
         positives = self._positives(memory, annotations, ann_feats)
+        beside = self._beside_defects(memory, annotations, ann_feats)
         classes: dict[str, ClassState] = {}
         selection: dict[str, dict[float, list[tuple[float, float, float]]]] = {}
         pooled: dict[float, list[tuple[float, float, float]]] = {}
@@ -149,7 +150,8 @@ class DefectClassifierScorer:
             classes[cat] = ClassState(Scale.fit(np.concatenate(references[cat].distances)))
             if cat in positives:
                 selection[cat] = self._leave_one_out(memory, classes[cat].distance_scale, positives[cat],
-                                                     negatives[cat], references[cat], annotations, ann_feats)
+                                                     negatives[cat], references[cat], annotations, ann_feats,
+                                                     beside.get(cat))
                 for w, values in selection[cat].items():
                     pooled.setdefault(w, []).extend(values)
         pooled_image = self._choose_image(pooled) if pooled else (0.0, None)
@@ -159,7 +161,8 @@ class DefectClassifierScorer:
                 continue  # annotated defects of a class without normal images: nothing to compare with
             crit = selection[cat]
             own = any(crit.values())  # the class had images to hold out
-            clf = LinearPatchClassifier.fit(pos, negatives[cat], cfg.regularisation)
+            neg = negatives[cat] if cat not in beside else np.concatenate([negatives[cat], beside[cat][0]])
+            clf = LinearPatchClassifier.fit(pos, neg, cfg.regularisation)
             logits = np.concatenate([clf.logit(f) for f in references[cat].feats])
             image_weight, image_top_k = self._choose_image(crit) if own else pooled_image
             classes[cat] = ClassState(classes[cat].distance_scale, clf, Scale.fit(logits), image_weight,
@@ -200,13 +203,38 @@ class DefectClassifierScorer:
         return {cat: (np.concatenate([r for r, _ in parts]).astype(np.float32),
                       np.concatenate([np.full(len(r), j) for r, j in parts])) for cat, parts in rows.items()}
 
+    def _beside_defects(self, memory: DualMemory, annotations: Sequence[DefectAnnotation],
+                        ann_feats: Sequence[np.ndarray]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """class -> (patches beside drawn defects, the index of the annotation each row comes from): per
+        drawn mask, ``annotated_negatives`` of its image's patches outside the mask dilated by one patch,
+        hottest (farthest from the normal bank) first. Defects without a mask give none."""
+        from scipy.ndimage import binary_dilation  # at fit only, as scikit-learn
+
+        n = self.config.annotated_negatives
+        rows: dict[str, list[tuple[np.ndarray, int]]] = {}
+        for j, (ann, f) in enumerate(zip(annotations, ann_feats, strict=True)):
+            idx = memory.annotated_patches_.get(ann.item.hash, np.zeros(0, np.int64))
+            if n <= 0 or ann.mask is None or not len(idx) or f.ndim != 3:
+                continue
+            covered = np.zeros(f.shape[:2], bool)
+            covered.flat[idx] = True
+            outside = np.flatnonzero(~binary_dilation(covered))
+            if not len(outside):
+                continue
+            d = memory.normal_distances(f, ann.item.category)[outside]
+            take = outside[np.argsort(-d, kind="stable")[:n]]
+            rows.setdefault(ann.item.category, []).append((f.reshape(-1, memory.dim)[take], j))
+        return {cat: (np.concatenate([r for r, _ in parts]).astype(np.float32),
+                      np.concatenate([np.full(len(r), j) for r, j in parts])) for cat, parts in rows.items()}
+
     def _leave_one_out(self, memory: DualMemory, scale: Scale, positives: tuple[np.ndarray, np.ndarray],
                        negatives: np.ndarray, reference: _Reference, annotations: Sequence[DefectAnnotation],
-                       ann_feats: Sequence[np.ndarray]) -> dict[float, list[tuple[float, float, float]]]:
+                       ann_feats: Sequence[np.ndarray], beside: tuple[np.ndarray, np.ndarray] | None = None,
+                       ) -> dict[float, list[tuple[float, float, float]]]:
         """For each w, per held-out annotated image of the class: (its image score's rank among the reference
         normals' image scores with the top-k mean, the AUROC of its defect patches against its other patches
         and the reference normals' patches, the rank with the maximum as image score), the image scored by a
-        classifier fitted without it."""
+        classifier fitted without it (nor the patches beside its defect, ``beside``)."""
         from sklearn.metrics import roc_auc_score  # at fit only, as above
 
         cfg, (pos, source) = self.config, positives
@@ -216,7 +244,8 @@ class DefectClassifierScorer:
         for j in np.unique(source):
             if not (source != j).any():
                 continue  # the class's only annotated image: nothing left to learn from
-            clf = LinearPatchClassifier.fit(pos[source != j], negatives, cfg.regularisation)
+            neg = negatives if beside is None else np.concatenate([negatives, beside[0][beside[1] != j]])
+            clf = LinearPatchClassifier.fit(pos[source != j], neg, cfg.regularisation)
             lv = [clf.logit(f) for f in reference.feats]
             lscale = Scale.fit(np.concatenate(lv))
             ann = annotations[j]

@@ -9,6 +9,7 @@ import dataclasses
 
 import numpy as np
 import pytest
+from scipy.ndimage import binary_dilation
 
 from dmad_core import banks
 from dmad_core.config import BankConfig, ClassifierConfig, DMADConfig
@@ -187,3 +188,49 @@ def test_a_class_gets_the_same_validation_split_alone_or_with_others():
     together = split_validation(others + tire, 0.1, seed=3)
     assert [it for it in together[1] if it.category == "tire"] == alone[1] and len(alone[1]) == 4
     assert split_validation(tire, 0.1, seed=4)[1] != alone[1]  # the seed still matters
+
+
+def test_patches_beside_a_drawn_defect_are_negatives_and_held_out_with_their_image(fitted, tmp_path):
+    """``annotated_negatives``: the hottest patches of an annotated image outside its mask (and a one-patch
+    ring) join the negatives; a defect without a mask gives none, and each leave-one-out fold leaves out
+    the held-out image's own patches beside its defect as well as its defect."""
+    model, dss, store = fitted
+    grid, dots = dss
+    anns = masked(grid, 3) + [DefectAnnotation(items_of(dots, 1)[0], None)]
+    model.save(tmp_path / "start")
+    work = DMAD.load(tmp_path / "start", store)
+    work.update(anns)
+    memory = work.fitted().memory
+    feats = work.patch_features([a.item for a in anns])
+    scorer = DefectClassifierScorer(dataclasses.replace(work.config.classifier, annotated_negatives=6), top_k=5)
+    beside = scorer._beside_defects(memory, anns, feats)
+    assert set(beside) == {"grid"}  # the dots defect has no mask
+    rows, source = beside["grid"]
+    assert sorted(set(source.tolist())) == [0, 1, 2] and all((source == j).sum() == 6 for j in range(3))
+    for j, ann in enumerate(anns[:3]):
+        f = feats[j]
+        covered = np.zeros(f.shape[:2], bool)
+        covered.flat[memory.annotated_patches_[ann.item.hash]] = True
+        flat = f.reshape(-1, f.shape[-1])
+        outside = np.flatnonzero(~binary_dilation(covered))
+        d = memory.normal_distances(f, "grid")
+        hottest = outside[np.argsort(-d[outside], kind="stable")[:6]]
+        np.testing.assert_array_equal(rows[source == j], flat[hottest])
+    # in the fold that holds image 0 out, its patches beside the defect are not negatives either
+    seen = []
+    original = LinearPatchClassifier.fit
+
+    def spy(positives, negatives, regularisation):  # noqa: ANN001, ANN202
+        seen.append(negatives)
+        return original(positives, negatives, regularisation)
+
+    normals = [ImageItem.from_path(r.path, "grid") for r in grid.train[:2]]
+    reference = scorer._reference(memory, [], normals, work.patch_features)
+    try:
+        LinearPatchClassifier.fit = staticmethod(spy)  # type: ignore[method-assign]
+        scorer._leave_one_out(memory, Scale(0.0, 1.0), scorer._positives(memory, anns, feats)["grid"], rows[:0], reference,
+                              anns, feats, beside["grid"])
+    finally:
+        LinearPatchClassifier.fit = original  # type: ignore[method-assign]
+    assert [len(n) for n in seen] == [12, 12, 12]
+    assert not any((seen[0][:, None, :] == rows[source == 0][None]).all(-1).any(0))
