@@ -76,3 +76,13 @@ def test_the_ceiling_offers_every_defect_first_at_the_benchmarks_own_costs() -> 
     # the classes share the budget, and it stops the inspector mid-round
     two = {"a": {"pool": 10, "pool_defects": 5}, "b": {"pool": 10, "pool_defects": 1}}
     assert active_loop.ceiling_rounds(two, {**settings, "minutes": 1})[-1] == {"minutes": 1.0, "found": 4}
+
+
+def test_the_budgets_last_round_is_the_one_during_which_it_ran_out() -> None:
+    settings = {"minutes": 4, "batch": 32, "mask_seconds": 30, "normal_seconds": 3}
+    rounds = [{"minutes": 0.0}, {"minutes": 2.6}, {"minutes": 4.1}, {"minutes": 4.5}]
+    # 3 classes: the image that spends the budget adds at most 30 s / 3 = 0.17 minutes a class
+    assert active_loop.at_budget(rounds, 4, settings, 3) == {"minutes": 4.1}
+    assert active_loop.at_minutes(rounds, 4) == {"minutes": 2.6}  # a curve's point before the budget: ended by then
+    assert active_loop.at_budget(rounds, 4, settings, 1) == {"minutes": 4.5}  # one class: up to 30 s past it
+    assert active_loop.at_budget(rounds[:2] + rounds[3:], 4, settings, 3) == {"minutes": 2.6}
