@@ -10,9 +10,11 @@ measurement). The masks of each image, at the image's own size:
 - before: the heat map above ONE pixel threshold for all classes (the validation quantile over all
   classes' normal pixels), no clean-up (what the product sent first);
 - one threshold + clean-up: the same, components smaller than one patch removed (the product's mask for a
-  class with no drawn masks: the unsupervised rows);
+  class with no drawn masks until 2026-12-07);
 - class threshold + clean-up: the class's own threshold (the lowest at which its validation normals keep at
   most one patch's area marked), components smaller than one patch removed (measured, not kept);
+- half the peak: the product's mask for a class with no drawn masks (the unsupervised rows): cut at half the
+  image's peak (``preannotation.UNDRAWN_PEAK_SHARE``, never below the threshold), the peak's component only;
 - relative level: the product's mask for a class with drawn masks: cut at the share of the image's peak
   that the model chose on the K annotated masks (``FittedState.mask_peak_shares``), the peak's component only;
 - ceiling: the single threshold that gives the best mean IoU on these very images (chosen on the test
@@ -36,7 +38,7 @@ from dmad_core.config import DMADConfig
 from dmad_core.data.readers import load_image, load_mask, read_category
 from dmad_core.evaluation import draw_annotated
 from dmad_core.model import DMAD, DefectAnnotation, FeatureStore, ImageItem
-from dmad_core.preannotation import defect_mask, iou, patch_area
+from dmad_core.preannotation import UNDRAWN_PEAK_SHARE, defect_mask, iou, patch_area
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 DEFAULT_DATA = [SHARED / "mvtec_3d_ad" / "tire", SHARED / "mvtec_ad" / "bottle", SHARED / "kolektorsdd" / "commutator"]
@@ -90,6 +92,7 @@ def measure(model: DMAD, records: list, category: str) -> dict[str, float | None
         "before": mean_iou(hm >= t for hm in heats),
         "cleaned": mean_iou(defect_mask(hm, t, a) for hm, a in zip(heats, areas)),
         "class": mean_iou(defect_mask(hm, class_threshold, a) for hm, a in zip(heats, areas)),
+        "half": mean_iou(defect_mask(hm, t, a, UNDRAWN_PEAK_SHARE) for hm, a in zip(heats, areas)),
         "relative": None if share is None else mean_iou(defect_mask(hm, t, a, share) for hm, a in zip(heats, areas)),
         "share": share,
         "ceiling": max(mean_iou(hm >= c for hm in heats) for c in candidates),
@@ -126,13 +129,13 @@ def main() -> None:
                     print(f"  {setting} {ds.name}: {len(records)} images", file=sys.stderr, flush=True)
                     rows.append((setting, ds.name, measure(model, records, ds.name)))
     print("| setting | class | images | IoU: one threshold, no clean-up | one threshold + clean-up (product, no "
-          "drawn masks) | class threshold + clean-up (not kept) | relative level from drawn masks (product) | "
-          "ceiling (best single threshold on these images) |")
-    print("|---|---|---|---|---|---|---|---|")
+          "drawn masks until 2026-12-07) | class threshold + clean-up (not kept) | half the peak (product, no drawn "
+          "masks) | relative level from drawn masks (product) | ceiling (best single threshold on these images) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for setting, name, m in rows:
         relative = "-" if m["relative"] is None else f"{100 * m['relative']:.1f} (at {m['share']:.2f} of the peak)"
         print(f"| {setting} | {name} | {m['images']} | {100 * m['before']:.1f} | {100 * m['cleaned']:.1f} | "
-              f"{100 * m['class']:.1f} | {relative} | {100 * m['ceiling']:.1f} |")
+              f"{100 * m['class']:.1f} | {100 * m['half']:.1f} | {relative} | {100 * m['ceiling']:.1f} |")
 
 if __name__ == "__main__":
     main()

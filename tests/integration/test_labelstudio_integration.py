@@ -319,7 +319,7 @@ def test_cli_push_webhook_and_sync_on_the_database(labelstudio: LabelStudioServe
     from app.cli import main
     from app.home_folder import HomeSettings
     from app.services.labelstudio.home import webhook_secret
-    from dmad_core.preannotation import heatmap_mask
+    from dmad_core.preannotation import UNDRAWN_PEAK_SHARE, heatmap_mask
     from app.services.loop.versions import commit_version, new_version_dir
     from db.engine import make_engine, session_factory, upgrade_to_head
     from db.models import Annotation
@@ -364,7 +364,7 @@ def test_cli_push_webhook_and_sync_on_the_database(labelstudio: LabelStudioServe
     assert sorted(tasks) == sorted(image_ids)
     for image_id, task in tasks.items():
         (result,) = task["predictions"][0]["result"]
-        expected = heatmap_mask(grids[image_id], 180, 250, 0.5)
+        expected = heatmap_mask(grids[image_id], 180, 250, 0.5, peak_share=UNDRAWN_PEAK_SHARE)  # no drawn masks
         assert expected.any()
         assert np.array_equal(rle_to_mask(result["value"]["rle"], 180, 250), expected)
         assert task["data"]["image"] == f"http://127.0.0.1:{webhook_port}/images/{task['data']['content_hash']}"
@@ -520,7 +520,7 @@ def test_a_promotion_gives_waiting_tasks_the_new_versions_proposal(labelstudio: 
     from app.services.loop.versions import commit_version, new_version_dir
     from db.engine import make_engine, session_factory, upgrade_to_head
     from db.repositories import PoolScoreRow, add_image, store_pool_scores
-    from dmad_core.preannotation import heatmap_mask
+    from dmad_core.preannotation import UNDRAWN_PEAK_SHARE, heatmap_mask
 
     home = Home.at(labelstudio.paths.owner)
     saved = home.load_settings() if home.settings_path.exists() else None
@@ -568,7 +568,7 @@ def test_a_promotion_gives_waiting_tasks_the_new_versions_proposal(labelstudio: 
             assert [p["model_version"] for p in predictions] == [want], image_id
             assert tasks[image_id]["data"]["model_version"] == want
             (result,) = predictions[0]["result"]
-            expected = heatmap_mask(grid(0 if want == first else 4), 120, 160, 0.5)
+            expected = heatmap_mask(grid(0 if want == first else 4), 120, 160, 0.5, peak_share=UNDRAWN_PEAK_SHARE)
             assert np.array_equal(rle_to_mask(result["value"]["rle"], 120, 160), expected)
         assert tasks[ids[0]]["data"]["score"] == pytest.approx(0.5)
     finally:

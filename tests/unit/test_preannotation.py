@@ -66,3 +66,19 @@ def test_the_relative_level_keeps_only_the_region_around_the_peak():
     assert mask[30, 20] and not mask[30, 75]
     assert defect_mask(heat, 0.5, 4)[30, 75]  # the threshold alone marks both
     assert not defect_mask(np.zeros((8, 8)), 0.5, 4, peak_share=0.5).any()
+
+
+def test_a_class_without_drawn_masks_is_cut_at_half_its_peak_not_at_the_halo():
+    """The unsupervised proposal: a smoothed defect of radius 5 over a low threshold. The threshold alone
+    marks the blur's whole skirt; half the peak keeps about the defect's own extent."""
+    from dmad_core.preannotation import UNDRAWN_PEAK_SHARE, iou, peak_share_for
+
+    assert peak_share_for({"bottle": 0.45}, "bottle") == 0.45  # drawn masks chose it
+    assert peak_share_for({"bottle": 0.45}, "tire") == UNDRAWN_PEAK_SHARE == 0.5
+    yy, xx = np.mgrid[:64, :64]
+    truth = (yy - 32) ** 2 + (xx - 32) ** 2 <= 5 ** 2
+    heat = blob((64, 64), (32, 32), 4.0, 5.0)
+    halo = defect_mask(heat, 0.2, 4)
+    half = defect_mask(heat, 0.2, 4, peak_share_for({}, "tire"))
+    assert halo.sum() > 2 * truth.sum() and iou(half, truth) > iou(halo, truth) + 0.2
+    assert not defect_mask(heat, 5.0, 4, peak_share_for({}, "tire")).any()  # never below the threshold

@@ -54,13 +54,13 @@ def heatmap_png(line: Inferencer, result: LineResult) -> str:
 def heatmap_rle(line: LineModel, result: LineResult) -> HeatmapRLE:
     """The proposed defect mask, the one Label Studio's pre-annotation shows (``heatmap_mask``)."""
     from annotation.rle import mask_to_rle
-    from dmad_core.preannotation import heatmap_mask
+    from dmad_core.preannotation import heatmap_mask, peak_share_for
 
     state = line.model.fitted()
     threshold = state.pixel_threshold
     mask = np.zeros((result.height, result.width), dtype=bool) if threshold is None else heatmap_mask(
         result.patch_map, result.height, result.width, threshold, line.model.config,
-        state.mask_peak_shares.get(result.category))
+        peak_share_for(state.mask_peak_shares, result.category))
     return HeatmapRLE(width=result.width, height=result.height, rle=mask_to_rle(mask))
 
 

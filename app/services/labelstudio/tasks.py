@@ -66,7 +66,7 @@ class SendResult:
 def task_items(version: ModelVersion, rows: Sequence[PoolScore], image_base_url: str) -> list[TaskItem]:
     """One task item per pool score row (each with `image` and its category loaded)."""
     from annotation.project import TaskItem, image_url_for
-    from dmad_core.preannotation import heatmap_mask  # scikit-image: loaded when tasks are made
+    from dmad_core.preannotation import heatmap_mask, peak_share_for  # scikit-image: loaded when tasks are made
 
     threshold = (version.config or {}).get(PIXEL_THRESHOLD_KEY)
     engine = (version.config or {}).get("engine")  # the version's DMADConfig: its heat maps' sigma and size
@@ -79,7 +79,7 @@ def task_items(version: ModelVersion, rows: Sequence[PoolScore], image_base_url:
             height=row.image.height, score=float(row.score), model_version=version.name,
             heatmap_mask=None if threshold is None else heatmap_mask(
                 row.patch_map_array(), row.image.height, row.image.width, float(threshold), config,
-                shares.get(row.image.category.name)),
+                peak_share_for(shares, row.image.category.name)),
             normal_percentile=normal_percentile_of(version.config, row.image.category.name, float(row.score)),
         )
         for row in rows
