@@ -1,7 +1,7 @@
 """anomalib's PatchCore beside our model, with the same backbone weights, in one run (issue 20, item 3).
 
     .venv/bin/python benchmarks/peer_patchcore.py [--data DIR ...] [--coreset 0.01] [--neighbours 9]
-        [--cache DIR] [--json OUT.json]
+        [--border zeros|image] [--cache DIR] [--json OUT.json]
 
 The peer: ``anomalib.models.image.patchcore.torch_model.PatchcoreModel`` as anomalib builds it, with
 EfficientNet-Lite0 layers 2 and 3 (timm ``out_indices``), our ImageNet weights loaded into its timm body
@@ -61,14 +61,17 @@ def import_anomalib():  # noqa: ANN201
 
 
 def peer_patchcore(ds: CategoryDataset, pipeline: FeatureExtractor, weights: dict, coreset: float, neighbours: int,
-                   batch: int = 8) -> tuple[dict[str, float], dict[str, float]]:
+                   batch: int = 8, border: str = "zeros") -> tuple[dict[str, float], dict[str, float]]:
     """anomalib's PatchCore on one class: its metrics and seconds per phase. ``pipeline``: our extractor at square
-    geometry, for its input pipeline only; ``weights``: our timm body's state dict."""
+    geometry, for its input pipeline only; ``weights``: our timm body's state dict; ``border``: "zeros" (anomalib's
+    3 x 3 averaging counts the zero padding) or "image" (border cells averaged over the image only, as ours)."""
     import torch
 
     PatchcoreModel = import_anomalib()
     peer = PatchcoreModel(layers=list(pipeline.config.layers), backbone=pipeline.config.name, pre_trained=False,
                           num_neighbors=neighbours)
+    if border == "image":
+        peer.feature_pooler = torch.nn.AvgPool2d(3, 1, 1, count_include_pad=False)
     missing, _ = peer.feature_extractor.feature_extractor.load_state_dict(weights, strict=False)
     if missing:
         raise SystemExit(f"peer_patchcore.py: anomalib's body lacks {len(missing)} of our tensors, e.g. {missing[:3]}")
@@ -138,6 +141,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     ap.add_argument("--data", nargs="+", type=Path, default=DEFAULT_DATA, metavar="DIR")
     ap.add_argument("--coreset", type=float, default=0.01, help="anomalib's coreset share of the patches")
     ap.add_argument("--neighbours", type=int, default=9, help="anomalib's reweighting neighbours")
+    ap.add_argument("--border", choices=["zeros", "image"], default="zeros",
+                    help="anomalib's border cells: averaged with the zero padding (its own) or over the image only (ours)")
     ap.add_argument("--cache", type=Path, help="our feature cache (default: a temporary folder)")
     ap.add_argument("--json", type=Path, metavar="OUT.json")
     args = ap.parse_args(argv)
@@ -147,7 +152,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         raise SystemExit(f"peer_patchcore.py: no such folder: {', '.join(map(str, missing))}")
     datasets = [read_category(d) for d in args.data]
     config = DMADConfig.preset("offline")
-    result: dict = {"settings": {"coreset": args.coreset, "neighbours": args.neighbours,
+    result: dict = {"settings": {"coreset": args.coreset, "neighbours": args.neighbours, "border": args.border,
                                  "data": [str(d) for d in args.data]}, "classes": {}, "seconds": {}}
     with tempfile.TemporaryDirectory(prefix="dmad-peer-") as tmp:
         say("ours: one model for every class")
@@ -156,7 +161,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     weights = square.eager_body().state_dict()  # built once, given to every class's peer
     for ds in datasets:
         say(f"anomalib PatchCore: {ds.name} ({len(ds.train)} training images, coreset {args.coreset:g})")
-        peer, seconds = peer_patchcore(ds, square, weights, args.coreset, args.neighbours)
+        peer, seconds = peer_patchcore(ds, square, weights, args.coreset, args.neighbours, border=args.border)
         result["classes"][ds.name] = {"anomalib": peer, **mine[ds.name]}
         result["seconds"][ds.name] = seconds
         say(f"  {ds.name}: anomalib {100 * peer['image_auroc']:.1f} / {100 * peer['pixel_auroc']:.1f}, ours kNN "
