@@ -129,6 +129,14 @@ def test_ties_go_to_the_smallest_weight_and_scales_are_robust():
             2.0: [(0.85, 0.80, 0.70), (0.75, 0.81, 0.70), (0.95, 0.79, 0.70), (0.65, 0.80, 0.70)]}
     assert scorer._choose_image(crit) == (1.0, 5)  # 2.0 is best, but 1.0 lies within one standard error
     assert scorer._choose_map(crit) == 1.0
+    # every held-out image's map is a little better at w = 1, but the images differ widely in difficulty:
+    # the one-SE rule keeps the map at w = 0 (the kNN map), the paired rule (the map's default) takes w = 1
+    steady = {0.0: [(0.5, a, 0.5) for a in (0.60, 0.90, 0.70, 0.95)],
+              1.0: [(0.5, a + 0.02, 0.5) for a in (0.60, 0.90, 0.70, 0.95)]}
+    paired = DefectClassifierScorer(ClassifierConfig(weights=(0.0, 1.0)), top_k=5)
+    assert paired.config.map_selection == "paired_standard_error" and paired._choose_map(steady) == 1.0
+    one_se = DefectClassifierScorer(ClassifierConfig(weights=(0.0, 1.0), map_selection="one_standard_error"), top_k=5)
+    assert one_se._choose_map(steady) == 0.0
     scorer.config = dataclasses.replace(scorer.config, selection="best")
     assert scorer._choose_image(crit) == (2.0, 5)
     crit[1.0] = [(0.5, 0.9, 0.95)] * 4  # the maximum ranks the held-out images best
