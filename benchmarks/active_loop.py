@@ -385,6 +385,11 @@ def on_curve(rounds: list[dict], m: float, result: dict) -> dict:
     return at_minutes(rounds, m)
 
 
+def found_per_minute(record: dict, n_classes: int) -> float:
+    """Defects found per inspector minute (all classes' minutes) at a round's record."""
+    return record["found"] / (record["minutes"] * n_classes) if record["minutes"] else 0.0
+
+
 def summary(result: dict, minutes: float) -> dict[str, dict[str, float]]:
     """Per strategy, means over seeds at ``minutes``: image AUROC, pixel AUROC, PRO (0-1), defects found,
     found per inspector minute, false alarms shown, and the false alarms among offered images after the
@@ -395,8 +400,7 @@ def summary(result: dict, minutes: float) -> dict[str, dict[str, float]]:
         out[strategy] = {
             **{m: float(np.mean([mean_metric(r, m) for r in rows])) for m in METRICS},
             "found": float(np.mean([r["found"] for r in rows])),
-            "found_per_minute": float(np.mean([r["found"] / (r["minutes"] * n_classes) if r["minutes"] else 0.0
-                                               for r in rows])),
+            "found_per_minute": float(np.mean([found_per_minute(r, n_classes) for r in rows])),
             "false_alarms": float(np.mean([r["false_alarms"] for r in rows])),
             "next_false_alarms": float(np.mean([r.get("next_false_alarms", float("nan")) for r in rows])),
             "minutes": float(np.mean([r["minutes"] for r in rows])),
@@ -446,8 +450,7 @@ def ceiling(result: dict, minutes: float) -> dict[str, float]:
     at = [at_budget(ceiling_rounds(pool, result["settings"]), minutes, result["settings"], n_classes)
           for pool in result["pool"].values()]
     return {"found": float(np.mean([r["found"] for r in at])),
-            "found_per_minute": float(np.mean([r["found"] / (r["minutes"] * n_classes) if r["minutes"] else 0.0
-                                               for r in at]))}
+            "found_per_minute": float(np.mean([found_per_minute(r, n_classes) for r in at]))}
 
 
 def table(result: dict, minutes: float) -> list[str]:
@@ -456,16 +459,20 @@ def table(result: dict, minutes: float) -> list[str]:
     lines = ["| strategy | minutes / class | image AUROC | pixel AUROC | PRO | defects found | found / inspector "
              "minute | x random | false alarms shown | false alarms in the next batch offered |",
              "|---|---|---|---|---|---|---|---|---|---|"]
+
+    def versus_random(per_minute: float) -> str:
+        return f"x{per_minute / base['found_per_minute']:.2f}" if base and base["found_per_minute"] else "-"
+
     for name, v in s.items():
-        ratio = f"x{v['found_per_minute'] / base['found_per_minute']:.2f}" if base and base["found_per_minute"] else "-"
+        ratio = versus_random(v["found_per_minute"])
         share = "-" if np.isnan(v["next_false_alarms"]) else f"{v['next_false_alarms']:.1f}"
         lines.append(f"| {name} | {v['minutes']:.1f} | {100 * v['image_auroc']:.1f} | {100 * v['pixel_auroc']:.1f} | "
                      f"{100 * v['pro']:.1f} | {v['found']:.1f} | {v['found_per_minute']:.2f} | {ratio} | "
                      f"{v['false_alarms']:.1f} | {share} |")
     if result.get("pool"):
         top = ceiling(result, minutes)
-        ratio = f"x{top['found_per_minute'] / base['found_per_minute']:.2f}" if base and base["found_per_minute"] else "-"
-        lines.append(f"| {CEILING} | - | - | - | - | {top['found']:.1f} | {top['found_per_minute']:.2f} | {ratio} | - | - |")
+        lines.append(f"| {CEILING} | - | - | - | - | {top['found']:.1f} | {top['found_per_minute']:.2f} | "
+                     f"{versus_random(top['found_per_minute'])} | - | - |")
     return lines
 
 

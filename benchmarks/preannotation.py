@@ -81,6 +81,9 @@ def measure(model: DMAD, records: list, category: str) -> dict[str, float | None
     def mean_iou(masks: Iterable[np.ndarray]) -> float:
         return float(np.mean([iou(m, truth) for m, truth in zip(masks, truths, strict=True)]))
 
+    def cut(level: float, peak_share: float | None = None) -> float:  # the product's masks at this level
+        return mean_iou(defect_mask(hm, level, a, peak_share) for hm, a in zip(heats, areas, strict=True))
+
     val = [it for it in fitted.validation_items if it.category == category]
     stride = model.config.backbone.stride
     class_threshold = false_mark_threshold([model.anomaly_map(p.patch_scores)
@@ -90,10 +93,10 @@ def measure(model: DMAD, records: list, category: str) -> dict[str, float | None
     candidates = np.quantile(values, 1 - np.logspace(-0.3, -5.5, 80))  # thresholds up to the very top
     return {
         "before": mean_iou(hm >= t for hm in heats),
-        "cleaned": mean_iou(defect_mask(hm, t, a) for hm, a in zip(heats, areas)),
-        "class": mean_iou(defect_mask(hm, class_threshold, a) for hm, a in zip(heats, areas)),
-        "half": mean_iou(defect_mask(hm, t, a, UNDRAWN_PEAK_SHARE) for hm, a in zip(heats, areas)),
-        "relative": None if share is None else mean_iou(defect_mask(hm, t, a, share) for hm, a in zip(heats, areas)),
+        "cleaned": cut(t),
+        "class": cut(class_threshold),
+        "half": cut(t, UNDRAWN_PEAK_SHARE),
+        "relative": None if share is None else cut(t, share),
         "share": share,
         "ceiling": max(mean_iou(hm >= c for hm in heats) for c in candidates),
         "images": len(records),

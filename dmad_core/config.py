@@ -24,6 +24,7 @@ WeightsSource = Literal["auto", "hub", "file", "package", "npm", "random"]
 KnowledgeMode = Literal["attention", "distance"]
 PRESETS = ("offline", "paper", "resnet50")
 Scorer = Literal["classifier", "mapper"]  # ScoreConfig.scorer
+SelectionRule = Literal["best", "one_standard_error", "paired_standard_error"]  # ClassifierConfig's weight choices
 SCORERS: tuple[str, ...] = get_args(Scorer)
 
 
@@ -199,11 +200,11 @@ class ClassifierConfig:
     # "paired_standard_error": the smallest w whose shortfall against the best, held-out image by held-out
     # image, is within one standard error of that paired difference (the images' own spread, which every w
     # shares, no longer hides a gain; docs/method-notes.md).
-    selection: Literal["best", "one_standard_error", "paired_standard_error"] = "one_standard_error"
+    selection: SelectionRule = "one_standard_error"
     # The same choice for the heat map's w (the patch AUROC of held-out images). Paired: with the one-SE rule
     # bottle's map kept w = 0 on two seeds of three at K = 10 (ten masks left its map as it was); the image
     # and map choices are independent, so their rules can differ (docs/method-notes.md).
-    map_selection: Literal["best", "one_standard_error", "paired_standard_error"] = "paired_standard_error"
+    map_selection: SelectionRule = "paired_standard_error"
     negative_images: int = 20  # training images per class that give negative patches
     hardest_per_image: int = 10  # their patches farthest from the normal bank (other images' entries)
     random_per_image: int = 10  # and this many random ones

@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from dmad_core.config import ClassifierConfig
+from dmad_core.config import ClassifierConfig, SelectionRule
 from dmad_core.items import DefectAnnotation, ImageItem, class_rng, top_k_mean
 from dmad_core.memory import DualMemory
 
@@ -202,8 +202,7 @@ class DefectClassifierScorer:
             idx = memory.annotated_patches_.get(ann.item.hash, np.zeros(0, np.int64))
             if len(idx):
                 rows.setdefault(ann.item.category, []).append((f.reshape(-1, memory.dim)[idx], j))
-        return {cat: (np.concatenate([r for r, _ in parts]).astype(np.float32),
-                      np.concatenate([np.full(len(r), j) for r, j in parts])) for cat, parts in rows.items()}
+        return _stack_by_class(rows)
 
     def _beside_defects(self, memory: DualMemory, annotations: Sequence[DefectAnnotation],
                         ann_feats: Sequence[np.ndarray]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -213,10 +212,12 @@ class DefectClassifierScorer:
         from scipy.ndimage import binary_dilation  # at fit only, as scikit-learn
 
         n = self.config.annotated_negatives
+        if n <= 0:
+            return {}
         rows: dict[str, list[tuple[np.ndarray, int]]] = {}
         for j, (ann, f) in enumerate(zip(annotations, ann_feats, strict=True)):
             idx = memory.annotated_patches_.get(ann.item.hash, np.zeros(0, np.int64))
-            if n <= 0 or ann.mask is None or not len(idx) or f.ndim != 3:
+            if ann.mask is None or not len(idx) or f.ndim != 3:
                 continue
             covered = np.zeros(f.shape[:2], bool)
             covered.flat[idx] = True
@@ -226,8 +227,7 @@ class DefectClassifierScorer:
             d = memory.normal_distances(f, ann.item.category)[outside]
             take = outside[np.argsort(-d, kind="stable")[:n]]
             rows.setdefault(ann.item.category, []).append((f.reshape(-1, memory.dim)[take], j))
-        return {cat: (np.concatenate([r for r, _ in parts]).astype(np.float32),
-                      np.concatenate([np.full(len(r), j) for r, j in parts])) for cat, parts in rows.items()}
+        return _stack_by_class(rows)
 
     def _leave_one_out(self, memory: DualMemory, scale: Scale, positives: tuple[np.ndarray, np.ndarray],
                        negatives: np.ndarray, reference: _Reference, annotations: Sequence[DefectAnnotation],
@@ -278,7 +278,7 @@ class DefectClassifierScorer:
         return self._pick(sorted(self.config.weights), lambda w: [t[1] for t in criterion[w]], self.config.map_selection)
 
     @staticmethod
-    def _pick(order: list, values: Callable[[Any], list[float]], rule: str) -> Any:
+    def _pick(order: list, values: Callable[[Any], list[float]], rule: SelectionRule) -> Any:
         """The candidate of ``order`` (simplest first: w = 0 is the kNN score) with the best mean criterion
         over the held-out images; ties go to the simpler one. With ``rule`` "one_standard_error": the
         simplest candidate whose mean is within one standard error of the best, the usual guard against
@@ -344,6 +344,12 @@ class DefectClassifierScorer:
                                             None if d["logit_scale"] is None else Scale(*d["logit_scale"]),
                                             d["image_weight"], d["map_weight"], d.get("image_top_k"))
         return self
+
+
+def _stack_by_class(rows: dict[str, list[tuple[np.ndarray, int]]]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """class -> [(patch rows, annotation index)] stacked into class -> (rows (n, C) float32, index (n,))."""
+    return {cat: (np.concatenate([r for r, _ in parts]).astype(np.float32),
+                  np.concatenate([np.full(len(r), j) for r, j in parts])) for cat, parts in rows.items()}
 
 
 def _best(means: dict[Any, float], order: Sequence[Any]) -> Any:
