@@ -14,9 +14,14 @@ measurement). The masks of each image, at the image's own size:
 - class threshold + clean-up: the class's own threshold (the lowest at which its validation normals keep at
   most one patch's area marked), components smaller than one patch removed (measured, not kept);
 - half the peak: the product's mask for a class with no drawn masks (the unsupervised rows): cut at half the
-  image's peak (``preannotation.UNDRAWN_PEAK_SHARE``, never below the threshold), the peak's component only;
+  image's peak (``preannotation.UNDRAWN_PEAK_SHARE``, never below the class's own pixel threshold), the peak's
+  component only;
 - relative level: the product's mask for a class with drawn masks: cut at the share of the image's peak
   that the model chose on the K annotated masks (``FittedState.mask_peak_shares``), the peak's component only;
+- the same level over the pooled threshold: the product's mask until 2026-12-07, when the floor was one
+  threshold for all classes;
+- GrabCut: the product's mask refined by ``preannotation.grabcut_mask``, for every class; the product
+  column takes it only for the classes whose drawn masks chose it (``FittedState.mask_grabcut``);
 - ceiling: the single threshold that gives the best mean IoU on these very images (chosen on the test
   masks: reported only as the ceiling, never used).
 
@@ -38,7 +43,8 @@ from dmad_core.config import DMADConfig
 from dmad_core.data.readers import load_image, load_mask, read_category
 from dmad_core.evaluation import draw_annotated
 from dmad_core.model import DMAD, DefectAnnotation, FeatureStore, ImageItem
-from dmad_core.preannotation import UNDRAWN_PEAK_SHARE, defect_mask, iou, patch_area
+from dmad_core.preannotation import (UNDRAWN_PEAK_SHARE, defect_mask, grabcut_mask, iou, patch_area,
+                                     pixel_threshold_for)
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 DEFAULT_DATA = [SHARED / "mvtec_3d_ad" / "tire", SHARED / "mvtec_ad" / "bottle", SHARED / "kolektorsdd" / "commutator"]
@@ -59,24 +65,27 @@ def false_mark_threshold(normal_heats: list[np.ndarray], patch_pixels: int,
     return float(np.nextafter(values.max(), np.inf))  # nothing normal is marked
 
 
-def heat_maps(model: DMAD, records: list, category: str) -> tuple[list, list, list]:
-    """Heat maps, ground-truth masks and one patch's area of the records' images, at each image's size."""
+def heat_maps(model: DMAD, records: list, category: str) -> tuple[list, list, list, list]:
+    """Heat maps, ground-truth masks, one patch's area and the pixels of the records' images, at each
+    image's size."""
     items = [ImageItem.from_path(r.path, category) for r in records]
     preds = model.predict(items, progress_bar=False)
-    heats, truths, areas = [], [], []
+    heats, truths, areas, images = [], [], [], []
     for r, p in zip(records, preds, strict=True):
-        h, w = load_image(r.path).shape[:2]
+        images.append(load_image(r.path))
+        h, w = images[-1].shape[:2]
         heats.append(model.anomaly_map(p.patch_scores, (h, w)))
         truths.append(load_mask(r.mask_path, (h, w)))
         areas.append(patch_area(p.patch_scores.shape, (h, w)))
-    return heats, truths, areas
+    return heats, truths, areas, images
 
 
 def measure(model: DMAD, records: list, category: str) -> dict[str, float | None]:
     """Mean IoU of each mask over the class's defective images with masks."""
-    heats, truths, areas = heat_maps(model, records, category)
+    heats, truths, areas, images = heat_maps(model, records, category)
     fitted = model.fitted()
-    t = fitted.pixel_threshold
+    t = fitted.pixel_threshold  # over all classes (the product's floor until 2026-12-07)
+    own = pixel_threshold_for(fitted.pixel_thresholds, t, category)  # the class's own (the product's floor)
 
     def mean_iou(masks: Iterable[np.ndarray]) -> float:
         return float(np.mean([iou(m, truth) for m, truth in zip(masks, truths, strict=True)]))
@@ -89,15 +98,21 @@ def measure(model: DMAD, records: list, category: str) -> dict[str, float | None
     class_threshold = false_mark_threshold([model.anomaly_map(p.patch_scores)
                                             for p in model.predict(val, progress_bar=False)], stride * stride)
     share = fitted.mask_peak_shares.get(category)
+    product_share = UNDRAWN_PEAK_SHARE if share is None else share
+    proposed = [defect_mask(hm, own, a, product_share) for hm, a in zip(heats, areas, strict=True)]
+    refined = [grabcut_mask(img, m, ring=max(1, round(a ** 0.5))) for img, m, a in zip(images, proposed, areas, strict=True)]
     values = np.concatenate([hm.ravel()[::7] for hm in heats])  # defects can be 0.01 % of the pixels:
     candidates = np.quantile(values, 1 - np.logspace(-0.3, -5.5, 80))  # thresholds up to the very top
     return {
         "before": mean_iou(hm >= t for hm in heats),
         "cleaned": cut(t),
         "class": cut(class_threshold),
-        "half": cut(t, UNDRAWN_PEAK_SHARE),
-        "relative": None if share is None else cut(t, share),
+        "half_pooled": cut(t, UNDRAWN_PEAK_SHARE if share is None else share),
+        "half": cut(own, UNDRAWN_PEAK_SHARE),
+        "relative": None if share is None else cut(own, share),
         "share": share,
+        "grabcut": mean_iou(refined),
+        "grabcut_chosen": category in fitted.mask_grabcut,
         "ceiling": max(mean_iou(hm >= c for hm in heats) for c in candidates),
         "images": len(records),
     }
@@ -133,12 +148,18 @@ def main() -> None:
                     rows.append((setting, ds.name, measure(model, records, ds.name)))
     print("| setting | class | images | IoU: one threshold, no clean-up | one threshold + clean-up (product, no "
           "drawn masks until 2026-12-07) | class threshold + clean-up (not kept) | half the peak (product, no drawn "
-          "masks) | relative level from drawn masks (product) | ceiling (best single threshold on these images) |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "masks) | relative level from drawn masks | the product's level over the pooled threshold (until "
+          "2026-12-07) | GrabCut on the level's mask | product (GrabCut where the drawn masks chose it) | ceiling "
+          "(best single threshold on these images) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for setting, name, m in rows:
         relative = "-" if m["relative"] is None else f"{100 * m['relative']:.1f} (at {m['share']:.2f} of the peak)"
+        plain = m["half"] if m["relative"] is None else m["relative"]
+        product = f"{100 * (m['grabcut'] if m['grabcut_chosen'] else plain):.1f}" + (" (GrabCut)" if m["grabcut_chosen"] else "")
         print(f"| {setting} | {name} | {m['images']} | {100 * m['before']:.1f} | {100 * m['cleaned']:.1f} | "
-              f"{100 * m['class']:.1f} | {100 * m['half']:.1f} | {relative} | {100 * m['ceiling']:.1f} |")
+              f"{100 * m['class']:.1f} | {100 * m['half']:.1f} | {relative} | {100 * m['half_pooled']:.1f} | "
+              f"{100 * m['grabcut']:.1f} | {product} | "
+              f"{100 * m['ceiling']:.1f} |")
 
 if __name__ == "__main__":
     main()

@@ -115,6 +115,10 @@ class DefectClassifierScorer:
         self.classes_: dict[str, ClassState] | None = None
         # class -> {w: [mean held-out image rank, mean held-out patch AUROC]} (leave-one-annotated-image-out)
         self.selection_: dict[str, dict[float, list[float]]] | None = None
+        # annotated image's hash -> its patch scores at its class's map weight, from the leave-one-out's
+        # classifier fitted without it: the pre-annotation's levels are chosen on these, not on maps of
+        # patches the classifier was trained on (kept in memory for the calibration after a fit; not saved)
+        self.held_out_maps_: dict[str, np.ndarray] | None = None
 
     # ------------------------------------------------------------------------------------------ fitting
     def fit(self, memory: DualMemory, train_items: Sequence[ImageItem],
@@ -138,6 +142,7 @@ class DefectClassifierScorer:
         beside = self._beside_defects(memory, annotations, ann_feats)
         classes: dict[str, ClassState] = {}
         selection: dict[str, dict[float, list[tuple[float, float, float]]]] = {}
+        held_out: dict[str, dict[int, dict[float, np.ndarray]]] = {}
         pooled: dict[float, list[tuple[float, float, float]]] = {}
         negatives: dict[str, np.ndarray] = {}
         references: dict[str, _Reference] = {}
@@ -151,9 +156,9 @@ class DefectClassifierScorer:
                                               features)
             classes[cat] = ClassState(Scale.fit(np.concatenate(references[cat].distances)))
             if cat in positives:
-                selection[cat] = self._leave_one_out(memory, classes[cat].distance_scale, positives[cat],
-                                                     negatives[cat], references[cat], annotations, ann_feats,
-                                                     beside.get(cat))
+                selection[cat], held_out[cat] = self._leave_one_out(
+                    memory, classes[cat].distance_scale, positives[cat], negatives[cat], references[cat],
+                    annotations, ann_feats, beside.get(cat))
                 for w, values in selection[cat].items():
                     pooled.setdefault(w, []).extend(values)
         pooled_image = self._choose_image(pooled) if pooled else (0.0, None)
@@ -170,6 +175,8 @@ class DefectClassifierScorer:
             classes[cat] = ClassState(classes[cat].distance_scale, clf, Scale.fit(logits), image_weight,
                                       self._choose_map(crit) if own else pooled_map, image_top_k)
         self.classes_ = classes
+        self.held_out_maps_ = {annotations[j].item.hash: grids[classes[cat].map_weight]
+                               for cat, by_image in held_out.items() for j, grids in by_image.items()}
         self.selection_ = {cat: {w: [float(np.mean(column)) for column in zip(*v)] for w, v in crit.items() if v}
                            for cat, crit in selection.items()}
         return self
@@ -232,15 +239,17 @@ class DefectClassifierScorer:
     def _leave_one_out(self, memory: DualMemory, scale: Scale, positives: tuple[np.ndarray, np.ndarray],
                        negatives: np.ndarray, reference: _Reference, annotations: Sequence[DefectAnnotation],
                        ann_feats: Sequence[np.ndarray], beside: tuple[np.ndarray, np.ndarray] | None = None,
-                       ) -> dict[float, list[tuple[float, float, float]]]:
+                       ) -> tuple[dict[float, list[tuple[float, float, float]]], dict[int, dict[float, np.ndarray]]]:
         """For each w, per held-out annotated image of the class: (its image score's rank among the reference
         normals' image scores with the top-k mean, the AUROC of its defect patches against its other patches
         and the reference normals' patches, the rank with the maximum as image score), the image scored by a
-        classifier fitted without it (nor the patches beside its defect, ``beside``)."""
+        classifier fitted without it (nor the patches beside its defect, ``beside``); and per held-out image
+        (its index in ``annotations``) and w, its patch scores (the grid's shape)."""
         from sklearn.metrics import roc_auc_score  # at fit only, as above
 
         cfg, (pos, source) = self.config, positives
         out: dict[float, list[tuple[float, float, float]]] = {w: [] for w in cfg.weights}
+        grids: dict[int, dict[float, np.ndarray]] = {}
         zv = [scale.apply(d) for d in reference.distances]  # one row an image (grids may differ in size)
         n_ref = sum(len(z) for z in zv)
         for j in np.unique(source):
@@ -265,7 +274,8 @@ class DefectClassifierScorer:
                     ranks.append(float((top_v < top_s).mean() + 0.5 * (top_v == top_s).mean()))
                 auc = float(roc_auc_score(y, np.r_[s[defect], s[~defect], np.concatenate(v)]))
                 out[w].append((ranks[0], auc, ranks[1]))
-        return out
+                grids.setdefault(int(j), {})[w] = s.reshape(ann_feats[j].shape[:-1])
+        return out, grids
 
     def _choose_image(self, criterion: dict[float, list[tuple[float, float, float]]]) -> tuple[float, int]:
         """The image score's (w, k): the weight and whether the score is the top-k mean or the maximum (on

@@ -63,10 +63,12 @@ class FittedState:
     net: DMADNet | None = None  # the mapper (``ScoreConfig.scorer == "mapper"``)
     scorer: DefectClassifierScorer | None = None  # the classifier scorer (the default)
     pixel_threshold: float | None = None  # heat-map value that marks a defect; None without validation images
+    pixel_thresholds: dict[str, float] = field(default_factory=dict)  # ... per class (the pooled one: older models)
     image_threshold: float | None = None  # the highest validation image score
     # class -> sorted validation image scores (None: a model saved before they were recorded)
     validation_scores: dict[str, list[float]] | None = None
     mask_peak_shares: dict[str, float] = field(default_factory=dict)  # class -> pre-annotation level, from drawn masks
+    mask_grabcut: list[str] = field(default_factory=list)  # classes whose pre-annotations GrabCut refines
     history: list[dict] = field(default_factory=list)  # the mapper's epochs in its last training (none: classifiers)
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage of the last fit/update; not saved
 
@@ -76,8 +78,10 @@ class FittedState:
         pre-annotation levels, the validation scores and the bank sizes, under ``model.json``'s keys."""
         normal_bank, abnormal_bank = self._banks()
         return {
-            "pixel_threshold": self.pixel_threshold, "image_threshold": self.image_threshold,
-            "mask_peak_shares": self.mask_peak_shares, "validation_scores": self.validation_scores,
+            "pixel_threshold": self.pixel_threshold, "pixel_thresholds": self.pixel_thresholds,
+            "image_threshold": self.image_threshold,
+            "mask_peak_shares": self.mask_peak_shares, "mask_grabcut": self.mask_grabcut,
+            "validation_scores": self.validation_scores,
             "bank_sizes": {"normal": normal_bank.part_sizes(), "abnormal": abnormal_bank.part_sizes()},
         }
 
@@ -157,9 +161,11 @@ class FittedState:
             net=net,
             scorer=scorer,
             pixel_threshold=meta["pixel_threshold"],
+            pixel_thresholds=meta.get("pixel_thresholds") or {},  # absent in models saved before 2026-12-07
             image_threshold=meta["image_threshold"],
             validation_scores=meta.get("validation_scores"),  # absent in models saved before it existed
             mask_peak_shares=meta.get("mask_peak_shares") or {},  # ... and so is this
+            mask_grabcut=meta.get("mask_grabcut") or [],  # ... and this
             history=meta.get("history", []),
         )
 

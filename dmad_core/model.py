@@ -33,7 +33,7 @@ from dmad_core.fitted_state import FittedState
 from dmad_core.items import DefectAnnotation, ImageItem, Prediction, Progress, no_progress, top_k_mean
 from dmad_core.memory import DualMemory
 from dmad_core.modules import DMADNet, anomaly_maps
-from dmad_core.preannotation import choose_peak_share, patch_area
+from dmad_core.preannotation import choose_grabcut, choose_peak_share, patch_area, pixel_threshold_for
 from dmad_core.progress_bar import make_bar
 from dmad_core.training import MapperTrainer, TrainSet, split_validation, validation_patches
 
@@ -51,6 +51,16 @@ def anomaly_map(patch_scores: np.ndarray, size: tuple[int, int] | None, config: 
     grids = np.asarray(patch_scores, np.float32)
     maps = anomaly_maps(grids.reshape(-1, *grids.shape[-2:]), size, config.score.gaussian_sigma, config.backbone.stride)
     return maps if grids.ndim == 3 else maps[0]
+
+
+def _pixels(item: ImageItem, shape: tuple[int, int]) -> np.ndarray | None:
+    """An annotated image's pixels at its mask's ``shape``; None where the file is gone or unreadable
+    (a model loaded elsewhere): the mask's level is then chosen without them."""
+    try:
+        img = item.load()
+    except (OSError, ValueError):  # FileNotFoundError, CorruptImageError, an item without pixels
+        return None
+    return img if img.shape[:2] == tuple(shape) else None
 
 
 class DMAD:
@@ -237,39 +247,60 @@ class DMAD:
     def _calibrate(self, state: FittedState, annotations: Sequence[DefectAnnotation]) -> None:
         """What a fit or an update ends with, once its scorer is in ``state``: the thresholds from the validation
         normals and the pre-annotation levels from the drawn masks."""
-        state.pixel_threshold, state.image_threshold, state.validation_scores = self._thresholds(state.validation_items)
-        state.mask_peak_shares = self._mask_peak_shares(annotations)
+        (state.pixel_threshold, state.pixel_thresholds, state.image_threshold,
+         state.validation_scores) = self._thresholds(state.validation_items)
+        state.mask_peak_shares, state.mask_grabcut = self._mask_levels(annotations)
 
     def _thresholds(self, validation: Sequence[ImageItem]
-                    ) -> tuple[float | None, float | None, dict[str, list[float]]]:
+                    ) -> tuple[float | None, dict[str, float], float | None, dict[str, list[float]]]:
         """From validation normal images only: the pixel threshold for heat-map masks (a quantile of their
-        pixel scores), the image threshold (their highest image score) and their sorted image scores per
-        class (``normal_percentile`` reads a score against them)."""
+        pixel scores) over all classes and per class, the image threshold (their highest image score) and
+        their sorted image scores per class (``normal_percentile`` reads a score against them).
+
+        Why per class: each class's map weight puts its heat maps on its own scale once it has annotations
+        (measured at K = 10: commutator's maps rose so far that the pooled quantile lay above every pixel of
+        bottle's and tire's maps, and their proposed masks were empty)."""
         if not validation:
-            return None, None, {}
+            return None, {}, None, {}
         preds = self.predict(validation, progress_bar=False)
         scores: dict[str, list[float]] = {}
+        maps: dict[str, list[np.ndarray]] = {}
         for p in preds:
             scores.setdefault(p.item.category, []).append(float(p.image_score))
-        maps = np.concatenate([self.anomaly_map(p.patch_scores).ravel() for p in preds])  # grids may differ
-        return (float(np.quantile(maps, self.config.score.pixel_threshold_quantile)),
+            maps.setdefault(p.item.category, []).append(self.anomaly_map(p.patch_scores).ravel())  # grids may differ
+        q = self.config.score.pixel_threshold_quantile
+        return (float(np.quantile(np.concatenate([m for ms in maps.values() for m in ms]), q)),
+                {c: float(np.quantile(np.concatenate(ms), q)) for c, ms in maps.items()},
                 float(max(p.image_score for p in preds)), {c: sorted(v) for c, v in scores.items()})
 
-    def _mask_peak_shares(self, annotations: Sequence[DefectAnnotation]) -> dict[str, float]:
+    def _mask_levels(self, annotations: Sequence[DefectAnnotation]) -> tuple[dict[str, float], list[str]]:
         """Per class with drawn masks, the pre-annotation level that fits them best
-        (``preannotation.choose_peak_share``): inspectors' masks, never test images."""
+        (``preannotation.choose_peak_share``), and the classes whose masks GrabCut fits better
+        (``preannotation.choose_grabcut``): inspectors' masks, never test images. Each annotated image is
+        judged by its held-out map (the classifier fitted without it) where the leave-one-out made one:
+        the final classifier was trained on its patches, so its own map fits its mask better than an unseen
+        defect's map would."""
         masked = [(a, a.mask) for a in annotations if a.mask is not None]
-        pixel_threshold = self.fitted().pixel_threshold
-        if not masked or pixel_threshold is None:
-            return {}
+        state = self.fitted()
+        if not masked or state.pixel_threshold is None:
+            return {}, []
         preds = self.predict([a.item for a, _ in masked], progress_bar=False)
-        shares = {}
+        scorer = state.scorer
+        held_out = (scorer.held_out_maps_ if scorer is not None else None) or {}
+        grids = [held_out.get(a.item.hash, p.patch_scores) for (a, _), p in zip(masked, preds, strict=True)]
+        shares, grabcut = {}, []
         for category in sorted({a.item.category for a, _ in masked}):
-            rows = [(mask, p) for (a, mask), p in zip(masked, preds, strict=True) if a.item.category == category]
-            heats = [self.anomaly_map(p.patch_scores, mask.shape) for mask, p in rows]
-            areas = [patch_area(p.patch_scores.shape, mask.shape) for mask, p in rows]
-            shares[category] = choose_peak_share(heats, [mask for mask, _ in rows], pixel_threshold, areas)
-        return shares
+            rows = [(a, mask, g) for (a, mask), g in zip(masked, grids, strict=True) if a.item.category == category]
+            heats = [self.anomaly_map(g, mask.shape) for _, mask, g in rows]
+            areas = [patch_area(g.shape, mask.shape) for _, mask, g in rows]
+            truths = [mask for _, mask, _ in rows]
+            threshold = pixel_threshold_for(state.pixel_thresholds, state.pixel_threshold, category)
+            assert threshold is not None  # the pooled threshold exists (checked above)
+            shares[category] = choose_peak_share(heats, truths, threshold, areas)
+            images = [img for a, mask, _ in rows if (img := _pixels(a.item, mask.shape)) is not None]
+            if len(images) == len(rows) and choose_grabcut(images, heats, truths, threshold, areas, shares[category]):
+                grabcut.append(category)
+        return shares, grabcut
 
     def _net_scores(self, feat: np.ndarray, category: str) -> np.ndarray:
         return self._score_features([feat], [category])[0][0].reshape(-1)

@@ -88,3 +88,37 @@ def test_heatmap_mask_covers_the_whole_image() -> None:
     ys, xs = np.nonzero(mask)
     assert ys.max() < 120 // 4 + 2 and xs.max() < 200 // 4 + 2 and mask[0, 0]
     assert not heatmap_mask(np.zeros((32, 32)), 120, 200, 0.5).any()
+
+
+def test_tasks_refine_masks_with_grabcut_only_for_the_classes_that_chose_it(tmp_path) -> None:  # noqa: ANN001
+    """Label Studio's tasks read the version's ``mask_grabcut``: a chosen class gets the mask GrabCut makes from
+    the image's pixels (what ``heatmap_mask(..., image=)`` gives, so ``dmad serve`` agrees); another class,
+    or a chosen one whose file is gone, the heat map's own mask."""
+    import PIL.Image
+
+    from app.services.labelstudio.tasks import task_items
+    from db.models import Category, Image, ModelVersion, PoolScore
+    from dmad_core.data.readers import load_image
+
+    rng = np.random.default_rng(0)
+    pixels = np.clip(rng.normal(200, 6, (96, 128)), 0, 255).astype(np.uint8)
+    pixels[46:50, 52:78] = 40  # a dark crack on a bright surface
+    path = tmp_path / "part.png"
+    PIL.Image.fromarray(pixels).save(path)
+    grid = np.zeros((12, 16), np.float16)
+    grid[5:7, 7:9] = 1.0  # the model's blurred view of it
+    version = ModelVersion(name="v0002", config={"pixel_threshold": 0.2, "mask_peak_shares": {"bottle": 0.5},
+                                                 "mask_grabcut": ["bottle"]})
+
+    def row(image_id: int, category: str, file: str) -> PoolScore:
+        image = Image(id=image_id, content_hash=f"{image_id:064x}", path=file, width=128, height=96,
+                      category=Category(name=category))
+        return PoolScore(image=image, score=1.0, patch_map=grid.tobytes(), map_shape=[12, 16])
+
+    chosen, other, gone = task_items(version, [row(1, "bottle", str(path)), row(2, "tire", str(path)),
+                                               row(3, "bottle", str(tmp_path / "missing.png"))], "http://x")
+    plain = heatmap_mask(grid, 96, 128, 0.2, peak_share=0.5)
+    refined = heatmap_mask(grid, 96, 128, 0.2, peak_share=0.5, image=load_image(path))
+    assert not np.array_equal(plain, refined) and refined.sum() < plain.sum()
+    assert np.array_equal(chosen.heatmap_mask, refined)
+    assert np.array_equal(other.heatmap_mask, plain) and np.array_equal(gone.heatmap_mask, plain)

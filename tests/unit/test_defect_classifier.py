@@ -16,7 +16,7 @@ from dmad_core.config import BankConfig, ClassifierConfig, DMADConfig
 from dmad_core.coreset import coreset_size
 from dmad_core.data import load_mask, make_synthetic_category, read_category
 from dmad_core.defect_classifier import DefectClassifierScorer, LinearPatchClassifier, Scale, _best
-from dmad_core.items import DefectAnnotation, ImageItem, normal_percentile, top_k_mean
+from dmad_core.items import DefectAnnotation, ImageItem, class_rng, normal_percentile, top_k_mean
 from dmad_core.memory import DualMemory
 from dmad_core.model import DMAD, FeatureStore
 
@@ -242,3 +242,40 @@ def test_patches_beside_a_drawn_defect_are_negatives_and_held_out_with_their_ima
         LinearPatchClassifier.fit = original  # type: ignore[method-assign]
     assert [len(n) for n in seen] == [12, 12, 12]
     assert not any((seen[0][:, None, :] == rows[source == 0][None]).all(-1).any(0))
+
+
+def test_each_annotated_image_keeps_its_held_out_map_for_the_pre_annotation_levels(fitted, tmp_path):
+    """``held_out_maps_``: per annotated image of a class with two or more, its patch scores at the class's map
+    weight from a classifier fitted without it, which is what the pre-annotation's levels are chosen on
+    (the final classifier has seen its patches). Recomputed here from that fold's classifier."""
+    from dmad_core.defect_classifier import LinearPatchClassifier
+
+    model, dss, store = fitted
+    grid, dots = dss
+    anns = masked(grid, 3) + masked(dots, 1)  # dots: one annotation, nothing to hold out
+    model.save(tmp_path / "start")
+    work = DMAD.load(tmp_path / "start", store)
+    work.update(anns)
+    scorer, memory = work.fitted().scorer, work.fitted().memory
+    assert set(scorer.held_out_maps_) == {a.item.hash for a in anns[:3]}
+    feats = work.patch_features([a.item for a in anns])
+    state = scorer.classes_["grid"]
+    pos, source = scorer._positives(memory, anns, feats)["grid"]
+    rng = class_rng(work.config.classifier.seed, "grid")
+    rows = rng.permutation([i for i, it in enumerate(work.fitted().normal_items) if it.category == "grid"])
+    train = work.fitted().normal_items
+    n_neg = min(work.config.classifier.negative_images, max(1, len(rows) // 2))
+    negatives = scorer._negatives(memory, [train[i] for i in rows[:n_neg]], work.patch_features, rng)
+    reference = scorer._reference(memory, [it for it in work.fitted().validation_items if it.category == "grid"],
+                                  [train[i] for i in rows[n_neg:n_neg + work.config.classifier.reference_images]],
+                                  work.patch_features)
+    clf = LinearPatchClassifier.fit(pos[source != 0], negatives, work.config.classifier.regularisation)
+    lscale = Scale.fit(np.concatenate([clf.logit(f) for f in reference.feats]))
+    q = feats[0].reshape(-1, memory.dim)
+    expected = (state.distance_scale.apply(memory.normal_distances(feats[0], "grid"))
+                + state.map_weight * lscale.apply(clf.logit(q))).reshape(feats[0].shape[:-1])
+    np.testing.assert_allclose(scorer.held_out_maps_[anns[0].item.hash], expected, rtol=1e-5, atol=1e-5)
+    own = work.predict([anns[0].item], progress_bar=False)[0].patch_scores
+    assert own.shape == expected.shape
+    if state.map_weight > 0:  # the final classifier has seen this image's patches: its own map differs
+        assert not np.allclose(own, expected)

@@ -441,6 +441,14 @@ def test_a_saved_and_loaded_model_predicts_the_same_and_keeps_its_annotations(fi
     assert back.mapper_config == saved.mapper_config and back.history == saved.history
     # the pre-annotation level chosen on the drawn mask (its class only) comes back too
     assert set(saved.mask_peak_shares) == {ds.name} and back.mask_peak_shares == saved.mask_peak_shares
+    assert set(saved.mask_grabcut) <= {ds.name} and back.mask_grabcut == saved.mask_grabcut  # and GrabCut's choice
+    # each class's pixel threshold is the quantile of its own validation normals' heat maps
+    assert set(saved.pixel_thresholds) == {d.name for d in dss} and back.pixel_thresholds == saved.pixel_thresholds
+    for d in dss:
+        val = [it for it in saved.validation_items if it.category == d.name]
+        maps = np.concatenate([work.anomaly_map(p.patch_scores).ravel() for p in work.predict(val, progress_bar=False)])
+        assert saved.pixel_thresholds[d.name] == pytest.approx(
+            float(np.quantile(maps, work.config.score.pixel_threshold_quantile)), rel=1e-6)
 
 
 def test_predictions_do_not_depend_on_what_was_called_before(fitted):

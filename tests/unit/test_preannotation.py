@@ -82,3 +82,62 @@ def test_a_class_without_drawn_masks_is_cut_at_half_its_peak_not_at_the_halo():
     half = defect_mask(heat, 0.2, 4, peak_share_for({}, "tire"))
     assert halo.sum() > 2 * truth.sum() and iou(half, truth) > iou(halo, truth) + 0.2
     assert not defect_mask(heat, 5.0, 4, peak_share_for({}, "tire")).any()  # never below the threshold
+
+
+def crack_image(rng: np.random.Generator, shape: tuple[int, int], rows: slice, cols: slice,
+                crack: int, surface: int) -> tuple[np.ndarray, np.ndarray]:
+    """A gray surface (value ``surface`` plus noise) with a thin crack (value ``crack``): image, true mask."""
+    img = np.clip(rng.normal(surface, 6, shape), 0, 255).astype(np.uint8)
+    truth = np.zeros(shape, bool)
+    truth[rows, cols] = True
+    img[truth] = crack
+    return img, truth
+
+
+def test_grabcut_tightens_a_blurred_proposal_to_a_crack_that_stands_out():
+    """A dark 4-pixel crack on a bright surface, proposed as the smoothed heat map's wide blob: GrabCut on the
+    image keeps the crack, and a class whose drawn masks look like this chooses it."""
+    from dmad_core.preannotation import choose_grabcut, grabcut_mask, iou
+
+    rng = np.random.default_rng(0)
+    images, heats, truths = [], [], []
+    for i in range(3):
+        img, truth = crack_image(rng, (96, 128), slice(40 + i, 44 + i), slice(52, 78), crack=40, surface=200)
+        images.append(img)
+        truths.append(truth)
+        heats.append(blob((96, 128), (42 + i, 65), 4.0, 12.0))
+    proposed = defect_mask(heats[0], 0.2, 64, 0.5)
+    refined = grabcut_mask(np.stack([images[0]] * 3, axis=-1), proposed, ring=8)  # RGB and gray alike
+    assert iou(refined, truths[0]) > iou(proposed, truths[0]) + 0.2
+    assert choose_grabcut(images, heats, truths, threshold=0.2, min_areas=[64] * 3, peak_share=0.5)
+
+
+def test_grabcut_is_not_chosen_where_the_defect_has_the_surface_s_colours():
+    """A defect the model sees but the colours do not (same intensity as its surface): GrabCut cannot fit the
+    drawn masks better, so the class keeps the heat map's mask; an empty proposal stays empty."""
+    from dmad_core.preannotation import choose_grabcut, grabcut_mask
+
+    rng = np.random.default_rng(1)
+    images, heats, truths = [], [], []
+    for i in range(3):
+        img, truth = crack_image(rng, (96, 128), slice(30, 60), slice(40 + i, 80 + i), crack=128, surface=128)
+        images.append(img)
+        truths.append(truth)
+        heats.append(blob((96, 128), (45, 60 + i), 4.0, 12.0))
+    assert not choose_grabcut(images, heats, truths, threshold=0.2, min_areas=[64] * 3, peak_share=0.5)
+    empty = np.zeros((96, 128), bool)
+    assert not grabcut_mask(images[0], empty, ring=8).any()
+
+
+def test_each_class_is_floored_by_its_own_pixel_threshold():
+    """One class's heat maps on a larger scale (its map weight) must not lift the floor of another's: a
+    class's own threshold is used where the model records one, the pooled one otherwise (older versions,
+    unknown classes)."""
+    from dmad_core.preannotation import pixel_threshold_for
+
+    own = {"commutator": 9.0, "bottle": 0.4}
+    assert pixel_threshold_for(own, 6.0, "bottle") == 0.4 and pixel_threshold_for(own, 6.0, "tire") == 6.0
+    assert pixel_threshold_for({}, None, "bottle") is None
+    heat = blob((64, 64), (32, 32), 4.0, 5.0)  # a bottle defect peaking at 4, under the pooled 6.0
+    assert not defect_mask(heat, 6.0, 4, 0.5).any()
+    assert defect_mask(heat, pixel_threshold_for(own, 6.0, "bottle"), 4, 0.5).any()

@@ -51,16 +51,18 @@ def heatmap_png(line: Inferencer, result: LineResult) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def heatmap_rle(line: LineModel, result: LineResult) -> HeatmapRLE:
-    """The proposed defect mask, the one Label Studio's pre-annotation shows (``heatmap_mask``)."""
+def heatmap_rle(line: LineModel, result: LineResult, pixels: np.ndarray) -> HeatmapRLE:
+    """The proposed defect mask, the one Label Studio's pre-annotation shows (``heatmap_mask``; ``pixels``:
+    the image, for a class whose drawn masks chose GrabCut)."""
     from annotation.rle import mask_to_rle
-    from dmad_core.preannotation import heatmap_mask, peak_share_for
+    from dmad_core.preannotation import heatmap_mask, peak_share_for, pixel_threshold_for
 
     state = line.model.fitted()
-    threshold = state.pixel_threshold
+    threshold = pixel_threshold_for(state.pixel_thresholds, state.pixel_threshold, result.category)
     mask = np.zeros((result.height, result.width), dtype=bool) if threshold is None else heatmap_mask(
         result.patch_map, result.height, result.width, threshold, line.model.config,
-        peak_share_for(state.mask_peak_shares, result.category))
+        peak_share_for(state.mask_peak_shares, result.category),
+        pixels if result.category in state.mask_grabcut else None)
     return HeatmapRLE(width=result.width, height=result.height, rle=mask_to_rle(mask))
 
 
@@ -124,5 +126,5 @@ async def score(request: Request, state: StateDep, line: LineDep,
     if heatmap == "png":
         response.heatmap_png = await run_in_threadpool(heatmap_png, line, result)
     elif heatmap == "rle":
-        response.heatmap_rle = await run_in_threadpool(heatmap_rle, line, result)
+        response.heatmap_rle = await run_in_threadpool(heatmap_rle, line, result, image.array)
     return response
