@@ -254,6 +254,10 @@ class PoolScore(Base):
     version_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id", ondelete="CASCADE"))
     image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"), index=True)
     score: Mapped[float] = mapped_column(Float)
+    # the scorer's two terms as image scores, in the class's unit: the kNN distance and the defect classifier
+    # (None: no classifier for the class, the mapper scorer, or a score stored before 2026-12-07)
+    knn_score: Mapped[float | None] = mapped_column(Float, nullable=True)
+    classifier_score: Mapped[float | None] = mapped_column(Float, nullable=True)
     top_patches: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)  # [{"box", "score"}]
     patch_map: Mapped[bytes] = mapped_column(LargeBinary)  # float16 grid, C order
     map_shape: Mapped[list[int]] = mapped_column(JSON)  # [gh, gw]

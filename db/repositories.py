@@ -219,6 +219,8 @@ class PoolScoreRow:
     score: float
     patch_map: np.ndarray  # (gh, gw) patch-grid scores; stored as float16
     top_patches: Sequence[Mapping[str, Any]] = ()  # [{"box": [x0, y0, x1, y1], "score": s}] in image pixels
+    knn_score: float | None = None  # the scorer's kNN term alone (``Prediction.knn_score``)
+    classifier_score: float | None = None  # ... and its classifier term (``Prediction.classifier_score``)
 
 
 def _plain(x: Any) -> Any:
@@ -236,6 +238,8 @@ def store_pool_scores(session: Session, version_id: int, rows: Iterable[PoolScor
             raise ValueError(f"patch_map must be 2-D (gh, gw), got shape {grid.shape}")
         values.append({
             "version_id": version_id, "image_id": int(row.image_id), "score": float(row.score),
+            "knn_score": None if row.knn_score is None else float(row.knn_score),
+            "classifier_score": None if row.classifier_score is None else float(row.classifier_score),
             "top_patches": [{"box": [_plain(c) for c in p["box"]], "score": float(p["score"])}
                             for p in row.top_patches],
             "patch_map": np.ascontiguousarray(grid, dtype=np.float16).tobytes(),

@@ -312,17 +312,24 @@ class DefectClassifierScorer:
     def score(self, memory: DualMemory, feat: np.ndarray, category: str) -> tuple[np.ndarray, float]:
         """The heat map's patch scores (same shape as ``feat`` without channels) and the image score of one
         image's standardised features."""
+        patch, image, _, _ = self.score_terms(memory, feat, category)
+        return patch, image
+
+    def score_terms(self, memory: DualMemory, feat: np.ndarray, category: str
+                    ) -> tuple[np.ndarray, float, float, float | None]:
+        """``score``'s two results, then each term alone as an image score (top-k mean, in the class's unit):
+        the kNN distance and the classifier's logit (None: the class has no classifier)."""
         if self.classes_ is None:
             raise RuntimeError("the scorer is not fitted: call fit() first")
         state = self.classes_.get(category) or self._unknown_class()
+        k = state.image_top_k or self.top_k
         z = state.distance_scale.apply(memory.normal_distances(feat, category))
         if state.classifier is None:
-            patch = image = z
-        else:
-            assert state.logit_scale is not None  # a classifier always comes with its logit scale
-            logit = state.logit_scale.apply(state.classifier.logit(feat.reshape(-1, memory.dim)))
-            patch, image = z + state.map_weight * logit, z + state.image_weight * logit
-        return patch.reshape(feat.shape[:-1]), top_k_mean(image, state.image_top_k or self.top_k)
+            return z.reshape(feat.shape[:-1]), top_k_mean(z, k), top_k_mean(z, k), None
+        assert state.logit_scale is not None  # a classifier always comes with its logit scale
+        logit = state.logit_scale.apply(state.classifier.logit(feat.reshape(-1, memory.dim)))
+        patch, image = z + state.map_weight * logit, z + state.image_weight * logit
+        return patch.reshape(feat.shape[:-1]), top_k_mean(image, k), top_k_mean(z, k), top_k_mean(logit, k)
 
     def _unknown_class(self) -> ClassState:
         """A class the model was not trained on: the kNN distance in the median unit of the known classes."""

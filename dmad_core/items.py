@@ -66,6 +66,11 @@ class Prediction:
     item: ImageItem
     patch_scores: np.ndarray  # (gh, gw) float32, higher = more anomalous
     image_score: float
+    # the classifier scorer's two terms alone, each as an image score in its class's unit (top-k mean):
+    # the kNN distance, and the class's defect classifier (None: no classifier, or the mapper scorer).
+    # Review's "disagree" pick reads how far apart they are.
+    knn_score: float | None = None
+    classifier_score: float | None = None
 
 
 def top_k_mean(grid: np.ndarray, k: int) -> float:

@@ -178,8 +178,8 @@ class DMAD:
         for start in range(0, len(items), batch_size):
             chunk = items[start:start + batch_size]
             scored = self._score_features(self.patch_features(chunk, store=cache_features, bar=progress_bar), [it.category for it in chunk])
-            for it, (grid, image_score) in zip(chunk, scored, strict=True):
-                preds.append(Prediction(it, grid.astype(np.float32), image_score))
+            for it, (grid, image_score, knn_score, classifier_score) in zip(chunk, scored, strict=True):
+                preds.append(Prediction(it, grid.astype(np.float32), image_score, knn_score, classifier_score))
             bar.update(len(chunk))
             progress(len(preds) / len(items), f"scored {len(preds)}/{len(items)}")
         bar.close()
@@ -323,12 +323,14 @@ class DMAD:
             ann_feats)
 
     @torch.no_grad()
-    def _score_features(self, feats: Sequence[np.ndarray], categories: Sequence[str]) -> list[tuple[np.ndarray, float]]:
-        """(patch score grid, image score) of images whose standardised features are known (no backbone);
-        the normal bank is searched within each image's class (``BankConfig.class_aware``)."""
+    def _score_features(self, feats: Sequence[np.ndarray], categories: Sequence[str]
+                        ) -> list[tuple[np.ndarray, float, float | None, float | None]]:
+        """(patch score grid, image score, kNN term's image score, classifier term's image score) of images
+        whose standardised features are known (no backbone); the normal bank is searched within each image's
+        class (``BankConfig.class_aware``). The mapper has no separate terms (None, None)."""
         state = self.fitted()
         if state.scorer is not None:
-            return [state.scorer.score(state.memory, f, c) for f, c in zip(feats, categories, strict=True)]
+            return [state.scorer.score_terms(state.memory, f, c) for f, c in zip(feats, categories, strict=True)]
         assert state.net is not None  # is_fitted: a mapper where there is no classifier scorer
         dim = self.config.backbone.feature_dim
         flat = [np.asarray(f, np.float32).reshape(-1, dim) for f in feats]
@@ -339,4 +341,4 @@ class DMAD:
                                    torch.from_numpy(v_a).to(self.device).reshape(q.shape), q)
         grids = [s.reshape(f.shape[:2]) if f.ndim == 3 else s for f, s in zip(feats, scores.float().cpu().numpy(),
                                                                                 strict=True)]
-        return [(g, top_k_mean(g, self.config.score.top_k)) for g in grids]
+        return [(g, top_k_mean(g, self.config.score.top_k), None, None) for g in grids]

@@ -60,7 +60,8 @@ def image_item(image: Image) -> ImageItem:
 
 def pool_rows(images: Sequence[Image], predictions: Sequence[Prediction]) -> list[PoolScoreRow]:
     return [PoolScoreRow(image_id=img.id, score=float(p.image_score), patch_map=p.patch_scores,
-                         top_patches=top_patches(p.patch_scores, img.width, img.height))
+                         top_patches=top_patches(p.patch_scores, img.width, img.height),
+                         knn_score=p.knn_score, classifier_score=p.classifier_score)
             for img, p in zip(images, predictions, strict=True)]
 
 

@@ -71,7 +71,8 @@ def check_pool_scores(sf: sessionmaker[Session], tmp_path: Path) -> None:
                                write_png(tmp_path / f"p{i}.png", 8, 8, seed=i), "pool") for i in range(6)]
         v = _version(session, "v0001")
         rows = [repo.PoolScoreRow(image_id=im.id, score=float(i), patch_map=rng.random((4, 5)),
-                                  top_patches=[{"box": list(np.array([0, 0, 4, 4])), "score": np.float32(i)}])
+                                  top_patches=[{"box": list(np.array([0, 0, 4, 4])), "score": np.float32(i)}],
+                                  knn_score=np.float32(i / 2), classifier_score=None if i % 2 else np.float32(-i))
                 for i, im in enumerate(imgs)]  # numpy numbers, as scoring code produces them
         assert repo.store_pool_scores(session, v.id, rows) == 6
         session.commit()
@@ -80,6 +81,7 @@ def check_pool_scores(sf: sessionmaker[Session], tmp_path: Path) -> None:
         assert top[0].image.id == imgs[5].id and top[0].map_shape == [4, 5]
         assert [p.top_patches for p in top[:2]] == [[{"box": [0, 0, 4, 4], "score": s}] for s in (5.0, 4.0)]
         np.testing.assert_allclose(top[0].patch_map_array(), rows[5].patch_map, atol=1e-3)
+        assert [(p.knn_score, p.classifier_score) for p in top] == [(2.5, None), (2.0, -4.0), (1.5, None)]  # the terms
         assert [p.score for p in repo.top_pool_scores(session, v.id, 10, category="bottle")] == [5.0, 3.0, 1.0]
         assert [p.score for p in repo.top_pool_scores(session, v.id, 10, min_score=3.5)] == [5.0, 4.0]
         # storing again replaces instead of duplicating

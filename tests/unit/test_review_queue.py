@@ -72,3 +72,30 @@ def test_score_against_threshold_and_short_line_labels() -> None:
     line = queries.ScoredImage(1, str(Path("/h/images/46") / f"{digest}.png"), "fabric", 8, 8, 1.0, [],
                                np.zeros((2, 2), np.float16), 1)
     assert line.label == "fabric · line · 469a0253"
+
+
+def test_disagree_offers_where_the_two_terms_part_and_the_pool_keeps_both_terms(ui_home: PreparedHome,  # noqa: F811
+                                                                                ui_template: PreparedHome) -> None:  # noqa: F811
+    """The re-ranking stores each image's kNN and classifier terms (classes with annotations have both); the
+    ``disagree`` order's "disagree" pick is, each time, the remaining image of its class whose two terms lie
+    furthest apart, with a reason that says so."""
+    from sqlalchemy import select
+
+    from db.models import Category, Image, PoolScore
+
+    flt = _everything(ui_home)
+    with ui_home.sessions()() as session:
+        rows = session.execute(select(Category.name, PoolScore.image_id, PoolScore.knn_score, PoolScore.classifier_score)
+                               .join(Image, Image.id == PoolScore.image_id).join(Category, Category.id == Image.category_id)
+                               .where(PoolScore.version_id == flt.version_id)).all()
+        offered = review_queue.offer(session, ui_template.home, flt, limit=16, strategy="disagree")
+    assert rows and all(k is not None and q is not None for _, _, k, q in rows)  # every class was annotated
+    gap = {i: abs(k - q) for _, i, k, q in rows}
+    assert len(set(gap.values())) > 1  # the terms do part somewhere
+    picks = [o for o in offered if o.pick == "disagree"]
+    assert {o.image.category for o in picks} == {"fabric", "tiles"}
+    for o in picks:
+        before = {p.image.image_id for p in offered[:offered.index(o)]}
+        left = [i for c, i, _, _ in rows if c == o.image.category and i not in before]
+        assert gap[o.image.image_id] == max(gap[i] for i in left)
+        assert o.reason.startswith(f"the distance and the defect classifier of {o.image.category} disagree on it")

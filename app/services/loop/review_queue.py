@@ -11,6 +11,11 @@ Strategies (``STRATEGIES``):
   nearest its OK/NG threshold (where a label changes a decision), and the hot image least like anything
   labelled or offered so far (diversity in feature space); near-duplicates of what is already labelled
   or offered (twenty near-copies of one part from the line's feed) go to the back of the class's line.
+- ``disagree``: as ``default``, with the pick "unlike" replaced by the image on which the scorer's two
+  terms disagree most (the kNN distance against the class's defect classifier, both as image scores in
+  the class's unit): unusual but unlike any drawn defect, or like one but close to normal. A class without
+  a classifier yet (no annotation) takes its hottest instead. Measured against the others, not the default
+  (docs/results.md).
 
 Similarity is measured on each image's cached patch features (``<home>/features``, written when the pool
 is ranked), mean-pooled, centred on its class and normalised: reading them costs a file read per candidate,
@@ -39,12 +44,13 @@ from db.models import Annotation, Category, Image, ModelVersion, PoolScore
 from dmad_core.cache import FeatureCache
 from dmad_core.config import DMADConfig
 
-Strategy = Literal["top", "random", "balanced", "default"]
-STRATEGIES: tuple[str, ...] = ("top", "random", "balanced", "default")
+Strategy = Literal["top", "random", "balanced", "default", "disagree"]
+STRATEGIES: tuple[str, ...] = ("top", "random", "balanced", "default", "disagree")
 DEFAULT_STRATEGY: Strategy = "default"
 
 # Within a class, the default order cycles through these picks.
 DEFAULT_CYCLE: tuple[str, ...] = ("hottest", "line", "hottest", "unlike")
+DISAGREE_CYCLE: tuple[str, ...] = ("hottest", "line", "hottest", "disagree")
 
 
 @dataclass(frozen=True)
@@ -65,7 +71,7 @@ class Offered:
 
     image: ScoredImage
     reason: str  # in an inspector's words
-    pick: str  # "hottest", "line", "unlike", "random", "duplicate"
+    pick: str  # "hottest", "line", "unlike", "disagree", "random", "duplicate"
     threshold: float | None  # the class's OK/NG threshold in force
     like_normals: int = 0  # confirmed normals it looks like
 
@@ -96,6 +102,7 @@ class _Candidate:
     taken: bool = False
     dup_cut: float = -1.0  # a distance at or below this to a labelled or offered image: a near-copy
     labelled: np.ndarray | None = None  # the class's labelled images' embeddings (rows)
+    disagreement: float | None = None  # |kNN term - classifier term| (None: either term unknown)
 
 
 def offer(session: Session, home: Home | None, f: ReviewFilter, limit: int, offset: int = 0,
@@ -132,11 +139,12 @@ def offer(session: Session, home: Home | None, f: ReviewFilter, limit: int, offs
         by_id = {r.image_id: r for r in scored_images(session, f.version_id, [i for i, _ in picks])}
         return [Offered(by_id[i], f"random pick of {by_id[i].category}", p, thresholds.get(by_id[i].category))
                 for i, p in picks if i in by_id]
-    per_class = _candidates(session, f, thresholds, need + settings.candidates_margin)
-    if strategy == "default" and home is not None:
+    per_class = _candidates(session, f, thresholds, need + settings.candidates_margin, strategy == "disagree")
+    diverse = strategy in ("default", "disagree")
+    if diverse and home is not None:
         _embed(session, home, version, f, per_class, settings)
-    cycle = ("hottest",) if strategy == "balanced" else settings.cycle
-    order = _balanced_rounds(per_class, thresholds, cycle, need, settings, diverse=strategy == "default")
+    cycle = {"balanced": ("hottest",), "disagree": DISAGREE_CYCLE}.get(strategy, settings.cycle)
+    order = _balanced_rounds(per_class, thresholds, cycle, need, settings, diverse=diverse)
     page = order[offset:need]
     by_id = {r.image_id: r for r in scored_images(session, f.version_id, [c.image_id for c, _ in page])}
     out = []
@@ -150,6 +158,7 @@ def offer(session: Session, home: Home | None, f: ReviewFilter, limit: int, offs
 def _reason(pick: str, cand: _Candidate) -> str:
     text = {"hottest": f"hottest of {cand.category}", "line": f"on the OK/NG line of {cand.category}",
             "unlike": "unlike anything labelled", "duplicate": f"like an image already offered of {cand.category}",
+            "disagree": f"the distance and the defect classifier of {cand.category} disagree on it",
             }.get(pick, pick)
     if cand.like_normals:
         text += f"; looks like {cand.like_normals} part{'s' if cand.like_normals > 1 else ''} already marked normal"
@@ -158,22 +167,29 @@ def _reason(pick: str, cand: _Candidate) -> str:
 
 # -- reading the pool --------------------------------------------------------------------------------
 def _base(f: ReviewFilter) -> Any:
-    return filtered(select(PoolScore.image_id, Category.name, PoolScore.score, Image.content_hash)
-                    .select_from(PoolScore), f)
+    return filtered(select(PoolScore.image_id, Category.name, PoolScore.score, Image.content_hash,
+                           PoolScore.knn_score, PoolScore.classifier_score).select_from(PoolScore), f)
 
 
-def _candidates(session: Session, f: ReviewFilter, thresholds: dict[str, float], n: int) -> dict[str, list[_Candidate]]:
-    """Per class: its ``n`` hottest images and its ``n`` nearest the threshold (one list, hottest first)."""
+def _candidates(session: Session, f: ReviewFilter, thresholds: dict[str, float], n: int,
+                disagreeing: bool = False) -> dict[str, list[_Candidate]]:
+    """Per class: its ``n`` hottest images, its ``n`` nearest the threshold and, with ``disagreeing``, the
+    ``n`` on which the scorer's two terms disagree most (one list, hottest first)."""
     classes = list(f.categories) or list(session.scalars(select(Category.name).order_by(Category.name)))
     out: dict[str, list[_Candidate]] = {}
+    gap = func.abs(PoolScore.knn_score - PoolScore.classifier_score)
     for category in classes:
         query = _base(f).where(Category.name == category)
         rows = list(session.execute(query.order_by(PoolScore.score.desc(), PoolScore.image_id).limit(n)))
         if category in thresholds:
             rows += session.execute(query.order_by(func.abs(PoolScore.score - thresholds[category]),
                                                    PoolScore.image_id).limit(n))
+        if disagreeing:
+            rows += session.execute(query.where(PoolScore.classifier_score.is_not(None))
+                                    .order_by(gap.desc(), PoolScore.image_id).limit(n))
         seen: set[int] = set()
-        cands = [_Candidate(int(i), c, float(s), h) for i, c, s, h in rows if not (i in seen or seen.add(i))]
+        cands = [_Candidate(int(i), c, float(s), h, disagreement=None if k is None or q is None else abs(k - q))
+                 for i, c, s, h, k, q in rows if not (i in seen or seen.add(i))]
         if cands:
             out[category] = sorted(cands, key=lambda c: (-c.score, c.image_id))
     return out
@@ -253,6 +269,9 @@ def _balanced_rounds(per_class: dict[str, list[_Candidate]], thresholds: dict[st
                 chosen, pick = pending[0], "duplicate"
             elif pick == "line" and category in thresholds:
                 chosen = min(fresh, key=lambda c: (abs(c.score - thresholds[category]), c.image_id))
+            elif pick == "disagree" and any(c.disagreement is not None for c in fresh):
+                chosen = max((c for c in fresh if c.disagreement is not None),
+                             key=lambda c: (c.disagreement or 0.0, c.score, -c.image_id))
             elif pick == "unlike" and diverse:
                 pool = fresh[:max(1, settings.unlike_from_hottest * len(cycle))]
                 chosen = max(pool, key=lambda c: (_novelty(c, offered[category]), c.score))
