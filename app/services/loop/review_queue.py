@@ -14,8 +14,8 @@ Strategies (``STRATEGIES``):
 - ``disagree``: as ``default``, with the pick "unlike" replaced by the image on which the scorer's two
   terms disagree most (the kNN distance against the class's defect classifier, both as image scores in
   the class's unit): unusual but unlike any drawn defect, or like one but close to normal. A class without
-  a classifier yet (no annotation) takes its hottest instead. Measured against the others, not the default
-  (docs/results.md).
+  a classifier yet (no annotation) takes its hottest instead; an image the line's feed scored carries its
+  terms from the next re-ranking. Measured against the others, not the default (docs/results.md).
 
 Similarity is measured on each image's cached patch features (``<home>/features``, written when the pool
 is ranked), mean-pooled, centred on its class and normalised: reading them costs a file read per candidate,
