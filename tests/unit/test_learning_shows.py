@@ -63,6 +63,8 @@ def test_five_masks_lift_the_hard_class_by_ten_points_on_the_same_images(learnt:
     lines = "\n".join(change["lines"])
     assert f"{DEMO_HARD_CATEGORY}: scores moved; image AUROC" in lines
     assert "tiles: no annotations of its own; its scores did not change." in lines
+    assert hard["mask_peak_share"] is not None and plain["mask_peak_share"] is None  # levels from drawn masks
+    assert f"its proposed masks are cut at {100 * hard['mask_peak_share']:.0f} % of each image's peak" in lines
     assert change["pool_decisions"]["compared"] > 0  # the pool was re-ranked and compared
 
     capsys.readouterr()
@@ -90,3 +92,15 @@ def test_the_training_and_metrics_pages_show_what_it_bought(learnt: LoopHome, mo
     assert any(f"{DEMO_HARD_CATEGORY} at v0002" in str(c.value) for c in metrics.caption)  # its set changed
     with open_database(learnt.home)() as session:  # the record is the version's own, kept with it
         assert active_version(session).config["evaluation_set"][DEMO_HARD_CATEGORY]["images"] == 24 - MASKS
+
+
+def test_the_masks_level_is_said_even_where_the_scores_did_not_move() -> None:
+    """Drawn masks that leave a class's scores as they were still set its proposed masks: the words say so."""
+    from app.services.loop.version_change import class_change_text
+
+    still = {"scores_moved": False, "annotations": {"defect_masks": 4}, "mask_peak_share": 0.65, "mask_grabcut": True}
+    said = class_change_text("commutator", still)
+    assert said.startswith("commutator: 4 defect annotations; not yet enough to change its scores")
+    assert "cut at 65 % of each image's peak, refined by the image's colours (GrabCut)" in said
+    none_drawn = {"scores_moved": False, "annotations": {"confirmed_normals": 2}, "mask_peak_share": None}
+    assert "proposed masks" not in class_change_text("tire", none_drawn)

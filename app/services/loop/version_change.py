@@ -73,6 +73,7 @@ def measure_change(parent: str, images: Sequence[Image], before: Sequence[Predic
         {"parent": name, "classes": {class: {...}}}, JSON-ready (fractions in 0-1).
     """
     weights = _scorer_weights(model)
+    state = model.fitted()
     counts = (trained_on or {}).get("categories", {})
     out: dict[str, Any] = {}
     for category in sorted({img.category.name for img in images}):
@@ -88,6 +89,9 @@ def measure_change(parent: str, images: Sequence[Image], before: Sequence[Predic
             "images": len(rows), "defective": int(labels.sum()), "scores_moved": moved,
             "annotations": {k: int(counts.get(category, {}).get(k, 0)) for k in ANNOTATION_KINDS},
             **weights.get(category, {"image_weight": None, "map_weight": None}),
+            # the proposed masks' level chosen on the class's drawn masks (None: none drawn), and GrabCut's choice
+            "mask_peak_share": state.mask_peak_shares.get(category),
+            "mask_grabcut": category in state.mask_grabcut,
         }
         if 0 < labels.sum() < len(labels):
             d = paired_auroc_difference(labels, b, a)
@@ -111,18 +115,28 @@ def _points(pair: Sequence[float]) -> str:
     return f"{100 * pair[0]:.1f} % -> {100 * pair[1]:.1f} %"
 
 
+def _masks_text(record: dict[str, Any]) -> str:
+    """What the drawn masks set for the class's proposed masks (empty where it has none)."""
+    share = record.get("mask_peak_share")
+    if share is None:
+        return ""
+    refined = ", refined by the image's colours (GrabCut)" if record.get("mask_grabcut") else ""
+    return f"its proposed masks are cut at {100 * share:.0f} % of each image's peak{refined}, fitted to its drawn masks"
+
+
 def class_change_text(category: str, record: dict[str, Any]) -> str:
     """One class's change in an engineer's words."""
     counts = record.get("annotations", {})
     masks, weak, normals = (counts.get(k, 0) for k in ANNOTATION_KINDS)
     defects = masks + weak
+    masks_said = _masks_text(record)
     if not record.get("scores_moved"):
         if defects == 0 and normals == 0:
             return f"{category}: no annotations of its own; its scores did not change."
         said = ", ".join(s for s in (f"{defects} defect annotation{'s' * (defects != 1)}" if defects else "",
                                      f"{normals} confirmed normal{'s' * (normals != 1)}" if normals else "") if s)
         return (f"{category}: {said}; not yet enough to change its scores, the model keeps the normal-only "
-                f"distance.")
+                f"distance" + (f"; {masks_said}." if masks_said else "."))
     parts = [f"{category}: scores moved"]
     auroc = record.get("image_auroc")
     if auroc:
@@ -135,6 +149,8 @@ def class_change_text(category: str, record: dict[str, Any]) -> str:
     if record.get("image_weight") is not None:
         parts.append(f"weight of the annotations: {record['image_weight']:g} (image), {record['map_weight']:g} "
                      f"(heat map)")
+    if masks_said:
+        parts.append(masks_said)
     return "; ".join(parts) + "."
 
 
