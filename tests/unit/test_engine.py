@@ -14,7 +14,7 @@ from dmad_core.backbone import FeatureExtractor, WeightsUnavailableError, load_b
 from dmad_core.cache import FeatureCache, content_hash
 from dmad_core.config import BackboneConfig, BankConfig, DMADConfig, MapperConfig
 from dmad_core.coreset import coreset_size, greedy_coreset
-from dmad_core.data import load_mask, make_outlier_textures, make_synthetic_category, read_category
+from dmad_core.data import load_image, load_mask, make_outlier_textures, make_synthetic_category, read_category
 from dmad_core.metrics import compute_class_metrics
 from dmad_core.model import DMAD, DefectAnnotation, FeatureStore, ImageItem, top_k_mean
 from dmad_core.modules import DMADNet, KnowledgeEnhancer, hinge_loss, smooth_maps
@@ -460,6 +460,20 @@ def test_predictions_do_not_depend_on_what_was_called_before(fitted):
     model.anomaly_map(first[0].patch_scores)
     second = model.predict(items)
     for a, b in zip(first, second, strict=True):
+        assert np.array_equal(a.patch_scores, b.patch_scores) and a.image_score == b.image_score
+
+
+def test_an_image_scores_the_same_on_first_sight_and_from_the_cache(fitted):
+    """Images never seen (their features computed now) and the same images again (features from the cache):
+    bit for bit the same scores. The backbone's features were a channels-last view, the cache's C order, and
+    the mapper's products differed by 1e-6 between them: the line (first sight) and the pool (the cache)
+    could disagree about a part at its threshold."""
+    model, dss, _, _ = fitted
+    arrays = [np.ascontiguousarray(load_image(r.path)[:, ::-1]) for r in dss[0].test[:5]]  # mirrored: new hashes
+    items = [ImageItem.from_array(a, dss[0].name) for a in arrays]
+    assert all(model.features.cache.get(it.hash) is None for it in items)  # never seen
+    first, again = model.predict(items), model.predict(items)
+    for a, b in zip(first, again, strict=True):
         assert np.array_equal(a.patch_scores, b.patch_scores) and a.image_score == b.image_score
 
 
