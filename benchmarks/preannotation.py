@@ -100,7 +100,7 @@ def measure(model: DMAD, records: list, category: str) -> dict[str, float | None
     share = fitted.mask_peak_shares.get(category)
     product_share = UNDRAWN_PEAK_SHARE if share is None else share
     proposed = [defect_mask(hm, own, a, product_share) for hm, a in zip(heats, areas, strict=True)]
-    refined = [grabcut_mask(img, m, ring=max(1, round(a ** 0.5))) for img, m, a in zip(images, proposed, areas, strict=True)]
+    refined = [grabcut_mask(img, m, a) for img, m, a in zip(images, proposed, areas, strict=True)]
     values = np.concatenate([hm.ravel()[::7] for hm in heats])  # defects can be 0.01 % of the pixels:
     candidates = np.quantile(values, 1 - np.logspace(-0.3, -5.5, 80))  # thresholds up to the very top
     return {

@@ -324,12 +324,13 @@ class DefectClassifierScorer:
         state = self.classes_.get(category) or self._unknown_class()
         k = state.image_top_k or self.top_k
         z = state.distance_scale.apply(memory.normal_distances(feat, category))
+        knn = top_k_mean(z, k)
         if state.classifier is None:
-            return z.reshape(feat.shape[:-1]), top_k_mean(z, k), top_k_mean(z, k), None
+            return z.reshape(feat.shape[:-1]), knn, knn, None
         assert state.logit_scale is not None  # a classifier always comes with its logit scale
         logit = state.logit_scale.apply(state.classifier.logit(feat.reshape(-1, memory.dim)))
         patch, image = z + state.map_weight * logit, z + state.image_weight * logit
-        return patch.reshape(feat.shape[:-1]), top_k_mean(image, k), top_k_mean(z, k), top_k_mean(logit, k)
+        return patch.reshape(feat.shape[:-1]), top_k_mean(image, k), knn, top_k_mean(logit, k)
 
     def _unknown_class(self) -> ClassState:
         """A class the model was not trained on: the kNN distance in the median unit of the known classes."""

@@ -78,12 +78,16 @@ class FittedState:
         pre-annotation levels, the validation scores and the bank sizes, under ``model.json``'s keys."""
         normal_bank, abnormal_bank = self._banks()
         return {
-            "pixel_threshold": self.pixel_threshold, "pixel_thresholds": self.pixel_thresholds,
-            "image_threshold": self.image_threshold,
-            "mask_peak_shares": self.mask_peak_shares, "mask_grabcut": self.mask_grabcut,
+            **self.mask_levels(), "image_threshold": self.image_threshold,
             "validation_scores": self.validation_scores,
             "bank_sizes": {"normal": normal_bank.part_sizes(), "abnormal": abnormal_bank.part_sizes()},
         }
+
+    def mask_levels(self) -> dict[str, Any]:
+        """What proposing a mask reads (``preannotation.proposed_mask``), under ``model.json``'s keys: the
+        pixel thresholds (over all classes and per class), the shares of the peak and GrabCut's classes."""
+        return {"pixel_threshold": self.pixel_threshold, "pixel_thresholds": self.pixel_thresholds,
+                "mask_peak_shares": self.mask_peak_shares, "mask_grabcut": self.mask_grabcut}
 
     def _banks(self) -> tuple[MemoryBank, MemoryBank]:
         if self.memory.normal_bank_ is None or self.memory.abnormal_bank_ is None:

@@ -46,6 +46,14 @@ class ImageItem:
             raise ValueError(f"image item {self.hash} has neither an array nor a path")
         return load_image(self.path)
 
+    def try_load(self) -> np.ndarray | None:
+        """``load``, or None where the pixels cannot be had (the file is gone or unreadable, or neither an
+        array nor a path): for work that can go on without them (GrabCut's refinement of a proposed mask)."""
+        try:
+            return self.load()
+        except (OSError, ValueError):  # FileNotFoundError, CorruptImageError
+            return None
+
     @property
     def source(self) -> int:
         return source_id(self.hash)

@@ -56,11 +56,8 @@ def anomaly_map(patch_scores: np.ndarray, size: tuple[int, int] | None, config: 
 def _pixels(item: ImageItem, shape: tuple[int, int]) -> np.ndarray | None:
     """An annotated image's pixels at its mask's ``shape``; None where the file is gone or unreadable
     (a model loaded elsewhere): the mask's level is then chosen without them."""
-    try:
-        img = item.load()
-    except (OSError, ValueError):  # FileNotFoundError, CorruptImageError, an item without pixels
-        return None
-    return img if img.shape[:2] == tuple(shape) else None
+    img = item.try_load()
+    return img if img is not None and img.shape[:2] == tuple(shape) else None
 
 
 class DMAD:
@@ -284,17 +281,18 @@ class DMAD:
         state = self.fitted()
         if not masked or state.pixel_threshold is None:
             return {}, []
-        preds = self.predict([a.item for a, _ in masked], progress_bar=False)
         scorer = state.scorer
-        held_out = (scorer.held_out_maps_ if scorer is not None else None) or {}
-        grids = [held_out.get(a.item.hash, p.patch_scores) for (a, _), p in zip(masked, preds, strict=True)]
+        held_out = dict((scorer.held_out_maps_ if scorer is not None else None) or {})
+        unseen = [a.item for a, _ in masked if a.item.hash not in held_out]  # no held-out map: its own
+        held_out.update((p.item.hash, p.patch_scores) for p in self.predict(unseen, progress_bar=False))
+        grids = [held_out[a.item.hash] for a, _ in masked]
         shares, grabcut = {}, []
         for category in sorted({a.item.category for a, _ in masked}):
             rows = [(a, mask, g) for (a, mask), g in zip(masked, grids, strict=True) if a.item.category == category]
             heats = [self.anomaly_map(g, mask.shape) for _, mask, g in rows]
             areas = [patch_area(g.shape, mask.shape) for _, mask, g in rows]
             truths = [mask for _, mask, _ in rows]
-            threshold = pixel_threshold_for(state.pixel_thresholds, state.pixel_threshold, category)
+            threshold = pixel_threshold_for(state.pixel_thresholds, state.pixel_threshold, category)  # as proposed_mask
             assert threshold is not None  # the pooled threshold exists (checked above)
             shares[category] = choose_peak_share(heats, truths, threshold, areas)
             images = [img for a, mask, _ in rows if (img := _pixels(a.item, mask.shape)) is not None]

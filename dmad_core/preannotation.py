@@ -29,13 +29,13 @@ Example::
     threshold = pixel_threshold_for(state.pixel_thresholds, state.pixel_threshold, pred.item.category)
     mask = defect_mask(heat, threshold, area, share)
     if pred.item.category in state.mask_grabcut:
-        mask = grabcut_mask(pred.item.load(), mask, ring=round(area ** 0.5))
+        mask = grabcut_mask(pred.item.load(), mask, area)
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from skimage.measure import label
@@ -129,12 +129,12 @@ def choose_peak_share(heats: Sequence[np.ndarray], truths: Sequence[np.ndarray],
     return float(shares[int(np.argmax(fits))])
 
 
-def grabcut_mask(image: np.ndarray, mask: np.ndarray, ring: int, iterations: int = GRABCUT_ITERATIONS,
+def grabcut_mask(image: np.ndarray, mask: np.ndarray, min_area: int, iterations: int = GRABCUT_ITERATIONS,
                  max_side: int = GRABCUT_MAX_SIDE) -> np.ndarray:
     """``mask`` refined by the image's colours (OpenCV's GrabCut), for defects that stand out from their
     surface (a dark crack on a bright commutator) but that the heat map's 8-pixel cells and smoothing blur.
 
-    GrabCut is seeded with the proposed mask as probable defect, a ring of ``ring`` pixels around it as
+    GrabCut is seeded with the proposed mask as probable defect, a ring one patch wide around it as
     probable background and the rest as background, on the image shrunk to at most ``max_side`` pixels (its
     cost is the image's area; the heat map is no finer anyway). Why GrabCut: it is the well-kept
     colour-model segmentation in OpenCV; a learned pixel head would need more masks than a class has.
@@ -142,7 +142,7 @@ def grabcut_mask(image: np.ndarray, mask: np.ndarray, ring: int, iterations: int
     Args:
         image: the image, RGB or gray uint8, at the mask's size.
         mask: the proposed mask (``defect_mask``).
-        ring: the ring's width in image pixels (one patch's side).
+        min_area: one patch's area in image pixels (``patch_area``): the ring is its side.
         iterations: GrabCut's iterations.
         max_side: the longer side GrabCut runs at.
 
@@ -152,7 +152,7 @@ def grabcut_mask(image: np.ndarray, mask: np.ndarray, ring: int, iterations: int
 
     Example::
 
-        refined = grabcut_mask(load_image(path), defect_mask(heat, t, area, share), ring=int(area ** 0.5))
+        refined = grabcut_mask(load_image(path), defect_mask(heat, t, area, share), area)
     """
     import cv2  # OpenCV: loaded when a mask is refined
 
@@ -168,7 +168,7 @@ def grabcut_mask(image: np.ndarray, mask: np.ndarray, ring: int, iterations: int
     small = cv2.resize(mask.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST).astype(bool)
     if not small.any():
         return mask
-    r = max(1, round(ring * scale))
+    r = max(1, round(max(1, round(min_area ** 0.5)) * scale))  # one patch's side, in the shrunk image
     grown = cv2.dilate(small.astype(np.uint8), cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1)))
     seeds = np.full(small.shape, cv2.GC_BGD, np.uint8)
     seeds[grown.astype(bool)] = cv2.GC_PR_BGD
@@ -209,7 +209,7 @@ def choose_grabcut(images: Sequence[np.ndarray], heats: Sequence[np.ndarray], tr
     for img, h, t, a in zip(images, heats, truths, min_areas, strict=True):
         m = defect_mask(h, threshold, a, peak_share)
         plain.append(iou(m, t))
-        refined.append(iou(grabcut_mask(img, m, ring=max(1, round(a ** 0.5))), t))
+        refined.append(iou(grabcut_mask(img, m, a), t))
     return bool(refined) and float(np.mean(refined)) > float(np.mean(plain))
 
 
@@ -245,4 +245,32 @@ def heatmap_mask(patch_map: np.ndarray, height: int, width: int, threshold: floa
     mask = defect_mask(heat, threshold, area, peak_share)
     if image is None or np.shape(image)[:2] != (height, width):
         return mask
-    return grabcut_mask(image, mask, ring=max(1, round(area ** 0.5)))
+    return grabcut_mask(image, mask, area)
+
+
+def proposed_mask(levels: Mapping[str, Any], patch_map: np.ndarray, height: int, width: int, category: str,
+                  config: DMADConfig | None, pixels: Callable[[], np.ndarray | None]) -> np.ndarray | None:
+    """The mask proposed for one image of ``category``, from what its model recorded to propose masks
+    (``FittedState.mask_levels``; a version's row holds the same keys): the class's own pixel threshold, its
+    share of the peak, and GrabCut where its drawn masks chose it. Label Studio's tasks and ``dmad serve``'s
+    RLE both call this, so they propose the same mask.
+
+    Args:
+        levels: ``pixel_threshold``, ``pixel_thresholds``, ``mask_peak_shares``, ``mask_grabcut`` (missing
+            keys: a version saved before they existed).
+        patch_map: the image's patch grid (gh, gw).
+        height: the image's height in pixels.
+        width: the image's width in pixels.
+        category: its class.
+        config: the version's engine configuration (None: the defaults).
+        pixels: gives the image's pixels (None where unreadable); called only for a class that refines.
+
+    Returns:
+        A bool mask (height, width); None where the model records no pixel threshold.
+    """
+    threshold = pixel_threshold_for(levels.get("pixel_thresholds") or {}, levels.get("pixel_threshold"), category)
+    if threshold is None:
+        return None
+    refine = category in (levels.get("mask_grabcut") or ())
+    return heatmap_mask(patch_map, height, width, float(threshold), config,
+                        peak_share_for(levels.get("mask_peak_shares") or {}, category), pixels() if refine else None)

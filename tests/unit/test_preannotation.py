@@ -107,7 +107,7 @@ def test_grabcut_tightens_a_blurred_proposal_to_a_crack_that_stands_out():
         truths.append(truth)
         heats.append(blob((96, 128), (42 + i, 65), 4.0, 12.0))
     proposed = defect_mask(heats[0], 0.2, 64, 0.5)
-    refined = grabcut_mask(np.stack([images[0]] * 3, axis=-1), proposed, ring=8)  # RGB and gray alike
+    refined = grabcut_mask(np.stack([images[0]] * 3, axis=-1), proposed, 64)  # RGB and gray alike; a ring of 8 px
     assert iou(refined, truths[0]) > iou(proposed, truths[0]) + 0.2
     assert choose_grabcut(images, heats, truths, threshold=0.2, min_areas=[64] * 3, peak_share=0.5)
 
@@ -126,7 +126,7 @@ def test_grabcut_is_not_chosen_where_the_defect_has_the_surface_s_colours():
         heats.append(blob((96, 128), (45, 60 + i), 4.0, 12.0))
     assert not choose_grabcut(images, heats, truths, threshold=0.2, min_areas=[64] * 3, peak_share=0.5)
     empty = np.zeros((96, 128), bool)
-    assert not grabcut_mask(images[0], empty, ring=8).any()
+    assert not grabcut_mask(images[0], empty, 64).any()
 
 
 def test_each_class_is_floored_by_its_own_pixel_threshold():

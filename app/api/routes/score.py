@@ -55,14 +55,12 @@ def heatmap_rle(line: LineModel, result: LineResult, pixels: np.ndarray) -> Heat
     """The proposed defect mask, the one Label Studio's pre-annotation shows (``heatmap_mask``; ``pixels``:
     the image, for a class whose drawn masks chose GrabCut)."""
     from annotation.rle import mask_to_rle
-    from dmad_core.preannotation import heatmap_mask, peak_share_for, pixel_threshold_for
+    from dmad_core.preannotation import proposed_mask
 
-    state = line.model.fitted()
-    threshold = pixel_threshold_for(state.pixel_thresholds, state.pixel_threshold, result.category)
-    mask = np.zeros((result.height, result.width), dtype=bool) if threshold is None else heatmap_mask(
-        result.patch_map, result.height, result.width, threshold, line.model.config,
-        peak_share_for(state.mask_peak_shares, result.category),
-        pixels if result.category in state.mask_grabcut else None)
+    mask = proposed_mask(line.model.fitted().mask_levels(), result.patch_map, result.height, result.width,
+                         result.category, line.model.config, lambda: pixels)
+    if mask is None:  # the model records no pixel threshold
+        mask = np.zeros((result.height, result.width), dtype=bool)
     return HeatmapRLE(width=result.width, height=result.height, rle=mask_to_rle(mask))
 
 

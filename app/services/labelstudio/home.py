@@ -25,9 +25,7 @@ from dmad_core.errors import Unavailable
 
 WEBHOOK_SECRET = "webhook_secret"
 PIXEL_THRESHOLD_KEY = "pixel_threshold"  # in a model version's config: heat-map value that marks a defect
-PIXEL_THRESHOLDS_KEY = "pixel_thresholds"  # ... per class (versions saved before 2026-12-07: the one above)
 MASK_PEAK_SHARES_KEY = "mask_peak_shares"  # ... and per class with drawn masks, the share of an image's peak
-MASK_GRABCUT_KEY = "mask_grabcut"  # ... and the classes whose drawn masks chose GrabCut's refinement
 
 
 def label_studio_server(home: Home, port: int | None = None, bin: str | None = None) -> LabelStudioServer:

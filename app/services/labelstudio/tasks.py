@@ -19,10 +19,7 @@ from sqlalchemy.orm import Session, contains_eager, sessionmaker
 
 from app.home_folder import Home
 from app.services.labelstudio.home import (
-    MASK_GRABCUT_KEY,
-    MASK_PEAK_SHARES_KEY,
     PIXEL_THRESHOLD_KEY,
-    PIXEL_THRESHOLDS_KEY,
     Connection,
     connect,
     webhook_base_url,
@@ -36,8 +33,6 @@ from dmad_core.config import DMADConfig
 from dmad_core.errors import Conflict, Invalid
 
 if TYPE_CHECKING:
-    import numpy as np
-
     from annotation.project import TaskItem
 
 
@@ -70,44 +65,23 @@ class SendResult:
 def task_items(version: ModelVersion, rows: Sequence[PoolScore], image_base_url: str) -> list[TaskItem]:
     """One task item per pool score row (each with `image` and its category loaded)."""
     from annotation.project import TaskItem, image_url_for
-    from dmad_core.preannotation import heatmap_mask, peak_share_for, pixel_threshold_for  # scikit-image: loaded here
+    from app.services.home_model import image_item  # the engine's imports: loaded when tasks are made
+    from dmad_core.preannotation import proposed_mask
 
-    pooled = (version.config or {}).get(PIXEL_THRESHOLD_KEY)
-    thresholds = (version.config or {}).get(PIXEL_THRESHOLDS_KEY) or {}
-    engine = (version.config or {}).get("engine")  # the version's DMADConfig: its heat maps' sigma and size
+    levels = version.config or {}  # the version's copy of its model's mask levels (FittedState.summary)
+    engine = levels.get("engine")  # the version's DMADConfig: its heat maps' sigma and size
     config = DMADConfig.from_dict(engine) if engine else None
-    shares = (version.config or {}).get(MASK_PEAK_SHARES_KEY) or {}
-    grabcut = set((version.config or {}).get(MASK_GRABCUT_KEY) or [])
-
-    def mask(row: PoolScore) -> np.ndarray | None:
-        category = row.image.category.name
-        threshold = pixel_threshold_for(thresholds, pooled, category)
-        if threshold is None:
-            return None
-        return heatmap_mask(row.patch_map_array(), row.image.height, row.image.width, float(threshold), config,
-                            peak_share_for(shares, category), _pixels(row.image.path) if category in grabcut else None)
-
     return [
         TaskItem(
             image_id=row.image.id, content_hash=row.image.content_hash, category=row.image.category.name,
             image_url=image_url_for(image_base_url, row.image.content_hash), width=row.image.width,
             height=row.image.height, score=float(row.score), model_version=version.name,
-            heatmap_mask=mask(row),
+            heatmap_mask=proposed_mask(levels, row.patch_map_array(), row.image.height, row.image.width,
+                                       row.image.category.name, config, image_item(row.image).try_load),
             normal_percentile=normal_percentile_of(version.config, row.image.category.name, float(row.score)),
         )
         for row in rows
     ]
-
-
-def _pixels(path: str) -> np.ndarray | None:
-    """A pool image's pixels for GrabCut's refinement; None where its file is gone or unreadable (the
-    task then gets the heat map's own mask)."""
-    from dmad_core.data.readers import load_image
-
-    try:
-        return load_image(path)
-    except (OSError, ValueError):  # FileNotFoundError, CorruptImageError
-        return None
 
 
 def task_ids(client: Any, project_id: int, content_hashes: set[str]) -> dict[str, int]:

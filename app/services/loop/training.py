@@ -232,7 +232,7 @@ def version_record(settings: HomeSettings, model: DMAD, mode: str, job_id: int |
     sizes), a copy of what ``model.json`` holds, taken here from the same state ``model.save`` writes:
     the row is written once and never changed, so the two cannot disagree. It is kept on the row because
     its readers must not load a version's banks to read a few numbers: Label Studio's tasks
-    (``PIXEL_THRESHOLDS_KEY``, ``MASK_PEAK_SHARES_KEY``, ``MASK_GRABCUT_KEY``), the thresholds and the 0-1 percentile
+    (``FittedState.mask_levels``, read by ``preannotation.proposed_mask``), the thresholds and the 0-1 percentile
     (``VALIDATION_SCORES_KEY``). The rest is the home's, not the model's: the calibrated OK/NG decision
     (from the home's false-alarm rate), the preset, the mode, the job and the engine's configuration.
     """
