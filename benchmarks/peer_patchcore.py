@@ -1,7 +1,7 @@
 """anomalib's PatchCore beside our model, with the same backbone weights, in one run (issue 20, item 3).
 
     .venv/bin/python benchmarks/peer_patchcore.py [--data DIR ...] [--coreset 0.01] [--neighbours 9]
-        [--border zeros|image] [--cache DIR] [--json OUT.json]
+        [--border zeros|image] [--seeds 0 1 2] [--cache DIR] [--json OUT.json]
 
 The peer: ``anomalib.models.image.patchcore.torch_model.PatchcoreModel`` as anomalib builds it, with
 EfficientNet-Lite0 layers 2 and 3 (timm ``out_indices``), our ImageNet weights loaded into its timm body
@@ -61,10 +61,11 @@ def import_anomalib():  # noqa: ANN201
 
 
 def peer_patchcore(ds: CategoryDataset, pipeline: FeatureExtractor, weights: dict, coreset: float, neighbours: int,
-                   batch: int = 8, border: str = "zeros") -> tuple[dict[str, float], dict[str, float]]:
+                   batch: int = 8, border: str = "zeros", seed: int = 0) -> tuple[dict[str, float], dict[str, float]]:
     """anomalib's PatchCore on one class: its metrics and seconds per phase. ``pipeline``: our extractor at square
     geometry, for its input pipeline only; ``weights``: our timm body's state dict; ``border``: "zeros" (anomalib's
-    3 x 3 averaging counts the zero padding) or "image" (border cells averaged over the image only, as ours)."""
+    3 x 3 averaging counts the zero padding) or "image" (border cells averaged over the image only); ``seed``: its
+    coreset's random first centre and projection."""
     import torch
 
     PatchcoreModel = import_anomalib()
@@ -88,8 +89,8 @@ def peer_patchcore(ds: CategoryDataset, pipeline: FeatureExtractor, weights: dic
             peer(x)
     seconds["features"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    torch.manual_seed(0)  # the greedy coreset's random first centre
-    np.random.seed(0)  # its random projection draws from numpy's global generator (random_state=None)
+    torch.manual_seed(seed)  # the greedy coreset's random first centre
+    np.random.seed(seed)  # its random projection draws from numpy's global generator (random_state=None)
     peer.subsample_embedding(coreset)
     seconds["coreset"] = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -130,8 +131,8 @@ def table(result: dict) -> list[str]:
     rows = result["classes"]
     for name, r in {**rows, "mean": {k: {m: float(np.mean([rows[c][k][m] for c in rows])) for m in METRICS}
                                      for k in ("anomalib", "knn", "dmad")}}.items():
-        cell = {k: " / ".join(f"{100 * r[k][m]:.1f}" for m in METRICS) for k in ("anomalib", "knn", "dmad")}
-        diff = {k: " / ".join(f"{100 * (r[k][m] - r['anomalib'][m]):+.1f}" for m in METRICS) for k in ("knn", "dmad")}
+        cell = {k: " / ".join(f"{100 * r[k][m]:.2f}" for m in METRICS) for k in ("anomalib", "knn", "dmad")}
+        diff = {k: " / ".join(f"{100 * (r[k][m] - r['anomalib'][m]):+.2f}" for m in METRICS) for k in ("knn", "dmad")}
         lines.append(f"| {name} | {cell['anomalib']} | {cell['knn']} | {cell['dmad']} | {diff['knn']} | {diff['dmad']} |")
     return lines
 
@@ -143,6 +144,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     ap.add_argument("--neighbours", type=int, default=9, help="anomalib's reweighting neighbours")
     ap.add_argument("--border", choices=["zeros", "image"], default="zeros",
                     help="anomalib's border cells: averaged with the zero padding (its own) or over the image only (ours)")
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0],
+                    help="coreset seeds, ours and anomalib's; the table gives the mean over them")
     ap.add_argument("--cache", type=Path, help="our feature cache (default: a temporary folder)")
     ap.add_argument("--json", type=Path, metavar="OUT.json")
     args = ap.parse_args(argv)
@@ -153,19 +156,27 @@ def main(argv: Sequence[str] | None = None) -> dict:
     datasets = [read_category(d) for d in args.data]
     config = DMADConfig.preset("offline")
     result: dict = {"settings": {"coreset": args.coreset, "neighbours": args.neighbours, "border": args.border,
-                                 "data": [str(d) for d in args.data]}, "classes": {}, "seconds": {}}
-    with tempfile.TemporaryDirectory(prefix="dmad-peer-") as tmp:
-        say("ours: one model for every class")
-        mine, result["seconds"]["ours_fit"] = ours(datasets, config, args.cache or Path(tmp))
+                                 "our_border": config.backbone.border, "seeds": args.seeds,
+                                 "data": [str(d) for d in args.data]}, "classes": {}, "per_seed": {}, "seconds": {}}
     square = FeatureExtractor(dataclasses.replace(config.backbone, geometry="square"), device="cpu")
     weights = square.eager_body().state_dict()  # built once, given to every class's peer
-    for ds in datasets:
-        say(f"anomalib PatchCore: {ds.name} ({len(ds.train)} training images, coreset {args.coreset:g})")
-        peer, seconds = peer_patchcore(ds, square, weights, args.coreset, args.neighbours, border=args.border)
-        result["classes"][ds.name] = {"anomalib": peer, **mine[ds.name]}
-        result["seconds"][ds.name] = seconds
-        say(f"  {ds.name}: anomalib {100 * peer['image_auroc']:.1f} / {100 * peer['pixel_auroc']:.1f}, ours kNN "
-            f"{100 * mine[ds.name]['knn']['image_auroc']:.1f} / {100 * mine[ds.name]['knn']['pixel_auroc']:.1f}")
+    for seed in args.seeds:
+        seeded = dataclasses.replace(config, mapper=dataclasses.replace(config.mapper, seed=seed))  # our coreset's seed
+        with tempfile.TemporaryDirectory(prefix="dmad-peer-") as tmp:
+            say(f"ours, seed {seed}: one model for every class")
+            mine, result["seconds"][f"ours_fit_{seed}"] = ours(datasets, seeded, args.cache or Path(tmp))
+        rows = result["per_seed"][str(seed)] = {}
+        for ds in datasets:
+            say(f"anomalib PatchCore, seed {seed}: {ds.name} ({len(ds.train)} training images, coreset {args.coreset:g})")
+            peer, seconds = peer_patchcore(ds, square, weights, args.coreset, args.neighbours, border=args.border,
+                                           seed=seed)
+            rows[ds.name] = {"anomalib": peer, **mine[ds.name]}
+            result["seconds"][f"{ds.name}_{seed}"] = seconds
+            say(f"  {ds.name}: anomalib {100 * peer['image_auroc']:.1f} / {100 * peer['pixel_auroc']:.2f}, ours kNN "
+                f"{100 * mine[ds.name]['knn']['image_auroc']:.1f} / {100 * mine[ds.name]['knn']['pixel_auroc']:.2f}")
+    runs = list(result["per_seed"].values())
+    result["classes"] = {ds.name: {k: {m: float(np.mean([r[ds.name][k][m] for r in runs])) for m in METRICS}
+                                   for k in ("anomalib", "knn", "dmad")} for ds in datasets}
     print("\n".join(table(result)))
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))

@@ -132,6 +132,8 @@ def main() -> None:
     ap.add_argument("--geometry", choices=["square", "aspect"], default=None,
                    help="square: images resized to 256 x 256; aspect: shorter side 256, proportions kept "
                         "(default: the preset's)")
+    ap.add_argument("--border", choices=["zeros", "image"], default=None,
+                    help="the patch averaging at the image's edge (default: the preset's; BackboneConfig.border)")
     ap.add_argument("--k", nargs="+", type=int, default=[1, 5, 10], help="masked defects per class")
     ap.add_argument("--no-alone", action="store_true", help="skip each class in a model of its own")
     ap.add_argument("--outliers", type=Path, help="outlier textures for --scorer mapper (procedural if absent)")
@@ -145,6 +147,8 @@ def main() -> None:
     config = DMADConfig.preset(args.preset)
     if args.geometry:
         config = dataclasses.replace(config, backbone=dataclasses.replace(config.backbone, geometry=args.geometry))
+    if args.border:
+        config = dataclasses.replace(config, backbone=dataclasses.replace(config.backbone, border=args.border))
     if args.scorer:
         config = dataclasses.replace(config, score=dataclasses.replace(config.score, scorer=args.scorer))
     datasets = [read_category(d) for d in args.data]

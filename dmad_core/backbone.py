@@ -162,16 +162,21 @@ def load_backbone(config: BackboneConfig, allow_random_weights: bool = False) ->
 
 class PatchFeatureHead(nn.Module):
     """PatchCore-style aggregation: 3x3 local averaging of each layer, deeper maps upsampled bilinearly to the
-    shallowest grid, concatenation, and average-pooling of the channels to ``feature_dim``."""
+    shallowest grid, concatenation, and average-pooling of the channels to ``feature_dim``. ``border``: at the
+    image's edge the average counts the zero padding ("zeros", PatchCore's) or the image's cells only
+    ("image"); ``BackboneConfig.border`` says why it matters."""
 
-    def __init__(self, feature_dim: int, neighbourhood: int = 3):
+    def __init__(self, feature_dim: int, neighbourhood: int = 3, border: str = "zeros"):
         super().__init__()
+        if border not in ("zeros", "image"):
+            raise ValueError(f"border must be 'zeros' or 'image', not {border!r}")
         self.feature_dim = feature_dim
         self.neighbourhood = neighbourhood
+        self.border = border
 
     def forward(self, maps: list[torch.Tensor]) -> torch.Tensor:
-        k = self.neighbourhood
-        pooled = [functional.avg_pool2d(m, k, stride=1, padding=k // 2, count_include_pad=False) for m in maps]
+        k, zeros = self.neighbourhood, self.border == "zeros"
+        pooled = [functional.avg_pool2d(m, k, stride=1, padding=k // 2, count_include_pad=zeros) for m in maps]
         size = pooled[0].shape[-2:]
         aligned = [pooled[0]] + [functional.interpolate(m, size=size, mode="bilinear", align_corners=False) for m in pooled[1:]]
         x = torch.cat(aligned, dim=1)  # (B, sum C_l, H, W)
@@ -203,7 +208,7 @@ class FeatureExtractor(nn.Module):
             body, self.stride = self._build_body(config, allow_random_weights)
             traced = traced_backbone.trace_and_keep(body, self.stride, config, trace_at) if trace_at else None
             self.body = body if traced is None else traced
-        self.head = PatchFeatureHead(config.feature_dim, config.patch_neighbourhood)
+        self.head = PatchFeatureHead(config.feature_dim, config.patch_neighbourhood, config.border)
         self.to(self.device).eval()
         for p in self.parameters():
             p.requires_grad_(False)

@@ -33,6 +33,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--geometry", choices=["square", "aspect"], default=None,
                    help="square: images resized to 256 x 256; aspect: shorter side 256, proportions kept "
                         "(default: the preset's)")
+    p.add_argument("--border", choices=["zeros", "image"], default=None,
+                   help="the 3x3 patch averaging at the image's edge: zeros (default, PatchCore's) counts the "
+                        "padding, image averages over the image only (before 2026-12-08)")
     p.add_argument("--cache", type=Path, help="feature cache folder (default: a temporary folder)")
     p.add_argument("--json", type=Path, metavar="OUT.json", help="write metrics, timings and config as JSON")
     p.add_argument("--scores-out", type=Path, metavar="OUT.csv", help="one row per evaluated image")
@@ -60,6 +63,8 @@ def run_eval(args: argparse.Namespace) -> int:
         config = dataclasses.replace(config, mapper=dataclasses.replace(config.mapper, epochs=args.epochs))
     if args.geometry:
         config = dataclasses.replace(config, backbone=dataclasses.replace(config.backbone, geometry=args.geometry))
+    if args.border:
+        config = dataclasses.replace(config, backbone=dataclasses.replace(config.backbone, border=args.border))
     if args.scorer:
         config = dataclasses.replace(config, score=dataclasses.replace(config.score, scorer=args.scorer))
     methods = ("dmad", "knn") if args.method == "both" else (args.method,)
