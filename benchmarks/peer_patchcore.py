@@ -160,20 +160,22 @@ def main(argv: Sequence[str] | None = None) -> dict:
                                  "data": [str(d) for d in args.data]}, "classes": {}, "per_seed": {}, "seconds": {}}
     square = FeatureExtractor(dataclasses.replace(config.backbone, geometry="square"), device="cpu")
     weights = square.eager_body().state_dict()  # built once, given to every class's peer
-    for seed in args.seeds:
-        seeded = dataclasses.replace(config, mapper=dataclasses.replace(config.mapper, seed=seed))  # our coreset's seed
-        with tempfile.TemporaryDirectory(prefix="dmad-peer-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="dmad-peer-") as tmp:  # one feature cache for every seed
+        for seed in args.seeds:
+            seeded = dataclasses.replace(config, mapper=dataclasses.replace(config.mapper, seed=seed))  # our coreset's
             say(f"ours, seed {seed}: one model for every class")
             mine, result["seconds"][f"ours_fit_{seed}"] = ours(datasets, seeded, args.cache or Path(tmp))
-        rows = result["per_seed"][str(seed)] = {}
-        for ds in datasets:
-            say(f"anomalib PatchCore, seed {seed}: {ds.name} ({len(ds.train)} training images, coreset {args.coreset:g})")
-            peer, seconds = peer_patchcore(ds, square, weights, args.coreset, args.neighbours, border=args.border,
-                                           seed=seed)
-            rows[ds.name] = {"anomalib": peer, **mine[ds.name]}
-            result["seconds"][f"{ds.name}_{seed}"] = seconds
-            say(f"  {ds.name}: anomalib {100 * peer['image_auroc']:.1f} / {100 * peer['pixel_auroc']:.2f}, ours kNN "
-                f"{100 * mine[ds.name]['knn']['image_auroc']:.1f} / {100 * mine[ds.name]['knn']['pixel_auroc']:.2f}")
+            rows = result["per_seed"][str(seed)] = {}
+            for ds in datasets:
+                say(f"anomalib PatchCore, seed {seed}: {ds.name} ({len(ds.train)} training images, coreset "
+                    f"{args.coreset:g})")
+                peer, seconds = peer_patchcore(ds, square, weights, args.coreset, args.neighbours, border=args.border,
+                                               seed=seed)
+                rows[ds.name] = {"anomalib": peer, **mine[ds.name]}
+                result["seconds"][f"{ds.name}_{seed}"] = seconds
+                knn = mine[ds.name]["knn"]
+                say(f"  {ds.name}: anomalib {100 * peer['image_auroc']:.1f} / {100 * peer['pixel_auroc']:.2f}, ours "
+                    f"kNN {100 * knn['image_auroc']:.1f} / {100 * knn['pixel_auroc']:.2f}")
     runs = list(result["per_seed"].values())
     result["classes"] = {ds.name: {k: {m: float(np.mean([r[ds.name][k][m] for r in runs])) for m in METRICS}
                                    for k in ("anomalib", "knn", "dmad")} for ds in datasets}

@@ -54,7 +54,7 @@ class BackboneConfig:
     # The 3x3 averaging at the image's edge. "zeros": the zero padding beyond the edge counts in the mean (as
     # in PatchCore and anomalib), so a border cell is darker than any inner one and its nearest normal patch
     # is another border cell: a crude position code. "image": border cells averaged over the image only (ours
-    # until 2026-12-08; configurations saved without this field read as "image", as their features were
+    # until 2026-12-07; configurations saved without this field read as "image", as their features were
     # made). Measured with the kNN score, three shared classes, 3 coreset seeds (docs/method-notes.md):
     # "zeros" gains 0.4 pixel AUROC and 0.7 PRO points on the mean, image AUROC within noise.
     border: Literal["zeros", "image"] = "zeros"

@@ -35,7 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "(default: the preset's)")
     p.add_argument("--border", choices=["zeros", "image"], default=None,
                    help="the 3x3 patch averaging at the image's edge: zeros (default, PatchCore's) counts the "
-                        "padding, image averages over the image only (before 2026-12-08)")
+                        "padding, image averages over the image only (before 2026-12-07)")
     p.add_argument("--cache", type=Path, help="feature cache folder (default: a temporary folder)")
     p.add_argument("--json", type=Path, metavar="OUT.json", help="write metrics, timings and config as JSON")
     p.add_argument("--scores-out", type=Path, metavar="OUT.csv", help="one row per evaluated image")
