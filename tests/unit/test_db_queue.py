@@ -52,10 +52,13 @@ def check_claim_order_and_types(sf: sessionmaker[Session]) -> None:
 
 def check_lease_expiry_lets_another_worker_take_over(sf: sessionmaker[Session]) -> None:
     job_id = _enqueue(sf, "retrain")
-    job = queue.claim(sf, "dying-worker", lease_seconds=0.5)
+    # a long first lease, so that a slow machine cannot let it run out before the second claim
+    job = queue.claim(sf, "dying-worker", lease_seconds=60)
     assert job is not None and job.id == job_id
-    assert queue.claim(sf, "w2", lease_seconds=0.5) is None  # lease still held
-    time.sleep(0.7)
+    assert queue.claim(sf, "w2", lease_seconds=60) is None  # lease still held
+    # the worker's last heartbeat asks for a short lease; then it dies
+    assert queue.heartbeat(sf, job_id, "dying-worker", 0.1, "extracting features", lease_seconds=0.2) is True
+    time.sleep(0.4)
     taken = queue.claim(sf, "w2", lease_seconds=30)
     assert taken is not None and taken.id == job_id
     assert (taken.attempts, taken.lease_owner, taken.lease_expiries) == (2, "w2", 1)
