@@ -394,6 +394,6 @@ def prepare_demo(home: Home, epochs: int | None = None) -> None:
     print("dmad: next, in the UI: Review the most anomalous patches, send some to Label Studio, draw or "
           "correct the defect masks there, and watch the retrain on the Training and Metrics pages.", flush=True)
     print(f"dmad: to see the learning pay, choose the class '{DEMO_HARD_CATEGORY}' in Review: its defects are faint "
-          "orange tints that the first model ranks no better than chance. Draw the tint's outline on five of "
-          f"them; after the retrain, Metrics shows {DEMO_HARD_CATEGORY}'s image AUROC jump (about 40 % -> 90 %+) "
-          "and Training says what the masks bought.", flush=True)
+          "orange tints on unevenly lit film, which the first model ranks poorly. Draw the tint's outline on "
+          f"five of them; after the retrain, Metrics shows {DEMO_HARD_CATEGORY}'s image AUROC rise (about 60 % -> "
+          "80 %) and Training says what the masks bought.", flush=True)

@@ -101,6 +101,19 @@ def test_a_tint_is_faint_but_real(texture: str) -> None:
     assert 3 < change < 20, f"a tint on {texture} changes the masked pixels by {change:.1f} grey levels"
 
 
+def test_uneven_light_varies_brightness_across_the_image_not_its_hue() -> None:
+    """The demo's hard class is lit unevenly, so that brightness varies far more within an image than the
+    tint does; the light changes every channel by the same factor, so it never looks like a tint."""
+    even = make_normal_image("stripes", 96, np.random.default_rng(5))
+    uneven = make_normal_image("stripes", 96, np.random.default_rng(5), illumination=0.10)
+    ratio = uneven.astype(float) / np.maximum(even.astype(float), 1.0)
+    blocks = [ratio[y:y + 24, x:x + 24].mean() for y in range(0, 96, 24) for x in range(0, 96, 24)]
+    assert max(blocks) - min(blocks) > 0.1  # brighter and darker blotches
+    lit = (even[..., 0] > 60) & (even[..., 2] > 20)  # the ratio is meaningful away from clipping and zeros
+    r, b = ratio[..., 0][lit], ratio[..., 2][lit]
+    assert np.abs(np.median(r - b)) < 0.05  # the same factor on red and blue: no colour cast
+
+
 def test_bad_arguments(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="unknown texture"):
         make_synthetic_category(tmp_path, "x", texture="marble")  # type: ignore[arg-type]
@@ -108,6 +121,8 @@ def test_bad_arguments(tmp_path: Path) -> None:
         add_defect(np.zeros((32, 32, 3), dtype=np.uint8), "dent", np.random.default_rng(0))  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="unknown defect types"):
         make_synthetic_category(tmp_path, "y", defect_types=("dent",))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="illumination must be between 0 and 0.5"):
+        make_synthetic_category(tmp_path, "z", illumination=2.0)
 
 
 def test_existing_category_is_not_overwritten_by_accident(tmp_path: Path) -> None:
