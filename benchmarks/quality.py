@@ -134,6 +134,9 @@ def main() -> None:
                         "(default: the preset's)")
     ap.add_argument("--border", choices=["zeros", "image"], default=None,
                     help="the patch averaging at the image's edge (default: the preset's; BackboneConfig.border)")
+    ap.add_argument("--image-selection", choices=["one_standard_error", "paired_standard_error", "best"],
+                    default=None, help="how the classifier scorer chooses each class's image weight from the "
+                                       "leave-one-out (default: ClassifierConfig.selection)")
     ap.add_argument("--k", nargs="+", type=int, default=[1, 5, 10], help="masked defects per class")
     ap.add_argument("--no-alone", action="store_true", help="skip each class in a model of its own")
     ap.add_argument("--outliers", type=Path, help="outlier textures for --scorer mapper (procedural if absent)")
@@ -151,6 +154,9 @@ def main() -> None:
         config = dataclasses.replace(config, backbone=dataclasses.replace(config.backbone, border=args.border))
     if args.scorer:
         config = dataclasses.replace(config, score=dataclasses.replace(config.score, scorer=args.scorer))
+    if args.image_selection:
+        config = dataclasses.replace(config, classifier=dataclasses.replace(config.classifier,
+                                                                              selection=args.image_selection))
     datasets = [read_category(d) for d in args.data]
     classes = [ds.name for ds in datasets]
     groups = {"together": datasets} | ({} if args.no_alone else {f"alone:{ds.name}": [ds] for ds in datasets})
@@ -168,7 +174,7 @@ def main() -> None:
     together = table(runs, classes, args.seeds, settings, "together")
     lines = [f"Measured {time.strftime('%Y-%m-%d')} with `benchmarks/quality.py --preset {args.preset}"
              f" --seeds {' '.join(map(str, args.seeds))} --k {' '.join(map(str, args.k))}`"
-             f" (scorer: {config.score.scorer}). Mean ± standard deviation over the seeds, in percent; the last"
+             f" (scorer: {config.score.scorer}, image weight by {config.classifier.selection}). Mean ± standard deviation over the seeds, in percent; the last"
              " column is the mean over seeds of the ratio to the kNN of the same run and setting.",
              "", f"### All classes in one model ({', '.join(classes)})", "", *together]
     if not args.no_alone:
