@@ -174,8 +174,8 @@ def main() -> None:
     together = table(runs, classes, args.seeds, settings, "together")
     lines = [f"Measured {time.strftime('%Y-%m-%d')} with `benchmarks/quality.py --preset {args.preset}"
              f" --seeds {' '.join(map(str, args.seeds))} --k {' '.join(map(str, args.k))}`"
-             f" (scorer: {config.score.scorer}, image weight by {config.classifier.selection}). Mean ± standard deviation over the seeds, in percent; the last"
-             " column is the mean over seeds of the ratio to the kNN of the same run and setting.",
+             f" (scorer: {config.score.scorer}, image weight by {config.classifier.selection}). Mean ± standard"
+             " deviation over the seeds, in percent; the last column is the mean over seeds of the ratio to the kNN of the same run and setting.",
              "", f"### All classes in one model ({', '.join(classes)})", "", *together]
     if not args.no_alone:
         lines += ["", "### Each class in a model of its own vs all together (mean over seeds; I / P / PRO)", "",

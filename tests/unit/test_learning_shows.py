@@ -11,13 +11,12 @@ import json
 from pathlib import Path
 
 import pytest
-from sqlalchemy import select
 from streamlit.testing.v1 import AppTest
 
 from app.home_folder import Home
 from app.services.database import open_database
 from app.services.loop.versions import active_version
-from db.models import Image, PoolScore
+from benchmarks.demo_learning import hottest_unannotated
 from dmad_core.data import DEMO_HARD_CATEGORY, make_demo_dataset
 from tests.loop_fixtures import LoopHome, run_cli
 from tests.ui_fixtures import HOME_ENV
@@ -36,14 +35,8 @@ def learnt(tmp_path_factory: pytest.TempPathFactory) -> LoopHome:
     assert run_cli("init", *loop.args, "--no-hint") == 0
     assert run_cli("ingest", *loop.args, "--no-hint", *folders) == 0
     assert run_cli("train", *loop.args) == 0
-    with open_database(loop.home)() as session:
-        version = active_version(session)
-        defects = session.scalars(
-            select(Image).join(PoolScore, PoolScore.image_id == Image.id)
-            .where(PoolScore.version_id == version.id, Image.role == "pool", Image.gt_label == 1)
-            .where(Image.category.has(name=DEMO_HARD_CATEGORY)).order_by(PoolScore.score.desc())).all()
-        chosen = [(d.path, d.gt_mask_path) for d in defects][:MASKS]
-    for path, mask in chosen:
+    # the inspector of benchmarks/demo_learning.py (the screenshot's): the class's hottest defects first
+    for path, mask in hottest_unannotated(loop.home, DEMO_HARD_CATEGORY, MASKS):
         assert run_cli("annotate", *loop.args, path, "--mask", mask) == 0
     assert run_cli("worker", *loop.args, "--once", "--sync-every", 0) == 0
     return loop
