@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dmad_core.config import PRESETS, DMADConfig
+from dmad_core.config import PRESETS, SCORERS, SELECTION_RULES, DMADConfig
 from dmad_core.data.readers import CategoryDataset, load_image, load_mask, read_category
 from dmad_core.evaluation import class_metrics, draw_annotated, outlier_items
 from dmad_core.model import DMAD, DefectAnnotation, FeatureStore, ImageItem
@@ -127,14 +127,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", nargs="+", type=Path, default=DEFAULT_DATA, metavar="DIR")
     ap.add_argument("--preset", choices=PRESETS, default="offline")
-    ap.add_argument("--scorer", choices=["classifier", "mapper"], default=None)
+    ap.add_argument("--scorer", choices=SCORERS, default=None)
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--geometry", choices=["square", "aspect"], default=None,
                    help="square: images resized to 256 x 256; aspect: shorter side 256, proportions kept "
                         "(default: the preset's)")
     ap.add_argument("--border", choices=["zeros", "image"], default=None,
                     help="the patch averaging at the image's edge (default: the preset's; BackboneConfig.border)")
-    ap.add_argument("--image-selection", choices=["one_standard_error", "paired_standard_error", "best"],
+    ap.add_argument("--image-selection", choices=SELECTION_RULES,
                     default=None, help="how the classifier scorer chooses each class's image weight from the "
                                        "leave-one-out (default: ClassifierConfig.selection)")
     ap.add_argument("--k", nargs="+", type=int, default=[1, 5, 10], help="masked defects per class")

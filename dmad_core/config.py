@@ -26,6 +26,7 @@ PRESETS = ("offline", "paper", "resnet50")
 Scorer = Literal["classifier", "mapper"]  # ScoreConfig.scorer
 SelectionRule = Literal["best", "one_standard_error", "paired_standard_error"]  # ClassifierConfig's weight choices
 SCORERS: tuple[str, ...] = get_args(Scorer)
+SELECTION_RULES: tuple[str, ...] = get_args(SelectionRule)
 
 
 @dataclass(frozen=True)
